@@ -1,0 +1,231 @@
+"""The Python face of every op.
+
+Flow of one call, e.g. ``bit_sharing_quant``:
+
+    mixedprec.ops.bit_sharing_quant(...)          checks arguments, picks the backend
+    -> reference.py                               backend "reference": a differentiable composite
+    -> torch.ops.mixedprec.bit_sharing_quant      other backends: custom op with fake impl and one
+                                                  autograd registration, routing on `backend` to
+       torch.ops.mixedprec.*_fwd/_bwd             C++ kernel ops (CPU or CUDA by the tensor's device),
+       torch.ops.mixedprec.simt_*                 the CUDA sources run under SIMT emulation, or
+       mixedprec.triton.*                         the Triton kernels.
+
+The routing custom ops are defined here (not in C++) so that the package imports and the
+reference backend works when the compiled library is missing; the kernel ops' schemas live in
+csrc/ops.cpp next to their kernels.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from mixedprec import _extension, reference
+
+BACKENDS = ("reference", "cpu", "cuda", "triton", "simt")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_CANDIDATE_BITS = 8
+
+# Checking clip/threshold values reads them on the host: one device sync per call on CUDA.
+# Long GPU runs whose parameters are known to be valid may turn it off.
+check_values = True
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if _backend_usable(b, device)]
+
+
+def _backend_usable(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu" and _extension.cpu_built()
+    if backend == "cuda":
+        return device.type == "cuda" and _extension.cuda_built()
+    if backend == "simt":
+        return device.type == "cpu" and _extension.simt_built()
+    if backend == "triton":
+        return _extension.triton_usable(device)
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def resolve_backend(op: str, backend: str | None, x: Tensor) -> str:
+    """The backend that runs ``op`` for ``x``: the one asked for, or the fastest available."""
+    device = x.device
+    if backend is None:
+        if x.dtype not in KERNEL_DTYPES:
+            return "reference"
+        preferred = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        return next((b for b in preferred if _backend_usable(b, device)), "reference")
+    if not _backend_usable(backend, device):
+        raise RuntimeError(f"{op}: {_extension.missing_reason(backend, device)}")
+    if backend != "reference" and x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{op}: backend {backend!r} supports x of dtype float32, float16 or "
+                         f"bfloat16, got {x.dtype}; use backend='reference' for {x.dtype}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks shared by the ops
+
+def _check_tensor(op: str, name: str, t, device: torch.device | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
+
+
+def _check_bits(op: str, bits) -> tuple[int, ...]:
+    try:
+        bits = tuple(bits)
+    except TypeError:
+        raise ValueError(f"{op}: bits must be a sequence of ints, got {bits!r}") from None
+    if not bits or len(bits) > MAX_CANDIDATE_BITS:
+        raise ValueError(f"{op}: bits must hold 1 to {MAX_CANDIDATE_BITS} bitwidths, got {bits!r}")
+    for b in bits:
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
+            raise ValueError(f"{op}: every entry of bits must be an int in 1..16, got {bits!r}")
+    if any(b1 >= b2 for b1, b2 in zip(bits, bits[1:])):
+        raise ValueError(f"{op}: bits must be strictly ascending, got {bits!r}")
+    return bits
+
+
+def _check_positive_finite(op: str, name: str, t: Tensor) -> None:
+    if check_values and not bool(torch.isfinite(t).all() & (t > 0).all()):
+        raise ValueError(f"{op}: {name} must be finite and > 0, got {t.detach().cpu().tolist()}")
+
+
+def _check_finite(op: str, name: str, t: Tensor) -> None:
+    if check_values and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{op}: {name} must be finite, got {t.detach().cpu().tolist()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# bit_sharing_quant
+
+class BitSharingResult(NamedTuple):
+    output: Tensor         # y, same shape and dtype as x
+    residual_mean: Tensor  # a_2..a_K = mean|r_j| over the tensor, float32 (K-1,), no grad
+    gates: Tensor          # hard gates 1[a_j > alpha_j], float32 (K-1,), no grad
+
+
+def bit_sharing_quant(
+    x: Tensor,
+    clip: Tensor,
+    thresholds: Tensor,
+    bits: Sequence[int] = (2, 4, 8),
+    signed: bool = True,
+    *,
+    backend: str | None = None,
+) -> BitSharingResult:
+    """SBS bit-sharing fake-quant (DESIGN.md): lowest-bit base plus gated re-assignment offsets.
+
+    x: float tensor of any shape (weights: signed=True; activations after ReLU: signed=False).
+    clip: 0-dim float tensor v > 0, learnable. thresholds: (len(bits)-1,) gate thresholds alpha.
+    Gradients: straight-through to x inside [-v, v] (or [0, v]), LSQ-style to clip, and the
+    sigmoid straight-through estimate to every threshold.
+    """
+    op = "bit_sharing_quant"
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "clip", clip, x.device)
+    _check_tensor(op, "thresholds", thresholds, x.device)
+    bits = _check_bits(op, bits)
+    if clip.dim() != 0:
+        raise ValueError(f"{op}: clip must be a 0-dim tensor, got shape {tuple(clip.shape)}")
+    if tuple(thresholds.shape) != (len(bits) - 1,):
+        raise ValueError(f"{op}: thresholds must have shape ({len(bits) - 1},) for bits={bits}, "
+                         f"got {tuple(thresholds.shape)}")
+    if not isinstance(signed, bool):
+        raise ValueError(f"{op}: signed must be a bool, got {signed!r}")
+    backend = resolve_backend(op, backend, x)
+    if backend == "reference":  # a differentiable composite: torch's autograd is its backward
+        if not torch.compiler.is_compiling():
+            _check_values(clip, thresholds)
+        y, residual_mean = reference.bit_sharing_quant(x, clip, thresholds, bits, signed)
+    else:  # kernels take float32 parameters; the cast is differentiable
+        y, residual_mean = torch.ops.mixedprec.bit_sharing_quant(
+            x, clip.float(), thresholds.float(), list(bits), signed, backend)
+    gates = (residual_mean > thresholds.detach()).float()
+    return BitSharingResult(y, residual_mean, gates)
+
+
+class _Kernels(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+def _check_values(clip: Tensor, thresholds: Tensor) -> None:
+    _check_positive_finite("bit_sharing_quant", "clip", clip)
+    _check_finite("bit_sharing_quant", "thresholds", thresholds)
+
+
+def _bit_sharing_kernels(backend: str) -> _Kernels:
+    if backend in ("cpu", "cuda"):  # one op, dispatched on the tensors' device
+        return _Kernels(torch.ops.mixedprec.bit_sharing_quant_fwd, torch.ops.mixedprec.bit_sharing_quant_bwd)
+    if backend == "simt":
+        return _Kernels(torch.ops.mixedprec.simt_bit_sharing_quant_fwd, torch.ops.mixedprec.simt_bit_sharing_quant_bwd)
+    if backend == "triton":
+        from mixedprec.triton import bit_sharing
+        return _Kernels(bit_sharing.forward, bit_sharing.backward)
+    raise ValueError(f"bit_sharing_quant: unknown backend {backend!r}")
+
+
+@torch.library.custom_op("mixedprec::bit_sharing_quant", mutates_args=())
+def _bit_sharing_quant(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool,
+                       backend: str) -> tuple[Tensor, Tensor]:
+    _check_values(clip, thresholds)
+    return _bit_sharing_kernels(backend).forward(x.contiguous(), clip, thresholds, bits, signed)
+
+
+@_bit_sharing_quant.register_fake
+def _(x, clip, thresholds, bits, signed, backend):
+    return torch.empty_like(x), x.new_empty(len(bits) - 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("mixedprec::bit_sharing_quant_backward", mutates_args=())
+def _bit_sharing_quant_backward(grad_y: Tensor, x: Tensor, clip: Tensor, thresholds: Tensor,
+                                residual_mean: Tensor, bits: list[int], signed: bool,
+                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    gates = (residual_mean > thresholds).float()
+    grad_x, sums = _bit_sharing_kernels(backend).backward(grad_y.contiguous(), x.contiguous(), clip, gates,
+                                                         bits, signed)
+    return grad_x, sums[0].to(clip.dtype), _threshold_grad(sums[1:], residual_mean, thresholds, gates, clip, signed)
+
+
+def _threshold_grad(tail_sums: Tensor, residual_mean: Tensor, thresholds: Tensor, gates: Tensor,
+                    clip: Tensor, signed: bool) -> Tensor:
+    """dL/d alpha_j = -sigmoid'(a_j - alpha_j) * dy/dz_hat * prod_{i<j} g_i * sum(grad_y * T_j).
+
+    T_j = e_j + g_{j+1} T_{j+1} is the gated tail that gate j switches on; the kernels return
+    sum(grad_y * T_j) so that this epilogue (K-1 scalars) is written once for every backend.
+    """
+    s = torch.sigmoid(residual_mean - thresholds)
+    outer_gates = torch.cat([gates.new_ones(1), gates[:-1]]).cumprod(0)
+    dy_dzhat = 2.0 * clip if signed else clip
+    return (-s * (1 - s) * dy_dzhat * outer_gates * tail_sums).to(thresholds.dtype)
+
+
+@_bit_sharing_quant_backward.register_fake
+def _(grad_y, x, clip, thresholds, residual_mean, bits, signed, backend):
+    return torch.empty_like(x), torch.empty_like(clip), torch.empty_like(thresholds)
+
+
+def _bit_sharing_setup_context(ctx, inputs, output):
+    x, clip, thresholds, bits, signed, backend = inputs
+    ctx.save_for_backward(x, clip, thresholds, output[1])
+    ctx.bits, ctx.signed, ctx.backend = bits, signed, backend
+
+
+def _bit_sharing_backward(ctx, grad_y, _grad_residual_mean):
+    x, clip, thresholds, residual_mean = ctx.saved_tensors
+    grad_x, grad_clip, grad_thresholds = torch.ops.mixedprec.bit_sharing_quant_backward(
+        grad_y, x, clip, thresholds, residual_mean, ctx.bits, ctx.signed, ctx.backend)
+    return grad_x, grad_clip, grad_thresholds, None, None, None
+
+
+_bit_sharing_quant.register_autograd(_bit_sharing_backward, setup_context=_bit_sharing_setup_context)

@@ -1,0 +1,98 @@
+"""Pure-PyTorch composite version of every op: the test oracle and the fallback backend.
+
+Each function is written the way the papers state the math (DESIGN.md), out of differentiable
+torch ops, so that autograd of the composite *is* the reference backward. Straight-through
+pieces are expressed by two primitives, ``ste_round`` and ``ste_gate`` (hard value forward,
+surrogate gradient backward); a float64 gradcheck swaps them for smooth twins with the same
+derivatives (tests/test_bit_sharing.py).
+
+Arithmetic is spelled exactly as the kernels spell it (``x * (1 / clip)``, ``rint(z * n) * (1 / n)``,
+the gated sum folded from the innermost offset outwards) so that a float32 kernel and this
+composite in float32 agree bit for bit; float16/bfloat16 inputs are computed in float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+RoundFn = Callable[[Tensor], Tensor]
+GateFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend computes in: float32 for half types, else the input's."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def ste_round(t: Tensor) -> Tensor:
+    """round() half to even forward, identity backward."""
+    return t + (torch.round(t) - t).detach()
+
+
+def ste_gate(a: Tensor, alpha: Tensor) -> Tensor:
+    """Hard gate 1[a > alpha] forward, d/d(alpha) of sigmoid(a - alpha) backward.
+
+    ``a`` (the mean |residual|) is detached: no gradient reaches x through the gate.
+    """
+    soft = torch.sigmoid(a.detach() - alpha)
+    hard = (a.detach() > alpha).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def levels(bits: int) -> int:
+    """Number of quantization steps of a b-bit grid on [0, 1]: 2^b - 1 (s = 1 / levels)."""
+    return (1 << bits) - 1
+
+
+def normalize(x: Tensor, clip: Tensor, signed: bool) -> Tensor:
+    """z in [0, 1]: (clamp(x / v, -1, 1) + 1) / 2 when signed, clamp(x / v, 0, 1) otherwise."""
+    t = x * (1.0 / clip)
+    if signed:
+        return (t.clamp(-1.0, 1.0) + 1.0) * 0.5
+    return t.clamp(0.0, 1.0)
+
+
+def bit_sharing_quant(
+    x: Tensor,
+    clip: Tensor,
+    thresholds: Tensor,
+    bits: Sequence[int],
+    signed: bool,
+    *,
+    round_fn: RoundFn = ste_round,
+    gate_fn: GateFn = ste_gate,
+) -> tuple[Tensor, Tensor]:
+    """SBS bit-sharing fake-quant. Returns (y, residual_mean).
+
+    q_1 = D(z, s_1); r_j = z - q_{j-1}; e_j = D(r_j, s_j); q_j = q_{j-1} + e_j;
+    a_j = mean|r_j|; g_j = 1[a_j > alpha_j];
+    z_hat = q_1 + g_2 (e_2 + g_3 (e_3 + ...)); y = v (2 z_hat - 1) or v z_hat.
+    ``residual_mean`` holds a_2..a_K (shape (K-1,), detached).
+    """
+    dtype = compute_dtype(x.dtype)
+    xc, clip_c, thr_c = x.to(dtype), clip.to(dtype), thresholds.to(dtype)
+    z = normalize(xc, clip_c, signed)
+
+    def quantize(t: Tensor, b: int) -> Tensor:
+        n = levels(b)
+        return round_fn(t * n) * (1.0 / n)
+
+    q = quantize(z, bits[0])
+    base, offsets, residual_means = q, [], []
+    for b in bits[1:]:
+        r = z - q
+        e = quantize(r, b)
+        residual_means.append(r.detach().abs().mean())
+        offsets.append(e)
+        q = q + e
+    residual_mean = torch.stack(residual_means) if residual_means else xc.new_zeros(0)
+
+    tail = None
+    for j in reversed(range(len(offsets))):
+        g = gate_fn(residual_mean[j], thr_c[j])
+        tail = g * offsets[j] if tail is None else g * (offsets[j] + tail)
+    z_hat = base if tail is None else base + tail
+    y = clip_c * (2.0 * z_hat - 1.0) if signed else clip_c * z_hat
+    return y.to(x.dtype), residual_mean.to(torch.float32)
