@@ -27,8 +27,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def ste_round(t: Tensor) -> Tensor:
-    """round() half to even forward, identity backward."""
-    return t + (torch.round(t) - t).detach()
+    """round() half to even forward, identity backward (the forward value is exactly round(t))."""
+    return torch.round(t).detach() + (t - t.detach())
 
 
 def ste_gate(a: Tensor, alpha: Tensor) -> Tensor:
@@ -38,7 +38,7 @@ def ste_gate(a: Tensor, alpha: Tensor) -> Tensor:
     """
     soft = torch.sigmoid(a.detach() - alpha)
     hard = (a.detach() > alpha).to(soft.dtype)
-    return hard - soft.detach() + soft
+    return hard + (soft - soft.detach())  # exactly 0 or 1 forward
 
 
 def levels(bits: int) -> int:

@@ -1,0 +1,56 @@
+// SIMD policy for the shared kernel math (include/mixedprec/*.h) on ATen's portable vectors,
+// plus loads/stores that widen float16/bfloat16 to float32.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+namespace mixedprec {
+
+using Vec = at::vec::Vectorized<float>;
+
+struct VecOps {
+  using F = Vec;
+  static F splat(float v) { return F(v); }
+  static F round_even(F v) { return v.round(); }  // round half to even
+  static F mul_rn(F a, F b) { return a * b; }      // built with -ffp-contract=off
+  static F clamp(F v, float lo, float hi) { return at::vec::clamp(v, F(lo), F(hi)); }
+  static F abs(F v) { return v.abs(); }
+  static F select(F mask, F a, F b) { return F::blendv(b, a, mask); }
+};
+
+template <class T>
+inline Vec load_vec(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    alignas(64) float wide[Vec::size()];
+    for (int i = 0; i < Vec::size(); ++i) wide[i] = static_cast<float>(p[i]);
+    return Vec::loadu(wide);
+  }
+}
+
+template <class T>
+inline void store_vec(T* p, Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    alignas(64) float wide[Vec::size()];
+    v.store(wide);
+    for (int i = 0; i < Vec::size(); ++i) p[i] = static_cast<T>(wide[i]);
+  }
+}
+
+inline double lane_sum(Vec v) {
+  alignas(64) float lanes[Vec::size()];
+  v.store(lanes);
+  double s = 0;
+  for (int i = 0; i < Vec::size(); ++i) s += lanes[i];
+  return s;
+}
+
+}  // namespace mixedprec

@@ -1,0 +1,40 @@
+// Registers the CUDA kernels (raw-pointer launchers in this folder's .cu files) for CUDA tensors.
+// Compiled only when the extension is built with CUDA.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../device_glue.h"
+#include "mixedprec/launchers.h"
+
+namespace mixedprec {
+namespace {
+
+struct CudaLaunchers {
+  static constexpr const char* kForwardName = "bit_sharing_quant_fwd";
+  static constexpr const char* kBackwardName = "bit_sharing_quant_bwd";
+  static void* stream(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
+  static int64_t workspace_floats(int64_t n) { return cuda::bit_sharing_workspace_floats(n); }
+  static constexpr auto forward = &cuda::bit_sharing_forward;
+  static constexpr auto backward = &cuda::bit_sharing_backward;
+};
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
+                                       at::IntArrayRef bits, bool is_signed) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return device_bit_sharing_fwd<CudaLaunchers>(x, clip, thresholds, bits, is_signed);
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& clip,
+                                       const at::Tensor& gates, at::IntArrayRef bits, bool is_signed) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return device_bit_sharing_bwd<CudaLaunchers>(grad_y, x, clip, gates, bits, is_signed);
+}
+
+}  // namespace
+}  // namespace mixedprec
+
+TORCH_LIBRARY_IMPL(mixedprec, CUDA, m) {
+  m.impl("bit_sharing_quant_fwd", &mixedprec::fwd);
+  m.impl("bit_sharing_quant_bwd", &mixedprec::bwd);
+}

@@ -1,0 +1,49 @@
+// Torch-facing wrappers around the raw-pointer launchers of csrc/cuda/*.cu, shared by the real
+// CUDA build (cuda/register.cpp) and the SIMT emulation (simt/register.cpp). `Launchers` is
+// a struct of static functions forwarding to mixedprec::cuda:: or mixedprec::simt::.
+#pragma once
+
+#include <tuple>
+
+#include "torch_utils.h"
+
+namespace mixedprec {
+
+template <class Launchers>
+std::tuple<at::Tensor, at::Tensor> device_bit_sharing_fwd(const at::Tensor& x, const at::Tensor& clip,
+                                                          const at::Tensor& thresholds, at::IntArrayRef bits,
+                                                          bool is_signed) {
+  const char* op = Launchers::kForwardName;
+  const BitSharingParams p = check_bit_sharing(x, clip, thresholds, bits, is_signed, op, "thresholds");
+  const auto stream = Launchers::stream(x);
+  at::Tensor y = poisoned(at::empty_like(x));
+  at::Tensor residual_mean = poisoned(at::empty({p.num_bits - 1}, clip.options()));
+  at::Tensor workspace = at::empty({Launchers::workspace_floats(x.numel())}, clip.options());
+  const char* err = Launchers::forward(kernel_dtype(x, op, "x"), x.data_ptr(), y.data_ptr(), x.numel(),
+                                       clip.data_ptr<float>(), thresholds.data_ptr<float>(),
+                                       residual_mean.data_ptr<float>(), workspace.data_ptr<float>(), p, stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  return {y, residual_mean};
+}
+
+template <class Launchers>
+std::tuple<at::Tensor, at::Tensor> device_bit_sharing_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                          const at::Tensor& clip, const at::Tensor& gates,
+                                                          at::IntArrayRef bits, bool is_signed) {
+  const char* op = Launchers::kBackwardName;
+  const BitSharingParams p = check_bit_sharing(x, clip, gates, bits, is_signed, op, "gates");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
+              op, ": grad_y must be a contiguous tensor of x's shape and dtype");
+  check_same_device(grad_y, x, op, "grad_y");
+  const auto stream = Launchers::stream(x);
+  at::Tensor grad_x = poisoned(at::empty_like(x));
+  at::Tensor sums = poisoned(at::empty({p.num_bits}, clip.options()));
+  at::Tensor workspace = at::empty({Launchers::workspace_floats(x.numel())}, clip.options());
+  const char* err = Launchers::backward(kernel_dtype(x, op, "x"), grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr(),
+                                        x.numel(), clip.data_ptr<float>(), gates.data_ptr<float>(),
+                                        sums.data_ptr<float>(), workspace.data_ptr<float>(), p, stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  return {grad_x, sums};
+}
+
+}  // namespace mixedprec

@@ -1,0 +1,29 @@
+// Raw-pointer entry points of the CUDA kernels. The same declarations exist twice: in
+// namespace mixedprec::cuda (built by nvcc) and mixedprec::simt (the same sources compiled as
+// C++ under the SIMT emulation). All pointers are device pointers for cuda, host for simt;
+// `stream` is a cudaStream_t (ignored by simt). Each returns nullptr or an error string.
+#pragma once
+
+#include <cstdint>
+
+#include "mixedprec/bit_sharing.h"
+#include "mixedprec/common.h"
+
+#define MP_DECLARE_LAUNCHERS                                                                   \
+  /* floats of scratch the bit-sharing launchers need for n elements */                       \
+  int64_t bit_sharing_workspace_floats(int64_t n);                                             \
+  /* y = fake-quant(x); residual_mean[j-1] = mean |r_j| (j = 2..K) */                          \
+  const char* bit_sharing_forward(DType dtype, const void* x, void* y, int64_t n,              \
+                                  const float* clip, const float* thresholds,                  \
+                                  float* residual_mean, float* workspace,                      \
+                                  const BitSharingParams& p, void* stream);                    \
+  /* grad_x = STE mask * grad_y; sums[0] = sum grad_y dy/dv, sums[j] = sum grad_y T_{j+1} */   \
+  const char* bit_sharing_backward(DType dtype, const void* grad_y, const void* x,             \
+                                   void* grad_x, int64_t n, const float* clip,                 \
+                                   const float* gates, float* sums, float* workspace,          \
+                                   const BitSharingParams& p, void* stream);
+
+namespace mixedprec {
+namespace cuda { MP_DECLARE_LAUNCHERS }
+namespace simt { MP_DECLARE_LAUNCHERS }
+}  // namespace mixedprec

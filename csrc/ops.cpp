@@ -1,0 +1,20 @@
+// Schemas of the kernel ops (one TORCH_LIBRARY for the namespace), and the Python module init.
+// Implementations are registered per device next to their kernels: cpu/, cuda/register.cpp,
+// simt/register.cpp. The public autograd ops that route to these live in mixedprec/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import mixedprec._C` only has to load this library so that its registrations run.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(mixedprec, m) {
+  // bit-sharing fake-quant: (y, residual_mean) and (grad_x, sums = [dL/dv, sum grad_y T_j ...])
+  m.def("bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed) -> (Tensor, Tensor)");
+  m.def("bit_sharing_quant_bwd(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> (Tensor, Tensor)");
+  // the CUDA kernel sources executed on the CPU under SIMT emulation (for tests)
+  m.def("simt_bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed) -> (Tensor, Tensor)");
+  m.def("simt_bit_sharing_quant_bwd(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,67 @@
+// Helpers for the torch-facing glue (ops.cpp, cpu/, cuda/, simt/): argument checks shared by
+// every device, dtype mapping, and output poisoning for tests.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <limits>
+
+#include "mixedprec/bit_sharing.h"
+#include "mixedprec/common.h"
+
+namespace mixedprec {
+
+inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kHalf: return DType::f16;
+    case at::kBFloat16: return DType::bf16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+inline void check_float32(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// Validates the bit-sharing arguments (x, clip, and the (K-1,) thresholds or gates) and
+// returns the kernel parameters.
+inline BitSharingParams check_bit_sharing(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& per_gate,
+                                          at::IntArrayRef bits, bool is_signed, const char* op,
+                                          const char* per_gate_name) {
+  kernel_dtype(x, op, "x");
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  const int64_t k = int64_t(bits.size());
+  TORCH_CHECK(k >= 1 && k <= kMaxCandidateBits, op, ": bits must hold 1 to ", kMaxCandidateBits,
+              " bitwidths, got ", bits);
+  for (int64_t j = 0; j < k; ++j) {
+    TORCH_CHECK(bits[j] >= 1 && bits[j] <= 16, op, ": bits must lie in 1..16, got ", bits);
+    TORCH_CHECK(j == 0 || bits[j - 1] < bits[j], op, ": bits must be strictly ascending, got ", bits);
+  }
+  check_same_device(clip, x, op, "clip");
+  check_same_device(per_gate, x, op, per_gate_name);
+  check_float32(clip, {}, op, "clip");
+  check_float32(per_gate, {k - 1}, op, per_gate_name);
+  return make_bit_sharing_params(bits.data(), int(k), is_signed);
+}
+
+// With MIXEDPREC_POISON_OUTPUTS=1 (set by the test suite) every kernel output is filled with
+// NaN before the kernel runs, so an element a kernel forgets to write cannot pass as correct.
+inline at::Tensor poisoned(at::Tensor t) {
+  static const bool poison = [] {
+    const char* v = std::getenv("MIXEDPREC_POISON_OUTPUTS");
+    return v != nullptr && v[0] == '1';
+  }();
+  if (poison) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+}  // namespace mixedprec
