@@ -1,0 +1,213 @@
+"""Drop-in SBS layers: SBSConv2d and SBSLinear.
+
+Each layer quantizes its input activations and its weights with a ``BitSharingQuantizer``
+(per-tensor clip value, gate thresholds, candidate bits) and may take part in filter-group
+pruning in one of three roles, set up by ``convert`` from the model's data flow:
+
+- producer: owns a ``FilterGroupGate`` over its output filters;
+- channel-wise member (a depthwise conv between producer and consumer): its channels follow
+  the producer's gate;
+- consumer: multiplies its input channels by the producer's mask, as the paper's code masks
+  the input of a block's second conv. Channels are thus zero exactly where they are consumed,
+  so any channel-wise op in between (BatchNorm, ReLU, pooling) is irrelevant to the result,
+  and export can remove them physically with identical outputs.
+
+Weights are standardized before quantization as in the paper's code, with statistics detached
+and taken over kept filters (and kept input channels) only. Unlike the paper's code the
+quantized weight is then mapped back, w_hat = mean + std * Q((w - mean) / std): the clip range
+is centred on the weights' mean and measured in units of their std, and a converted float
+model keeps its function at 8 bits, also in layers with no BatchNorm after them (an MLP, the
+classifier). See docs/sbs.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mixedprec.sbs.pruning import FilterGroupGate
+from mixedprec.sbs.quantizer import BitSharingQuantizer
+
+_float_forward: contextvars.ContextVar[bool] = contextvars.ContextVar("sbs_float_forward", default=False)
+
+
+@contextlib.contextmanager
+def float_forward() -> Iterator[None]:
+    """SBS layers run as their float originals, with no quantizer or gate state touched
+    (used to infer output shapes without side effects)."""
+    token = _float_forward.set(True)
+    try:
+        yield
+    finally:
+        _float_forward.reset(token)
+
+
+class LayerRef:
+    """A reference to another layer of the same model that is not registered as a submodule."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: SBSLayer):
+        self.layer = layer
+
+
+class SBSLayer:
+    """What SBSConv2d and SBSLinear share; mixed into the nn.Conv2d / nn.Linear subclass."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def _init_sbs(self, weight_bits: Sequence[int], act_bits: Sequence[int], act_signed: bool | None,
+                  weight_clip_init: float, quantize: bool) -> None:
+        device = self.weight.device
+        self.w_quant = BitSharingQuantizer(weight_bits, True, weight_clip_init, quantize).to(device)
+        self.a_quant = BitSharingQuantizer(act_bits, act_signed, None, quantize).to(device)
+        self.prune_gate: FilterGroupGate | None = None
+        self.input_source: LayerRef | None = None    # producer whose mask this layer's input gets
+        self.channel_source: LayerRef | None = None  # producer whose gate selects these channels
+
+    # --- pruning roles (set by convert) ----------------------------------------------------
+
+    def enable_pruning(self, group_size: int, max_prune_ratio: float) -> None:
+        self.prune_gate = FilterGroupGate(self.weight.shape[0], group_size, max_prune_ratio).to(self.weight.device)
+
+    def output_gate(self) -> FilterGroupGate | None:
+        """The gate that selects this layer's output channels (its own, or its producer's)."""
+        if self.prune_gate is not None:
+            return self.prune_gate
+        return None if self.channel_source is None else self.channel_source.layer.prune_gate
+
+    def input_gate(self) -> FilterGroupGate | None:
+        return None if self.input_source is None else self.input_source.layer.prune_gate
+
+    def kept_out_channels(self, differentiable: bool = False) -> Tensor | int:
+        gate = self.output_gate()
+        return self.weight.shape[0] if gate is None else gate.kept_channels(differentiable)
+
+    def kept_in_channels_per_group(self, differentiable: bool = False) -> Tensor | int:
+        gate = self.input_gate()
+        return self.weight.shape[1] if gate is None else gate.kept_channels(differentiable)
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def _quantize_input(self, x: Tensor) -> Tensor:
+        gate = self.input_gate()
+        if gate is None:
+            return self.a_quant(x)
+        mask = gate.channel_mask(self.input_source.layer.weight)
+        mask = mask.view(-1, *([1] * (x.dim() - 2))) if isinstance(self, nn.Conv2d) else mask
+        y = self.a_quant(x * mask)
+        # Unsigned grids map 0 to 0; a signed grid of even size has no 0, so mask again.
+        return y * mask if self.a_quant.signed else y
+
+    def _standardization(self) -> tuple[Tensor, Tensor]:
+        """Detached mean and std of the weights of kept output filters and kept input channels."""
+        w = self.weight.detach()
+        out_gate, in_gate = self.output_gate(), self.input_gate()
+        if out_gate is not None:
+            if out_gate is self.prune_gate:  # the producer refreshes its gate once per forward
+                out_gate.channel_mask(self.weight)
+            w = w[out_gate.keep]
+        if in_gate is not None:
+            w = w[:, in_gate.keep]
+        return w.mean(), w.std(correction=int(w.numel() > 1)).clamp_min(1e-12)
+
+    def quantized_weight(self) -> Tensor:
+        """mean + std * Q((w - mean) / std): the fake-quantized weight this layer computes with."""
+        if not self.w_quant.enabled:
+            return self.weight
+        mean, std = self._standardization()
+        return self.w_quant((self.weight - mean) / std) * std + mean
+
+    # --- read-out and control -------------------------------------------------------------
+
+    def bits(self) -> tuple[int, int]:
+        """The current hard choice (weight bits, activation bits); 32 where quantization is off."""
+        return self.w_quant.current_bits(), self.a_quant.current_bits()
+
+    def fix(self, weight_bits: int | None = None, act_bits: int | None = None) -> None:
+        """Fixed mode: quantize directly at the given (default: current) bits, freeze the gate."""
+        self.w_quant.fix(weight_bits)
+        self.a_quant.fix(act_bits)
+        if self.prune_gate is not None:
+            self.prune_gate.fix()
+
+    def project_(self) -> None:
+        """Keep parameters valid after an optimizer step (thresholds >= 0, clips > 0, pruning cap)."""
+        self.w_quant.project_()
+        self.a_quant.project_()
+        if self.prune_gate is not None:
+            self.prune_gate.project_(self.weight)
+
+
+class SBSConv2d(SBSLayer, nn.Conv2d):
+    """nn.Conv2d with SBS weight/activation quantization and optional filter-group pruning."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 weight_bits: Sequence[int] = (2, 4, 8), act_bits: Sequence[int] = (2, 4, 8),
+                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                           bias, padding_mode, device, dtype)
+        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize)
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.in_channels == self.out_channels and self.groups > 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _float_forward.get():
+            return super().forward(x)
+        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **sbs_kwargs) -> SBSConv2d:
+        """An SBS layer sharing ``conv``'s weight and bias Parameters."""
+        w = conv.weight
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, w.device, w.dtype,
+                    **sbs_kwargs)
+        layer.weight, layer.bias = conv.weight, conv.bias
+        return layer
+
+    def to_float(self) -> nn.Conv2d:
+        """The plain nn.Conv2d sharing this layer's weight and bias Parameters."""
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta")
+        conv.weight, conv.bias = self.weight, self.bias
+        return conv
+
+
+class SBSLinear(SBSLayer, nn.Linear):
+    """nn.Linear with SBS weight/activation quantization and optional filter-group pruning."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 weight_bits: Sequence[int] = (2, 4, 8), act_bits: Sequence[int] = (2, 4, 8),
+                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True):
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _float_forward.get():
+            return super().forward(x)
+        return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **sbs_kwargs) -> SBSLinear:
+        """An SBS layer sharing ``linear``'s weight and bias Parameters."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device, w.dtype,
+                    **sbs_kwargs)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    def to_float(self) -> nn.Linear:
+        """The plain nn.Linear sharing this layer's weight and bias Parameters."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+

@@ -1,0 +1,181 @@
+"""One tensor's bit-sharing quantizer: its clip value, gate thresholds and current bit choice.
+
+A quantizer has three states:
+- search (default): the bit-sharing op with learnable gates; in training mode every forward
+  records the hard choice in ``chosen_bits`` and keeps the differentiable gates in ``gates``
+  for the BOPs term; in eval mode it rounds directly at ``chosen_bits`` (as the paper's code
+  does), which equals the gated output because every candidate grid contains the lower ones.
+- fixed (``fix()``): rounds directly at one bitwidth, clip still learnable (finetuning).
+- disabled (``enabled=False``): identity, counted as 32 bits (pruning-only search).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mixedprec import ops
+from mixedprec.reference import ste_gate
+
+FLOAT_BITS = 32
+
+# The backend every quantizer passes to the op; None lets the op pick the fastest one.
+_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("sbs_backend", default=None)
+
+
+@contextlib.contextmanager
+def force_backend(backend: str | None) -> Iterator[None]:
+    """Run SBS layers with a given op backend (e.g. "reference" for benchmarks); None = default."""
+    if backend is not None and backend not in ops.BACKENDS:
+        raise ValueError(f"force_backend: backend must be one of {ops.BACKENDS} or None, got {backend!r}")
+    token = _forced_backend.set(backend)
+    try:
+        yield
+    finally:
+        _forced_backend.reset(token)
+
+
+def check_candidate_bits(name: str, bits: Sequence[int]) -> tuple[int, ...]:
+    """Ascending bitwidths in 1..8 where each divides the next (nested grids, DESIGN.md)."""
+    try:
+        bits = tuple(int(b) for b in bits)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of ints, got {bits!r}") from None
+    if not bits or any(not 1 <= b <= 8 for b in bits):
+        raise ValueError(f"{name} must hold bitwidths in 1..8, got {bits!r}")
+    if any(lo >= hi or hi % lo for lo, hi in zip(bits, bits[1:])):
+        raise ValueError(f"{name} must be strictly ascending with each bitwidth dividing the next "
+                         f"(so that a higher grid contains the lower ones), got {bits!r}")
+    return bits
+
+
+def initial_clip(x: Tensor) -> Tensor:
+    """A clip value from data: the 99.9th percentile of |x| (max |x| if that is 0, else 1)."""
+    magnitude = x.detach().abs().flatten().float()
+    if magnitude.numel() > 1 << 20:  # torch.quantile's input limit; a strided sample is plenty
+        magnitude = magnitude[:: magnitude.numel() // (1 << 20) + 1]
+    q = torch.quantile(magnitude, 0.999)
+    peak = magnitude.max()
+    return torch.where(q > 0, q, torch.where(peak > 0, peak, torch.ones_like(peak)))
+
+
+class BitSharingQuantizer(nn.Module):
+    """Learnable clip value and gate thresholds around ``ops.bit_sharing_quant``.
+
+    bits: candidate bitwidths (ascending, each dividing the next). signed: True for weights,
+    False for activations after ReLU, None to decide from the first batch (signed iff it holds
+    a negative value). clip_init: a start value, or None to take it from the first batch.
+    """
+
+    def __init__(self, bits: Sequence[int] = (2, 4, 8), signed: bool | None = True,
+                 clip_init: float | None = 1.0, enabled: bool = True):
+        super().__init__()
+        self.bits = check_candidate_bits("bits", bits)
+        if signed is not None and not isinstance(signed, bool):
+            raise ValueError(f"BitSharingQuantizer: signed must be a bool or None, got {signed!r}")
+        if clip_init is not None and not clip_init > 0:
+            raise ValueError(f"BitSharingQuantizer: clip_init must be > 0 or None, got {clip_init!r}")
+        self.enabled = enabled
+        self.signed = signed
+        self.clip = nn.Parameter(torch.tensor(1.0 if clip_init is None else float(clip_init)))
+        self.thresholds = nn.Parameter(torch.zeros(len(self.bits) - 1))
+        # Thresholds start at 0: every gate is on, the search starts from the highest bitwidth.
+        self.register_buffer("chosen_bits", torch.tensor(self.bits[-1]))
+        self.register_buffer("bit_choices", torch.tensor(self.bits), persistent=False)
+        self.clip_ready = clip_init is not None
+        self.fixed_bits: int | None = self.bits[0] if len(self.bits) == 1 else None
+        self.gates: Tensor | None = None  # differentiable gates of the last search forward
+
+    @property
+    def searching(self) -> bool:
+        return self.enabled and self.fixed_bits is None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if not self.clip_ready:
+            self._init_from(x)
+        signed = bool(self.signed)
+        backend = {} if _forced_backend.get() is None else {"backend": _forced_backend.get()}
+        if self.searching and self.training:
+            result = ops.bit_sharing_quant(x, self.clip, self.thresholds, self.bits, signed, **backend)
+            self.gates = ste_gate(result.residual_mean, self.thresholds)
+            with torch.no_grad():  # index of the highest bitwidth whose gate chain is all on
+                self.chosen_bits.copy_(self.bit_choices[result.gates.cumprod(0).sum().long()])
+            return result.output
+        bits = self.fixed_bits if self.fixed_bits is not None else int(self.chosen_bits)
+        return ops.bit_sharing_quant(x, self.clip, self.thresholds[:0], (bits,), signed, **backend).output
+
+    @torch.no_grad()
+    def _init_from(self, x: Tensor) -> None:
+        if self.signed is None:
+            self.signed = bool((x < 0).any())
+        self.clip.copy_(initial_clip(x))
+        self.clip_ready = True
+
+    def current_bits(self) -> int:
+        """The hard choice: the fixed bitwidth, the last search choice, or 32 when disabled."""
+        if not self.enabled:
+            return FLOAT_BITS
+        return self.fixed_bits if self.fixed_bits is not None else int(self.chosen_bits)
+
+    def effective_bits(self, differentiable: bool) -> Tensor | int:
+        """b_1 + sum_j (g_2 ... g_j)(b_j - b_{j-1}): the bitwidth written through the gates.
+
+        Differentiable only while searching and after a training forward; else the hard choice.
+        """
+        if not (differentiable and self.searching and self.gates is not None):
+            return self.current_bits()
+        steps = self.bit_choices.diff().to(self.gates.dtype)
+        return self.bits[0] + (self.gates.cumprod(0) * steps).sum()
+
+    def fix(self, bits: int | None = None) -> None:
+        """Quantize directly at ``bits`` (default: the current choice) from now on."""
+        if not self.enabled:
+            return
+        bits = self.current_bits() if bits is None else int(bits)
+        if not 1 <= bits <= 8:
+            raise ValueError(f"BitSharingQuantizer.fix: bits must be in 1..8, got {bits}")
+        self.fixed_bits = bits
+        self.chosen_bits.fill_(bits)
+        self.gates = None
+
+    @torch.no_grad()
+    def project_(self, min_clip: float = 1e-4) -> None:
+        """Keep parameters valid after an optimizer step: thresholds >= 0, clip > 0."""
+        self.thresholds.clamp_(min=0.0)
+        self.clip.clamp_(min=min_clip)
+
+    # Python-side state travels in the state dict, so a saved search or finetune resumes as is.
+    def get_extra_state(self) -> dict:
+        return {"signed": self.signed, "clip_ready": self.clip_ready, "fixed_bits": self.fixed_bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.signed, self.clip_ready, self.fixed_bits = state["signed"], state["clip_ready"], state["fixed_bits"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        load_optional_state(super()._load_from_state_dict, state_dict, prefix, *args)
+
+    def __getstate__(self):  # the gates hold this step's graph: not copied or pickled
+        return {**self.__dict__, "gates": None}
+
+    def extra_repr(self) -> str:
+        mode = "disabled" if not self.enabled else (
+            f"fixed={self.fixed_bits}" if self.fixed_bits is not None else f"bits={self.bits}")
+        return f"{mode}, signed={self.signed}"
+
+
+def load_optional_state(load, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    """Load a module's SBS-only state, tolerating its total absence (a float checkpoint).
+
+    When none of the module's keys are present, the missing ones are not reported, so that
+    ``load_state_dict(float_model.state_dict())`` works on a converted model with strict=True.
+    """
+    before = len(missing_keys)
+    load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    if not any(k.startswith(prefix) for k in state_dict):
+        del missing_keys[before:]
