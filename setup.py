@@ -71,18 +71,22 @@ def nvidia_wheel_includes() -> list[str]:
 def extension():
     sources = read_sources()
     files = sources["torch"] + simt_wrappers(sources["kernel"])
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is inline and runs single-threaded in code built without it.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
     if platform.machine() in ("x86_64", "AMD64"):
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+        # Built from source for the machine it runs on (AVX-512 where present); set
+        # MIXEDPREC_CPU_ARCH=x86-64-v3 for a portable AVX2 build. csrc/cpu/vec_ops.h picks
+        # ATen's vector width from what the target enables.
+        cxx += [f"-march={os.environ.get('MIXEDPREC_CPU_ARCH', 'native')}"]
     include_dirs = [str(CSRC / "include"), str(CSRC)]
     if not cuda_wanted():
         return cpp_extension.CppExtension("mixedprec._C", files, include_dirs=include_dirs,
-                                          extra_compile_args={"cxx": cxx})
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     nvcc = ["-O3", "-std=c++20", "-Xptxas", "-v", "-lineinfo",
             "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
     return cpp_extension.CUDAExtension("mixedprec._C", files + sources["kernel"] + sources["cuda"],
                                        include_dirs=include_dirs + nvidia_wheel_includes(),
-                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -31,10 +31,7 @@ std::tuple<at::Tensor, at::Tensor> device_bit_sharing_bwd(const at::Tensor& grad
                                                           const at::Tensor& clip, const at::Tensor& gates,
                                                           at::IntArrayRef bits, bool is_signed) {
   const char* op = Launchers::kBackwardName;
-  const BitSharingParams p = check_bit_sharing(x, clip, gates, bits, is_signed, op, "gates");
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
-              op, ": grad_y must be a contiguous tensor of x's shape and dtype");
-  check_same_device(grad_y, x, op, "grad_y");
+  const BitSharingParams p = check_bit_sharing_backward(grad_y, x, clip, gates, bits, is_signed, op);
   const auto stream = Launchers::stream(x);
   at::Tensor grad_x = poisoned(at::empty_like(x));
   at::Tensor sums = poisoned(at::empty({p.num_bits}, clip.options()));

@@ -53,6 +53,15 @@ inline BitSharingParams check_bit_sharing(const at::Tensor& x, const at::Tensor&
   return make_bit_sharing_params(bits.data(), int(k), is_signed);
 }
 
+inline BitSharingParams check_bit_sharing_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                   const at::Tensor& clip, const at::Tensor& gates,
+                                                   at::IntArrayRef bits, bool is_signed, const char* op) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
+              op, ": grad_y must be a contiguous tensor of x's shape and dtype");
+  check_same_device(grad_y, x, op, "grad_y");
+  return check_bit_sharing(x, clip, gates, bits, is_signed, op, "gates");
+}
+
 // With MIXEDPREC_POISON_OUTPUTS=1 (set by the test suite) every kernel output is filled with
 // NaN before the kernel runs, so an element a kernel forgets to write cannot pass as correct.
 inline at::Tensor poisoned(at::Tensor t) {

@@ -229,3 +229,156 @@ def _bit_sharing_backward(ctx, grad_y, _grad_residual_mean):
 
 
 _bit_sharing_quant.register_autograd(_bit_sharing_backward, setup_context=_bit_sharing_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook_quant (OPQ)
+
+MAX_CODEBOOK_SIZE = 256  # 8-bit codes
+
+# Kernel ops a backend needs before codebook_quant may use it: (op name, dispatch key). The
+# Triton backend needs the module mixedprec.triton.codebook with a ``forward``.
+_CODEBOOK_KERNEL_OPS = {
+    "cpu": ("codebook_quant_fwd", "CPU"),
+    "cuda": ("codebook_quant_fwd", "CUDA"),
+    "simt": ("simt_codebook_quant_fwd", "CPU"),
+}
+
+
+def codebook_quant(
+    weight: Tensor,
+    codebook: Tensor,
+    channel_scale: Tensor,
+    keep_mask: Tensor,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """OPQ fake-quant: masked nearest-level quantization to a shared codebook, per-channel scale.
+
+    weight: float tensor (C, ...), dim 0 the output channels (conv (C, C_in/g, kh, kw), linear
+        (C, in)); float32, float16 or bfloat16 for the kernels, float64 too for the reference.
+    codebook: 1-D float tensor of 1..256 finite values in strictly ascending order (the layer's
+        levels in channel-normalized units, shared by all channels).
+    channel_scale: float tensor (C,), finite and > 0.
+    keep_mask: bool tensor of weight's shape; False marks a pruned weight.
+
+    Output (same shape and dtype as weight), computed in float32 (float64 for float64 weights)
+    with codebook and channel_scale first cast to that dtype:
+        z       = weight[c, i] * (1 / channel_scale[c])        the reciprocal rounded first
+        m_j     = (codebook[j] + codebook[j + 1]) * 0.5        j = 0 .. L-2, rounded midpoints
+        j*      = #{j : m_j < z}                                a z exactly equal to m_j goes to
+                                                                the LOWER level j
+        y[c, i] = channel_scale[c] * codebook[j*]  if keep_mask[c, i]  else 0
+    then rounded to weight's dtype. z below every midpoint takes level 0, above all of them the
+    last level (no clipping error is special). A NaN or +-inf weight at a kept position gives NaN;
+    a pruned position gives 0 whatever its weight.
+
+    Gradient: straight-through to the latent weight at kept positions (d y / d weight = 1, no
+    clipping), exactly 0 at pruned positions; none to codebook, channel_scale or keep_mask (OPQ
+    keeps them frozen).
+    """
+    op = "codebook_quant"
+    _check_tensor(op, "weight", weight)
+    _check_tensor(op, "codebook", codebook, weight.device)
+    _check_tensor(op, "channel_scale", channel_scale, weight.device)
+    if weight.dim() == 0:
+        raise ValueError(f"{op}: weight must have an output-channel dim 0, got a 0-dim tensor")
+    if codebook.dim() != 1 or not 1 <= codebook.numel() <= MAX_CODEBOOK_SIZE:
+        raise ValueError(f"{op}: codebook must be 1-D with 1 to {MAX_CODEBOOK_SIZE} levels, "
+                         f"got shape {tuple(codebook.shape)}")
+    if tuple(channel_scale.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: channel_scale must have shape ({weight.shape[0]},) (one per output "
+                         f"channel of weight {tuple(weight.shape)}), got {tuple(channel_scale.shape)}")
+    if not isinstance(keep_mask, Tensor) or keep_mask.dtype != torch.bool:
+        raise ValueError(f"{op}: keep_mask must be a bool tensor, got "
+                         f"{keep_mask.dtype if isinstance(keep_mask, Tensor) else type(keep_mask).__name__}")
+    if keep_mask.shape != weight.shape or keep_mask.device != weight.device:
+        raise ValueError(f"{op}: keep_mask must have weight's shape {tuple(weight.shape)} on {weight.device}, "
+                         f"got {tuple(keep_mask.shape)} on {keep_mask.device}")
+    backend = _resolve_codebook_backend(backend, weight)
+    if backend == "reference":
+        if not torch.compiler.is_compiling():
+            _check_codebook_values(codebook, channel_scale)
+        return reference.codebook_quant(weight, codebook, channel_scale, keep_mask)
+    return torch.ops.mixedprec.codebook_quant(weight, codebook.float(), channel_scale.float(), keep_mask, backend)
+
+
+def _codebook_kernel_built(backend: str) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        import importlib.util
+        return importlib.util.find_spec("mixedprec.triton.codebook") is not None
+    name, key = _CODEBOOK_KERNEL_OPS[backend]
+    return hasattr(torch.ops.mixedprec, name) and _extension._has_kernel(name, key)
+
+
+def _resolve_codebook_backend(backend: str | None, weight: Tensor) -> str:
+    """resolve_backend, then the reference wherever the chosen backend has no codebook kernel yet."""
+    op = "codebook_quant"
+    resolved = resolve_backend(op, backend, weight)
+    if _codebook_kernel_built(resolved):
+        return resolved
+    if backend is None:
+        return "reference"
+    raise RuntimeError(f"{op}: backend {backend!r} has no codebook_quant kernel in this build; "
+                       f"use backend='reference' (or None to pick what is available)")
+
+
+def _check_codebook_values(codebook: Tensor, channel_scale: Tensor) -> None:
+    if not check_values:
+        return
+    op = "codebook_quant"
+    if not bool(torch.isfinite(codebook).all()):
+        raise ValueError(f"{op}: codebook must be finite, got {codebook.detach().cpu().tolist()}")
+    steps = codebook[1:] - codebook[:-1]
+    if not bool((steps > 0).all()):
+        j = int(torch.nonzero(steps <= 0)[0])
+        raise ValueError(f"{op}: codebook must be strictly ascending, but codebook[{j}] = "
+                         f"{codebook[j].item()} >= codebook[{j + 1}] = {codebook[j + 1].item()}")
+    bad = ~(torch.isfinite(channel_scale) & (channel_scale > 0))
+    if bool(bad.any()):
+        c = int(torch.nonzero(bad)[0])
+        raise ValueError(f"{op}: channel_scale must be finite and > 0, but channel_scale[{c}] = "
+                         f"{channel_scale[c].item()} ({int(bad.sum())} of {bad.numel()} channels invalid)")
+
+
+def _codebook_kernel(backend: str) -> Callable:
+    """The forward kernel (weight, codebook, channel_scale, keep_mask) -> y of a backend.
+
+    'reference' runs the composite inside the custom op: it is the contract the kernels are
+    checked against, and lets the tests check the op's fake, autograd and compile plumbing.
+    """
+    if backend == "reference":
+        return reference.codebook_quant
+    if backend == "triton":
+        from mixedprec.triton import codebook
+        return codebook.forward
+    return getattr(torch.ops.mixedprec, _CODEBOOK_KERNEL_OPS[backend][0])
+
+
+@torch.library.custom_op("mixedprec::codebook_quant", mutates_args=())
+def _codebook_quant(weight: Tensor, codebook: Tensor, channel_scale: Tensor, keep_mask: Tensor,
+                    backend: str) -> Tensor:
+    _check_codebook_values(codebook, channel_scale)
+    return _codebook_kernel(backend)(weight.contiguous(), codebook.contiguous(), channel_scale.contiguous(),
+                                     keep_mask.contiguous())
+
+
+@_codebook_quant.register_fake
+def _(weight, codebook, channel_scale, keep_mask, backend):
+    return torch.empty_like(weight)
+
+
+def _codebook_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[3])
+
+
+def _codebook_backward(ctx, grad_y):
+    # Straight-through at kept positions, zero at pruned ones: one elementwise select that any
+    # device runs, so no backward kernel is needed.
+    (keep_mask,) = ctx.saved_tensors
+    return torch.where(keep_mask, grad_y, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device)), None, None, None, None
+
+
+_codebook_quant.register_autograd(_codebook_backward, setup_context=_codebook_setup_context)

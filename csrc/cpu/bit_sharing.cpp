@@ -1,8 +1,12 @@
 // SBS bit-sharing fake-quant on the CPU (math: include/mixedprec/bit_sharing.h), vectorized with
-// ATen's Vectorized<float> and threaded with at::parallel_for.
+// ATen's Vectorized<float>, threaded with at::parallel_for, instantiated per (K, signed) so the
+// per-element loops unroll into registers.
 //
-// forward:  a reduction pass over x (per-chunk sums of |r_j|, 4 B/elem), then an elementwise
-//           pass x -> y (8 B/elem in fp32);
+// forward:  the gates depend on mean |r_j| over the whole tensor, which a single pass cannot
+//           know before it writes y. So the gates are first guessed from a 1/128 sample of x,
+//           then one fused pass reduces |r_j| and writes y under the guessed gates (4 + 4 B/elem
+//           in fp32); only if the exact gates differ from the guess does a second elementwise
+//           pass rewrite y. Results are exact either way.
 // backward: one pass reading grad_y and x, writing grad_x, and reducing dL/dv and the K-1 gate
 //           tails (12 B/elem).
 // Reductions go through fixed-size chunks whose partials are summed in chunk order, so results
@@ -21,11 +25,14 @@ namespace mixedprec {
 namespace {
 
 constexpr int64_t kChunk = 1 << 14;  // elements per reduction chunk and per parallel task
+constexpr int64_t kSampleStride = 128;  // the gate guess reads every 128th chunk of kSampleRun
+constexpr int64_t kSampleRun = 256;
 constexpr int kW = Vec::size();
-using Sums = std::array<double, kMaxCandidateBits>;
+constexpr int K8 = kMaxCandidateBits;
+using Sums = std::array<double, K8>;
 
-// Runs fn(begin, end) -> Sums over fixed chunks of [0, n) in parallel; returns the chunk sums
-// added in chunk order.
+// fn(begin, end) -> Sums over fixed chunks of [0, n), in parallel; the chunk sums are added in
+// chunk order.
 template <class Fn>
 Sums chunked_sums(int64_t n, const Fn& fn) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -35,76 +42,122 @@ Sums chunked_sums(int64_t n, const Fn& fn) {
   });
   Sums total{};
   for (const Sums& s : partial)
-    for (int j = 0; j < kMaxCandidateBits; ++j) total[j] += s[j];
+    for (int j = 0; j < K8; ++j) total[j] += s[j];
   return total;
 }
 
-template <class T>
-Sums residual_sums(const T* x, int64_t begin, int64_t end, float inv_clip, const BitSharingParams& p) {
-  Vec acc[kMaxCandidateBits] = {};
+struct Gates {
+  float value[K8] = {};  // value[j] = g_{j+1} in {0, 1}, j = 1..K-1
+  bool operator==(const Gates& o) const { return std::equal(value, value + K8, o.value); }
+};
+
+// Gates from residual sums over `count` elements; also writes the means when asked.
+template <class P>
+Gates gates_from(const Sums& s, double count, const float* thresholds, float* residual_mean) {
+  Gates g;
+  for (int j = 1; j < P::num_bits; ++j) {
+    const float mean = float(s[j] / count);
+    if (residual_mean) residual_mean[j - 1] = mean;
+    g.value[j] = mean > thresholds[j - 1] ? 1.0f : 0.0f;
+  }
+  return g;
+}
+
+// Over [begin, end): sums of |r_j| into the result, and y under `gates` when y is given.
+template <class P, class T>
+Sums forward_range(const T* x, T* y, int64_t begin, int64_t end, float clip, const Gates& gates, const P& p) {
+  const float inv_clip = 1.0f / clip;
+  Vec vgates[K8];
+  for (int j = 0; j < K8; ++j) vgates[j] = Vec(gates.value[j]);
+  Vec acc[K8] = {};
+  Sums s{};
   int64_t i = begin;
   for (; i + kW <= end; i += kW) {
-    const Vec z = bs_normalize<VecOps>(load_vec(x + i) * Vec(inv_clip), p.is_signed);
-    Vec offsets[kMaxCandidateBits], abs_residual[kMaxCandidateBits];
-    bs_decompose<VecOps>(z, p, offsets, abs_residual);
-    for (int j = 1; j < p.num_bits; ++j) acc[j] += abs_residual[j];
+    const Vec z = bs_normalize<VecOps>(load_vec(x + i) * Vec(inv_clip), P::is_signed);
+    Vec offsets[K8], abs_residual[K8];
+    const Vec base = bs_decompose<VecOps>(z, p, offsets, abs_residual);
+    for (int j = 1; j < P::num_bits; ++j) acc[j] += abs_residual[j];
+    if (y) store_vec(y + i, bs_output<VecOps>(bs_fold<VecOps>(base, offsets, vgates, p, static_cast<Vec*>(nullptr)),
+                                                Vec(clip), P::is_signed));
   }
-  Sums s{};
   for (; i < end; ++i) {
-    const float z = bs_normalize<ScalarOps>(static_cast<float>(x[i]) * inv_clip, p.is_signed);
-    float offsets[kMaxCandidateBits], abs_residual[kMaxCandidateBits];
-    bs_decompose<ScalarOps>(z, p, offsets, abs_residual);
-    for (int j = 1; j < p.num_bits; ++j) s[j] += abs_residual[j];
+    const float z = bs_normalize<ScalarOps>(static_cast<float>(x[i]) * inv_clip, P::is_signed);
+    float offsets[K8], abs_residual[K8];
+    const float base = bs_decompose<ScalarOps>(z, p, offsets, abs_residual);
+    for (int j = 1; j < P::num_bits; ++j) s[j] += abs_residual[j];
+    if (y) y[i] = static_cast<T>(bs_output<ScalarOps>(
+               bs_fold<ScalarOps>(base, offsets, gates.value, p, static_cast<float*>(nullptr)), clip, P::is_signed));
   }
-  for (int j = 1; j < p.num_bits; ++j) s[j] += lane_sum(acc[j]);
+  for (int j = 1; j < P::num_bits; ++j) s[j] += lane_sum(acc[j]);
   return s;
 }
 
-template <class T>
-void apply(const T* x, T* y, int64_t n, float clip, const float* gate_values, const BitSharingParams& p) {
+// y over [begin, end) under `gates`, no reduction.
+template <class P, class T>
+void apply_range(const T* x, T* y, int64_t begin, int64_t end, float clip, const Gates& gates, const P& p) {
   const float inv_clip = 1.0f / clip;
-  Vec vgates[kMaxCandidateBits];
-  for (int j = 0; j < kMaxCandidateBits; ++j) vgates[j] = Vec(gate_values[j]);
-  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
-    int64_t i = begin;
-    for (; i + kW <= end; i += kW) {
-      const Vec z = bs_normalize<VecOps>(load_vec(x + i) * Vec(inv_clip), p.is_signed);
-      Vec offsets[kMaxCandidateBits];
-      const Vec base = bs_decompose<VecOps>(z, p, offsets, static_cast<Vec*>(nullptr));
-      const Vec z_hat = bs_fold<VecOps>(base, offsets, vgates, p, static_cast<Vec*>(nullptr));
-      store_vec(y + i, bs_output<VecOps>(z_hat, Vec(clip), p.is_signed));
-    }
-    for (; i < end; ++i) {
-      const float z = bs_normalize<ScalarOps>(static_cast<float>(x[i]) * inv_clip, p.is_signed);
-      float offsets[kMaxCandidateBits];
-      const float base = bs_decompose<ScalarOps>(z, p, offsets, static_cast<float*>(nullptr));
-      const float z_hat = bs_fold<ScalarOps>(base, offsets, gate_values, p, static_cast<float*>(nullptr));
-      y[i] = static_cast<T>(bs_output<ScalarOps>(z_hat, clip, p.is_signed));
-    }
-  });
+  Vec vgates[K8];
+  for (int j = 0; j < K8; ++j) vgates[j] = Vec(gates.value[j]);
+  int64_t i = begin;
+  for (; i + kW <= end; i += kW) {
+    const Vec z = bs_normalize<VecOps>(load_vec(x + i) * Vec(inv_clip), P::is_signed);
+    Vec offsets[K8];
+    const Vec base = bs_decompose<VecOps>(z, p, offsets, static_cast<Vec*>(nullptr));
+    store_vec(y + i, bs_output<VecOps>(bs_fold<VecOps>(base, offsets, vgates, p, static_cast<Vec*>(nullptr)),
+                                       Vec(clip), P::is_signed));
+  }
+  for (; i < end; ++i) {
+    const float z = bs_normalize<ScalarOps>(static_cast<float>(x[i]) * inv_clip, P::is_signed);
+    float offsets[K8];
+    const float base = bs_decompose<ScalarOps>(z, p, offsets, static_cast<float*>(nullptr));
+    y[i] = static_cast<T>(bs_output<ScalarOps>(
+        bs_fold<ScalarOps>(base, offsets, gates.value, p, static_cast<float*>(nullptr)), clip, P::is_signed));
+  }
+}
+
+template <class P, class T>
+void forward(const T* x, T* y, int64_t n, float clip, const float* thresholds, float* residual_mean, const P& p) {
+  if (P::num_bits == 1) {
+    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { apply_range(x, y, b, e, clip, Gates{}, p); });
+    return;
+  }
+  // Guess the gates from runs of kSampleRun elements every kSampleStride runs.
+  Sums sample{};
+  int64_t sampled = 0;
+  for (int64_t b = 0; b < n; b += kSampleRun * kSampleStride) {
+    const int64_t e = std::min(n, b + kSampleRun);
+    const Sums s = forward_range<P, T>(x, nullptr, b, e, clip, Gates{}, p);
+    for (int j = 0; j < K8; ++j) sample[j] += s[j];
+    sampled += e - b;
+  }
+  const Gates guess = gates_from<P>(sample, double(std::max<int64_t>(sampled, 1)), thresholds, nullptr);
+  const Sums total = chunked_sums(n, [&](int64_t b, int64_t e) { return forward_range(x, y, b, e, clip, guess, p); });
+  const Gates exact = gates_from<P>(total, double(n), thresholds, residual_mean);
+  if (!(exact == guess))
+    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { apply_range(x, y, b, e, clip, exact, p); });
 }
 
 // Writes grad_x over [begin, end) and returns [sum g dy/dv, sum g T_2, ..., sum g T_K].
-template <class T>
-Sums backward_chunk(const T* grad_y, const T* x, T* grad_x, int64_t begin, int64_t end, float clip,
-                    const float* gate_values, const BitSharingParams& p) {
+template <class P, class T>
+Sums backward_range(const T* grad_y, const T* x, T* grad_x, int64_t begin, int64_t end, float clip,
+                    const Gates& gates, const P& p) {
   const float inv_clip = 1.0f / clip;
-  const float lo = p.is_signed ? -1.0f : 0.0f;
-  Vec vgates[kMaxCandidateBits];
-  for (int j = 0; j < kMaxCandidateBits; ++j) vgates[j] = Vec(gate_values[j]);
-  Vec acc[kMaxCandidateBits] = {};
+  const float lo = P::is_signed ? -1.0f : 0.0f;
+  Vec vgates[K8];
+  for (int j = 0; j < K8; ++j) vgates[j] = Vec(gates.value[j]);
+  Vec acc[K8] = {};
   int64_t i = begin;
   for (; i + kW <= end; i += kW) {
     const Vec g = load_vec(grad_y + i);
     const Vec t = load_vec(x + i) * Vec(inv_clip);
     const Vec inside = (t >= Vec(lo)) & (t <= Vec(1.0f));
     store_vec(grad_x + i, Vec::blendv(Vec(0.0f), g, inside));
-    const Vec z = bs_normalize<VecOps>(t, p.is_signed);
-    Vec offsets[kMaxCandidateBits], tails[kMaxCandidateBits];
+    const Vec z = bs_normalize<VecOps>(t, P::is_signed);
+    Vec offsets[K8], tails[K8];
     const Vec base = bs_decompose<VecOps>(z, p, offsets, static_cast<Vec*>(nullptr));
     const Vec z_hat = bs_fold<VecOps>(base, offsets, vgates, p, tails);
-    acc[0] += g * bs_clip_grad<VecOps>(z_hat, t, inside, p.is_signed);
-    for (int j = 1; j < p.num_bits; ++j) acc[j] += g * tails[j];
+    acc[0] += g * bs_clip_grad<VecOps>(z_hat, t, inside, P::is_signed);
+    for (int j = 1; j < P::num_bits; ++j) acc[j] += g * tails[j];
   }
   Sums s{};
   for (; i < end; ++i) {
@@ -112,71 +165,64 @@ Sums backward_chunk(const T* grad_y, const T* x, T* grad_x, int64_t begin, int64
     const float t = static_cast<float>(x[i]) * inv_clip;
     const bool inside = t >= lo && t <= 1.0f;
     grad_x[i] = static_cast<T>(inside ? g : 0.0f);
-    const float z = bs_normalize<ScalarOps>(t, p.is_signed);
-    float offsets[kMaxCandidateBits], tails[kMaxCandidateBits];
+    const float z = bs_normalize<ScalarOps>(t, P::is_signed);
+    float offsets[K8], tails[K8];
     const float base = bs_decompose<ScalarOps>(z, p, offsets, static_cast<float*>(nullptr));
-    const float z_hat = bs_fold<ScalarOps>(base, offsets, gate_values, p, tails);
-    s[0] += g * bs_clip_grad<ScalarOps>(z_hat, t, inside, p.is_signed);
-    for (int j = 1; j < p.num_bits; ++j) s[j] += g * tails[j];
+    const float z_hat = bs_fold<ScalarOps>(base, offsets, gates.value, p, tails);
+    s[0] += g * bs_clip_grad<ScalarOps>(z_hat, t, inside, P::is_signed);
+    for (int j = 1; j < P::num_bits; ++j) s[j] += g * tails[j];
   }
-  for (int j = 0; j < p.num_bits; ++j) s[j] += lane_sum(acc[j]);
+  for (int j = 0; j < P::num_bits; ++j) s[j] += lane_sum(acc[j]);
   return s;
 }
 
-template <class Fn>
-void dispatch_dtype(const at::Tensor& x, const char* op, const Fn& fn) {
-  switch (kernel_dtype(x, op, "x")) {
-    case DType::f32: return fn(float{});
-    case DType::f16: return fn(at::Half{});
-    case DType::bf16: return fn(at::BFloat16{});
+// Calls fn(FixedBitSharingParams<K, signed>{p}, T{}) for the runtime K, signedness and dtype.
+template <int K = 1, class Fn>
+void dispatch(const BitSharingParams& p, DType dtype, const Fn& fn) {
+  if constexpr (K < K8) {
+    if (p.num_bits != K) return dispatch<K + 1>(p, dtype, fn);
   }
+  auto with_sign = [&](auto params) {
+    switch (dtype) {
+      case DType::f32: return fn(params, float{});
+      case DType::f16: return fn(params, at::Half{});
+      case DType::bf16: return fn(params, at::BFloat16{});
+    }
+  };
+  if (p.is_signed) return with_sign(FixedBitSharingParams<K, true>(p));
+  return with_sign(FixedBitSharingParams<K, false>(p));
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
-                                           at::IntArrayRef bits, bool is_signed) {
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
+                                              at::IntArrayRef bits, bool is_signed) {
   const char* op = "bit_sharing_quant_fwd";
   const BitSharingParams p = check_bit_sharing(x, clip, thresholds, bits, is_signed, op, "thresholds");
-  const float v = clip.item<float>();
-  const int64_t n = x.numel();
   at::Tensor y = poisoned(at::empty_like(x));
   at::Tensor residual_mean = poisoned(at::empty({p.num_bits - 1}, clip.options()));
-  float gate_values[kMaxCandidateBits] = {};
-  dispatch_dtype(x, op, [&](auto tag) {
+  dispatch(p, kernel_dtype(x, op, "x"), [&](const auto& fp, auto tag) {
     using T = decltype(tag);
-    const T* xp = x.const_data_ptr<T>();
-    if (p.num_bits > 1) {
-      const Sums s = chunked_sums(n, [&](int64_t b, int64_t e) { return residual_sums(xp, b, e, 1.0f / v, p); });
-      const float* thr = thresholds.const_data_ptr<float>();
-      float* mean = residual_mean.data_ptr<float>();
-      for (int j = 1; j < p.num_bits; ++j) {
-        mean[j - 1] = float(s[j] / double(n));
-        gate_values[j] = mean[j - 1] > thr[j - 1] ? 1.0f : 0.0f;
-      }
-    }
-    apply(xp, y.data_ptr<T>(), n, v, gate_values, p);
+    forward(x.const_data_ptr<T>(), y.data_ptr<T>(), x.numel(), clip.item<float>(), thresholds.const_data_ptr<float>(),
+            residual_mean.data_ptr<float>(), fp);
   });
   return {y, residual_mean};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& clip,
-                                            const at::Tensor& gates, at::IntArrayRef bits, bool is_signed) {
+std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& clip,
+                                               const at::Tensor& gates, at::IntArrayRef bits, bool is_signed) {
   const char* op = "bit_sharing_quant_bwd";
-  const BitSharingParams p = check_bit_sharing(x, clip, gates, bits, is_signed, op, "gates");
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
-              op, ": grad_y must be a contiguous tensor of x's shape and dtype");
-  check_same_device(grad_y, x, op, "grad_y");
-  const float v = clip.item<float>();
-  float gate_values[kMaxCandidateBits] = {};
-  for (int j = 1; j < p.num_bits; ++j) gate_values[j] = gates.const_data_ptr<float>()[j - 1];
+  const BitSharingParams p = check_bit_sharing_backward(grad_y, x, clip, gates, bits, is_signed, op);
+  Gates gate_values;
+  for (int j = 1; j < p.num_bits; ++j) gate_values.value[j] = gates.const_data_ptr<float>()[j - 1];
   at::Tensor grad_x = poisoned(at::empty_like(x));
   at::Tensor sums = poisoned(at::empty({p.num_bits}, clip.options()));
-  dispatch_dtype(x, op, [&](auto tag) {
+  const float v = clip.item<float>();
+  dispatch(p, kernel_dtype(x, op, "x"), [&](const auto& fp, auto tag) {
     using T = decltype(tag);
     const T* gp = grad_y.const_data_ptr<T>();
     const T* xp = x.const_data_ptr<T>();
     T* gxp = grad_x.data_ptr<T>();
     const Sums s = chunked_sums(x.numel(), [&](int64_t b, int64_t e) {
-      return backward_chunk(gp, xp, gxp, b, e, v, gate_values, p);
+      return backward_range(gp, xp, gxp, b, e, v, gate_values, fp);
     });
     for (int j = 0; j < p.num_bits; ++j) sums.data_ptr<float>()[j] = float(s[j]);
   });
@@ -187,6 +233,6 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
 }  // namespace mixedprec
 
 TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
-  m.impl("bit_sharing_quant_fwd", &mixedprec::forward);
-  m.impl("bit_sharing_quant_bwd", &mixedprec::backward);
+  m.impl("bit_sharing_quant_fwd", &mixedprec::forward_op);
+  m.impl("bit_sharing_quant_bwd", &mixedprec::backward_op);
 }

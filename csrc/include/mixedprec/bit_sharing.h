@@ -23,6 +23,23 @@ struct BitSharingParams {
   float inv_levels[kMaxCandidateBits];  // 1 / n_j, rounded once to float
 };
 
+// The same parameters with K and signedness fixed at compile time: the CPU kernels are
+// instantiated per (K, signed) so that every per-element loop unrolls into registers. The
+// math below takes either kind (it reads p.num_bits and p.is_signed).
+template <int K, bool kSigned>
+struct FixedBitSharingParams {
+  static constexpr int num_bits = K;
+  static constexpr bool is_signed = kSigned;
+  float levels[kMaxCandidateBits];
+  float inv_levels[kMaxCandidateBits];
+  explicit FixedBitSharingParams(const BitSharingParams& p) {
+    for (int j = 0; j < kMaxCandidateBits; ++j) {
+      levels[j] = p.levels[j];
+      inv_levels[j] = p.inv_levels[j];
+    }
+  }
+};
+
 inline BitSharingParams make_bit_sharing_params(const int64_t* bits, int num_bits, bool is_signed) {
   BitSharingParams p{};
   p.num_bits = num_bits;
@@ -59,8 +76,8 @@ MP_HD inline F bs_quantize(F t, float levels, float inv_levels) {
 }
 
 // The base q_1 and offsets e_2..e_K of z; |r_j| goes to abs_residual[j-1] when given.
-template <class Ops, class F>
-MP_HD inline F bs_decompose(F z, const BitSharingParams& p, F* offsets, F* abs_residual) {
+template <class Ops, class F, class P>
+MP_HD inline F bs_decompose(F z, const P& p, F* offsets, F* abs_residual) {
   F q = bs_quantize<Ops>(z, p.levels[0], p.inv_levels[0]);
   const F base = q;
   MP_UNROLL
@@ -78,8 +95,8 @@ MP_HD inline F bs_decompose(F z, const BitSharingParams& p, F* offsets, F* abs_r
 
 // Folds the gated offsets from the innermost out: tails[j] = T_j = e_j + g_{j+1} T_{j+1}.
 // Returns z_hat = q_1 + g_2 T_2. gates[j] holds g_{j+1} in {0, 1} (index 1 = g_2).
-template <class Ops, class F>
-MP_HD inline F bs_fold(F base, const F* offsets, const F* gates, const BitSharingParams& p, F* tails) {
+template <class Ops, class F, class P>
+MP_HD inline F bs_fold(F base, const F* offsets, const F* gates, const P& p, F* tails) {
   F tail = Ops::splat(0.0f);
   MP_UNROLL
   for (int j = kMaxCandidateBits - 1; j >= 1; --j) {

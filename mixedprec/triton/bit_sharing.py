@@ -1,0 +1,165 @@
+"""SBS bit-sharing fake-quant in Triton (math: csrc/include/mixedprec/bit_sharing.h).
+
+Each program owns BLOCK consecutive elements. Forward: a stats kernel writes per-program sums of
+|r_j| (4 B/elem read), torch adds them up in float64, then an apply kernel maps x to y (8 B/elem)
+with the gates read from device memory (no host sync). Backward: one kernel writes grad_x and
+per-program sums of grad_y * dy/dv and grad_y * T_j (12 B/elem).
+
+Arithmetic is spelled as in the C++ and CUDA kernels: 1/v and 1/n_b come precomputed from the
+host (Triton's fp32 division is approximate on GPUs), rounding is half to even, FMA contraction
+is off, and the gated offsets are folded from the innermost one outwards (recomputing the
+residual chain per level: K <= 8, and the kernel is memory-bound).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mixedprec._extension import triton_interpreted
+
+# Programs are costly under the interpreter; on a GPU 1024 elements per program keep it busy.
+BLOCK = 8192 if triton_interpreted() else 1024
+_LAUNCH_OPTIONS = {} if triton_interpreted() else {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _round_half_even(t):
+    # Adding and removing 1.5 * 2^23 rounds to an integer, ties to even, for |t| < 2^22
+    # (here |t| <= 2^16 - 1); NaN passes through.
+    return (t + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _normalize(t, SIGNED: tl.constexpr):
+    lo: tl.constexpr = -1.0 if SIGNED else 0.0
+    c = tl.where(t < lo, lo, tl.where(t > 1.0, 1.0, t))  # NaN passes, like torch.clamp
+    if SIGNED:
+        c = (c + 1.0) * 0.5
+    return c
+
+
+@triton.jit
+def _quantize(t, levels_ptr, j: tl.constexpr):
+    n = tl.load(levels_ptr + j)
+    inv_n = tl.load(levels_ptr + 8 + j)
+    return _round_half_even(t * n) * inv_n
+
+
+@triton.jit
+def _offset(z, levels_ptr, J: tl.constexpr):
+    """e_{J+1} (0-based J >= 1): runs the residual chain q_1, ..., q_J, then quantizes z - q_J."""
+    q = _quantize(z, levels_ptr, 0)
+    for j in tl.static_range(1, J):
+        q = q + _quantize(z - q, levels_ptr, j)
+    return _quantize(z - q, levels_ptr, J)
+
+
+@triton.jit
+def _stats_kernel(x_ptr, n, inv_clip_ptr, levels_ptr, partial_ptr,
+                  NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = _normalize(x * tl.load(inv_clip_ptr), SIGNED)
+    q = _quantize(z, levels_ptr, 0)
+    for j in tl.static_range(1, NUM_BITS):
+        r = z - q
+        tl.store(partial_ptr + pid * NUM_BITS + j, tl.sum(tl.where(mask, tl.abs(r), 0.0), axis=0))
+        q = q + _quantize(r, levels_ptr, j)
+
+
+@triton.jit
+def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, levels_ptr, residual_mean_ptr, thresholds_ptr,
+                  NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = _normalize(x * tl.load(inv_clip_ptr), SIGNED)
+    tail = tl.zeros_like(z)
+    for i in tl.static_range(NUM_BITS - 1):
+        j: tl.constexpr = NUM_BITS - 1 - i
+        e = _offset(z, levels_ptr, j)
+        if j == NUM_BITS - 1:
+            tail = e
+        else:
+            gate = (tl.load(residual_mean_ptr + j) > tl.load(thresholds_ptr + j)).to(tl.float32)
+            tail = e + gate * tail
+    z_hat = _quantize(z, levels_ptr, 0)
+    if NUM_BITS > 1:
+        z_hat = z_hat + (tl.load(residual_mean_ptr) > tl.load(thresholds_ptr)).to(tl.float32) * tail
+    clip = tl.load(clip_ptr)
+    if SIGNED:
+        y = clip * (2.0 * z_hat - 1.0)
+    else:
+        y = clip * z_hat
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, levels_ptr, gates_ptr, partial_ptr,
+                     NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_clip_ptr)
+    lo: tl.constexpr = -1.0 if SIGNED else 0.0
+    inside = (t >= lo) & (t <= 1.0)
+    tl.store(grad_x_ptr + offs, tl.where(inside, g, 0.0).to(grad_x_ptr.dtype.element_ty), mask=mask)
+    z = _normalize(t, SIGNED)
+    tail = tl.zeros_like(z)
+    for i in tl.static_range(NUM_BITS - 1):
+        j: tl.constexpr = NUM_BITS - 1 - i
+        e = _offset(z, levels_ptr, j)
+        if j == NUM_BITS - 1:
+            tail = e
+        else:
+            tail = e + tl.load(gates_ptr + j) * tail
+        tl.store(partial_ptr + pid * NUM_BITS + j, tl.sum(tl.where(mask, g * tail, 0.0), axis=0))
+    z_hat = _quantize(z, levels_ptr, 0)
+    if NUM_BITS > 1:
+        z_hat = z_hat + tl.load(gates_ptr) * tail
+    if SIGNED:
+        direct = 2.0 * z_hat - 1.0
+    else:
+        direct = z_hat
+    clip_grad = tl.where(inside, direct - t, direct)
+    tl.store(partial_ptr + pid * NUM_BITS, tl.sum(tl.where(mask, g * clip_grad, 0.0), axis=0))
+
+
+def _levels(bits: list[int], device: torch.device) -> Tensor:
+    """[n_1..n_8, 1/n_1..1/n_8] in float32 (1/n rounded once, as every backend does)."""
+    levels = torch.ones(8, dtype=torch.float32)
+    levels[: len(bits)] = torch.tensor([float((1 << b) - 1) for b in bits])
+    return torch.cat([levels, 1.0 / levels]).to(device)
+
+
+def _grid(n: int) -> tuple[int]:
+    return (max(1, triton.cdiv(n, BLOCK)),)
+
+
+def forward(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool) -> tuple[Tensor, Tensor]:
+    n, k = x.numel(), len(bits)
+    levels, inv_clip = _levels(bits, x.device), (1.0 / clip).reshape(1)
+    y = torch.empty_like(x)
+    residual_mean = torch.empty(k - 1, dtype=torch.float32, device=x.device)
+    if k > 1:
+        partial = torch.zeros(_grid(n)[0], k, dtype=torch.float32, device=x.device)
+        _stats_kernel[_grid(n)](x, n, inv_clip, levels, partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK,
+                                **_LAUNCH_OPTIONS)
+        residual_mean = (partial[:, 1:].sum(0, dtype=torch.float64) / n).float()
+    _apply_kernel[_grid(n)](x, y, n, clip.reshape(1), inv_clip, levels, residual_mean, thresholds,
+                            NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **_LAUNCH_OPTIONS)
+    return y, residual_mean
+
+
+def backward(grad_y: Tensor, x: Tensor, clip: Tensor, gates: Tensor, bits: list[int], signed: bool) -> tuple[Tensor, Tensor]:
+    n, k = x.numel(), len(bits)
+    grad_x = torch.empty_like(x)
+    partial = torch.empty(_grid(n)[0], k, dtype=torch.float32, device=x.device)
+    _backward_kernel[_grid(n)](grad_y, x, grad_x, n, (1.0 / clip).reshape(1), _levels(bits, x.device), gates,
+                               partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **_LAUNCH_OPTIONS)
+    return grad_x, partial.sum(0, dtype=torch.float64).float()
