@@ -4,10 +4,14 @@ Flow: ``convert`` a float model, ``search`` bits and filter-group pruning under 
 ``finetune`` the fixed configuration, ``export`` a physically pruned fixed-bit model, and save
 or re-apply the configuration as JSON (``save_config`` / ``apply_config``).
 """
+from mixedprec.sbs.config import LayerReport, apply_config, describe, load_config, save_config
 from mixedprec.sbs.convert import convert, fix_configuration, project_, sbs_layers, unconvert
+from mixedprec.sbs.export import Exported, export
 from mixedprec.sbs.layers import SBSConv2d, SBSLayer, SBSLinear
 from mixedprec.sbs.policy import SBSPolicy
 from mixedprec.sbs.quantizer import BitSharingQuantizer, force_backend
+from mixedprec.sbs.trainer import finetune, search
 
-__all__ = ["BitSharingQuantizer", "SBSConv2d", "SBSLayer", "SBSLinear", "SBSPolicy", "convert",
-           "fix_configuration", "force_backend", "project_", "sbs_layers", "unconvert"]
+__all__ = ["BitSharingQuantizer", "Exported", "LayerReport", "SBSConv2d", "SBSLayer", "SBSLinear", "SBSPolicy",
+           "apply_config", "convert", "describe", "export", "finetune", "fix_configuration", "force_backend",
+           "load_config", "project_", "save_config", "sbs_layers", "search", "unconvert"]

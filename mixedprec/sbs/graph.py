@@ -66,20 +66,28 @@ def find_prune_groups(graph: fx.Graph, modules: dict[str, nn.Module], layers: se
                       group_size: int, max_prune_ratio: float) -> list[PruneGroup]:
     """Prune groups of the traced model. ``layers`` are the names of the conv/linear modules
     that can apply an input mask (the converted ones); only they can produce or consume."""
-    calls = Counter(execution_order(graph))
     groups = []
-    for node in graph.nodes:
-        name = node.target
-        if node.op != "call_module" or name not in layers or calls[name] != 1:
+    for name in execution_order(graph):
+        if name not in layers:
             continue
-        layer = modules[name]
-        n_groups, rem = divmod(layer.weight.shape[0], group_size)
-        if getattr(layer, "groups", 1) != 1 or rem or int(n_groups * max_prune_ratio) < 1:
+        n_groups, rem = divmod(modules[name].weight.shape[0], group_size)
+        if getattr(modules[name], "groups", 1) != 1 or rem or int(n_groups * max_prune_ratio) < 1:
             continue
-        group = PruneGroup(name)
-        if _follow(node, NCHW if isinstance(layer, nn.Conv2d) else NC, modules, layers, calls, group):
+        group = prune_group(graph, modules, layers, name)
+        if group is not None:
             groups.append(group)
     return groups
+
+
+def prune_group(graph: fx.Graph, modules: dict[str, nn.Module], layers: set[str], producer: str) -> PruneGroup | None:
+    """The prune group of ``producer``, or None if its output channels cannot be pruned."""
+    calls = Counter(execution_order(graph))
+    if calls[producer] != 1:
+        return None
+    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == producer)
+    group = PruneGroup(producer)
+    layout = NCHW if isinstance(modules[producer], nn.Conv2d) else NC
+    return group if _follow(node, layout, modules, layers, calls, group) else None
 
 
 def _follow(start: fx.Node, layout: str, modules, layers, calls, group: PruneGroup) -> bool:

@@ -94,6 +94,12 @@ class SBSLayer:
 
     # --- forward ---------------------------------------------------------------------------
 
+    def _refresh_gate(self) -> None:
+        """A producer decides its keep/prune choice once per forward, before anyone reads it
+        (its own weight statistics, members and consumers run after it)."""
+        if self.prune_gate is not None:
+            self.prune_gate.channel_mask(self.weight)
+
     def _quantize_input(self, x: Tensor) -> Tensor:
         gate = self.input_gate()
         if gate is None:
@@ -109,8 +115,6 @@ class SBSLayer:
         w = self.weight.detach()
         out_gate, in_gate = self.output_gate(), self.input_gate()
         if out_gate is not None:
-            if out_gate is self.prune_gate:  # the producer refreshes its gate once per forward
-                out_gate.channel_mask(self.weight)
             w = w[out_gate.keep]
         if in_gate is not None:
             w = w[:, in_gate.keep]
@@ -162,6 +166,7 @@ class SBSConv2d(SBSLayer, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if _float_forward.get():
             return super().forward(x)
+        self._refresh_gate()
         return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
 
     @classmethod
@@ -194,6 +199,7 @@ class SBSLinear(SBSLayer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if _float_forward.get():
             return super().forward(x)
+        self._refresh_gate()
         return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
 
     @classmethod

@@ -1,0 +1,145 @@
+"""SBS search and finetuning loops.
+
+Search: minimize CE + lambda * log(BOPs) over weights, clip values and gate thresholds jointly;
+weight and activation bit gates learn on alternate steps (the other kind's thresholds are
+frozen and its bits enter BOPs as constants, as in the paper's trainer), pruning gates on every
+step. After each optimizer step thresholds are projected to >= 0 (pruning thresholds also
+capped at max_prune_ratio) and clip values to > 0; thresholds get no weight decay.
+Finetune: fix the configuration (bits and kept channels), then train weights and clip values
+on CE alone. Both loops checkpoint after every epoch and resume from their checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from mixedprec.metrics.bops import count_bops, differentiable_bops, output_positions
+from mixedprec.sbs.convert import fix_configuration, project_, sbs_layers
+from mixedprec.sbs.pruning import FilterGroupGate
+from mixedprec.sbs.quantizer import BitSharingQuantizer
+from mixedprec.training import evaluate, make_loader
+
+SEARCH, FINETUNE = "search", "finetune"
+
+
+def search(model: nn.Module, train_set: Dataset, *, epochs: int, bops_weight: float, lr: float = 0.01,
+           batch_size: int = 64, weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
+           device: torch.device | str = "cpu", eval_set: Dataset | None = None,
+           checkpoint: str | os.PathLike | None = None, quiet: bool = False) -> list[dict]:
+    """Search bits and pruning of a converted model (in place); returns per-epoch logs.
+
+    bops_weight is lambda in CE + lambda * log(BOPs). With ``checkpoint``, state is saved after
+    every epoch and a run restarted with the same arguments resumes where it stopped.
+    """
+    if not bops_weight >= 0:
+        raise ValueError(f"search: bops_weight must be >= 0, got {bops_weight!r}")
+    return _train(model, train_set, SEARCH, epochs=epochs, bops_weight=bops_weight, lr=lr, batch_size=batch_size,
+                  weight_decay=weight_decay, momentum=momentum, seed=seed, device=device, eval_set=eval_set,
+                  checkpoint=checkpoint, quiet=quiet)
+
+
+def finetune(model: nn.Module, train_set: Dataset, *, epochs: int, lr: float = 0.01, batch_size: int = 64,
+             weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0, device: torch.device | str = "cpu",
+             eval_set: Dataset | None = None, checkpoint: str | os.PathLike | None = None,
+             quiet: bool = False) -> list[dict]:
+    """Fix the current configuration of a searched model and finetune it (in place)."""
+    fix_configuration(model)
+    return _train(model, train_set, FINETUNE, epochs=epochs, bops_weight=0.0, lr=lr, batch_size=batch_size,
+                  weight_decay=weight_decay, momentum=momentum, seed=seed, device=device, eval_set=eval_set,
+                  checkpoint=checkpoint, quiet=quiet)
+
+
+def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bops_weight: float, lr: float,
+           batch_size: int, weight_decay: float, momentum: float, seed: int, device, eval_set: Dataset | None,
+           checkpoint, quiet: bool) -> list[dict]:
+    if not sbs_layers(model):
+        raise ValueError(f"{phase}: model has no SBS layers; convert it with mixedprec.sbs.convert first")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"{phase}: epochs must be an int >= 0, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{phase}: batch_size must be an int >= 1, got {batch_size!r}")
+    model.to(device)
+    input_shape = tuple(train_set[0][0].shape)
+    positions = output_positions(model, input_shape)
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    optimizer = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=momentum > 0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * steps_per_epoch, 1))
+    torch.manual_seed(seed)
+    history: list[dict] = []
+    if checkpoint is not None and os.path.exists(checkpoint):
+        history = _resume(checkpoint, phase, model, optimizer, scheduler)
+
+    for epoch in tqdm(range(len(history), epochs), desc=phase, disable=quiet, initial=len(history), total=epochs):
+        loader = make_loader(train_set, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + epoch))
+        model.train()
+        ce_sum = 0.0
+        for step, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)):
+            images, labels = images.to(device), labels.to(device)
+            learn_weights = (epoch * steps_per_epoch + step) % 2 == 0
+            if phase == SEARCH:
+                _learn_gates(model, weights=learn_weights)
+            ce = nn.functional.cross_entropy(model(images), labels)
+            loss = ce
+            if phase == SEARCH:
+                bops = differentiable_bops(model, positions, weights=learn_weights, activations=not learn_weights)
+                loss = ce + bops_weight * torch.log(bops)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            project_(model)
+            ce_sum += ce.item()
+        log = {"phase": phase, "epoch": epoch, "ce": ce_sum / steps_per_epoch, "bops": count_bops(model, input_shape)}
+        if eval_set is not None:
+            log["eval_acc"] = evaluate(model, make_loader(eval_set, 256, shuffle=False), device)
+        history.append(log)
+        if checkpoint is not None:
+            _save(checkpoint, phase, model, optimizer, scheduler, history)
+    if phase == SEARCH:
+        for quant in _modules_of(model, BitSharingQuantizer):
+            quant.thresholds.requires_grad_(True)
+    return history
+
+
+def _modules_of(model: nn.Module, kind: type) -> Iterator:
+    return (m for m in model.modules() if isinstance(m, kind))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Gate thresholds get no weight decay; everything else (weights, clip values) does."""
+    thresholds = [q.thresholds for q in _modules_of(model, BitSharingQuantizer)]
+    thresholds += [g.threshold for g in _modules_of(model, FilterGroupGate)]
+    ids = {id(t) for t in thresholds}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest, "weight_decay": weight_decay}, {"params": thresholds, "weight_decay": 0.0}]
+
+
+def _learn_gates(model: nn.Module, *, weights: bool) -> None:
+    """Weight bit gates learn on one step, activation bit gates on the next."""
+    for layer in sbs_layers(model).values():
+        layer.w_quant.thresholds.requires_grad_(weights)
+        layer.a_quant.thresholds.requires_grad_(not weights)
+
+
+def _save(path, phase: str, model, optimizer, scheduler, history: list[dict]) -> None:
+    state = {"phase": phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "history": history, "rng": torch.get_rng_state()}
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def _resume(path, phase: str, model, optimizer, scheduler) -> list[dict]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("phase") != phase:
+        raise ValueError(f"{phase}: checkpoint {path} holds a {state.get('phase')!r} run, not {phase!r}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["history"]
