@@ -303,7 +303,7 @@ def codebook_quant(
     return torch.ops.mixedprec.codebook_quant(weight, codebook.float(), channel_scale.float(), keep_mask, backend)
 
 
-def _codebook_kernel_built(backend: str) -> bool:
+def _codebook_kernel_registered(backend: str) -> bool:
     if backend == "reference":
         return True
     if backend == "triton":
@@ -313,11 +313,15 @@ def _codebook_kernel_built(backend: str) -> bool:
     return hasattr(torch.ops.mixedprec, name) and _extension._has_kernel(name, key)
 
 
+# Decided once at import, like _extension.CPU_BUILT, so that torch.compile sees constants.
+_CODEBOOK_KERNEL_BUILT = {b: _codebook_kernel_registered(b) for b in BACKENDS}
+
+
 def _resolve_codebook_backend(backend: str | None, weight: Tensor) -> str:
     """resolve_backend, then the reference wherever the chosen backend has no codebook kernel yet."""
     op = "codebook_quant"
     resolved = resolve_backend(op, backend, weight)
-    if _codebook_kernel_built(resolved):
+    if _CODEBOOK_KERNEL_BUILT[resolved]:
         return resolved
     if backend is None:
         return "reference"
@@ -366,8 +370,8 @@ def _codebook_quant(weight: Tensor, codebook: Tensor, channel_scale: Tensor, kee
 
 
 @_codebook_quant.register_fake
-def _(weight, codebook, channel_scale, keep_mask, backend):
-    return torch.empty_like(weight)
+def _(weight, codebook, channel_scale, keep_mask, backend):  # kernels return contiguous outputs
+    return weight.new_empty(weight.shape)
 
 
 def _codebook_setup_context(ctx, inputs, output):

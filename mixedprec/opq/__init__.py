@@ -1,0 +1,19 @@
+"""OPQ: one-shot analytical pruning + quantization with unified channel-wise codebooks.
+
+    plan = allocate(model, target_rate=20)    # masks, bitwidths, codebooks from the weights alone
+    print(plan.table()); plan.save("plan.json")
+    model = convert(model, plan)              # OPQConv2d / OPQLinear with frozen compression
+    finetune(model, train_set, epochs=10)     # latent weights only, straight-through
+
+The derivation and its checks: docs/opq.md.
+"""
+from mixedprec.opq.allocation import COST_KINDS, allocate, allocate_uniform
+from mixedprec.opq.codebooks import LEVEL_KINDS, layer_codebook, magnitude_levels, quantization_error
+from mixedprec.opq.finetune import finetune
+from mixedprec.opq.layers import OPQConv2d, OPQLinear, convert
+from mixedprec.opq.plan import LayerPlan, Plan
+
+__all__ = [
+    "COST_KINDS", "LEVEL_KINDS", "LayerPlan", "OPQConv2d", "OPQLinear", "Plan", "allocate", "allocate_uniform",
+    "convert", "finetune", "layer_codebook", "magnitude_levels", "quantization_error",
+]
