@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from mixedprec.metrics.bops import count_bops, differentiable_bops, output_positions
+# A module import, not a from-import: mixedprec.metrics.bops imports the SBS layers in turn.
+from mixedprec.metrics import bops as bops_metrics
 from mixedprec.sbs.convert import fix_configuration, project_, sbs_layers
 from mixedprec.sbs.pruning import FilterGroupGate
 from mixedprec.sbs.quantizer import BitSharingQuantizer
@@ -66,7 +67,7 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
         raise ValueError(f"{phase}: batch_size must be an int >= 1, got {batch_size!r}")
     model.to(device)
     input_shape = tuple(train_set[0][0].shape)
-    positions = output_positions(model, input_shape)
+    positions = bops_metrics.output_positions(model, input_shape)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
     optimizer = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=momentum > 0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * steps_per_epoch, 1))
@@ -87,7 +88,7 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
             ce = nn.functional.cross_entropy(model(images), labels)
             loss = ce
             if phase == SEARCH:
-                bops = differentiable_bops(model, positions, weights=learn_weights, activations=not learn_weights)
+                bops = bops_metrics.differentiable_bops(model, positions, weights=learn_weights, activations=not learn_weights)
                 loss = ce + bops_weight * torch.log(bops)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -95,7 +96,7 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
             scheduler.step()
             project_(model)
             ce_sum += ce.item()
-        log = {"phase": phase, "epoch": epoch, "ce": ce_sum / steps_per_epoch, "bops": count_bops(model, input_shape)}
+        log = {"phase": phase, "epoch": epoch, "ce": ce_sum / steps_per_epoch, "bops": bops_metrics.count_bops(model, input_shape)}
         if eval_set is not None:
             log["eval_acc"] = evaluate(model, make_loader(eval_set, 256, shuffle=False), device)
         history.append(log)
