@@ -17,37 +17,42 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+def poison_outputs() -> bool:
+    """MIXEDPREC_POISON_OUTPUTS=1 (set by the tests): kernels' outputs start as NaN, so an
+    element a kernel fails to write cannot pass as correct. The C++ glue reads the same variable."""
+    return os.environ.get("MIXEDPREC_POISON_OUTPUTS", "0") == "1"
+
+
 def _has_kernel(op_name: str, dispatch_key: str) -> bool:
     if LOAD_ERROR is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"mixedprec::{op_name}", dispatch_key)
 
 
-def cpu_built() -> bool:
-    return _has_kernel("bit_sharing_quant_fwd", "CPU")
-
-
-def cuda_built() -> bool:
-    return _has_kernel("bit_sharing_quant_fwd", "CUDA")
-
-
-def simt_built() -> bool:
-    return _has_kernel("simt_bit_sharing_quant_fwd", "CPU")
-
-
-def triton_interpreted() -> bool:
-    """Triton kernels run on CPU tensors only under its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_usable(device: torch.device) -> bool:
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
+    return True
+
+
+# Decided once at import, as plain bools, so that torch.compile sees constants.
+CPU_BUILT = _has_kernel("bit_sharing_quant_fwd", "CPU")
+CUDA_BUILT = _has_kernel("bit_sharing_quant_fwd", "CUDA")
+SIMT_BUILT = _has_kernel("simt_bit_sharing_quant_fwd", "CPU")
+TRITON_IMPORTABLE = _triton_importable()
+# Triton kernels run on CPU tensors only under its interpreter, which must be chosen before
+# the kernels are defined (TRITON_INTERPRET=1 before mixedprec is imported).
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device: torch.device) -> bool:
+    if not TRITON_IMPORTABLE:
+        return False
     if device.type == "cuda":
-        return not triton_interpreted()
-    return device.type == "cpu" and triton_interpreted()
+        return not TRITON_INTERPRETED
+    return device.type == "cpu" and TRITON_INTERPRETED
 
 
 def missing_reason(backend: str, device: torch.device) -> str:

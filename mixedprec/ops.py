@@ -42,11 +42,11 @@ def _backend_usable(backend: str, device: torch.device) -> bool:
     if backend == "reference":
         return True
     if backend == "cpu":
-        return device.type == "cpu" and _extension.cpu_built()
+        return device.type == "cpu" and _extension.CPU_BUILT
     if backend == "cuda":
-        return device.type == "cuda" and _extension.cuda_built()
+        return device.type == "cuda" and _extension.CUDA_BUILT
     if backend == "simt":
-        return device.type == "cpu" and _extension.simt_built()
+        return device.type == "cpu" and _extension.SIMT_BUILT
     if backend == "triton":
         return _extension.triton_usable(device)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
@@ -183,8 +183,8 @@ def _bit_sharing_quant(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[i
 
 
 @_bit_sharing_quant.register_fake
-def _(x, clip, thresholds, bits, signed, backend):
-    return torch.empty_like(x), x.new_empty(len(bits) - 1, dtype=torch.float32)
+def _(x, clip, thresholds, bits, signed, backend):  # kernels return contiguous outputs
+    return x.new_empty(x.shape), x.new_empty(len(bits) - 1, dtype=torch.float32)
 
 
 @torch.library.custom_op("mixedprec::bit_sharing_quant_backward", mutates_args=())
@@ -212,7 +212,7 @@ def _threshold_grad(tail_sums: Tensor, residual_mean: Tensor, thresholds: Tensor
 
 @_bit_sharing_quant_backward.register_fake
 def _(grad_y, x, clip, thresholds, residual_mean, bits, signed, backend):
-    return torch.empty_like(x), torch.empty_like(clip), torch.empty_like(thresholds)
+    return x.new_empty(x.shape), torch.empty_like(clip), torch.empty_like(thresholds)
 
 
 def _bit_sharing_setup_context(ctx, inputs, output):

@@ -150,7 +150,7 @@ Sums backward_range(const T* grad_y, const T* x, T* grad_x, int64_t begin, int64
   for (; i + kW <= end; i += kW) {
     const Vec g = load_vec(grad_y + i);
     const Vec t = load_vec(x + i) * Vec(inv_clip);
-    const Vec inside = (t >= Vec(lo)) & (t <= Vec(1.0f));
+    const Vec inside = (t > Vec(lo)) & (t < Vec(1.0f));  // open interval, as torch.clamp's gradient
     store_vec(grad_x + i, Vec::blendv(Vec(0.0f), g, inside));
     const Vec z = bs_normalize<VecOps>(t, P::is_signed);
     Vec offsets[K8], tails[K8];
@@ -163,7 +163,7 @@ Sums backward_range(const T* grad_y, const T* x, T* grad_x, int64_t begin, int64
   for (; i < end; ++i) {
     const float g = static_cast<float>(grad_y[i]);
     const float t = static_cast<float>(x[i]) * inv_clip;
-    const bool inside = t >= lo && t <= 1.0f;
+    const bool inside = t > lo && t < 1.0f;
     grad_x[i] = static_cast<T>(inside ? g : 0.0f);
     const float z = bs_normalize<ScalarOps>(t, P::is_signed);
     float offsets[K8], tails[K8];

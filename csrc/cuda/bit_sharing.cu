@@ -94,7 +94,7 @@ backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ x, T* __rest
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const float g = to_float(grad_y[i]);
     const float t = to_float(x[i]) * inv_clip;
-    const bool inside = p.is_signed ? (t >= -1.0f && t <= 1.0f) : (t >= 0.0f && t <= 1.0f);
+    const bool inside = p.is_signed ? (t > -1.0f && t < 1.0f) : (t > 0.0f && t < 1.0f);  // open, as torch.clamp's gradient
     grad_x[i] = from_float<T>(inside ? g : 0.0f);
     const float z = bs_normalize<ScalarOps>(t, p.is_signed);
     float offsets[kMaxCandidateBits] = {}, tails[kMaxCandidateBits] = {};

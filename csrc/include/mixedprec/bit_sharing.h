@@ -118,7 +118,8 @@ MP_HD inline F bs_output(F z_hat, F clip, bool is_signed) {
 }
 
 // d y / d v with round() as identity: (2 z_hat - 1) - x/v inside the clip range, 2 z_hat - 1
-// outside (signed); z_hat - x/v inside, z_hat outside (unsigned).
+// outside (signed); z_hat - x/v inside, z_hat outside (unsigned). "Inside" is the open interval
+// -1 < x/v < 1 (0 < x/v < 1): torch.clamp passes no gradient at its bounds, nor do we.
 template <class Ops, class F, class M>
 MP_HD inline F bs_clip_grad(F z_hat, F t, M inside, bool is_signed) {
   const F direct = is_signed ? Ops::splat(2.0f) * z_hat - Ops::splat(1.0f) : z_hat;

@@ -1,0 +1,292 @@
+"""bit_sharing_quant: every backend against the reference composite, the reference's own math,
+the op's registration (opcheck, torch.compile) and its argument checks."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mixedprec import ops, reference
+from conftest import require_backend
+
+BIT_SETS = [(2, 4, 8), (1,), (3, 5), (1, 2, 3, 4, 5, 6, 7, 8)]
+SIZES = [1, 7, 1023, (1 << 20) + 3]
+
+
+def make_case(shape, bits, signed, dtype=torch.float32, device="cpu", seed=0, strided=False):
+    """x (a strided view when asked), clip, thresholds set 50% off the residual means so that the
+    gate decisions are far from ties, and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    numel = math.prod(shape)
+    if strided:  # every other element of a twice-as-long buffer: non-contiguous
+        x = torch.randn(numel * 2, generator=g)[::2].reshape(shape)
+    else:
+        x = torch.randn(shape, generator=g)
+    x = x.to(dtype)
+    clip = torch.tensor(1.5)
+    _, residual_mean = reference.bit_sharing_quant(x, clip, torch.zeros(len(bits) - 1), bits, signed)
+    flips = torch.rand(len(bits) - 1, generator=g) < 0.5
+    thresholds = torch.where(flips, 0.5, 1.5) * residual_mean
+    grad_y = torch.randn(shape, generator=g).to(dtype)
+    return [t.to(device) for t in (x, clip, thresholds, grad_y)]
+
+
+def run(backend, x, clip, thresholds, grad_y, bits, signed):
+    """Forward result and gradients (x, clip, thresholds) through the public op."""
+    x, clip, thresholds = (t.detach().requires_grad_() for t in (x, clip, thresholds))
+    fn = reference.bit_sharing_quant if backend == "reference" else (
+        lambda *a: ops.bit_sharing_quant(*a, backend=backend)[:2])
+    y, residual_mean = fn(x, clip, thresholds, bits, signed)
+    grads = torch.autograd.grad(y, (x, clip, thresholds), grad_y, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, (x, clip, thresholds))]
+    return y.detach(), residual_mean, grads
+
+
+def assert_matches_reference(backend, x, clip, thresholds, grad_y, bits, signed):
+    y, residual_mean, (gx, gclip, gthr) = run(backend, x, clip, thresholds, grad_y, bits, signed)
+    cpu = [t.cpu() for t in (x, clip, thresholds, grad_y)]
+    ry, rmean, (rgx, rgclip, rgthr) = run("reference", *cpu, bits, signed)
+    # Every backend spells the arithmetic like the reference: the forward is bit-exact.
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert torch.equal(y.cpu(), ry), f"{backend}: max |diff| {(y.cpu().float() - ry.float()).abs().max()}"
+    torch.testing.assert_close(residual_mean.cpu(), rmean, rtol=1e-5, atol=1e-7)
+    # grad_x is grad_y inside the clip range (the reference multiplies by v * (1/v) ~ 1 + ulp).
+    torch.testing.assert_close(gx.cpu(), rgx)
+    # Sums over the tensor: fp32 accumulation in a different order; every term is at most
+    # |grad_y| (times 2v for the thresholds' epilogue).
+    reduce_tol = 2e-6 * grad_y.float().abs().sum().item() * max(1.0, 2 * clip.item())
+    torch.testing.assert_close(gclip.cpu(), rgclip, rtol=1e-5, atol=reduce_tol)
+    torch.testing.assert_close(gthr.cpu(), rgthr, rtol=1e-5, atol=reduce_tol)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_backends_match_reference_sizes(kernel_backend, n, signed):
+    backend, device = kernel_backend
+    case = make_case((n,), (2, 4, 8), signed, device=device, seed=n)
+    assert_matches_reference(backend, *case, (2, 4, 8), signed)
+
+
+@pytest.mark.parametrize("bits", BIT_SETS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_backends_match_reference_bits(kernel_backend, bits, signed):
+    backend, device = kernel_backend
+    case = make_case((37, 3, 3, 5), bits, signed, device=device, seed=len(bits))
+    assert_matches_reference(backend, *case, bits, signed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backends_match_reference_half_types(kernel_backend, dtype):
+    backend, device = kernel_backend
+    case = make_case((3001,), (2, 4, 8), True, dtype=dtype, device=device, seed=3)
+    assert_matches_reference(backend, *case, (2, 4, 8), True)
+
+
+def test_backends_match_reference_non_contiguous(kernel_backend):
+    backend, device = kernel_backend
+    x, clip, thresholds, grad_y = make_case((65, 33), (2, 4, 8), True, device=device, strided=True)
+    assert not x.is_contiguous()
+    assert_matches_reference(backend, x, clip, thresholds, grad_y, (2, 4, 8), True)
+    transposed = x.t()  # dense but not contiguous
+    assert_matches_reference(backend, transposed, clip, thresholds, grad_y.t(), (2, 4, 8), True)
+
+
+def test_empty_tensor(kernel_backend):
+    backend, device = kernel_backend
+    x = torch.empty(0, 4, device=device, requires_grad=True)
+    result = ops.bit_sharing_quant(x, torch.tensor(1.0, device=device), torch.zeros(2, device=device), backend=backend)
+    assert result.output.shape == (0, 4)
+    assert torch.isnan(result.residual_mean).all()  # mean over nothing, as torch.mean says
+    result.output.sum().backward()
+    assert x.grad.shape == (0, 4)
+
+
+def test_cpu_results_are_deterministic():
+    require_backend("cpu")
+    case = make_case((100_003,), (2, 4, 8), True, seed=5)
+    first, second = (run("cpu", *case, (2, 4, 8), True) for _ in range(2))
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[2], second[2]):
+        assert torch.equal(a, b)
+
+
+def test_gate_guess_miss_still_exact():
+    """The CPU forward guesses the gates from a sample; a tensor whose sample is unrepresentative
+    (one large block) must still give the exact result."""
+    require_backend("cpu")
+    x = torch.randn(1 << 18) * 0.01
+    x[1000:1100] = 1.0  # a region the sample skips raises mean |r| past the threshold
+    clip = torch.tensor(1.0)
+    _, true_mean = reference.bit_sharing_quant(x, clip, torch.zeros(2), (2, 4, 8), True)
+    _, sample_mean = reference.bit_sharing_quant(x[:256], clip, torch.zeros(2), (2, 4, 8), True)
+    thresholds = (true_mean + sample_mean) / 2
+    assert ((sample_mean > thresholds) != (true_mean > thresholds)).any()
+    assert_matches_reference("cpu", x, clip, thresholds, torch.randn_like(x), (2, 4, 8), True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference's own math
+
+def test_reference_gradcheck_float64():
+    """Autograd of the reference equals finite differences of its straight-through surrogate:
+    rounding replaced by t + (frozen round(t0) - t0), each gate by sigmoid(a - alpha) + frozen
+    (hard - sigmoid). Values agree with the real op at the point; derivatives are the STE's."""
+    bits, g = (2, 4, 8), torch.Generator().manual_seed(0)
+    for signed in (True, False):
+        x = torch.randn(40, generator=g, dtype=torch.float64)
+        clip = torch.tensor(1.3, dtype=torch.float64)
+        thresholds = torch.tensor([0.05, 0.01], dtype=torch.float64)
+        round_offsets, gate_offsets = [], []
+
+        def record_round(t):
+            round_offsets.append((torch.round(t) - t).detach())
+            return torch.round(t)
+
+        def record_gate(a, alpha):
+            hard = (a > alpha).to(a.dtype)
+            gate_offsets.append((hard - torch.sigmoid(a - alpha)).detach())
+            return hard
+
+        y_real, _ = reference.bit_sharing_quant(x, clip, thresholds, bits, signed)
+        reference.bit_sharing_quant(x, clip, thresholds, bits, signed, round_fn=record_round, gate_fn=record_gate)
+
+        def surrogate(x, clip, thresholds):
+            rounds, gates = iter(round_offsets), iter(gate_offsets)
+            return reference.bit_sharing_quant(
+                x, clip, thresholds, bits, signed,
+                round_fn=lambda t: t + next(rounds),
+                gate_fn=lambda a, alpha: torch.sigmoid(a.detach() - alpha) + next(gates))[0]
+
+        inputs = [t.clone().requires_grad_() for t in (x, clip, thresholds)]
+        torch.testing.assert_close(surrogate(*inputs), y_real)
+        assert torch.autograd.gradcheck(surrogate, inputs, eps=1e-7, atol=1e-6)
+        # and the surrogate's autograd is the reference's own
+        y_ste, _ = reference.bit_sharing_quant(*inputs, bits, signed)
+        grad_y = torch.randn_like(x)
+        for a, b in zip(torch.autograd.grad(y_ste, inputs, grad_y), torch.autograd.grad(surrogate(*inputs), inputs, grad_y)):
+            torch.testing.assert_close(a, b)
+
+
+def test_all_gates_on_equals_direct_rounding():
+    """With every gate on and bits doubling, z_hat is direct b_K-bit rounding but at ties."""
+    x = torch.randn(200_000, dtype=torch.float64) * 0.7
+    clip = torch.tensor(1.0, dtype=torch.float64)
+    y, _ = reference.bit_sharing_quant(x, clip, torch.full((2,), -1.0, dtype=torch.float64), (2, 4, 8), True)
+    z = (x.clamp(-1, 1) + 1) / 2
+    direct = 2 * torch.round(z * 255) / 255 - 1
+    differs = (y - direct).abs() > 1e-9
+    near_tie = ((z * 255) % 1 - 0.5).abs() < 1e-6
+    assert differs.sum() <= near_tie.sum()
+    assert (differs & ~near_tie).sum() == 0
+
+
+def test_gates_read_out_bitwidth():
+    x = torch.randn(4096)
+    clip = torch.tensor(2.0)
+    result = ops.bit_sharing_quant(x, clip, torch.tensor([1e9, 1e9]))  # no offset passes
+    assert result.gates.tolist() == [0.0, 0.0]
+    two_bit = ops.bit_sharing_quant(x, clip, torch.zeros(0), (2,)).output
+    assert torch.equal(result.output, two_bit)
+    on = ops.bit_sharing_quant(x, clip, torch.tensor([-1.0, -1.0]))
+    assert on.gates.tolist() == [1.0, 1.0]
+
+
+def test_gradients_reach_every_parameter():
+    x = torch.randn(5000, requires_grad=True)
+    clip = torch.tensor(1.0, requires_grad=True)
+    thresholds = torch.tensor([0.05, 0.005], requires_grad=True)
+    y = ops.bit_sharing_quant(x, clip, thresholds).output
+    (y * torch.randn_like(y)).sum().backward()
+    assert clip.grad is not None and clip.grad != 0
+    assert (thresholds.grad != 0).all()
+    outside = x.detach().abs() > 1
+    assert (x.grad[outside] == 0).all() and outside.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: opcheck and torch.compile
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_opcheck(backend):
+    require_backend(backend)
+    x, clip, thresholds, _ = make_case((33, 5), (2, 4, 8), True)
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.mixedprec.bit_sharing_quant.default,
+                          (x, clip.requires_grad_(), thresholds.requires_grad_(), [2, 4, 8], True, backend))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    require_backend("cpu")
+    x, clip, thresholds, grad_y = make_case((64, 9), (2, 4, 8), False)
+
+    def model(x, clip, thresholds):
+        return torch.relu(ops.bit_sharing_quant(x, clip, thresholds, signed=False).output) * 3
+
+    compiled = torch.compile(model, fullgraph=True)
+    eager_in = [t.clone().requires_grad_() for t in (x, clip, thresholds)]
+    comp_in = [t.clone().requires_grad_() for t in (x, clip, thresholds)]
+    eager_y, comp_y = model(*eager_in), compiled(*comp_in)
+    assert torch.equal(eager_y, comp_y)
+    for a, b in zip(torch.autograd.grad(eager_y, eager_in, grad_y), torch.autograd.grad(comp_y, comp_in, grad_y)):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+def _args(**overrides):
+    args = dict(x=torch.randn(10), clip=torch.tensor(1.0), thresholds=torch.zeros(2), bits=(2, 4, 8))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(clip=torch.tensor(0.0)), ValueError, "clip must be finite and > 0"),
+    (dict(clip=torch.tensor(-1.0)), ValueError, "clip must be finite and > 0"),
+    (dict(clip=torch.tensor(float("nan"))), ValueError, "clip must be finite and > 0"),
+    (dict(clip=torch.tensor([1.0])), ValueError, "clip must be a 0-dim tensor"),
+    (dict(clip=1.0), ValueError, "clip must be a torch.Tensor"),
+    (dict(thresholds=torch.zeros(3)), ValueError, "thresholds must have shape (2,)"),
+    (dict(thresholds=torch.tensor([0.0, float("nan")])), ValueError, "thresholds must be finite"),
+    (dict(bits=(4, 2, 8)), ValueError, "bits must be strictly ascending"),
+    (dict(bits=(2, 4, 17), thresholds=torch.zeros(2)), ValueError, "int in 1..16"),
+    (dict(bits=(0, 4), thresholds=torch.zeros(1)), ValueError, "int in 1..16"),
+    (dict(bits=(), thresholds=torch.zeros(0)), ValueError, "bits must hold 1 to 8"),
+    (dict(bits=(2.0, 4), thresholds=torch.zeros(1)), ValueError, "int in 1..16"),
+    (dict(x=torch.arange(10)), ValueError, "x must be a floating-point tensor"),
+    (dict(clip=torch.tensor(1.0, device="meta")), ValueError, "clip is on meta but x is on cpu"),
+    (dict(thresholds=torch.zeros(2, dtype=torch.int32)), ValueError, "thresholds must be a floating-point"),
+])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bad_arguments(overrides, error, message, backend):
+    if backend != "reference":
+        require_backend(backend)
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ops.bit_sharing_quant(**_args(**overrides), backend=backend)
+
+
+def test_unavailable_or_unknown_backend():
+    with pytest.raises(RuntimeError, match="backend 'cuda' runs on CUDA tensors"):
+        ops.bit_sharing_quant(**_args(), backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.bit_sharing_quant(**_args(), backend="fast")
+    with pytest.raises(ValueError, match="backend 'cpu' supports x of dtype float32"):
+        require_backend("cpu")
+        ops.bit_sharing_quant(**_args(x=torch.randn(4, dtype=torch.float64)), backend="cpu")
+
+
+@pytest.mark.parametrize("op", ["bit_sharing_quant_fwd", "simt_bit_sharing_quant_fwd"])
+def test_kernel_ops_check_arguments_in_cpp(op):
+    """Direct torch.ops calls bypass the Python checks; TORCH_CHECK names the argument."""
+    require_backend("simt" if op.startswith("simt") else "cpu")
+    kernel = getattr(torch.ops.mixedprec, op)
+    x, clip, thr = torch.randn(8), torch.tensor(1.0), torch.zeros(2)
+    with pytest.raises(RuntimeError, match="bits must be strictly ascending"):
+        kernel(x, clip, thr, [4, 2, 8], True)
+    with pytest.raises(RuntimeError, match="thresholds must have shape"):
+        kernel(x, clip, torch.zeros(3), [2, 4, 8], True)
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        kernel(x.double(), clip, thr, [2, 4, 8], True)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        kernel(torch.randn(8, 2)[:, 0], clip, thr, [2, 4, 8], True)
