@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mixedprec import ops
 from mixedprec.metrics.compression import FLOAT_BITS, packed_layer_bytes, paper_layer_bits
-from mixedprec.opq.channels import channel_scales, keep_mask, normalized_magnitude, threshold_keeping
+from mixedprec.opq.channels import channel_scales, keep_mask, threshold_keeping
 from mixedprec.opq.codebooks import LEVEL_KINDS, MAX_BITS, layer_codebook, quantization_error
 from mixedprec.opq.laplace import pruning_error_for_keep
 from mixedprec.opq.plan import LayerPlan, Plan
@@ -199,8 +199,8 @@ def _collect(model: nn.Module, exclude: Iterable[str], quiet: bool) -> tuple[lis
             excluded[name] = module.weight.numel()
             continue
         weight = module.weight.detach()
-        scale, scale_dtype = channel_scales(weight)
-        layers.append(_Layer(name, weight, scale, scale_dtype, normalized_magnitude(weight, scale)))
+        scale, magnitude, scale_dtype = channel_scales(weight)
+        layers.append(_Layer(name, weight, scale, scale_dtype, magnitude))
     if not layers:
         raise ValueError("allocate: model has no Conv2d or Linear layer left to compress")
     return layers, excluded
@@ -219,17 +219,19 @@ def _layer_plan(layer: _Layer, bits: int, kept: int, levels: str) -> LayerPlan:
     with torch.no_grad():
         quantized = ops.codebook_quant(layer.weight.float(), codebook.to(device), layer.channel_scale, mask)
     channel_shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-    error = ((layer.weight.float() - quantized) / layer.channel_scale.reshape(channel_shape)).square()
+    error = ((layer.weight.float() - quantized) * (1.0 / layer.channel_scale).reshape(channel_shape)).square_()
     numel, kept = layer.numel, int(mask.sum())
     keep = kept / numel
+    quant_error = float(torch.where(mask, error, 0.0).sum(dtype=torch.float64)) / numel
+    prune_error = float(error.sum(dtype=torch.float64)) / numel - quant_error  # y = 0 where pruned
     return LayerPlan(
         name=layer.name, shape=list(layer.weight.shape), bits=bits, kept=kept, dense=dense, threshold=threshold,
         codebook=codebook.tolist(), channel_scale=layer.channel_scale.tolist(),
         scale_dtype=str(layer.scale_dtype).removeprefix("torch."),
         predicted_prune_error=float(pruning_error_for_keep(keep)),
         predicted_quant_error=keep * quantization_error(bits, levels),
-        measured_prune_error=float(error[~mask].sum()) / numel,
-        measured_quant_error=float(error[mask].sum()) / numel,
+        measured_prune_error=prune_error,
+        measured_quant_error=quant_error,
     )
 
 
@@ -240,11 +242,12 @@ def _plan(model, target_rate, bits, cost, levels, exclude, quiet, method: str) -
     unit_bits = 8 if cost == "packed" else 1  # budget in bytes or bits
     budget = float_numel * FLOAT_BITS / unit_bits / target_rate - sum(excluded.values()) * FLOAT_BITS / unit_bits
     problem = _Problem(layers, candidate_bits, levels, cost, budget)
-    floor_cost = sum(min(l.cost(0, int(b), cost) for b in candidate_bits) for l in layers)
+    floor_cost = sum(min(min(l.cost(0, int(b), cost), l.cost(l.numel, int(b), cost)) for b in candidate_bits)
+                     for l in layers)
     if floor_cost > budget:
         reachable = float_numel * FLOAT_BITS / unit_bits / (floor_cost + sum(excluded.values()) * FLOAT_BITS / unit_bits)
         raise ValueError(f"allocate: target_rate {target_rate:g} is out of reach: pruning every weight of the "
-                         f"compressed layers gives {reachable:.2f}x with cost={cost!r} and these exclusions")
+                         f"compressed layers or keeping them at the fewest bits gives at most {reachable:.2f}x with cost={cost!r} and these exclusions")
     if method == "opq":
         choice, multiplier = _solve_lagrangian(problem)
     else:

@@ -13,22 +13,26 @@ from torch import Tensor
 _FP16 = torch.finfo(torch.float16)
 
 
-def channel_scales(weight: Tensor) -> tuple[Tensor, torch.dtype]:
-    """(scales as float32 (C,), the dtype they are stored in). All-zero channels get the layer's
-    smallest positive scale (their weights are zero: the scale only has to be valid)."""
-    w = weight.detach().float()
-    scale = w.abs().reshape(w.shape[0], -1).mean(1)
+def channel_scales(weight: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
+    """(scales as float32 (C,), |u| = |w| * (1 / scale_c) as float32, the scales' storage dtype).
+
+    All-zero channels get the layer's smallest positive scale (their weights are zero: the scale
+    only has to be valid). |w| * (1 / s) is bitwise |w * (1 / s)|, the op's z, as s > 0.
+    """
+    magnitude = weight.detach().float().abs()
+    scale = magnitude.reshape(magnitude.shape[0], -1).mean(1)
     positive = scale[scale > 0]
     scale = torch.where(scale > 0, scale, positive.min() if positive.numel() else scale.new_ones(()))
     fits_fp16 = bool(((scale >= _FP16.tiny) & (scale <= _FP16.max)).all())
     dtype = torch.float16 if fits_fp16 else torch.float32
-    return scale.to(dtype).float(), dtype
+    scale = scale.to(dtype).float()
+    return scale, normalized_magnitude(magnitude, scale), dtype
 
 
 def normalized_magnitude(weight: Tensor, channel_scale: Tensor) -> Tensor:
     """|u| = |w * (1 / scale_c)|, float32, spelled as the codebook_quant op spells z."""
     channel_shape = (-1,) + (1,) * (weight.dim() - 1)
-    return (weight.detach().float() * (1.0 / channel_scale).reshape(channel_shape)).abs()
+    return (weight.detach().float() * (1.0 / channel_scale).reshape(channel_shape)).abs_()
 
 
 def keep_mask(magnitude: Tensor, threshold: float, dense: bool) -> Tensor:
