@@ -17,8 +17,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <barrier>
 #include <cmath>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -51,28 +51,9 @@ namespace mp_simt {
 
 constexpr unsigned kWarpSize = 32;
 
-// Reusable barrier over a fixed number of threads (mutex + condition variable, which
-// ThreadSanitizer models exactly: everything before arrive happens-before everything after).
-class Barrier {
- public:
-  explicit Barrier(unsigned count) : count_(count) {}
-  void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const unsigned generation = generation_;
-    if (++arrived_ == count_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return generation != generation_; });
-    }
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  unsigned count_, arrived_ = 0, generation_ = 0;
-};
+// A block's (or a warp's) barrier. std::barrier's arrive_and_wait is a release/acquire pair
+// on its counter, so ThreadSanitizer orders everything before it against everything after.
+using Barrier = std::barrier<>;
 
 struct Block {
   explicit Block(unsigned threads)

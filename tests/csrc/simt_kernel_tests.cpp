@@ -1,0 +1,139 @@
+// The CUDA kernels, run on host buffers through the SIMT emulation, against a plain scalar
+// version of the math written here. Built plain, under ASan+UBSan and under TSan (CMakeLists.txt);
+// the Python suite compares the same kernels with mixedprec/reference.py.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "mixedprec/launchers.h"
+
+using namespace mixedprec;
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, int n, int k, bool is_signed) {
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s (n=%d, K=%d, signed=%d)\n", what, n, k, int(is_signed));
+  }
+}
+
+struct Oracle {
+  std::vector<float> y, grad_x;
+  std::vector<double> residual_mean, sums;
+};
+
+// y = v (2 z_hat - 1) or v z_hat with z_hat = q_1 + g_2 (e_2 + g_3 (e_3 + ...)), as DESIGN.md.
+Oracle oracle(const std::vector<float>& x, const std::vector<float>& grad_y, float v, const std::vector<int>& bits,
+              bool is_signed, const std::vector<float>& thresholds, bool use_thresholds, std::vector<float>& gates) {
+  const int k = int(bits.size());
+  const size_t n = x.size();
+  Oracle o;
+  o.residual_mean.assign(k, 0.0);
+  std::vector<std::vector<float>> e(n, std::vector<float>(k, 0.0f));
+  std::vector<float> base(n), t(n);
+  for (size_t i = 0; i < n; ++i) {
+    t[i] = x[i] * (1.0f / v);
+    const float c = t[i] < (is_signed ? -1.0f : 0.0f) ? (is_signed ? -1.0f : 0.0f) : (t[i] > 1.0f ? 1.0f : t[i]);
+    const float z = is_signed ? (c + 1.0f) * 0.5f : c;
+    auto quant = [](float u, int b) {
+      const float levels = float((1 << b) - 1);
+      return std::nearbyint(u * levels) * (1.0f / levels);
+    };
+    float q = base[i] = quant(z, bits[0]);
+    for (int j = 1; j < k; ++j) {
+      const float r = z - q;
+      o.residual_mean[j] += std::fabs(r);
+      e[i][j] = quant(r, bits[j]);
+      q = q + e[i][j];
+    }
+  }
+  if (use_thresholds)
+    for (int j = 1; j < k; ++j) gates[j] = float(o.residual_mean[j] / double(n)) > thresholds[j - 1] ? 1.0f : 0.0f;
+  o.y.resize(n);
+  o.grad_x.resize(n);
+  o.sums.assign(k, 0.0);
+  for (size_t i = 0; i < n; ++i) {
+    float tail = 0.0f;
+    std::vector<float> tails(k, 0.0f);
+    for (int j = k - 1; j >= 1; --j) tails[j] = tail = (j == k - 1) ? e[i][j] : e[i][j] + gates[j + 1] * tail;
+    const float z_hat = k > 1 ? base[i] + gates[1] * tail : base[i];
+    o.y[i] = is_signed ? v * (2.0f * z_hat - 1.0f) : v * z_hat;
+    const bool inside = t[i] > (is_signed ? -1.0f : 0.0f) && t[i] < 1.0f;
+    o.grad_x[i] = inside ? grad_y[i] : 0.0f;
+    const float direct = is_signed ? 2.0f * z_hat - 1.0f : z_hat;
+    o.sums[0] += double(grad_y[i]) * (inside ? direct - t[i] : direct);
+    for (int j = 1; j < k; ++j) o.sums[j] += double(grad_y[i]) * tails[j];
+  }
+  for (int j = 1; j < k; ++j) o.residual_mean[j] /= double(n);
+  return o;
+}
+
+void run_case(int n, const std::vector<int>& bits, bool is_signed, std::mt19937& rng) {
+  const int k = int(bits.size());
+  std::normal_distribution<float> normal;
+  std::vector<float> x(n), grad_y(n);
+  for (auto& v : x) v = normal(rng);
+  for (auto& v : grad_y) v = normal(rng);
+  const float clip = 1.5f;
+  std::vector<float> gates(kMaxCandidateBits + 1, 0.0f), thresholds(kMaxCandidateBits, 0.0f);
+  // thresholds half or one and a half of the true means: gate decisions far from ties
+  const Oracle probe = oracle(x, grad_y, clip, bits, is_signed, thresholds, false, gates);
+  for (int j = 1; j < k; ++j) thresholds[j - 1] = float(probe.residual_mean[j] * ((j % 2) ? 0.5 : 1.5));
+  const Oracle want = oracle(x, grad_y, clip, bits, is_signed, thresholds, true, gates);
+
+  std::vector<int64_t> bits64(bits.begin(), bits.end());
+  const BitSharingParams p = make_bit_sharing_params(bits64.data(), k, is_signed);
+  std::vector<float> y(n, NAN), residual_mean(kMaxCandidateBits, NAN);
+  std::vector<float> workspace(simt::bit_sharing_workspace_floats(n), NAN);
+  const char* err = simt::bit_sharing_forward(DType::f32, x.data(), y.data(), n, &clip, thresholds.data(),
+                                              residual_mean.data(), workspace.data(), p, nullptr);
+  expect(err == nullptr, "forward launch", n, k, is_signed);
+  bool same_y = true;
+  for (int i = 0; i < n; ++i) same_y &= y[i] == want.y[i];
+  expect(same_y, "forward output bit-exact", n, k, is_signed);
+  for (int j = 1; j < k; ++j)
+    expect(std::fabs(residual_mean[j - 1] - want.residual_mean[j]) <= 1e-5 * want.residual_mean[j] + 1e-9,
+           "residual mean", n, k, is_signed);
+
+  std::vector<float> grad_x(n, NAN), sums(kMaxCandidateBits, NAN), gate_values(kMaxCandidateBits, 0.0f);
+  for (int j = 1; j < k; ++j) gate_values[j - 1] = gates[j];
+  err = simt::bit_sharing_backward(DType::f32, grad_y.data(), x.data(), grad_x.data(), n, &clip,
+                                   gate_values.data(), sums.data(), workspace.data(), p, nullptr);
+  expect(err == nullptr, "backward launch", n, k, is_signed);
+  bool same_grad = true;
+  for (int i = 0; i < n; ++i) same_grad &= grad_x[i] == want.grad_x[i];
+  expect(same_grad, "grad_x", n, k, is_signed);
+  double grad_scale = 0;
+  for (float g : grad_y) grad_scale += std::fabs(g);
+  for (int j = 0; j < k; ++j)
+    expect(std::fabs(sums[j] - want.sums[j]) <= 1e-5 * grad_scale, "gradient sums", n, k, is_signed);
+
+  // float16 storage: the same math on the widened values, outputs rounded to nearest even
+  std::vector<Half16> xh(n), yh(n);
+  std::vector<float> xh_wide(n);
+  for (int i = 0; i < n; ++i) xh_wide[i] = to_float(xh[i] = from_float<Half16>(x[i]));
+  const Oracle want_h = oracle(xh_wide, grad_y, clip, bits, is_signed, thresholds, true, gates);
+  err = simt::bit_sharing_forward(DType::f16, xh.data(), yh.data(), n, &clip, thresholds.data(), residual_mean.data(),
+                                  workspace.data(), p, nullptr);
+  bool same_h = err == nullptr;
+  for (int i = 0; i < n; ++i) same_h &= yh[i].bits == from_float<Half16>(want_h.y[i]).bits;
+  expect(same_h, "float16 forward", n, k, is_signed);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(0);
+  // Few, small cases: every emulated launch starts a host thread per CUDA thread, and the
+  // sanitizers slow those down further. The Python suite covers sizes and dtypes.
+  const std::vector<std::vector<int>> bit_sets = {{2, 4, 8}, {3}, {1, 2, 3, 4, 5, 6, 7, 8}};
+  for (int n : {7, 1000})
+    for (const auto& bits : bit_sets)
+      for (bool is_signed : {true, false}) run_case(n, bits, is_signed, rng);
+  std::printf("%d failed\n", failures);
+  return failures == 0 ? 0 : 1;
+}
