@@ -1,0 +1,160 @@
+"""The packed low-bit weight format shared by SBS and OPQ results (DESIGN.md "Packed weights").
+
+One layer's weight W (C_out, ...) is stored as:
+
+    codebook       (2^bits,) float16            the layer's levels (a LUT), shared by all channels
+    channel_scale  (C_out,) float16 or float32  W[c, i] = channel_scale[c] * codebook[code]
+    keep_bitmap    (ceil(numel / 8),) uint8     bit i (LSB first) set iff weight i (row-major) is
+                   or None                      kept; None when nothing is pruned
+    codes          (ceil(kept * bits / 8),) uint8  the bits-bit codes of the kept weights, row-major,
+                                                as one LSB-first bit stream (code k occupies bits
+                                                k*bits .. k*bits + bits - 1)
+
+Its byte size is ``mixedprec.metrics.packed_layer_bytes`` (sections padded to 16 bytes plus a
+64-byte header when saved). ``row_code_offsets`` (where each output channel's codes start) is
+derived on construction, not stored: kernels decode rows in parallel from it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+MAX_BITS = 8
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    shape: tuple[int, ...]
+    bits: int
+    codebook: Tensor
+    channel_scale: Tensor
+    codes: Tensor
+    keep_bitmap: Tensor | None = None
+    row_code_offsets: Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _validate(self)
+        object.__setattr__(self, "row_code_offsets", _row_code_offsets(self))
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def row_length(self) -> int:
+        """Weights per output channel (C_in/groups * kh * kw for a conv)."""
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+    @property
+    def numel(self) -> int:
+        return self.out_channels * self.row_length
+
+    @property
+    def kept(self) -> int:
+        return int(self.row_code_offsets[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def keep_mask(self) -> Tensor:
+        """bool tensor of the weight's shape."""
+        if self.keep_bitmap is None:
+            return torch.ones(self.shape, dtype=torch.bool, device=self.device)
+        return _unpack_bits(self.keep_bitmap, 1, self.numel).bool().reshape(self.shape)
+
+    def code_values(self) -> Tensor:
+        """int64 codes of the weight's shape (0 at pruned positions)."""
+        kept_codes = _unpack_bits(self.codes, self.bits, self.kept)
+        if self.keep_bitmap is None:
+            return kept_codes.reshape(self.shape)
+        out = torch.zeros(self.numel, dtype=torch.int64, device=self.device)
+        out[self.keep_mask().flatten()] = kept_codes
+        return out.reshape(self.shape)
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dense weight, computed as the kernels do: float(scale) * float(codebook[code])."""
+        levels = self.codebook.to(dtype)[self.code_values()]
+        scale = self.channel_scale.to(dtype).reshape((-1,) + (1,) * (len(self.shape) - 1))
+        return torch.where(self.keep_mask(), scale * levels, torch.zeros((), dtype=dtype, device=self.device))
+
+    def to(self, device: torch.device | str) -> PackedWeight:
+        return PackedWeight(self.shape, self.bits, self.codebook.to(device), self.channel_scale.to(device),
+                            self.codes.to(device), None if self.keep_bitmap is None else self.keep_bitmap.to(device))
+
+
+def pack_weight(codes: Tensor, codebook: Tensor, channel_scale: Tensor, bits: int,
+                keep_mask: Tensor | None = None) -> PackedWeight:
+    """Packs integer ``codes`` (the weight's shape, values in [0, 2^bits)) of a layer.
+
+    ``keep_mask`` (bool, the weight's shape) marks kept weights; codes at pruned positions are
+    dropped. A mask with nothing pruned is stored as no bitmap.
+    """
+    if not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"pack_weight: bits must be an int in 1..{MAX_BITS}, got {bits!r}")
+    if codes.dtype.is_floating_point or codes.dim() < 1:
+        raise ValueError(f"pack_weight: codes must be an integer tensor with an output-channel dim, got {codes.dtype}, shape {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(f"pack_weight: codes must lie in [0, {1 << bits}) for bits={bits}, "
+                         f"got [{int(codes.min())}, {int(codes.max())}]")
+    if codebook.shape != (1 << bits,):
+        raise ValueError(f"pack_weight: codebook must have shape ({1 << bits},) for bits={bits}, got {tuple(codebook.shape)}")
+    flat = codes.reshape(-1).to(torch.int64)
+    bitmap = None
+    if keep_mask is not None:
+        if keep_mask.dtype != torch.bool or keep_mask.shape != codes.shape:
+            raise ValueError(f"pack_weight: keep_mask must be a bool tensor of shape {tuple(codes.shape)}, "
+                             f"got {keep_mask.dtype} {tuple(keep_mask.shape)}")
+        if not bool(keep_mask.all()):
+            flat = flat[keep_mask.reshape(-1)]
+            bitmap = _pack_bits(keep_mask.reshape(-1).to(torch.int64), 1)
+    return PackedWeight(tuple(codes.shape), bits, codebook.to(torch.float16), channel_scale,
+                        _pack_bits(flat, bits), bitmap)
+
+
+def _pack_bits(values: Tensor, bits: int) -> Tensor:
+    """LSB-first bit stream of ``bits``-bit values, as uint8 bytes."""
+    v = values.cpu().numpy().astype(np.uint8)
+    stream = np.unpackbits(v[:, None], axis=1, count=bits, bitorder="little").reshape(-1)
+    return torch.from_numpy(np.packbits(stream, bitorder="little")).to(values.device)
+
+
+def _unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
+    stream = np.unpackbits(data.cpu().numpy(), count=count * bits, bitorder="little").reshape(count, bits)
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    return torch.from_numpy(stream.astype(np.int64) @ weights).to(data.device)
+
+
+def _row_code_offsets(p: PackedWeight) -> Tensor:
+    if p.keep_bitmap is None:
+        per_row = torch.full((p.out_channels,), p.row_length, dtype=torch.int64)
+    else:
+        per_row = p.keep_mask().reshape(p.out_channels, -1).sum(1).cpu()
+    return torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]).to(p.device)
+
+
+def _validate(p: PackedWeight) -> None:
+    op = "PackedWeight"
+    if len(p.shape) < 1 or any(int(s) < 1 for s in p.shape):
+        raise ValueError(f"{op}: shape must have positive sizes, got {p.shape}")
+    if not isinstance(p.bits, int) or not 1 <= p.bits <= MAX_BITS:
+        raise ValueError(f"{op}: bits must be an int in 1..{MAX_BITS}, got {p.bits!r}")
+    if p.codebook.dtype != torch.float16 or p.codebook.shape != (1 << p.bits,):
+        raise ValueError(f"{op}: codebook must be float16 of shape ({1 << p.bits},), got {p.codebook.dtype} {tuple(p.codebook.shape)}")
+    if p.channel_scale.dtype not in (torch.float16, torch.float32) or p.channel_scale.shape != (p.shape[0],):
+        raise ValueError(f"{op}: channel_scale must be float16 or float32 of shape ({p.shape[0]},), "
+                         f"got {p.channel_scale.dtype} {tuple(p.channel_scale.shape)}")
+    numel = int(np.prod(p.shape, dtype=np.int64))
+    if p.keep_bitmap is not None and (p.keep_bitmap.dtype != torch.uint8 or p.keep_bitmap.shape != (-(-numel // 8),)):
+        raise ValueError(f"{op}: keep_bitmap must be uint8 of shape ({-(-numel // 8)},), got "
+                         f"{p.keep_bitmap.dtype} {tuple(p.keep_bitmap.shape)}")
+    kept = numel if p.keep_bitmap is None else int(_unpack_bits(p.keep_bitmap, 1, numel).sum())
+    if p.codes.dtype != torch.uint8 or p.codes.shape != (-(-kept * p.bits // 8),):
+        raise ValueError(f"{op}: codes must be uint8 of shape ({-(-kept * p.bits // 8)},) for {kept} kept "
+                         f"{p.bits}-bit codes, got {p.codes.dtype} {tuple(p.codes.shape)}")
+    devices = {t.device for t in (p.codebook, p.channel_scale, p.codes) + ((p.keep_bitmap,) if p.keep_bitmap is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
