@@ -258,7 +258,7 @@ def _plan(model, target_rate, bits, cost, levels, exclude, quiet, method: str) -
 
 
 def allocate(model: nn.Module, target_rate: float, *, bits: Iterable[int] = range(1, MAX_BITS + 1),
-             cost: str = "packed", levels: str = "lloyd", exclude: Iterable[str] = (), quiet: bool = True) -> Plan:
+             cost: str = "packed", levels: str = "lloyd", exclude: Iterable[str] = (), quiet: bool = False) -> Plan:
     """OPQ: each Conv2d/Linear layer's sparsity and bitwidth for ``target_rate``, in one shot.
 
     target_rate: compression of all Conv/Linear weights, counted as ``cost``: "packed" (float32
@@ -274,6 +274,6 @@ def allocate(model: nn.Module, target_rate: float, *, bits: Iterable[int] = rang
 
 def allocate_uniform(model: nn.Module, target_rate: float, *, bits: Iterable[int] = range(1, MAX_BITS + 1),
                      cost: str = "packed", levels: str = "lloyd", exclude: Iterable[str] = (),
-                     quiet: bool = True) -> Plan:
+                     quiet: bool = False) -> Plan:
     """The baseline: the same bitwidth and kept share in every layer, the same budget as ``allocate``."""
     return _plan(model, target_rate, bits, cost, levels, exclude, quiet, "uniform")
