@@ -1,5 +1,7 @@
 # The two commands of the README. Both create .venv (torch 2.14.1, this package with its compiled
-# extension, test dependencies) if needed, rebuild the extension incrementally, then run.
+# extension, test dependencies) when needed, reinstall when the package or its C++/CUDA sources
+# changed, then run. (While editing kernels, `.venv/bin/python setup.py build_ext --inplace`
+# rebuilds incrementally.)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,14 +11,17 @@ export CUDA_HOME ?= /usr/local/cuda
 
 .PHONY: setup demo test bench
 
-$(VENV)/installed: pyproject.toml
+SOURCES := pyproject.toml setup.py $(shell find csrc -type f)
+
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 setuptools wheel ninja pybind11
+
+$(VENV)/installed: $(VENV)/bin/python $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $@
 
 setup: $(VENV)/installed
-	$(PY) setup.py --quiet build_ext --inplace
 
 demo: setup
 	$(PY) benchmarks/bench_bit_sharing.py
