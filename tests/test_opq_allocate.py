@@ -142,12 +142,18 @@ def test_a_model_without_layers_to_compress_is_refused():
         allocate(nn.Sequential(nn.ReLU()), 8)
 
 
-@pytest.mark.slow
 def test_resnet50_allocation_takes_under_10_seconds():
+    """CPU time on one thread: an upper bound of the wall time on an idle machine, and unlike
+    wall time (or multi-thread CPU time, which counts OpenMP spinning) not inflated by other jobs."""
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet50()
-    start = time.perf_counter()
-    plan = allocate(model, 20)
-    elapsed = time.perf_counter() - start
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.process_time()
+        plan = allocate(model, 20, quiet=True)
+        elapsed = time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
     assert 20 <= plan.real_rate <= 1.02 * 20
-    assert elapsed < 10.0, f"allocate(resnet50) took {elapsed:.1f} s"
+    assert elapsed < 10.0, f"allocate(resnet50) took {elapsed:.1f} s of CPU time"
