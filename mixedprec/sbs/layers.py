@@ -25,7 +25,6 @@ import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -105,7 +104,7 @@ class SBSLayer:
         if gate is None:
             return self.a_quant(x)
         mask = gate.channel_mask(self.input_source.layer.weight)
-        mask = mask.view(-1, *([1] * (x.dim() - 2))) if isinstance(self, nn.Conv2d) else mask
+        mask = mask.view(-1, 1, 1) if isinstance(self, nn.Conv2d) else mask  # channels: dim -3 or last
         y = self.a_quant(x * mask)
         # Unsigned grids map 0 to 0; a signed grid of even size has no 0, so mask again.
         return y * mask if self.a_quant.signed else y

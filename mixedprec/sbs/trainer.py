@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -69,7 +69,7 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
     input_shape = tuple(train_set[0][0].shape)
     positions = bops_metrics.output_positions(model, input_shape)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    optimizer = torch.optim.SGD(_param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=momentum > 0)
+    optimizer = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=momentum > 0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * steps_per_epoch, 1))
     torch.manual_seed(seed)
     history: list[dict] = []
@@ -77,26 +77,18 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
         history = _resume(checkpoint, phase, model, optimizer, scheduler)
 
     for epoch in tqdm(range(len(history), epochs), desc=phase, disable=quiet, initial=len(history), total=epochs):
-        loader = make_loader(train_set, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + epoch))
+        order = torch.Generator().manual_seed(seed + epoch)  # data order depends on (seed, epoch) only
+        loader = make_loader(train_set, batch_size, shuffle=True, generator=order)
         model.train()
         ce_sum = 0.0
         for step, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)):
-            images, labels = images.to(device), labels.to(device)
-            learn_weights = (epoch * steps_per_epoch + step) % 2 == 0
-            if phase == SEARCH:
-                _learn_gates(model, weights=learn_weights)
-            ce = nn.functional.cross_entropy(model(images), labels)
-            loss = ce
-            if phase == SEARCH:
-                bops = bops_metrics.differentiable_bops(model, positions, weights=learn_weights, activations=not learn_weights)
-                loss = ce + bops_weight * torch.log(bops)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            ce = train_step(model, images.to(device), labels.to(device), optimizer,
+                            positions=positions if phase == SEARCH else None, bops_weight=bops_weight,
+                            learn_weights=(epoch * steps_per_epoch + step) % 2 == 0)
             scheduler.step()
-            project_(model)
             ce_sum += ce.item()
-        log = {"phase": phase, "epoch": epoch, "ce": ce_sum / steps_per_epoch, "bops": bops_metrics.count_bops(model, input_shape)}
+        log = {"phase": phase, "epoch": epoch, "ce": ce_sum / steps_per_epoch,
+               "bops": bops_metrics.count_bops(model, input_shape)}
         if eval_set is not None:
             log["eval_acc"] = evaluate(model, make_loader(eval_set, 256, shuffle=False), device)
         history.append(log)
@@ -108,17 +100,40 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
     return history
 
 
-def _modules_of(model: nn.Module, kind: type) -> Iterator:
-    return (m for m in model.modules() if isinstance(m, kind))
+def train_step(model: nn.Module, images: Tensor, labels: Tensor, optimizer: torch.optim.Optimizer, *,
+               positions: dict[str, int] | None = None, bops_weight: float = 0.0,
+               learn_weights: bool = True) -> Tensor:
+    """One optimizer step on CE, followed by the projection of the SBS parameters; returns the CE.
+
+    A search step when ``positions`` (from ``output_positions``) is given: the loss gains
+    bops_weight * log(BOPs) and only the weight (learn_weights) or activation bit gates learn.
+    """
+    if positions is not None:
+        _learn_gates(model, weights=learn_weights)
+    ce = nn.functional.cross_entropy(model(images), labels)
+    loss = ce
+    if positions is not None:
+        bops = bops_metrics.differentiable_bops(model, positions, weights=learn_weights,
+                                                activations=not learn_weights)
+        loss = ce + bops_weight * torch.log(bops)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    project_(model)
+    return ce.detach()
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Gate thresholds get no weight decay; everything else (weights, clip values) does."""
     thresholds = [q.thresholds for q in _modules_of(model, BitSharingQuantizer)]
     thresholds += [g.threshold for g in _modules_of(model, FilterGroupGate)]
     ids = {id(t) for t in thresholds}
     rest = [p for p in model.parameters() if id(p) not in ids]
     return [{"params": rest, "weight_decay": weight_decay}, {"params": thresholds, "weight_decay": 0.0}]
+
+
+def _modules_of(model: nn.Module, kind: type) -> Iterator:
+    return (m for m in model.modules() if isinstance(m, kind))
 
 
 def _learn_gates(model: nn.Module, *, weights: bool) -> None:
