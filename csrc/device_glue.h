@@ -43,4 +43,19 @@ std::tuple<at::Tensor, at::Tensor> device_bit_sharing_bwd(const at::Tensor& grad
   return {grad_x, sums};
 }
 
+template <class Launchers>
+at::Tensor device_codebook_quant_fwd(const at::Tensor& weight, const at::Tensor& codebook,
+                                     const at::Tensor& channel_scale, const at::Tensor& keep_mask) {
+  const char* op = Launchers::kCodebookForwardName;
+  const CodebookQuantShape shape = check_codebook_quant(weight, codebook, channel_scale, keep_mask, op);
+  const auto stream = Launchers::stream(weight);
+  at::Tensor y = poisoned(at::empty_like(weight));
+  const char* err = Launchers::codebook_forward(kernel_dtype(weight, op, "weight"), weight.data_ptr(),
+                                                keep_mask.data_ptr<bool>(), y.data_ptr(), weight.numel(),
+                                                shape.inner, codebook.data_ptr<float>(), shape.levels,
+                                                channel_scale.data_ptr<float>(), stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  return y;
+}
+
 }  // namespace mixedprec

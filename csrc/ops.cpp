@@ -14,7 +14,10 @@ TORCH_LIBRARY(mixedprec, m) {
   // bit-sharing fake-quant: (y, residual_mean) and (grad_x, sums = [dL/dv, sum grad_y T_j ...])
   m.def("bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed) -> (Tensor, Tensor)");
   m.def("bit_sharing_quant_bwd(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> (Tensor, Tensor)");
+  // OPQ codebook fake-quant: y (the backward is a select in mixedprec/ops.py)
+  m.def("codebook_quant_fwd(Tensor weight, Tensor codebook, Tensor channel_scale, Tensor keep_mask) -> Tensor");
   // the CUDA kernel sources executed on the CPU under SIMT emulation (for tests)
   m.def("simt_bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed) -> (Tensor, Tensor)");
   m.def("simt_bit_sharing_quant_bwd(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> (Tensor, Tensor)");
+  m.def("simt_codebook_quant_fwd(Tensor weight, Tensor codebook, Tensor channel_scale, Tensor keep_mask) -> Tensor");
 }

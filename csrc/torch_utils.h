@@ -3,11 +3,14 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdlib>
 #include <limits>
+#include <utility>
 
 #include "mixedprec/bit_sharing.h"
+#include "mixedprec/codebook.h"
 #include "mixedprec/common.h"
 
 namespace mixedprec {
@@ -22,8 +25,9 @@ inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name)
   }
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name,
+                              const char* x_name = "x") {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but ", x_name, " is on ", x.device());
 }
 
 inline void check_float32(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
@@ -60,6 +64,37 @@ inline BitSharingParams check_bit_sharing_backward(const at::Tensor& grad_y, con
               op, ": grad_y must be a contiguous tensor of x's shape and dtype");
   check_same_device(grad_y, x, op, "grad_y");
   return check_bit_sharing(x, clip, gates, bits, is_signed, op, "gates");
+}
+
+// weight viewed as (channels, inner): one channel_scale per row.
+struct CodebookQuantShape {
+  int64_t channels;
+  int64_t inner;
+  int levels;
+};
+
+// Validates the codebook_quant kernel arguments' types, shapes, layouts and devices. Their values
+// (codebook finite and strictly ascending, channel_scale finite and > 0) are checked by
+// mixedprec/ops.py before any backend runs: reading them here would sync the GPU on every call.
+inline CodebookQuantShape check_codebook_quant(const at::Tensor& weight, const at::Tensor& codebook,
+                                               const at::Tensor& channel_scale, const at::Tensor& keep_mask,
+                                               const char* op) {
+  kernel_dtype(weight, op, "weight");
+  TORCH_CHECK(weight.dim() >= 1, op, ": weight must have an output-channel dim 0, got a 0-dim tensor");
+  TORCH_CHECK(weight.is_contiguous(), op, ": weight must be contiguous");
+  for (const auto& [t, name] : {std::pair{&codebook, "codebook"}, {&channel_scale, "channel_scale"},
+                                {&keep_mask, "keep_mask"}})
+    check_same_device(*t, weight, op, name, "weight");
+  TORCH_CHECK(codebook.dim() == 1 && codebook.numel() >= 1 && codebook.numel() <= kMaxCodebookSize, op,
+              ": codebook must be 1-D with 1 to ", kMaxCodebookSize, " levels, got shape ", codebook.sizes());
+  check_float32(codebook, codebook.sizes(), op, "codebook");
+  const int64_t channels = weight.size(0);
+  check_float32(channel_scale, {channels}, op, "channel_scale");
+  TORCH_CHECK(keep_mask.scalar_type() == at::kBool, op, ": keep_mask must be bool, got ", keep_mask.scalar_type());
+  TORCH_CHECK(keep_mask.sizes() == weight.sizes(), op, ": keep_mask must have weight's shape ", weight.sizes(),
+              ", got ", keep_mask.sizes());
+  TORCH_CHECK(keep_mask.is_contiguous(), op, ": keep_mask must be contiguous");
+  return {channels, c10::multiply_integers(weight.sizes().slice(1)), int(codebook.numel())};
 }
 
 // With MIXEDPREC_POISON_OUTPUTS=1 (set by the test suite) every kernel output is filled with

@@ -130,20 +130,180 @@ def test_backend_without_a_codebook_kernel_is_refused_not_replaced(backend):
         ops.codebook_quant(weight, codebook, scale, mask, backend=backend)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape, levels", [((1, 1), 1), ((7, 3, 3, 3), 2), ((64, 32, 3, 3), 16), ((300, 1025), 256)])
-def test_every_backend_matches_the_reference(backend, dtype, shape, levels):
-    device = _codebook_backend_device(backend)
-    weight, codebook, scale, mask = make_case(shape, levels, dtype=dtype)
-    grad_y = torch.randn(shape).to(dtype)
+def assert_same(actual, expected):
+    """Bit for bit (so +0 and -0 differ), except that any NaN matches any NaN: torch's float ->
+    bfloat16 conversion drops a NaN's sign, the storage conversions of the C++/CUDA kernels keep it."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), "NaN at different positions"
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[expected.dtype]
+    a, e = (t.masked_fill(nan, 0).contiguous().view(bits) for t in (actual, expected))
+    mismatch = torch.nonzero(a != e)
+    assert mismatch.numel() == 0, (f"{len(mismatch)} elements differ, first at {mismatch[0].tolist()}: "
+                                   f"{actual[tuple(mismatch[0])].item()!r} != {expected[tuple(mismatch[0])].item()!r}")
+
+
+def check_backend(backend, device, weight, codebook, scale, mask, grad=True):
+    """The backend's output (and gradient) on ``device`` against the reference on the CPU."""
+    grad_y = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight.dtype)
     out = []
     for b, dev in (("reference", "cpu"), (backend, device)):
-        w = weight.to(dev).requires_grad_()
+        w = weight.detach().to(dev).requires_grad_(grad)
         y = ops.codebook_quant(w, codebook.to(dev), scale.to(dev), mask.to(dev), backend=b)
-        y.backward(grad_y.to(dev))
-        out.append((y.detach().cpu(), w.grad.cpu()))
-    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+        if grad:
+            y.backward(grad_y.to(dev))
+        out.append((y.detach().cpu(), w.grad.cpu() if grad else None))
+    assert_same(out[1][0], out[0][0])
+    if grad:
+        assert_same(out[1][1], out[0][1])
+    return out[1][0]
+
+
+# Small shapes: the SIMT emulation starts a host thread per CUDA thread, the Triton interpreter
+# runs numpy per program. The CPU kernel gets large ones in test_cpu_kernel_large_and_threaded.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, levels", [((1,), 1), ((7, 3, 3, 3), 2), ((13, 5, 3, 3), 16), ((24, 129), 256)])
+def test_every_backend_matches_the_reference(kernel_backend, dtype, shape, levels):
+    backend, device = kernel_backend
+    _codebook_backend_device(backend)
+    check_backend(backend, device, *make_case(shape, levels, dtype=dtype))
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+def test_every_backend_masks_like_the_reference(kernel_backend, keep):
+    backend, device = kernel_backend
+    _codebook_backend_device(backend)
+    y = check_backend(backend, device, *make_case((11, 70), 16, keep=keep, seed=3))
+    assert (y == 0).all() if keep == 0.0 else (y != 0).any()
+
+
+def _views():
+    """(weight, keep_mask) pairs that are not contiguous, and edge shapes, with their names."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(40, 18, generator=g)
+    mask = torch.rand(40, 18, generator=g) < 0.7
+    conv = torch.randn(8, 6, 3, 3, generator=g)
+    return {
+        "transposed slice": (base.t()[:, ::3], mask.t()[:, ::3]),  # (18, 14), strides (1, 54)
+        "channels_last conv": (conv.to(memory_format=torch.channels_last), torch.rand(8, 6, 3, 3, generator=g) < 0.5),
+        "row slice": (base[5:9, 1:], mask[5:9, 1:]),
+        "expanded mask": (base[:3], torch.tensor([True, False]).repeat(9).expand(3, 18)),
+        "one weight per channel": (base[:, 0], mask[:, 0]),
+        "no channels": (torch.empty(0, 5), torch.empty(0, 5, dtype=torch.bool)),
+        "empty channels": (torch.empty(3, 0, 2), torch.empty(3, 0, 2, dtype=torch.bool)),
+    }
+
+
+@pytest.mark.parametrize("view", list(_views()))
+def test_every_backend_on_strided_views_and_edge_shapes(kernel_backend, view):
+    backend, device = kernel_backend
+    _codebook_backend_device(backend)
+    weight, mask = _views()[view]
+    g = torch.Generator().manual_seed(7)
+    codebook = torch.randn(16, generator=g).sort().values
+    scale = torch.rand(weight.shape[0], generator=g) + 0.25
+    check_backend(backend, device, weight, codebook, scale, mask)
+
+
+def _tie_case(levels, dtype=torch.float32):
+    """Weights exactly on the midpoints (z = w * (1/s) is exact for power-of-two scales), one ulp
+    either side, and on the levels. float32: a random codebook whose top three levels are adjacent
+    floats (their sums round, so midpoints land on levels); 16-bit: levels on a 1/4 grid, so that
+    the midpoints survive the weight's rounding to float16/bfloat16."""
+    g = torch.Generator().manual_seed(levels)
+    if dtype == torch.float32:
+        codebook = torch.randn(levels, generator=g).sort().values
+        if levels >= 4:
+            up = torch.tensor(float("inf"))
+            codebook[-3] = 5.0
+            codebook[-2] = codebook[-3].nextafter(up)
+            codebook[-1] = codebook[-2].nextafter(up)
+    else:
+        codebook = (torch.randperm(64, generator=g)[:levels].sort().values - 32) * 0.25
+    mid = (codebook[:-1] + codebook[1:]) * 0.5
+    z = torch.cat([mid, mid.nextafter(torch.tensor(float("inf"))), mid.nextafter(torch.tensor(-float("inf"))),
+                   codebook, codebook[:1] - 1, codebook[-1:] + 1])
+    scale = torch.tensor([0.25, 1.0, 2.0, 8.0])
+    weight = (z * scale[:, None]).to(dtype)
+    return weight, codebook, scale, torch.ones_like(weight, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("dtype, levels", [(torch.float32, 2), (torch.float32, 16), (torch.float32, 256),
+                                           (torch.float16, 16), (torch.bfloat16, 16)])
+def test_every_backend_breaks_ties_like_the_reference(kernel_backend, dtype, levels):
+    backend, device = kernel_backend
+    _codebook_backend_device(backend)
+    weight, codebook, scale, mask = _tie_case(levels, dtype)
+    y = check_backend(backend, device, weight, codebook, scale, mask, grad=False)
+    on_midpoint = y[:, : levels - 1].float() / scale[:, None]
+    assert torch.equal(on_midpoint, codebook[:-1].expand_as(on_midpoint))  # the lower level
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under Triton's interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_every_backend_on_non_finite_and_extreme_values(kernel_backend):
+    backend, device = kernel_backend
+    _codebook_backend_device(backend)
+    big, tiny = torch.finfo(torch.float32).max, torch.finfo(torch.float32).smallest_normal
+    row = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0, big, -big, tiny, 1e-45])
+    # scales: 1/s overflows to inf for the subnormal one (z = 0 * inf is NaN), z overflows for tiny
+    scale = torch.tensor([1.0, 1e-45, tiny, big, 3e-39])
+    weight = row.repeat(len(scale), 1)
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    mask[:, ::4] = False
+    # the first codebook's last midpoint overflows to inf
+    for codebook in (torch.tensor([-big, -1.0, 0.0, 0.75 * big, big]), torch.tensor([-2.0, 0.5]), torch.tensor([-0.0])):
+        check_backend(backend, device, weight, codebook, scale, mask)
+
+
+def test_cpu_kernel_large_and_threaded():
+    _codebook_backend_device("cpu")
+    for dtype in (torch.float32, torch.bfloat16):  # many parallel chunks; rows not vector-aligned
+        check_backend("cpu", torch.device("cpu"), *make_case((300, 1025), 256, dtype=dtype, seed=2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["cpu", "simt"]), st.integers(1, 256), st.integers(1, 9), st.integers(1, 70),
+       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_kernels_match_the_reference_on_random_cases(backend, levels, channels, per_channel, keep, seed):
+    _codebook_backend_device(backend)
+    check_backend(backend, torch.device("cpu"),
+                  *make_case((channels, per_channel), levels, seed=seed, keep=keep), grad=False)
+
+
+@pytest.mark.parametrize("op", ["codebook_quant_fwd", "simt_codebook_quant_fwd"])
+def test_kernel_ops_check_arguments_in_cpp(op):
+    """Direct torch.ops calls bypass the Python checks; TORCH_CHECK names the argument."""
+    _codebook_backend_device("simt" if op.startswith("simt") else "cpu")
+    kernel = getattr(torch.ops.mixedprec, op)
+    w, c, s, m = make_case((4, 6))
+    bad = [
+        ("weight must be float32, float16 or bfloat16", (w.double(), c, s, m)),
+        ("weight must have an output-channel dim 0", (w[0, 0], c, s, m[0, 0])),
+        ("weight must be contiguous", (w.t(), c, torch.ones(6), m.t().contiguous())),
+        ("codebook must be 1-D with 1 to 256 levels", (w, c.reshape(2, 4), s, m)),
+        ("codebook must be 1-D with 1 to 256 levels", (w, torch.arange(257.0), s, m)),
+        ("codebook must be 1-D with 1 to 256 levels", (w, c[:0], s, m)),
+        ("codebook must be float32", (w, c.double(), s, m)),
+        ("codebook must be contiguous", (w, torch.randn(16)[::2], s, m)),
+        ("channel_scale must have shape", (w, c, s[:-1], m)),
+        ("channel_scale must be float32", (w, c, s.half(), m)),
+        ("keep_mask must be bool", (w, c, s, m.float())),
+        ("keep_mask must have weight's shape", (w, c, s, m[:, :3])),
+        ("keep_mask must be contiguous", (w, c, s, m.t().contiguous().t())),
+    ]
+    for message, args in bad:
+        with pytest.raises(RuntimeError, match=f"{op}: {message}"):
+            kernel(*args)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backends_pass_opcheck(backend):
+    device = _codebook_backend_device(backend)
+    for seed, shape in enumerate([(4, 3, 3, 3), (5, 7)]):
+        weight, codebook, scale, mask = make_case(shape, seed=seed, device=device)
+        torch.library.opcheck(torch.ops.mixedprec.codebook_quant.default,
+                              (weight.requires_grad_(), codebook, scale, mask, backend))
 
 
 def test_custom_op_registration_passes_opcheck():

@@ -23,6 +23,8 @@
 namespace mixedprec {
 
 using Vec = at::vec::Vectorized<float>;
+using VecIndex = at::vec::Vectorized<int32_t>;
+static_assert(VecIndex::size() == Vec::size());
 
 struct VecOps {
   using F = Vec;
@@ -32,6 +34,15 @@ struct VecOps {
   static F clamp(F v, float lo, float hi) { return at::vec::clamp(v, F(lo), F(hi)); }
   static F abs(F v) { return v.abs(); }
   static F select(F mask, F a, F b) { return F::blendv(b, a, mask); }
+
+  using Index = VecIndex;
+  static Index index_splat(int v) { return Index(v); }
+  static F gather(const float* table, const Index& i) { return at::vec::gather<sizeof(float)>(table, i); }
+  // i where a >= b, else i + step; the comparison is ordered (NaN -> i + step), as ScalarOps'.
+  static Index step_unless_ge(const Index& i, F a, F b, int step) {
+    return Index::blendv(i + Index(step), i, at::vec::cast<int32_t>(a >= b));
+  }
+  static Index index_min(const Index& i, int hi) { return at::vec::minimum(i, Index(hi)); }
 };
 
 template <class T>
@@ -54,6 +65,13 @@ inline void store_vec(T* p, Vec v) {
     v.store(wide);
     for (int i = 0; i < Vec::size(); ++i) p[i] = static_cast<T>(wide[i]);
   }
+}
+
+// A bool mask as a lane mask (all bits set where true), for VecOps::select.
+inline Vec load_lane_mask(const bool* p) {
+  alignas(64) int32_t lanes[Vec::size()];
+  for (int i = 0; i < Vec::size(); ++i) lanes[i] = p[i] ? -1 : 0;
+  return at::vec::cast<float>(VecIndex::loadu(lanes));
 }
 
 inline double lane_sum(Vec v) {

@@ -17,6 +17,8 @@ struct CudaLaunchers {
   static int64_t workspace_floats(int64_t n) { return cuda::bit_sharing_workspace_floats(n); }
   static constexpr auto forward = &cuda::bit_sharing_forward;
   static constexpr auto backward = &cuda::bit_sharing_backward;
+  static constexpr const char* kCodebookForwardName = "codebook_quant_fwd";
+  static constexpr auto codebook_forward = &cuda::codebook_quant_forward;
 };
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
@@ -31,10 +33,17 @@ std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, const at::Tenso
   return device_bit_sharing_bwd<CudaLaunchers>(grad_y, x, clip, gates, bits, is_signed);
 }
 
+at::Tensor codebook_fwd(const at::Tensor& weight, const at::Tensor& codebook, const at::Tensor& channel_scale,
+                        const at::Tensor& keep_mask) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  return device_codebook_quant_fwd<CudaLaunchers>(weight, codebook, channel_scale, keep_mask);
+}
+
 }  // namespace
 }  // namespace mixedprec
 
 TORCH_LIBRARY_IMPL(mixedprec, CUDA, m) {
   m.impl("bit_sharing_quant_fwd", &mixedprec::fwd);
   m.impl("bit_sharing_quant_bwd", &mixedprec::bwd);
+  m.impl("codebook_quant_fwd", &mixedprec::codebook_fwd);
 }

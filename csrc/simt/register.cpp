@@ -15,6 +15,8 @@ struct SimtLaunchers {
   static int64_t workspace_floats(int64_t n) { return simt::bit_sharing_workspace_floats(n); }
   static constexpr auto forward = &simt::bit_sharing_forward;
   static constexpr auto backward = &simt::bit_sharing_backward;
+  static constexpr const char* kCodebookForwardName = "simt_codebook_quant_fwd";
+  static constexpr auto codebook_forward = &simt::codebook_quant_forward;
 };
 
 }  // namespace
@@ -23,4 +25,5 @@ struct SimtLaunchers {
 TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
   m.impl("simt_bit_sharing_quant_fwd", &mixedprec::device_bit_sharing_fwd<mixedprec::SimtLaunchers>);
   m.impl("simt_bit_sharing_quant_bwd", &mixedprec::device_bit_sharing_bwd<mixedprec::SimtLaunchers>);
+  m.impl("simt_codebook_quant_fwd", &mixedprec::device_codebook_quant_fwd<mixedprec::SimtLaunchers>);
 }

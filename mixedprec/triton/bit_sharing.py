@@ -17,11 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec._extension import TRITON_INTERPRETED, poison_outputs
-
-# Programs are costly under the interpreter; on a GPU 1024 elements per program keep it busy.
-BLOCK = 8192 if TRITON_INTERPRETED else 1024
-_LAUNCH_OPTIONS = {} if TRITON_INTERPRETED else {"enable_fp_fusion": False}
+from mixedprec.triton.common import BLOCK, LAUNCH_OPTIONS, grid, output_like, to_storage
 
 
 @triton.jit
@@ -29,18 +25,6 @@ def _round_half_even(t):
     # Adding and removing 1.5 * 2^23 rounds to an integer, ties to even, for |t| < 2^22
     # (here |t| <= 2^16 - 1); NaN passes through.
     return (t + 12582912.0) - 12582912.0
-
-
-@triton.jit
-def _to_storage(v, ptr):
-    """float32 -> the pointer's element type, rounding to nearest even. bfloat16 is rounded by
-    hand: Triton's interpreter truncates, the GPU rounds; torch rounds."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(v != v, 0x7FC0, rounded)  # keep NaN a NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return v.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -107,7 +91,7 @@ def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, levels_ptr, residual_
         y = clip * (2.0 * z_hat - 1.0)
     else:
         y = clip * z_hat
-    tl.store(y_ptr + offs, _to_storage(y, y_ptr), mask=mask)
+    tl.store(y_ptr + offs, to_storage(y, y_ptr), mask=mask)
 
 
 @triton.jit
@@ -120,7 +104,7 @@ def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, levels_ptr,
     t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_clip_ptr)
     lo: tl.constexpr = -1.0 if SIGNED else 0.0
     inside = (t > lo) & (t < 1.0)  # open interval, as torch.clamp's gradient
-    tl.store(grad_x_ptr + offs, _to_storage(tl.where(inside, g, 0.0), grad_x_ptr), mask=mask)
+    tl.store(grad_x_ptr + offs, to_storage(tl.where(inside, g, 0.0), grad_x_ptr), mask=mask)
     z = _normalize(t, SIGNED)
     tail = tl.zeros_like(z)
     for i in tl.static_range(NUM_BITS - 1):
@@ -149,33 +133,25 @@ def _levels(bits: list[int], device: torch.device) -> Tensor:
     return torch.cat([levels, 1.0 / levels]).to(device)
 
 
-def _output_like(t: Tensor) -> Tensor:
-    return torch.full_like(t, float("nan")) if poison_outputs() else torch.empty_like(t)
-
-
-def _grid(n: int) -> tuple[int]:
-    return (max(1, triton.cdiv(n, BLOCK)),)
-
-
 def forward(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool) -> tuple[Tensor, Tensor]:
     n, k = x.numel(), len(bits)
     levels, inv_clip = _levels(bits, x.device), (1.0 / clip).reshape(1)
-    y = _output_like(x)
+    y = output_like(x)
     residual_mean = torch.empty(k - 1, dtype=torch.float32, device=x.device)
     if k > 1:
-        partial = torch.zeros(_grid(n)[0], k, dtype=torch.float32, device=x.device)
-        _stats_kernel[_grid(n)](x, n, inv_clip, levels, partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK,
-                                **_LAUNCH_OPTIONS)
+        partial = torch.zeros(grid(n)[0], k, dtype=torch.float32, device=x.device)
+        _stats_kernel[grid(n)](x, n, inv_clip, levels, partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK,
+                               **LAUNCH_OPTIONS)
         residual_mean = (partial[:, 1:].sum(0, dtype=torch.float64) / n).float()
-    _apply_kernel[_grid(n)](x, y, n, clip.reshape(1), inv_clip, levels, residual_mean, thresholds,
-                            NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **_LAUNCH_OPTIONS)
+    _apply_kernel[grid(n)](x, y, n, clip.reshape(1), inv_clip, levels, residual_mean, thresholds,
+                           NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     return y, residual_mean
 
 
 def backward(grad_y: Tensor, x: Tensor, clip: Tensor, gates: Tensor, bits: list[int], signed: bool) -> tuple[Tensor, Tensor]:
     n, k = x.numel(), len(bits)
-    grad_x = _output_like(x)
-    partial = torch.empty(_grid(n)[0], k, dtype=torch.float32, device=x.device)
-    _backward_kernel[_grid(n)](grad_y, x, grad_x, n, (1.0 / clip).reshape(1), _levels(bits, x.device), gates,
-                               partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **_LAUNCH_OPTIONS)
+    grad_x = output_like(x)
+    partial = torch.empty(grid(n)[0], k, dtype=torch.float32, device=x.device)
+    _backward_kernel[grid(n)](grad_y, x, grad_x, n, (1.0 / clip).reshape(1), _levels(bits, x.device), gates,
+                               partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     return grad_x, partial.sum(0, dtype=torch.float64).float()

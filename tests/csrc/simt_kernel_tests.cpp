@@ -1,8 +1,10 @@
 // The CUDA kernels, run on host buffers through the SIMT emulation, against a plain scalar
 // version of the math written here. Built plain, under ASan+UBSan and under TSan (CMakeLists.txt);
 // the Python suite compares the same kernels with mixedprec/reference.py.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -18,6 +20,13 @@ void expect(bool ok, const char* what, int n, int k, bool is_signed) {
   if (!ok) {
     ++failures;
     std::printf("FAIL %s (n=%d, K=%d, signed=%d)\n", what, n, k, int(is_signed));
+  }
+}
+
+void expect(bool ok, const char* what, int n, int levels) {
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s (n=%d, levels=%d)\n", what, n, levels);
   }
 }
 
@@ -124,6 +133,60 @@ void run_case(int n, const std::vector<int>& bits, bool is_signed, std::mt19937&
   expect(same_h, "float16 forward", n, k, is_signed);
 }
 
+// OPQ codebook fake-quant, written out plainly: a linear scan for the first midpoint >= z
+// (torch.searchsorted's lower bound), then the reference's `scale * level + (w - w)`.
+float codebook_oracle(float w, bool keep, float scale, const std::vector<float>& codebook) {
+  const float z = w * (1.0f / scale);
+  size_t j = 0;
+  while (j + 1 < codebook.size() && !((codebook[j] + codebook[j + 1]) * 0.5f >= z)) ++j;
+  return keep ? scale * codebook[j] + (w - w) : 0.0f;
+}
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0 || (std::isnan(a) && std::isnan(b)); }
+
+void run_codebook_case(int channels, int inner, int levels, std::mt19937& rng) {
+  const int n = channels * inner;
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> pick(0, 3);
+  std::vector<float> codebook(levels);
+  for (auto& c : codebook) c = normal(rng);
+  std::sort(codebook.begin(), codebook.end());
+  codebook.erase(std::unique(codebook.begin(), codebook.end()), codebook.end());
+  levels = int(codebook.size());
+  std::vector<float> scale(channels), weight(n);
+  for (int c = 0; c < channels; ++c) scale[c] = std::ldexp(1.0f, c % 5 - 2) * (c % 2 ? 1.0f : 1.37f);
+  std::vector<uint8_t> keep(n);  // bool storage without std::vector<bool>'s packing
+  for (int i = 0; i < n; ++i) {
+    const float s = scale[i / inner];
+    const int j = std::uniform_int_distribution<int>(0, levels - 1)(rng);
+    switch (pick(rng)) {  // a random value, a level, a midpoint (a tie), or a non-finite value
+      case 0: weight[i] = 2.0f * normal(rng); break;
+      case 1: weight[i] = codebook[j] * s; break;
+      case 2: weight[i] = (j + 1 < levels ? (codebook[j] + codebook[j + 1]) * 0.5f : codebook[j]) * s; break;
+      default: weight[i] = i % 3 == 0 ? NAN : (i % 3 == 1 ? INFINITY : -INFINITY);
+    }
+    keep[i] = pick(rng) != 0;
+  }
+  std::vector<float> y(n, NAN);
+  const bool* keep_mask = reinterpret_cast<const bool*>(keep.data());
+  const char* err = simt::codebook_quant_forward(DType::f32, weight.data(), keep_mask, y.data(), n, inner,
+                                                 codebook.data(), levels, scale.data(), nullptr);
+  expect(err == nullptr, "codebook launch", n, levels);
+  bool same = true;
+  for (int i = 0; i < n; ++i) same &= same_bits(y[i], codebook_oracle(weight[i], keep[i], scale[i / inner], codebook));
+  expect(same, "codebook output bit-exact", n, levels);
+
+  std::vector<BFloat16> wb(n), yb(n);
+  for (int i = 0; i < n; ++i) wb[i] = from_float<BFloat16>(weight[i]);
+  err = simt::codebook_quant_forward(DType::bf16, wb.data(), keep_mask, yb.data(), n, inner, codebook.data(), levels,
+                                     scale.data(), nullptr);
+  bool same_b = err == nullptr;
+  for (int i = 0; i < n; ++i)
+    same_b &= same_bits(to_float(yb[i]), to_float(from_float<BFloat16>(
+                                             codebook_oracle(to_float(wb[i]), keep[i], scale[i / inner], codebook))));
+  expect(same_b, "codebook bfloat16 output", n, levels);
+}
+
 }  // namespace
 
 int main() {
@@ -134,6 +197,12 @@ int main() {
   for (int n : {7, 1000})
     for (const auto& bits : bit_sets)
       for (bool is_signed : {true, false}) run_case(n, bits, is_signed, rng);
+  // 1, 2, 16 and 256 levels; 3 x 700 elements outrun the 3 x 256 emulated threads (grid stride)
+  for (int levels : {1, 2, 16, 256}) {
+    run_codebook_case(1, 1, levels, rng);
+    run_codebook_case(5, 37, levels, rng);
+    run_codebook_case(3, 700, levels, rng);
+  }
   std::printf("%d failed\n", failures);
   return failures == 0 ? 0 : 1;
 }

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "mixedprec/common.h"
+#include "mixedprec/scalar_ops.h"
 
 namespace mixedprec {
 
@@ -50,18 +51,6 @@ inline BitSharingParams make_bit_sharing_params(const int64_t* bits, int num_bit
   }
   return p;
 }
-
-// Ops policy for plain floats.
-struct ScalarOps {
-  using F = float;
-  MP_HD static F splat(float v) { return v; }
-  MP_HD static F round_even(F v) { return rintf(v); }
-  MP_HD static F mul_rn(F a, F b) { return mixedprec::mul_rn(a, b); }
-  // NaN passes through, as torch.clamp does (fminf/fmaxf would drop it).
-  MP_HD static F clamp(F v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
-  MP_HD static F abs(F v) { return fabsf(v); }
-  MP_HD static F select(bool m, F a, F b) { return m ? a : b; }
-};
 
 // t = x / v, z = normalized value in [0, 1].
 template <class Ops, class F>

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "mixedprec/bit_sharing.h"
+#include "mixedprec/codebook.h"
 #include "mixedprec/common.h"
 
 #define MP_DECLARE_LAUNCHERS                                                                   \
@@ -21,7 +22,13 @@
   const char* bit_sharing_backward(DType dtype, const void* grad_y, const void* x,             \
                                    void* grad_x, int64_t n, const float* clip,                 \
                                    const float* gates, float* sums, float* workspace,          \
-                                   const BitSharingParams& p, void* stream);
+                                   const BitSharingParams& p, void* stream);                    \
+  /* y = codebook fake-quant of weight viewed as (n / inner, inner) rows, one channel_scale */ \
+  /* per row, 0 where !keep_mask; codebook holds `levels` ascending floats (1..256) */         \
+  const char* codebook_quant_forward(DType dtype, const void* weight, const bool* keep_mask,   \
+                                     void* y, int64_t n, int64_t inner,                        \
+                                     const float* codebook, int levels,                        \
+                                     const float* channel_scale, void* stream);
 
 namespace mixedprec {
 namespace cuda { MP_DECLARE_LAUNCHERS }

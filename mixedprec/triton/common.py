@@ -1,0 +1,36 @@
+"""What the Triton launchers share: block size and launch options, NaN-poisoned outputs, and
+rounding float32 results to the output's storage type as torch does."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mixedprec._extension import TRITON_INTERPRETED, poison_outputs
+
+# Programs are costly under the interpreter; on a GPU 1024 elements per program keep it busy.
+BLOCK = 8192 if TRITON_INTERPRETED else 1024
+# FMA contraction would change float32 results in the last bit against the other backends.
+LAUNCH_OPTIONS = {} if TRITON_INTERPRETED else {"enable_fp_fusion": False}
+
+
+@triton.jit
+def to_storage(v, ptr):
+    """float32 -> the pointer's element type, rounding to nearest even. bfloat16 is rounded by
+    hand: Triton's interpreter truncates, the GPU rounds; torch rounds."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(v != v, 0x7FC0, rounded)  # keep NaN a NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(ptr.dtype.element_ty)
+
+
+def output_like(t: Tensor) -> Tensor:
+    """An uninitialized output, or a NaN-filled one under MIXEDPREC_POISON_OUTPUTS=1."""
+    return torch.full_like(t, float("nan")) if poison_outputs() else torch.empty_like(t)
+
+
+def grid(n: int) -> tuple[int]:
+    return (max(1, triton.cdiv(n, BLOCK)),)
