@@ -20,4 +20,16 @@ TORCH_LIBRARY(mixedprec, m) {
   m.def("simt_bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed) -> (Tensor, Tensor)");
   m.def("simt_bit_sharing_quant_bwd(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> (Tensor, Tensor)");
   m.def("simt_codebook_quant_fwd(Tensor weight, Tensor codebook, Tensor channel_scale, Tensor keep_mask) -> Tensor");
+  // lowbit_linear (packed low-bit weight, mixedprec/formats.py): y = x W^T and grad_x = grad_y W,
+  // float32 (M, in) / (M, out); keep_bitmap and group_code_offsets are None for a dense weight
+  m.def("lowbit_linear_fwd(Tensor x, Tensor codebook, Tensor channel_scale, Tensor codes, Tensor? keep_bitmap, "
+        "Tensor row_code_offsets, Tensor? group_code_offsets, int in_features, int bits) -> Tensor");
+  m.def("lowbit_linear_bwd(Tensor grad_y, Tensor codebook, Tensor channel_scale, Tensor codes, Tensor? keep_bitmap, "
+        "Tensor row_code_offsets, Tensor? group_code_offsets, int in_features, int bits) -> Tensor");
+  m.def("simt_lowbit_linear_fwd(Tensor x, Tensor codebook, Tensor channel_scale, Tensor codes, Tensor? keep_bitmap, "
+        "Tensor row_code_offsets, Tensor? group_code_offsets, int in_features, int bits) -> Tensor");
+  m.def("simt_lowbit_linear_bwd(Tensor grad_y, Tensor codebook, Tensor channel_scale, Tensor codes, Tensor? keep_bitmap, "
+        "Tensor row_code_offsets, Tensor? group_code_offsets, int in_features, int bits) -> Tensor");
+  // selects the CPU kernel's AVX-512 decode (true) or its scalar twin; returns the previous choice
+  m.def("lowbit_set_cpu_simd(bool enabled) -> bool");
 }

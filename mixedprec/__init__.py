@@ -1,5 +1,6 @@
 """mixedprec: joint pruning + mixed-precision quantization (SBS and OPQ) with fused kernels."""
 from mixedprec import ops
+from mixedprec.nn import load, pack, save
 
-__all__ = ["ops"]
+__all__ = ["ops", "pack", "save", "load"]
 __version__ = "0.1.0"

@@ -12,10 +12,21 @@ One layer's weight W (C_out, ...) is stored as:
 
 Its byte size is ``mixedprec.metrics.packed_layer_bytes`` (sections padded to 16 bytes plus a
 64-byte header when saved). ``row_code_offsets`` (where each output channel's codes start) is
-derived on construction, not stored: kernels decode rows in parallel from it.
+derived on construction, not stored: kernels decode rows in parallel from it, and, for a
+sparse weight, ``group_code_offsets`` (C_out, ceil(row_length / 32)) int32: the kept codes of a
+row before each 32-column group, so that a kernel finds the code of any (row, column) with one
+32-bit popcount (transposed products, column-parallel kernels).
+
+Files (``save_file`` / ``load_file``): safetensors (no pickle), written atomically (temp file,
+fsync, rename), with a format version and a CRC32 per tensor in the metadata; loading rejects
+truncated, corrupted, inconsistent and newer-version files with a ValueError naming the problem.
 """
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +34,9 @@ import torch
 from torch import Tensor
 
 MAX_BITS = 8
+GROUP = 32  # columns per group of group_code_offsets (one 32-bit bitmap window)
+FORMAT_NAME = "mixedprec.packed"
+FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -34,10 +48,13 @@ class PackedWeight:
     codes: Tensor
     keep_bitmap: Tensor | None = None
     row_code_offsets: Tensor = field(init=False, repr=False, compare=False)
+    group_code_offsets: Tensor | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _validate(self)
-        object.__setattr__(self, "row_code_offsets", _row_code_offsets(self))
+        row_offsets, group_offsets = _code_offsets(self)
+        object.__setattr__(self, "row_code_offsets", row_offsets)
+        object.__setattr__(self, "group_code_offsets", group_offsets)
 
     @property
     def out_channels(self) -> int:
@@ -128,12 +145,20 @@ def _unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
     return torch.from_numpy(stream.astype(np.int64) @ weights).to(data.device)
 
 
-def _row_code_offsets(p: PackedWeight) -> Tensor:
+def _code_offsets(p: PackedWeight) -> tuple[Tensor, Tensor | None]:
+    """(row_code_offsets (C_out + 1,) int64, group_code_offsets (C_out, groups) int32 or None)."""
     if p.keep_bitmap is None:
         per_row = torch.full((p.out_channels,), p.row_length, dtype=torch.int64)
+        group_offsets = None
     else:
-        per_row = p.keep_mask().reshape(p.out_channels, -1).sum(1).cpu()
-    return torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]).to(p.device)
+        mask = p.keep_mask().reshape(p.out_channels, -1).cpu()
+        per_row = mask.sum(1)
+        groups = -(-p.row_length // GROUP)
+        padded = torch.nn.functional.pad(mask.to(torch.int32), (0, groups * GROUP - p.row_length))
+        per_group = padded.reshape(p.out_channels, groups, GROUP).sum(2, dtype=torch.int32)
+        group_offsets = (per_group.cumsum(1, dtype=torch.int32) - per_group).to(p.device)
+    row_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]).to(p.device)
+    return row_offsets, group_offsets
 
 
 def _validate(p: PackedWeight) -> None:
@@ -158,3 +183,87 @@ def _validate(p: PackedWeight) -> None:
     devices = {t.device for t in (p.codebook, p.channel_scale, p.codes) + ((p.keep_bitmap,) if p.keep_bitmap is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+_FIELDS = ("codebook", "channel_scale", "codes", "keep_bitmap")
+
+
+def packed_tensors(p: PackedWeight, prefix: str) -> tuple[dict[str, Tensor], dict]:
+    """The stored tensors of ``p`` under ``prefix`` and its JSON-able description."""
+    tensors = {f"{prefix}{name}": getattr(p, name) for name in _FIELDS if getattr(p, name) is not None}
+    return tensors, {"shape": list(p.shape), "bits": p.bits}
+
+
+def packed_from_tensors(tensors: dict[str, Tensor], prefix: str, description: dict) -> PackedWeight:
+    """Inverse of ``packed_tensors``; a ValueError names the layer whose data is inconsistent."""
+    name = prefix.rstrip(".") or "<root>"
+    try:
+        shape, bits = tuple(int(s) for s in description["shape"]), description["bits"]
+        fields = {f: tensors.get(f"{prefix}{f}") for f in _FIELDS}
+        missing = [f for f in _FIELDS[:3] if fields[f] is None]
+        if missing:
+            raise ValueError(f"missing tensors {missing}")
+        return PackedWeight(shape, bits, **fields)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"packed layer {name!r} is inconsistent: {exc}") from None
+
+
+def save_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict) -> None:
+    """Writes ``tensors`` and the JSON-able ``metadata`` as a versioned safetensors file, atomically:
+    a crash leaves either the old file or the new one, never a partial one."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "content": json.dumps(metadata),
+              "crc32": json.dumps({k: _crc32(v) for k, v in tensors.items()})}
+    data = save(tensors, metadata=header)
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, metadata) of a file written by ``save_file``, checked: a ValueError says what is wrong."""
+    from safetensors.torch import load
+
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        tensors = load(data)
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {exc}") from None
+    if header.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not a mixedprec packed model (format {header.get('format')!r}, expected {FORMAT_NAME!r})")
+    try:
+        version = int(header["version"])
+        content, checksums = json.loads(header["content"]), json.loads(header["crc32"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: malformed mixedprec header: {exc}") from None
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: written by packed format version {version}, this mixedprec reads versions "
+                         f"up to {FORMAT_VERSION}; upgrade mixedprec to load it")
+    if set(checksums) != set(tensors):
+        raise ValueError(f"{path}: tensors {sorted(set(checksums) ^ set(tensors))} are missing or unexpected")
+    for name, t in tensors.items():
+        if _crc32(t) != checksums[name]:
+            raise ValueError(f"{path}: tensor {name!r} is corrupted (CRC32 mismatch)")
+    return tensors, content
+
+
+def _crc32(t: Tensor) -> int:
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes()) if t.numel() else 0

@@ -386,3 +386,146 @@ def _codebook_backward(ctx, grad_y):
 
 
 _codebook_quant.register_autograd(_codebook_backward, setup_context=_codebook_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowbit_linear (packed low-bit weights, mixedprec/formats.py)
+
+_LOWBIT_KERNEL_OPS = {
+    "cpu": ("lowbit_linear_fwd", "CPU"),
+    "cuda": ("lowbit_linear_fwd", "CUDA"),
+    "simt": ("simt_lowbit_linear_fwd", "CPU"),
+}
+
+
+def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
+    """y = x W^T + bias with W (out, in) decoded from ``packed`` inside the kernel, never materialized.
+
+    x: float tensor (..., in), float32/float16/bfloat16 (float64 with backend='reference'), any
+    strides. packed: a 2-D ``formats.PackedWeight`` on x's device. bias: None or a float (out,).
+    Kernels compute in float32 (W[c, i] = float(channel_scale[c]) * float(codebook[code])) and
+    return x's dtype. Gradients reach x (grad_y W, through the codebook, no materialized W) and
+    bias; none reach the packed tensors.
+    """
+    from mixedprec.formats import PackedWeight
+
+    op = "lowbit_linear"
+    _check_tensor(op, "x", x)
+    if not isinstance(packed, PackedWeight):
+        raise ValueError(f"{op}: packed must be a mixedprec.formats.PackedWeight, got {type(packed).__name__}")
+    if len(packed.shape) != 2:
+        raise ValueError(f"{op}: packed must hold a 2-D (out, in) weight, got shape {packed.shape}")
+    return packed_linear(x, packed.codebook, packed.channel_scale, packed.codes, packed.keep_bitmap,
+                         packed.row_code_offsets, packed.group_code_offsets, packed.shape, packed.bits, bias,
+                         backend=backend)
+
+
+def packed_linear(x: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Tensor, keep_bitmap: Tensor | None,
+                  row_code_offsets: Tensor, group_code_offsets: Tensor | None, shape: Sequence[int], bits: int,
+                  bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
+    """lowbit_linear on a PackedWeight's tensors (already validated, e.g. the buffers of
+    ``mixedprec.nn.PackedLinear``): skips rebuilding the PackedWeight on every call."""
+    op = "lowbit_linear"
+    out_features, in_features = shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x must have last dim {in_features} (the weight's in features), got shape {tuple(x.shape)}")
+    if codes.device != x.device:
+        raise ValueError(f"{op}: packed is on {codes.device} but x is on {x.device}")
+    if bias is not None:
+        _check_tensor(op, "bias", bias, x.device)
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    backend = _resolve_lowbit_backend(backend, x)
+    if backend == "reference":
+        from mixedprec.formats import PackedWeight
+        return reference.lowbit_linear(x, PackedWeight(tuple(shape), bits, codebook, channel_scale, codes, keep_bitmap),
+                                       bias)
+    y = torch.ops.mixedprec.lowbit_linear(x, codebook, channel_scale, codes, keep_bitmap, row_code_offsets,
+                                          group_code_offsets, in_features, bits, backend)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _lowbit_kernel_registered(backend: str) -> bool:
+    if backend in ("reference", "triton"):
+        return True
+    name, key = _LOWBIT_KERNEL_OPS[backend]
+    return hasattr(torch.ops.mixedprec, name) and _extension._has_kernel(name, key)
+
+
+_LOWBIT_KERNEL_BUILT = {b: _lowbit_kernel_registered(b) for b in BACKENDS}
+
+
+def _resolve_lowbit_backend(backend: str | None, x: Tensor) -> str:
+    resolved = resolve_backend("lowbit_linear", backend, x)
+    if _LOWBIT_KERNEL_BUILT[resolved]:
+        return resolved
+    if backend is None:
+        return "reference"
+    raise RuntimeError(f"lowbit_linear: backend {backend!r} has no lowbit_linear kernel in this build; "
+                       f"rebuild mixedprec._C or use backend='reference'")
+
+
+def _lowbit_kernels(backend: str) -> _Kernels:
+    if backend == "triton":
+        from mixedprec.triton import lowbit_linear
+        return _Kernels(lowbit_linear.forward, lowbit_linear.backward)
+    if backend == "simt":
+        return _Kernels(torch.ops.mixedprec.simt_lowbit_linear_fwd, torch.ops.mixedprec.simt_lowbit_linear_bwd)
+    return _Kernels(torch.ops.mixedprec.lowbit_linear_fwd, torch.ops.mixedprec.lowbit_linear_bwd)
+
+
+def _lowbit_call(kernel: Callable, t: Tensor, codebook, channel_scale, codes, keep_bitmap, row_code_offsets,
+                 group_code_offsets, in_features: int, bits: int) -> Tensor:
+    """Runs a kernel on t flattened to (M, features) float32; kernels take float32 tables."""
+    flat = t.reshape(-1, t.shape[-1]).to(torch.float32).contiguous()
+    return kernel(flat, codebook.to(torch.float32), channel_scale.to(torch.float32), codes, keep_bitmap,
+                  row_code_offsets, group_code_offsets, in_features, bits)
+
+
+@torch.library.custom_op("mixedprec::lowbit_linear", mutates_args=())
+def _lowbit_linear(x: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Tensor, keep_bitmap: Tensor | None,
+                   row_code_offsets: Tensor, group_code_offsets: Tensor | None, in_features: int, bits: int,
+                   backend: str) -> Tensor:
+    y = _lowbit_call(_lowbit_kernels(backend).forward, x, codebook, channel_scale, codes, keep_bitmap,
+                     row_code_offsets, group_code_offsets, in_features, bits)
+    return y.reshape(*x.shape[:-1], channel_scale.shape[0]).to(x.dtype)
+
+
+@_lowbit_linear.register_fake
+def _(x, codebook, channel_scale, codes, keep_bitmap, row_code_offsets, group_code_offsets, in_features, bits, backend):
+    return x.new_empty(*x.shape[:-1], channel_scale.shape[0])
+
+
+@torch.library.custom_op("mixedprec::lowbit_linear_backward", mutates_args=())
+def _lowbit_linear_backward(grad_y: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Tensor,
+                            keep_bitmap: Tensor | None, row_code_offsets: Tensor, group_code_offsets: Tensor | None,
+                            in_features: int, bits: int, backend: str) -> Tensor:
+    grad_x = _lowbit_call(_lowbit_kernels(backend).backward, grad_y, codebook, channel_scale, codes, keep_bitmap,
+                          row_code_offsets, group_code_offsets, in_features, bits)
+    return grad_x.reshape(*grad_y.shape[:-1], in_features).to(grad_y.dtype)
+
+
+@_lowbit_linear_backward.register_fake
+def _(grad_y, codebook, channel_scale, codes, keep_bitmap, row_code_offsets, group_code_offsets, in_features, bits,
+      backend):
+    return grad_y.new_empty(*grad_y.shape[:-1], in_features)
+
+
+def _lowbit_setup_context(ctx, inputs, output):
+    x, *packed, in_features, bits, backend = inputs
+    ctx.save_for_backward(*packed)  # the packed tensors only: x is not needed for grad_x
+    ctx.in_features, ctx.bits, ctx.backend = in_features, bits, backend
+
+
+def _lowbit_backward(ctx, grad_y):
+    grad_x = torch.ops.mixedprec.lowbit_linear_backward(grad_y, *ctx.saved_tensors, ctx.in_features, ctx.bits, ctx.backend)
+    return (grad_x,) + (None,) * 9
+
+
+_lowbit_linear.register_autograd(_lowbit_backward, setup_context=_lowbit_setup_context)
+
+
+def set_cpu_simd(enabled: bool) -> bool:
+    """Selects the CPU lowbit_linear kernel's AVX-512 decode (True, default) or its scalar twin;
+    returns the previous setting (for tests and benchmarks)."""
+    return torch.ops.mixedprec.lowbit_set_cpu_simd(bool(enabled))

@@ -120,3 +120,18 @@ def codebook_quant(weight: Tensor, codebook: Tensor, channel_scale: Tensor, keep
     # mask zeroes both the value and the gradient of pruned weights.
     y = q + (w - w.detach())
     return torch.where(keep_mask, y, torch.zeros((), dtype=dtype, device=w.device)).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowbit_linear (packed low-bit weights)
+
+def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None) -> Tensor:
+    """y = x W^T + b with W = packed.decode() in float64 (the oracle; materializes W).
+
+    Differentiable in x and bias; the packed weight gets no gradient. Output in x's dtype.
+    """
+    weight = packed.decode(torch.float64).reshape(packed.out_channels, -1)
+    y = x.to(torch.float64) @ weight.T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype)

@@ -47,3 +47,35 @@ TORCH_LIBRARY_IMPL(mixedprec, CUDA, m) {
   m.impl("bit_sharing_quant_bwd", &mixedprec::bwd);
   m.impl("codebook_quant_fwd", &mixedprec::codebook_fwd);
 }
+
+// --- lowbit_linear
+#include "../lowbit_glue.h"
+
+namespace mixedprec {
+namespace {
+
+struct CudaLowbitLaunchers {
+  static constexpr const char* kLowbitForwardName = "lowbit_linear_fwd";
+  static constexpr const char* kLowbitBackwardName = "lowbit_linear_bwd";
+  static void* stream(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
+  static constexpr auto lowbit_forward = &cuda::lowbit_linear_forward;
+  static constexpr auto lowbit_backward = &cuda::lowbit_linear_backward;
+};
+
+template <auto Fn>
+at::Tensor guarded(const at::Tensor& t, const at::Tensor& codebook, const at::Tensor& channel_scale,
+                   const at::Tensor& codes, const std::optional<at::Tensor>& keep_bitmap,
+                   const at::Tensor& row_code_offsets, const std::optional<at::Tensor>& group_code_offsets,
+                   int64_t in_features, int64_t bits) {
+  const c10::cuda::CUDAGuard guard(t.device());
+  return Fn(t, codebook, channel_scale, codes, keep_bitmap, row_code_offsets, group_code_offsets, in_features, bits);
+}
+
+}  // namespace
+}  // namespace mixedprec
+
+TORCH_LIBRARY_IMPL(mixedprec, CUDA, m) {
+  using Device = mixedprec::LowbitLinearDevice<mixedprec::CudaLowbitLaunchers>;
+  m.impl("lowbit_linear_fwd", &mixedprec::guarded<&Device::forward>);
+  m.impl("lowbit_linear_bwd", &mixedprec::guarded<&Device::backward>);
+}

@@ -27,3 +27,26 @@ TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
   m.impl("simt_bit_sharing_quant_bwd", &mixedprec::device_bit_sharing_bwd<mixedprec::SimtLaunchers>);
   m.impl("simt_codebook_quant_fwd", &mixedprec::device_codebook_quant_fwd<mixedprec::SimtLaunchers>);
 }
+
+// --- lowbit_linear
+#include "../lowbit_glue.h"
+
+namespace mixedprec {
+namespace {
+
+struct SimtLowbitLaunchers {
+  static constexpr const char* kLowbitForwardName = "simt_lowbit_linear_fwd";
+  static constexpr const char* kLowbitBackwardName = "simt_lowbit_linear_bwd";
+  static void* stream(const at::Tensor&) { return nullptr; }
+  static constexpr auto lowbit_forward = &simt::lowbit_linear_forward;
+  static constexpr auto lowbit_backward = &simt::lowbit_linear_backward;
+};
+
+}  // namespace
+}  // namespace mixedprec
+
+TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
+  using Device = mixedprec::LowbitLinearDevice<mixedprec::SimtLowbitLaunchers>;
+  m.impl("simt_lowbit_linear_fwd", &Device::forward);
+  m.impl("simt_lowbit_linear_bwd", &Device::backward);
+}

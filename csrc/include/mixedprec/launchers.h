@@ -34,3 +34,20 @@ namespace mixedprec {
 namespace cuda { MP_DECLARE_LAUNCHERS }
 namespace simt { MP_DECLARE_LAUNCHERS }
 }  // namespace mixedprec
+
+// --- lowbit_linear (cuda/lowbit_linear.cu): x (M, in), y (M, out), grad_y (M, out), grad_x (M, in),
+// all float32 contiguous; W from the packed view.
+#include "mixedprec/lowbit.h"
+
+#define MP_DECLARE_LOWBIT_LAUNCHERS                                                            \
+  /* y = x W^T */                                                                              \
+  const char* lowbit_linear_forward(const float* x, float* y, int64_t m_rows,                 \
+                                    const PackedView& w, void* stream);                        \
+  /* grad_x = grad_y W */                                                                      \
+  const char* lowbit_linear_backward(const float* grad_y, float* grad_x, int64_t m_rows,      \
+                                     const PackedView& w, void* stream);
+
+namespace mixedprec {
+namespace cuda { MP_DECLARE_LOWBIT_LAUNCHERS }
+namespace simt { MP_DECLARE_LOWBIT_LAUNCHERS }
+}  // namespace mixedprec

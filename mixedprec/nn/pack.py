@@ -1,0 +1,101 @@
+"""pack(model): SBS- or OPQ-finetuned layers -> packed inference layers with the same outputs.
+
+SBS (after ``mixedprec.sbs.export``: pruned channels removed, bits fixed): W_q = mean + std *
+v (2 k / n - 1) per weight, so the codes are k and the codebook holds the 2^b levels (divided by
+a per-layer scale so that the fp16 codebook keeps its precision). The layer's activation
+quantizer is kept as the packed layer's ``input_quant``.
+OPQ: the codes are the nearest-level indices ``codebook_quant`` picks, the codebook and the
+channel scales are the layer's, pruned weights go into the keep bitmap.
+Plain float layers are left as they are.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from mixedprec import reference
+from mixedprec.formats import PackedWeight, pack_weight
+from mixedprec.nn.packed_linear import PackedLinear
+
+
+@torch.no_grad()
+def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The model with every SBS/OPQ linear (and, where ``mixedprec.nn.PackedConv2d`` exists,
+    conv) layer replaced by its packed twin. Buffers/parameters of other modules are kept."""
+    from mixedprec.opq.layers import OPQConv2d, OPQLinear
+    from mixedprec.sbs.layers import SBSConv2d, SBSLinear
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"pack: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            where = f"{parent_name}.{name}" if parent_name else name
+            if isinstance(child, (OPQLinear, OPQConv2d)):
+                packed, input_quant = opq_packed_weight(child), None
+            elif isinstance(child, (SBSLinear, SBSConv2d)):
+                if not child.w_quant.enabled:
+                    continue  # a float layer
+                packed, input_quant = sbs_packed_weight(child, where), _input_quant(child)
+            else:
+                continue
+            setattr(parent, name, _packed_layer(child, packed, input_quant, where))
+    return model
+
+
+def _packed_layer(layer: nn.Module, packed: PackedWeight, input_quant, where: str) -> nn.Module:
+    bias = None if layer.bias is None else layer.bias.detach()
+    if isinstance(layer, nn.Linear):
+        new = PackedLinear(packed, bias, input_quant)
+    else:
+        from mixedprec import nn as packed_nn
+        conv_cls = getattr(packed_nn, "PackedConv2d", None)
+        if conv_cls is None:
+            raise NotImplementedError(f"pack: layer {where!r} is a convolution, and mixedprec.nn.PackedConv2d is "
+                                      f"not available in this build")
+        new = conv_cls(packed, bias, input_quant, stride=layer.stride, padding=layer.padding,
+                       dilation=layer.dilation, groups=layer.groups)
+    return new.to(layer.weight.device).train(layer.training)
+
+
+def _input_quant(layer) -> nn.Module | None:
+    return copy.deepcopy(layer.a_quant) if layer.a_quant.enabled else None
+
+
+def sbs_packed_weight(layer, where: str = "layer") -> PackedWeight:
+    """The packed weight of an exported (fixed-bit, pruning removed) SBS layer."""
+    bits = layer.w_quant.fixed_bits
+    if bits is None or layer.prune_gate is not None or layer.input_gate() is not None:
+        raise ValueError(f"pack: SBS layer {where!r} is not exported; run mixedprec.sbs.export first "
+                         f"(fixed bits, pruned channels removed)")
+    if bits > 8:
+        raise ValueError(f"pack: SBS layer {where!r} uses {bits}-bit weights; the packed format holds 1..8")
+    mean, std = layer._standardization()
+    clip = layer.w_quant.clip.detach().float()
+    n = reference.levels(bits)
+    z = reference.normalize((layer.weight.detach().float() - mean) / std, clip, signed=True)
+    codes = torch.round(z * n).to(torch.int64)
+    k = torch.arange(n + 1, dtype=torch.float32, device=codes.device)
+    levels = (clip * (2.0 * (k * (1.0 / n)) - 1.0)) * std + mean  # spelled as quantized_weight computes it
+    return _with_layer_scale(codes, levels, bits, None)
+
+
+def opq_packed_weight(layer) -> PackedWeight:
+    """The packed weight of an OPQ layer: its codebook, channel scales and keep mask."""
+    w = layer.weight.detach().float()
+    channel_shape = (-1,) + (1,) * (w.dim() - 1)
+    codebook = layer.codebook.detach().float()
+    z = w * (1.0 / layer.channel_scale.float()).reshape(channel_shape)
+    codes = torch.searchsorted((codebook[:-1] + codebook[1:]) * 0.5, z.contiguous(), side="left")
+    return pack_weight(codes, codebook, layer.channel_scale.detach().to(layer.scale_dtype), layer.bits,
+                       layer.keep_mask)
+
+
+def _with_layer_scale(codes: Tensor, levels: Tensor, bits: int, keep_mask: Tensor | None) -> PackedWeight:
+    """levels (2^b,) float32 stored as fp16 levels / s with channel scale s = max |level| (fp32)."""
+    s = levels.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    scale = s.expand(codes.shape[0]).to(torch.float32).contiguous()
+    return pack_weight(codes, levels / s, scale, bits, keep_mask)

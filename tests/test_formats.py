@@ -1,0 +1,154 @@
+"""The packed format: pack/decode, derived offsets, files (versioned, atomic, validated), and the
+file size against mixedprec.metrics.packed_layer_bytes."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import mixedprec
+from mixedprec import formats
+from mixedprec.formats import PackedWeight, pack_weight
+from mixedprec.metrics import packed_layer_bytes
+from mixedprec.nn import PackedLinear
+
+
+def make_packed(out, inp, bits, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (out, inp), generator=g)
+    keep = torch.rand(out, inp, generator=g) >= sparsity if sparsity > 0 else None
+    return pack_weight(codes, torch.randn(1 << bits, generator=g), torch.rand(out, generator=g) + 0.5, bits, keep), codes, keep
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+def test_decode_and_offsets(bits, sparsity):
+    p, codes, keep = make_packed(5, 70, bits, sparsity)
+    mask = torch.ones_like(codes, dtype=torch.bool) if keep is None else keep
+    expected = torch.where(mask, p.channel_scale.float()[:, None] * p.codebook.float()[codes], 0.0)
+    torch.testing.assert_close(p.decode(), expected, rtol=0, atol=0)
+    assert p.row_code_offsets.tolist() == [0] + mask.sum(1).cumsum(0).tolist()
+    if keep is None:
+        assert p.group_code_offsets is None
+    else:  # kept weights of the row before each 32-column group
+        for g in range(3):
+            assert p.group_code_offsets[:, g].tolist() == mask[:, : 32 * g].sum(1).tolist()
+
+
+def packed_mlp(sparsity=0.75, bits=4, width=256):
+    torch.manual_seed(0)
+    layers = [PackedLinear(make_packed(width, width, bits, sparsity, seed=i)[0], torch.randn(width)) for i in range(2)]
+    return nn.Sequential(layers[0], nn.ReLU(), nn.BatchNorm1d(width), layers[1])
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = packed_mlp().eval()
+    path = tmp_path / "model.safetensors"
+    mixedprec.save(model, path)
+    loaded = mixedprec.load(path).eval()
+    x = torch.randn(4, 256)
+    assert torch.equal(model(x), loaded(x))
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # the temp file was renamed
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.75])
+def test_file_size_matches_packed_layer_bytes(tmp_path, sparsity):
+    # the JSON header (module tree, CRCs: ~3 kB here) is what the 2% allow for
+    model = packed_mlp(sparsity, width=1024)
+    path = tmp_path / "model.safetensors"
+    mixedprec.save(model, path)
+    expected = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            p = m.packed
+            expected += packed_layer_bytes(p.numel, p.out_channels, p.kept, p.bits, p.channel_scale.dtype).total
+    expected += sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+                    if not name.endswith(formats._FIELDS))  # biases and BatchNorm, in float
+    assert abs(os.path.getsize(path) - expected) <= 0.02 * expected, (os.path.getsize(path), expected)
+
+
+def _save_small(tmp_path):
+    path = tmp_path / "m.safetensors"
+    mixedprec.save(nn.Sequential(PackedLinear(make_packed(8, 40, 3, 0.5)[0], torch.randn(8))), path)
+    return path
+
+
+def test_truncated_file(tmp_path):
+    path = _save_small(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        mixedprec.load(path)
+
+
+def test_corrupted_tensor_bytes(tmp_path):
+    path = _save_small(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="CRC32 mismatch"):
+        mixedprec.load(path)
+
+
+def _rewrite(path, edit):
+    tensors, content = formats.load_file(path)
+    edit(tensors, content)
+    formats.save_file(path, tensors, content)
+
+
+def test_inconsistent_layer(tmp_path):
+    path = _save_small(tmp_path)
+    _rewrite(path, lambda t, c: t.__setitem__("0.codes", t["0.codes"][:-1]))
+    with pytest.raises(ValueError, match="layer '0' is inconsistent: .*codes must be uint8 of shape"):
+        mixedprec.load(path)
+
+
+def test_missing_tensor(tmp_path):
+    path = _save_small(tmp_path)
+    _rewrite(path, lambda t, c: t.pop("0.bias"))
+    with pytest.raises(ValueError, match="tensor '0.bias' is missing"):
+        mixedprec.load(path)
+
+
+def test_newer_version_and_foreign_file(tmp_path):
+    from safetensors.torch import save_file
+    path = _save_small(tmp_path)
+    tensors, content = formats.load_file(path)
+    header = {"format": formats.FORMAT_NAME, "version": str(formats.FORMAT_VERSION + 1), "content": json.dumps(content),
+              "crc32": json.dumps({k: formats._crc32(v) for k, v in tensors.items()})}
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(ValueError, match="version 2, this mixedprec reads versions up to 1"):
+        mixedprec.load(path)
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(ValueError, match="not a mixedprec packed model"):
+        mixedprec.load(path)
+
+
+def test_disallowed_module_class(tmp_path):
+    class Custom(nn.Module):
+        pass
+    with pytest.raises(ValueError, match="only torch.nn and mixedprec modules"):
+        mixedprec.save(nn.Sequential(Custom()), tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = _save_small(tmp_path)
+    before = path.read_bytes()
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        mixedprec.save(nn.Sequential(nn.Linear(2, 2)), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_packed_weight_validation():
+    p, _, _ = make_packed(4, 8, 2, 0.5)
+    with pytest.raises(ValueError, match="codes must be uint8 of shape"):
+        PackedWeight(p.shape, 2, p.codebook, p.channel_scale, p.codes[:-1], p.keep_bitmap)
+    with pytest.raises(ValueError, match="codebook must be float16"):
+        PackedWeight(p.shape, 2, p.codebook.float(), p.channel_scale, p.codes, p.keep_bitmap)

@@ -1,0 +1,148 @@
+"""lowbit_linear: every backend against the float64 reference (bits 1..8, sparsity 0..100%,
+odd shapes, batch 1 and larger, fp16/bf16, strided x), gradients, opcheck, torch.compile,
+the CPU kernel's SIMD decode against its scalar twin, and argument errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixedprec import ops, reference
+from mixedprec.formats import pack_weight
+from conftest import require_backend
+
+SLOW = ("simt", "triton")  # emulated: small shapes only
+
+
+def make_packed(out, inp, bits, sparsity, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (out, inp), generator=g)
+    keep = torch.rand(out, inp, generator=g) >= sparsity if sparsity > 0 else None
+    packed = pack_weight(codes, torch.randn(1 << bits, generator=g), torch.rand(out, generator=g) + 0.5, bits, keep)
+    return packed.to(device)
+
+
+def check(backend, device, packed, x, bias=None):
+    """Forward and grads (x, bias) of a backend vs the reference, in float32 tolerances."""
+    x = x.to(device).detach().requires_grad_()
+    b = None if bias is None else bias.to(device).detach().requires_grad_()
+    y = ops.lowbit_linear(x, packed, b, backend=backend)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    y.backward(grad_y)
+    xr = x.detach().cpu().requires_grad_()
+    br = None if b is None else b.detach().cpu().requires_grad_()
+    yr = reference.lowbit_linear(xr, packed.to("cpu"), br)
+    yr.backward(grad_y.cpu())
+    tol = dict(rtol=2e-2, atol=2e-2) if x.dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    assert y.dtype == x.dtype and y.shape == yr.shape
+    torch.testing.assert_close(y.cpu(), yr, **tol)
+    torch.testing.assert_close(x.grad.cpu(), xr.grad, **tol)
+    if b is not None:
+        torch.testing.assert_close(b.grad.cpu(), br.grad, **tol)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_backends_match_reference(kernel_backend, bits, sparsity):
+    backend, device = kernel_backend
+    out, inp, batch = (7, 45, 3) if backend in SLOW else (37, 203, 5)
+    packed = make_packed(out, inp, bits, sparsity, device, seed=bits)
+    check(backend, device, packed, torch.randn(batch, inp), torch.randn(out))
+
+
+@pytest.mark.parametrize("batch", [(1,), (2, 3, 1), (70,)])
+def test_batch_shapes(kernel_backend, batch):
+    backend, device = kernel_backend
+    if backend in SLOW and batch == (70,):
+        batch = (9,)
+    packed = make_packed(11, 66, 4, 0.5, device)
+    check(backend, device, packed, torch.randn(*batch, 66))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_and_strided_x(kernel_backend, dtype):
+    backend, device = kernel_backend
+    packed = make_packed(9, 40, 2, 0.3, device)
+    x = torch.randn(4, 80)[:, ::2].to(dtype)  # non-contiguous
+    check(backend, device, packed, x, torch.randn(9).to(dtype))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity):
+    require_backend("cpu")
+    packed = make_packed(19, 333, bits, sparsity)  # odd row length: rows start mid-byte
+    x = torch.randn(3, 333)
+    results = []
+    for simd in (True, False):
+        previous = ops.set_cpu_simd(simd)
+        try:
+            x_ = x.clone().requires_grad_()
+            y = ops.lowbit_linear(x_, packed, backend="cpu")
+            y.sum().backward()
+            results.append((y.detach(), x_.grad))
+        finally:
+            ops.set_cpu_simd(previous)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_no_gradient_to_packed_tensors():
+    packed = make_packed(5, 16, 4, 0.5)
+    x = torch.randn(2, 16, requires_grad=True)
+    y = ops.lowbit_linear(x, packed, backend=ops.available_backends("cpu")[-1])
+    y.sum().backward()
+    assert packed.codebook.grad is None and packed.channel_scale.grad is None
+
+
+def _op_args(packed, x, backend):
+    return (x, packed.codebook, packed.channel_scale, packed.codes, packed.keep_bitmap, packed.row_code_offsets,
+            packed.group_code_offsets, packed.shape[1], packed.bits, backend)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_opcheck(kernel_backend, sparsity):
+    backend, device = kernel_backend
+    packed = make_packed(6, 40, 3, sparsity, device)
+    x = torch.randn(3, 40, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.mixedprec.lowbit_linear, _op_args(packed, x, backend))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])  # the emulated backends share this op plumbing
+def test_torch_compile_fullgraph(backend):
+    device = require_backend(backend)
+    packed = make_packed(6, 40, 4, 0.5, device)
+    bias = torch.randn(6, device=device)
+
+    def f(x):
+        return torch.relu(ops.lowbit_linear(x, packed, bias, backend=backend)) * 2
+
+    x = torch.randn(3, 40, device=device)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_argument_errors():
+    packed = make_packed(4, 8, 2, 0.0)
+    with pytest.raises(ValueError, match="x must have last dim 8"):
+        ops.lowbit_linear(torch.randn(2, 9), packed)
+    with pytest.raises(ValueError, match="packed must be a mixedprec.formats.PackedWeight"):
+        ops.lowbit_linear(torch.randn(2, 8), packed.decode())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.lowbit_linear(torch.randn(2, 8), packed, torch.randn(5))
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        ops.lowbit_linear(torch.ones(2, 8, dtype=torch.int32), packed)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.lowbit_linear(torch.randn(2, 8), make_packed(4, 8, 2, 0.0).__class__(
+            (4, 2, 4), 2, packed.codebook, packed.channel_scale, packed.codes))
+
+
+def test_kernel_op_checks_name_the_argument():
+    require_backend("cpu")
+    packed = make_packed(4, 8, 2, 0.5)
+    args = list(_op_args(packed, torch.randn(2, 8), "cpu")[:-1])
+    args[1] = args[1].double()
+    with pytest.raises(RuntimeError, match="lowbit_linear_fwd: codebook must be Float"):
+        torch.ops.mixedprec.lowbit_linear_fwd(*args)
+    args = list(_op_args(packed, torch.randn(2, 8), "cpu")[:-1])
+    args[1], args[2] = args[1].float(), args[2].float()
+    args[5] = args[5][:-1]
+    with pytest.raises(RuntimeError, match="row_code_offsets must have shape"):
+        torch.ops.mixedprec.lowbit_linear_fwd(*args)

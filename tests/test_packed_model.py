@@ -1,0 +1,128 @@
+"""pack(): SBS and OPQ linear models -> PackedLinear models with the same outputs; PackedLinear's
+frozen buffers; the issue-9 test (train a fresh head on a packed digits MLP); conv refusal."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mixedprec
+from mixedprec.data import load_digits
+from mixedprec.nn import PackedLinear
+from mixedprec.opq.layers import OPQLinear
+from mixedprec.sbs.layers import SBSLinear
+
+
+def test_pack_opq_mlp_same_outputs():
+    torch.manual_seed(0)
+    layers = []
+    for inp, out, bits in ((20, 33, 3), (33, 7, 5)):
+        layer = OPQLinear(inp, out, bits=bits)
+        mask = torch.rand(out, inp) > 0.6
+        layer.keep_mask.copy_(mask)
+        layer.codebook.copy_(torch.sort(torch.randn(1 << bits)).values)
+        layer.channel_scale.copy_((torch.rand(out) * 0.1 + 0.05).half().float())
+        with torch.no_grad():
+            layer.weight.mul_(mask)
+        layers.append(layer)
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1]).eval()
+    packed = mixedprec.pack(model)
+    assert isinstance(packed[0], PackedLinear) and isinstance(packed[2], PackedLinear)
+    assert packed[0].keep_bitmap is not None
+    x = torch.randn(8, 20)
+    with torch.no_grad():  # fp16 codebook: levels rounded to 11 bits
+        torch.testing.assert_close(packed(x), model(x), rtol=2e-3, atol=2e-3)
+
+
+def test_pack_sbs_mlp_same_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(SBSLinear(20, 30, weight_bits=(4,), act_bits=(8,), act_signed=True), nn.ReLU(),
+                          SBSLinear(30, 5, weight_bits=(2,), act_bits=(8,)))
+    model(torch.randn(64, 20))  # first pass sets the activation clips from data
+    model.eval()
+    packed = mixedprec.pack(model)
+    assert isinstance(packed[0], PackedLinear) and packed[0].bits == 4 and packed[2].bits == 2
+    assert packed[0].input_quant is not None
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), model(x), rtol=2e-3, atol=2e-3)
+
+
+def test_pack_refuses_unexported_sbs():
+    model = nn.Sequential(SBSLinear(4, 3, weight_bits=(2, 4)))
+    with pytest.raises(ValueError, match="not exported"):
+        mixedprec.pack(model)
+
+
+def test_pack_conv_without_packed_conv2d():
+    from mixedprec.opq.layers import OPQConv2d
+    if hasattr(mixedprec.nn, "PackedConv2d"):
+        pytest.skip("PackedConv2d exists: covered by the conv tests")
+    with pytest.raises(NotImplementedError, match="PackedConv2d"):
+        mixedprec.pack(nn.Sequential(OPQConv2d(2, 3, 3, bits=2)))
+
+
+def test_packed_buffers_are_frozen():
+    layer = mixedprec.pack(nn.Sequential(_opq(8, 4)))[0]
+    assert [n for n, _ in layer.named_parameters()] == ["bias"]
+    with pytest.raises(ValueError, match="frozen packed buffer"):
+        layer.codebook = nn.Parameter(layer.codebook.float())
+    layer.channel_scale.requires_grad_(True)
+    with pytest.raises(ValueError, match="must not require grad"):
+        layer(torch.randn(2, 8))
+
+
+def _opq(inp, out, bits=4):
+    layer = OPQLinear(inp, out, bits=bits)
+    layer.codebook.copy_(torch.linspace(-1, 1, 1 << bits))
+    layer.channel_scale.copy_(layer.weight.detach().abs().amax(1))
+    return layer
+
+
+def _train(model, params, x, y, epochs, lr=0.05):
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(epochs):
+        for i in range(0, len(x), 128):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[i:i + 128]), y[i:i + 128]).backward()
+            opt.step()
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item() * 100
+
+
+def test_issue9_train_head_on_packed_digits_mlp():
+    """A trained MLP as OPQ layers packed; a fresh last layer trained on the packed and the
+    unpacked model reaches the same accuracy, and the packed buffers do not change."""
+    torch.manual_seed(0)
+    data = load_digits()
+    (x_train, y_train), (x_test, y_test) = data.train.tensors, data.test.tensors
+    x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    float_model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    _train(float_model, float_model.parameters(), x_train, y_train, epochs=15, lr=0.01)
+    quantized = copy.deepcopy(float_model)
+    for i in (0, 2):
+        layer = _opq(64, 64)
+        with torch.no_grad():
+            layer.weight.copy_(float_model[i].weight)
+            layer.bias.copy_(float_model[i].bias)
+            layer.channel_scale.copy_(layer.weight.abs().amax(1))
+        quantized[i] = layer
+    packed = mixedprec.pack(quantized)
+    before = {k: v.clone() for k, v in packed.state_dict().items() if not k.endswith("bias")}
+    accuracies = []
+    for model in (quantized, packed):
+        torch.manual_seed(1)
+        model[4] = nn.Linear(64, 10)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model[4].requires_grad_(True)
+        _train(model, model[4].parameters(), x_train, y_train, epochs=5)
+        accuracies.append(_accuracy(model, x_test, y_test))
+    assert accuracies[1] > 80 and abs(accuracies[0] - accuracies[1]) <= 1.0, accuracies
+    after = packed.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("4."))
