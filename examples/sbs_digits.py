@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_digits(seed=args.seed)
     test = make_loader(data.test, 256, shuffle=False)
     float_path = os.path.join(args.out, "float.pt")
+    torch.manual_seed(args.seed)  # the float model's initial weights
     model = digits_cnn(num_classes=data.num_classes)
     if os.path.exists(float_path):
         model.load_state_dict(torch.load(float_path, weights_only=True))
