@@ -8,6 +8,7 @@
 
 #include "mixedprec/bit_sharing.h"
 #include "mixedprec/common.h"
+#include "mixedprec/lut_weight.h"
 
 #define MP_DECLARE_LAUNCHERS                                                                   \
   /* floats of scratch the bit-sharing launchers need for n elements */                       \
@@ -21,7 +22,13 @@
   const char* bit_sharing_backward(DType dtype, const void* grad_y, const void* x,             \
                                    void* grad_x, int64_t n, const float* clip,                 \
                                    const float* gates, float* sums, float* workspace,          \
-                                   const BitSharingParams& p, void* stream);
+                                   const BitSharingParams& p, void* stream);                    \
+  /* y = conv2d(x, W decoded from the packed weight w) + bias (bias may be null) */             \
+  const char* lut_conv2d_forward(DType dtype, const void* x, const float* bias, void* y,       \
+                                 const LutWeight& w, const Conv2dGeometry& g, void* stream);   \
+  /* grad_x = conv_transpose2d(grad_y, W): the gradient of lut_conv2d_forward w.r.t. x */      \
+  const char* lut_conv2d_backward(DType dtype, const void* grad_y, void* grad_x,              \
+                                  const LutWeight& w, const Conv2dGeometry& g, void* stream);
 
 namespace mixedprec {
 namespace cuda { MP_DECLARE_LAUNCHERS }

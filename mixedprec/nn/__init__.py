@@ -1,0 +1,1 @@
+from mixedprec.nn.packed_conv import PackedConv2d  # noqa: F401
