@@ -77,9 +77,13 @@ def test_geometries(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_bitwidth_and_sparsity(backend):
+    """The full product on the cpu kernel; each bitwidth with two of the sparsities (all four
+    covered twice) on the emulated/interpreted backends, which are slow here."""
     device = require_backend(backend)
+    sparsities = (0.0, 0.5, 0.9, 1.0)
+    slow = backend in ("simt", "triton") and device.type == "cpu"
     for bits in range(1, 9):
-        for sparsity in (0.0, 0.5, 0.9, 1.0):
+        for sparsity in (sparsities[bits % 4], sparsities[(bits + 2) % 4]) if slow else sparsities:
             assert_matches_reference(backend, device, (2, 3, 5, 6), (5, 3, 3, 3), bits=bits, sparsity=sparsity,
                                      seed=bits, padding=1, with_bias=bits % 2 == 0)
 

@@ -84,7 +84,7 @@ struct BackwardProblem {
 };
 
 template <class Problem>
-__global__ void __launch_bounds__(kThreads) lut_gemm_kernel(Problem prob) {
+__global__ void __launch_bounds__(kThreads, 1) lut_gemm_kernel(Problem prob) {
   __shared__ float levels[kMaxLevels];
   __shared__ float a_tile[kBK][kBM];
   __shared__ float b_tile[kBK][kBN];
