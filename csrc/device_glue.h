@@ -59,3 +59,52 @@ at::Tensor device_codebook_quant_fwd(const at::Tensor& weight, const at::Tensor&
 }
 
 }  // namespace mixedprec
+
+// ---------------------------------------------------------------------------------------------
+// lut_conv2d: `Launchers` has kForwardName, kBackwardName, stream(t), forward and backward
+// (the raw-pointer lut_conv2d launchers of cuda:: or simt::).
+#include "lut_conv2d_args.h"
+
+namespace mixedprec {
+
+template <class Launchers>
+at::Tensor device_lut_conv2d_fwd(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                                 const at::Tensor& channel_scale, const std::optional<at::Tensor>& keep_bitmap,
+                                 int64_t bits, at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  const char* op = Launchers::kForwardName;
+  const DType dtype = kernel_dtype(x, op, "x");
+  const LutConv2dArgs a = check_lut_conv2d(op, x, x.sizes(), codes, codebook, channel_scale, keep_bitmap, bits,
+                                           weight_shape, stride, padding, dilation, groups);
+  const Conv2dGeometry& g = a.geometry;
+  const at::Tensor bias_f = float_bias(op, bias, x, g);
+  const at::Tensor x_c = x.contiguous();
+  at::Tensor y = poisoned(at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x.options()));
+  if (y.numel() == 0) return y;
+  const char* err = Launchers::forward(dtype, x_c.data_ptr(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                                       y.data_ptr(), a.weight(), g, Launchers::stream(x));
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  return y;
+}
+
+template <class Launchers>
+at::Tensor device_lut_conv2d_bwd(const at::Tensor& grad_y, const at::Tensor& codes, const at::Tensor& codebook,
+                                 const at::Tensor& channel_scale, const std::optional<at::Tensor>& keep_bitmap,
+                                 int64_t bits, at::IntArrayRef weight_shape, at::IntArrayRef input_shape,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  const char* op = Launchers::kBackwardName;
+  const LutConv2dArgs a = check_lut_conv2d(op, grad_y, input_shape, codes, codebook, channel_scale, keep_bitmap, bits,
+                                           weight_shape, stride, padding, dilation, groups);
+  check_grad_y(op, grad_y, a.geometry);
+  const at::Tensor grad_y_c = grad_y.contiguous();
+  at::Tensor grad_x = poisoned(at::empty(input_shape, grad_y.options()));
+  if (grad_x.numel() == 0) return grad_x;
+  const char* err = Launchers::backward(kernel_dtype(grad_y, op, "grad_y"), grad_y_c.data_ptr(), grad_x.data_ptr(),
+                                        a.weight(), a.geometry, Launchers::stream(grad_y));
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  return grad_x;
+}
+
+}  // namespace mixedprec

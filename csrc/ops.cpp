@@ -33,3 +33,16 @@ TORCH_LIBRARY(mixedprec, m) {
   // selects the CPU kernel's AVX-512 decode (true) or its scalar twin; returns the previous choice
   m.def("lowbit_set_cpu_simd(bool enabled) -> bool");
 }
+
+TORCH_LIBRARY_FRAGMENT(mixedprec, m) {
+  // lut_conv2d: conv2d through a packed codebook weight (mixedprec/formats.py); y and grad_x
+  // (the transposed convolution). `keep_bitmap` is None when nothing is pruned.
+  m.def("lut_conv2d_fwd(Tensor x, Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, int bits, "
+        "int[] weight_shape, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("lut_conv2d_bwd(Tensor grad_y, Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, "
+        "int bits, int[] weight_shape, int[] input_shape, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("simt_lut_conv2d_fwd(Tensor x, Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, int bits, "
+        "int[] weight_shape, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("simt_lut_conv2d_bwd(Tensor grad_y, Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, "
+        "int bits, int[] weight_shape, int[] input_shape, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor");
+}

@@ -529,3 +529,178 @@ def set_cpu_simd(enabled: bool) -> bool:
     """Selects the CPU lowbit_linear kernel's AVX-512 decode (True, default) or its scalar twin;
     returns the previous setting (for tests and benchmarks)."""
     return torch.ops.mixedprec.lowbit_set_cpu_simd(bool(enabled))
+
+
+# ---------------------------------------------------------------------------------------------
+# lut_conv2d: convolution through a packed codebook weight (mixedprec.formats.PackedWeight)
+
+_LUT_CONV2D_KERNEL_OPS = {"cpu": ("lut_conv2d_fwd", "CPU"), "cuda": ("lut_conv2d_fwd", "CUDA"),
+                          "simt": ("simt_lut_conv2d_fwd", "CPU")}
+
+
+def _lut_conv2d_kernel_registered(backend: str) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        import importlib.util
+        return importlib.util.find_spec("mixedprec.triton.lut_conv2d") is not None
+    name, key = _LUT_CONV2D_KERNEL_OPS[backend]
+    return hasattr(torch.ops.mixedprec, name) and _extension._has_kernel(name, key)
+
+
+_LUT_CONV2D_KERNEL_BUILT = {b: _lut_conv2d_kernel_registered(b) for b in BACKENDS}
+
+
+def _conv_pair(op: str, name: str, value, minimum: int) -> list[int]:
+    pair = (value, value) if isinstance(value, int) else value
+    if (isinstance(value, bool) or not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair)):
+        raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return list(pair)
+
+
+def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
+               *, backend: str | None = None) -> Tensor:
+    """conv2d(x, W, bias, stride, padding, dilation, groups) with W decoded from a packed weight.
+
+    x: (N, C_in, H, W) float tensor (float32/float16/bfloat16 for the kernels, float64 too for the
+        reference). packed: ``PackedWeight`` of shape (C_out, C_in/groups, kh, kw) on x's device,
+        W[c, i] = float(channel_scale[c]) * float(codebook[code]) at kept positions, 0 elsewhere.
+    bias: None or a float tensor (C_out,). stride, dilation: ints >= 1 or pairs; padding: int >= 0 or pair.
+    Kernels decode the codes inside an implicit GEMM (never materializing W) and accumulate in
+    float32; the output has x's dtype. Gradients: grad_x (the transposed convolution through the
+    codebook) and grad_bias; the packed weight is constant and takes no gradient.
+    """
+    from mixedprec.formats import PackedWeight
+
+    op = "lut_conv2d"
+    if not isinstance(packed, PackedWeight):
+        raise ValueError(f"{op}: packed must be a mixedprec.formats.PackedWeight, got {type(packed).__name__}")
+    if len(packed.shape) != 4:
+        raise ValueError(f"{op}: packed must hold a conv weight (C_out, C_in/groups, kh, kw), got shape {packed.shape}")
+    return lut_conv2d_buffers(x, packed.codes, packed.codebook, packed.channel_scale, packed.keep_bitmap,
+                              packed.bits, packed.shape, bias, stride, padding, dilation, groups, backend=backend,
+                              packed=packed)
+
+
+def lut_conv2d_buffers(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor,
+                       keep_bitmap: Tensor | None, bits: int, weight_shape: Sequence[int], bias: Tensor | None = None,
+                       stride=1, padding=0, dilation=1, groups: int = 1, *, backend: str | None = None,
+                       packed=None) -> Tensor:
+    """``lut_conv2d`` on the tensors of a packed weight (as a module holds them in buffers);
+    the format's own invariants are checked when the PackedWeight is built, not here."""
+    op = "lut_conv2d"
+    _check_tensor(op, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
+    for name, t in (("codes", codes), ("codebook", codebook), ("channel_scale", channel_scale), ("keep_bitmap", keep_bitmap)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: the packed weight's {name} is on {t.device} but x is on {x.device}")
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{op}: the packed weight's {name} requires grad; packed weights are constant "
+                             f"(finetune the float weights, then pack again)")
+    c_out, c_in_per_group, kh, kw = (int(s) for s in weight_shape)
+    stride, padding, dilation = (_conv_pair(op, n, v, m) for n, v, m in
+                                 (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)))
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or c_out % groups:
+        raise ValueError(f"{op}: groups must be an int >= 1 dividing C_out = {c_out}, got {groups!r}")
+    if x.shape[1] != c_in_per_group * groups:
+        raise ValueError(f"{op}: x has {x.shape[1]} channels but the packed weight {tuple(weight_shape)} with "
+                         f"groups={groups} expects {c_in_per_group * groups}")
+    out_hw = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (k - 1) - 1) // stride[i] + 1 for i, k in enumerate((kh, kw))]
+    if min(out_hw) < 1:
+        raise ValueError(f"{op}: the output would be empty: x {tuple(x.shape)}, kernel {(kh, kw)}, "
+                         f"padding {padding}, dilation {dilation}")
+    if bias is not None:
+        _check_tensor(op, "bias", bias, x.device)
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(f"{op}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    backend = _resolve_lut_conv2d_backend(backend, x)
+    if backend == "reference":
+        if packed is None:
+            from mixedprec.formats import PackedWeight
+            packed = PackedWeight(tuple(int(s) for s in weight_shape), bits, codebook, channel_scale, codes, keep_bitmap)
+        return reference.lut_conv2d(x, packed, bias, stride, padding, dilation, groups)
+    return torch.ops.mixedprec.lut_conv2d(x, codes, codebook, channel_scale, keep_bitmap, int(bits),
+                                          [c_out, c_in_per_group, kh, kw], bias, stride, padding, dilation, groups,
+                                          backend)
+
+
+def _resolve_lut_conv2d_backend(backend: str | None, x: Tensor) -> str:
+    resolved = resolve_backend("lut_conv2d", backend, x)
+    if _LUT_CONV2D_KERNEL_BUILT[resolved]:
+        return resolved
+    if backend is None:
+        return "reference"
+    raise RuntimeError(f"lut_conv2d: backend {backend!r} has no lut_conv2d kernel in this build; "
+                       f"use backend='reference' (or None to pick what is available)")
+
+
+def _lut_conv2d_kernels(backend: str) -> _Kernels:
+    if backend in ("cpu", "cuda"):
+        return _Kernels(torch.ops.mixedprec.lut_conv2d_fwd, torch.ops.mixedprec.lut_conv2d_bwd)
+    if backend == "simt":
+        return _Kernels(torch.ops.mixedprec.simt_lut_conv2d_fwd, torch.ops.mixedprec.simt_lut_conv2d_bwd)
+    if backend == "triton":
+        from mixedprec.triton import lut_conv2d
+        return _Kernels(lut_conv2d.forward, lut_conv2d.backward)
+    raise ValueError(f"lut_conv2d: unknown backend {backend!r}")
+
+
+def _conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> list[int]:
+    hw = [(x_shape[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1) // stride[i] + 1
+          for i in range(2)]
+    return [x_shape[0], weight_shape[0], *hw]
+
+
+@torch.library.custom_op("mixedprec::lut_conv2d", mutates_args=())
+def _lut_conv2d(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor, keep_bitmap: Tensor | None,
+                bits: int, weight_shape: list[int], bias: Tensor | None, stride: list[int], padding: list[int],
+                dilation: list[int], groups: int, backend: str) -> Tensor:
+    return _lut_conv2d_kernels(backend).forward(x.contiguous(), codes, codebook, channel_scale, keep_bitmap, bits,
+                                                weight_shape, bias, stride, padding, dilation, groups)
+
+
+@_lut_conv2d.register_fake
+def _(x, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, bias, stride, padding, dilation, groups,
+      backend):
+    return x.new_empty(_conv_output_shape(x.shape, weight_shape, stride, padding, dilation))
+
+
+@torch.library.custom_op("mixedprec::lut_conv2d_backward", mutates_args=())
+def _lut_conv2d_backward(grad_y: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor,
+                         keep_bitmap: Tensor | None, bits: int, weight_shape: list[int], input_shape: list[int],
+                         stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                         backend: str) -> tuple[Tensor, Tensor]:
+    """(grad_x, grad_bias = sum of grad_y over batch and pixels, in float32)."""
+    grad_y = grad_y.contiguous()
+    grad_x = _lut_conv2d_kernels(backend).backward(grad_y, codes, codebook, channel_scale, keep_bitmap, bits,
+                                                   weight_shape, input_shape, stride, padding, dilation, groups)
+    return grad_x, grad_y.sum((0, 2, 3), dtype=torch.float32)
+
+
+@_lut_conv2d_backward.register_fake
+def _(grad_y, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, input_shape, stride, padding,
+      dilation, groups, backend):
+    return grad_y.new_empty(input_shape), grad_y.new_empty(weight_shape[0], dtype=torch.float32)
+
+
+def _lut_conv2d_setup_context(ctx, inputs, output):
+    x, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, bias, stride, padding, dilation, groups, backend = inputs
+    ctx.save_for_backward(codes, codebook, channel_scale, keep_bitmap)
+    ctx.input_shape = list(x.shape)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.args = (bits, weight_shape, stride, padding, dilation, groups, backend)
+
+
+def _lut_conv2d_autograd(ctx, grad_y):
+    codes, codebook, channel_scale, keep_bitmap = ctx.saved_tensors
+    bits, weight_shape, stride, padding, dilation, groups, backend = ctx.args
+    grad_x, grad_bias = torch.ops.mixedprec.lut_conv2d_backward(
+        grad_y, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, ctx.input_shape, stride, padding,
+        dilation, groups, backend)
+    grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, None, grad_bias, None, None, None, None, None
+
+
+_lut_conv2d.register_autograd(_lut_conv2d_autograd, setup_context=_lut_conv2d_setup_context)

@@ -56,12 +56,27 @@ def test_pack_refuses_unexported_sbs():
         mixedprec.pack(model)
 
 
-def test_pack_conv_without_packed_conv2d():
-    from mixedprec.opq.layers import OPQConv2d
-    if hasattr(mixedprec.nn, "PackedConv2d"):
-        pytest.skip("PackedConv2d exists: covered by the conv tests")
-    with pytest.raises(NotImplementedError, match="PackedConv2d"):
-        mixedprec.pack(nn.Sequential(OPQConv2d(2, 3, 3, bits=2)))
+def test_pack_conv_models_match_and_survive_save_load(tmp_path):
+    """OPQ (masked codes) and exported SBS (channels removed) CNNs pack into PackedConv2d layers
+    with the outputs of the model they came from, and a saved file loads back to the same."""
+    from mixedprec import opq, sbs
+    from mixedprec.models import digits_cnn
+    from mixedprec.nn import PackedConv2d
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 8, 8)
+    opq_model = opq.convert(digits_cnn(width=8), opq.allocate(digits_cnn(width=8), 6.0, quiet=True)).eval()
+    sbs_model = sbs.convert(digits_cnn(width=8), sbs.SBSPolicy(group_size=2))
+    sbs_model(x)  # activation clips from a first batch
+    sbs_model = sbs.export(sbs_model.eval()).model.eval()
+    for name, model in (("opq", opq_model), ("sbs", sbs_model)):
+        packed = mixedprec.pack(model)
+        assert sum(isinstance(m, PackedConv2d) for m in packed.modules()) >= 3, name
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), model(x), rtol=2e-3, atol=2e-3)
+            path = tmp_path / f"{name}.safetensors"
+            mixedprec.save(packed, path)
+            torch.testing.assert_close(mixedprec.load(path)(x), packed(x), rtol=0, atol=0)
 
 
 def test_packed_buffers_are_frozen():

@@ -79,3 +79,39 @@ TORCH_LIBRARY_IMPL(mixedprec, CUDA, m) {
   m.impl("lowbit_linear_fwd", &mixedprec::guarded<&Device::forward>);
   m.impl("lowbit_linear_bwd", &mixedprec::guarded<&Device::backward>);
 }
+
+// ---------------------------------------------------------------------------------------------
+// lut_conv2d
+namespace mixedprec {
+namespace {
+
+struct CudaLutConv2d {
+  static constexpr const char* kForwardName = "lut_conv2d_fwd";
+  static constexpr const char* kBackwardName = "lut_conv2d_bwd";
+  static void* stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+  static constexpr auto forward = &cuda::lut_conv2d_forward;
+  static constexpr auto backward = &cuda::lut_conv2d_backward;
+};
+
+}  // namespace
+}  // namespace mixedprec
+
+TORCH_LIBRARY_IMPL(mixedprec, CUDA, m) {
+  m.impl("lut_conv2d_fwd", [](const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                              const at::Tensor& channel_scale, const std::optional<at::Tensor>& keep_bitmap,
+                              int64_t bits, at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    return mixedprec::device_lut_conv2d_fwd<mixedprec::CudaLutConv2d>(x, codes, codebook, channel_scale, keep_bitmap, bits,
+                                                                      weight_shape, bias, stride, padding, dilation, groups);
+  });
+  m.impl("lut_conv2d_bwd", [](const at::Tensor& grad_y, const at::Tensor& codes, const at::Tensor& codebook,
+                              const at::Tensor& channel_scale, const std::optional<at::Tensor>& keep_bitmap,
+                              int64_t bits, at::IntArrayRef weight_shape, at::IntArrayRef input_shape,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+    const c10::cuda::CUDAGuard guard(grad_y.device());
+    return mixedprec::device_lut_conv2d_bwd<mixedprec::CudaLutConv2d>(grad_y, codes, codebook, channel_scale, keep_bitmap,
+                                                                      bits, weight_shape, input_shape, stride, padding,
+                                                                      dilation, groups);
+  });
+}

@@ -50,3 +50,24 @@ TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
   m.impl("simt_lowbit_linear_fwd", &Device::forward);
   m.impl("simt_lowbit_linear_bwd", &Device::backward);
 }
+
+// ---------------------------------------------------------------------------------------------
+// lut_conv2d
+namespace mixedprec {
+namespace {
+
+struct SimtLutConv2d {
+  static constexpr const char* kForwardName = "simt_lut_conv2d_fwd";
+  static constexpr const char* kBackwardName = "simt_lut_conv2d_bwd";
+  static void* stream(const at::Tensor&) { return nullptr; }
+  static constexpr auto forward = &simt::lut_conv2d_forward;
+  static constexpr auto backward = &simt::lut_conv2d_backward;
+};
+
+}  // namespace
+}  // namespace mixedprec
+
+TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
+  m.impl("simt_lut_conv2d_fwd", &mixedprec::device_lut_conv2d_fwd<mixedprec::SimtLutConv2d>);
+  m.impl("simt_lut_conv2d_bwd", &mixedprec::device_lut_conv2d_bwd<mixedprec::SimtLutConv2d>);
+}

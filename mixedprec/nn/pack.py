@@ -17,13 +17,14 @@ from torch import Tensor, nn
 
 from mixedprec import reference
 from mixedprec.formats import PackedWeight, pack_weight
+from mixedprec.nn.packed_conv import PackedConv2d
 from mixedprec.nn.packed_linear import PackedLinear
 
 
 @torch.no_grad()
 def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """The model with every SBS/OPQ linear (and, where ``mixedprec.nn.PackedConv2d`` exists,
-    conv) layer replaced by its packed twin. Buffers/parameters of other modules are kept."""
+    """The model with every SBS/OPQ linear and conv layer replaced by its packed twin
+    (PackedLinear, PackedConv2d). Buffers/parameters of other modules are kept."""
     from mixedprec.opq.layers import OPQConv2d, OPQLinear
     from mixedprec.sbs.layers import SBSConv2d, SBSLinear
 
@@ -51,13 +52,8 @@ def _packed_layer(layer: nn.Module, packed: PackedWeight, input_quant, where: st
     if isinstance(layer, nn.Linear):
         new = PackedLinear(packed, bias, input_quant)
     else:
-        from mixedprec import nn as packed_nn
-        conv_cls = getattr(packed_nn, "PackedConv2d", None)
-        if conv_cls is None:
-            raise NotImplementedError(f"pack: layer {where!r} is a convolution, and mixedprec.nn.PackedConv2d is "
-                                      f"not available in this build")
-        new = conv_cls(packed, bias, input_quant, stride=layer.stride, padding=layer.padding,
-                       dilation=layer.dilation, groups=layer.groups)
+        new = PackedConv2d(packed, bias, input_quant, stride=layer.stride, padding=layer.padding,
+                           dilation=layer.dilation, groups=layer.groups)
     return new.to(layer.weight.device).train(layer.training)
 
 

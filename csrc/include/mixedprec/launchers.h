@@ -9,6 +9,7 @@
 #include "mixedprec/bit_sharing.h"
 #include "mixedprec/codebook.h"
 #include "mixedprec/common.h"
+#include "mixedprec/lut_weight.h"
 
 #define MP_DECLARE_LAUNCHERS                                                                   \
   /* floats of scratch the bit-sharing launchers need for n elements */                       \
@@ -28,7 +29,13 @@
   const char* codebook_quant_forward(DType dtype, const void* weight, const bool* keep_mask,   \
                                      void* y, int64_t n, int64_t inner,                        \
                                      const float* codebook, int levels,                        \
-                                     const float* channel_scale, void* stream);
+                                     const float* channel_scale, void* stream);   \
+  /* y = conv2d(x, W decoded from the packed weight w) + bias (bias may be null) */             \
+  const char* lut_conv2d_forward(DType dtype, const void* x, const float* bias, void* y,       \
+                                 const LutWeight& w, const Conv2dGeometry& g, void* stream);   \
+  /* grad_x = conv_transpose2d(grad_y, W): the gradient of lut_conv2d_forward w.r.t. x */      \
+  const char* lut_conv2d_backward(DType dtype, const void* grad_y, void* grad_x,              \
+                                  const LutWeight& w, const Conv2dGeometry& g, void* stream);
 
 namespace mixedprec {
 namespace cuda { MP_DECLARE_LAUNCHERS }

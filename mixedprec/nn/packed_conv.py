@@ -1,0 +1,69 @@
+"""PackedConv2d: a deployed Conv2d whose weight is a packed low-bit codebook weight
+(mixedprec.formats.PackedWeight), run through mixedprec.ops.lut_conv2d."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mixedprec import ops
+from mixedprec.formats import PackedWeight
+
+
+class PackedConv2d(nn.Module):
+    """y = conv2d(input_quant(x), W, bias) with W decoded inside the kernel from ``packed``.
+
+    The packed tensors are buffers (saved in the state dict, moved by ``.to()``), not parameters:
+    they are constant, and asking for their gradient is an error. ``bias`` is an ordinary float
+    Parameter and trains. ``backend`` is passed to ``ops.lut_conv2d`` (None: the fastest available).
+    """
+
+    def __init__(self, packed: PackedWeight, bias: Tensor | None = None, input_quant: nn.Module | None = None,
+                 stride=1, padding=0, dilation=1, groups: int = 1, *, backend: str | None = None):
+        super().__init__()
+        if not isinstance(packed, PackedWeight) or len(packed.shape) != 4:
+            raise ValueError(f"PackedConv2d: packed must be a PackedWeight of a conv weight (C_out, C_in/groups, kh, kw), "
+                             f"got {getattr(packed, 'shape', type(packed).__name__)}")
+        self.weight_shape = tuple(int(s) for s in packed.shape)
+        self.bits = packed.bits
+        self.in_channels, self.out_channels = self.weight_shape[1] * groups, self.weight_shape[0]
+        self.kernel_size = self.weight_shape[2:]
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.backend = backend
+        self.register_buffer("codes", packed.codes)
+        self.register_buffer("codebook", packed.codebook)
+        self.register_buffer("channel_scale", packed.channel_scale)
+        self.register_buffer("keep_bitmap", packed.keep_bitmap)
+        if bias is not None and tuple(bias.shape) != (self.out_channels,):
+            raise ValueError(f"PackedConv2d: bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
+        self.input_quant = input_quant
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, packed: PackedWeight, *, backend: str | None = None) -> PackedConv2d:
+        """The packed twin of ``conv`` (its geometry and bias), with ``packed`` as its weight."""
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"PackedConv2d.from_float: conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"PackedConv2d.from_float: only numeric zero padding is supported, got "
+                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
+        if tuple(packed.shape) != tuple(conv.weight.shape):
+            raise ValueError(f"PackedConv2d.from_float: packed has shape {tuple(packed.shape)} but conv's weight is "
+                             f"{tuple(conv.weight.shape)}")
+        return cls(packed.to(conv.weight.device), conv.bias, None, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, backend=backend)
+
+    def packed_weight(self) -> PackedWeight:
+        return PackedWeight(self.weight_shape, self.bits, self.codebook, self.channel_scale, self.codes, self.keep_bitmap)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quant is not None:  # SBS models quantize layer inputs
+            x = self.input_quant(x)
+        return ops.lut_conv2d_buffers(x, self.codes, self.codebook, self.channel_scale, self.keep_bitmap, self.bits,
+                                      self.weight_shape, self.bias, self.stride, self.padding, self.dilation,
+                                      self.groups, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        sparse = "" if self.keep_bitmap is None else ", sparse"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bits={self.bits}{sparse}, "
+                f"bias={self.bias is not None}")

@@ -1,0 +1,224 @@
+"""lut_conv2d: every backend against the float64 reference (forward, grad_x, grad_bias) on odd
+geometries, every bitwidth and sparsity; the op's registration (opcheck, torch.compile);
+argument checks; PackedConv2d."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixedprec import ops, reference
+from mixedprec.formats import pack_weight
+from mixedprec.nn import PackedConv2d
+from conftest import require_backend
+
+
+def make_packed(weight_shape, bits, sparsity=0.0, seed=0, scale_dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, weight_shape, generator=g)
+    codebook = torch.sort(torch.randn(1 << bits, generator=g)).values
+    channel_scale = (0.5 + torch.rand(weight_shape[0], generator=g)).to(scale_dtype)
+    keep = torch.rand(weight_shape, generator=g) >= sparsity
+    return pack_weight(codes, codebook, channel_scale, bits, keep).to(device)
+
+
+def run(backend, x, packed, bias, grad_y, **conv):
+    x = x.detach().requires_grad_()
+    bias = None if bias is None else bias.detach().requires_grad_()
+    y = ops.lut_conv2d(x, packed, bias, backend=backend, **conv)
+    inputs = (x,) if bias is None else (x, bias)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+    return y.detach(), grads
+
+
+def assert_matches_reference(backend, device, x_shape, weight_shape, bits=4, sparsity=0.0, dtype=torch.float32,
+                             with_bias=True, seed=0, strided_x=False, **conv):
+    g = torch.Generator().manual_seed(seed)
+    packed = make_packed(weight_shape, bits, sparsity, seed)
+    if strided_x:  # every other column of a twice-as-wide buffer: not contiguous
+        x = torch.randn(*x_shape[:3], 2 * x_shape[3], generator=g)[..., ::2].to(dtype)
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(x_shape, generator=g).to(dtype)
+    bias = torch.randn(weight_shape[0], generator=g) if with_bias else None
+    ref_y = reference.lut_conv2d(x, packed, bias, **conv)
+    grad_y = torch.randn(ref_y.shape, generator=g).to(dtype)
+    want_y, want_grads = run("reference", x, packed, bias, grad_y, **conv)
+    y, grads = run(backend, x.to(device), packed.to(device), None if bias is None else bias.to(device),
+                   grad_y.to(device), **conv)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert y.dtype == dtype and y.shape == want_y.shape
+    torch.testing.assert_close(y.cpu(), want_y, **tol)
+    assert grads[0].dtype == dtype
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.cpu(), want, **tol)
+
+
+BACKENDS = ["cpu", "simt", "triton", "cuda"]
+
+# (x shape, weight shape, conv arguments): small enough for the SIMT emulation and the Triton interpreter
+GEOMETRIES = [
+    ((1, 3, 5, 7), (4, 3, 3, 3), {}),
+    ((2, 5, 9, 8), (7, 5, 3, 3), dict(padding=1)),
+    ((2, 4, 11, 10), (6, 4, 3, 2), dict(stride=(2, 3), padding=(1, 2))),
+    ((1, 3, 9, 9), (5, 3, 3, 3), dict(dilation=2, padding=2)),
+    ((2, 6, 7, 6), (9, 2, 3, 3), dict(groups=3, padding=1, stride=2)),
+    ((3, 5, 6, 7), (5, 1, 3, 3), dict(groups=5, padding=1)),  # depthwise
+    ((2, 8, 5, 5), (3, 8, 1, 1), {}),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(GEOMETRIES)))
+def test_geometries(backend, case):
+    device = require_backend(backend)
+    x_shape, weight_shape, conv = GEOMETRIES[case]
+    assert_matches_reference(backend, device, x_shape, weight_shape, sparsity=0.3, seed=case, **conv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_bitwidth_and_sparsity(backend):
+    """The full product on the cpu kernel; each bitwidth with two of the sparsities (all four
+    covered twice) on the emulated/interpreted backends, which are slow here."""
+    device = require_backend(backend)
+    sparsities = (0.0, 0.5, 0.9, 1.0)
+    slow = backend in ("simt", "triton") and device.type == "cpu"
+    for bits in range(1, 9):
+        for sparsity in (sparsities[bits % 4], sparsities[(bits + 2) % 4]) if slow else sparsities:
+            assert_matches_reference(backend, device, (2, 3, 5, 6), (5, 3, 3, 3), bits=bits, sparsity=sparsity,
+                                     seed=bits, padding=1, with_bias=bits % 2 == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types(backend, dtype):
+    device = require_backend(backend)
+    assert_matches_reference(backend, device, (2, 4, 6, 5), (3, 4, 3, 3), dtype=dtype, padding=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_x(backend):
+    device = require_backend(backend)
+    assert_matches_reference(backend, device, (2, 3, 6, 5), (4, 3, 3, 3), strided_x=True, padding=1)
+
+
+def test_cpu_larger_shapes():
+    """Shapes that cross the CPU kernel's blocks: several channel blocks, pixel blocks spanning
+    images, a depth longer than one gathered slice, fp16 channel scales."""
+    device = require_backend("cpu")
+    assert_matches_reference("cpu", device, (3, 70, 13, 11), (133, 70, 3, 3), bits=4, sparsity=0.5, padding=1)
+    assert_matches_reference("cpu", device, (2, 64, 16, 15), (40, 32, 3, 3), bits=3, groups=2, stride=2, padding=1)
+    assert_matches_reference("cpu", device, (1, 33, 30, 29), (17, 33, 5, 5), bits=8, dilation=(1, 2), padding=(2, 3))
+    packed = make_packed((16, 8, 3, 3), 4, 0.2, scale_dtype=torch.float16)
+    x = torch.randn(2, 8, 9, 9)
+    torch.testing.assert_close(ops.lut_conv2d(x, packed, padding=1, backend="cpu"),
+                               reference.lut_conv2d(x, packed, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_is_conv_of_decoded_weight():
+    packed = make_packed((6, 2, 3, 3), 5, 0.5)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(x, packed.decode(torch.float64), stride=2, groups=2)
+    assert torch.equal(reference.lut_conv2d(x, packed, stride=2, groups=2), want)
+    assert (packed.decode() == 0).float().mean() > 0.3
+
+
+def test_fully_pruned_weight_gives_bias():
+    packed = make_packed((4, 3, 3, 3), 2, sparsity=1.0)
+    assert packed.keep_bitmap is not None and packed.kept == 0
+    bias = torch.randn(4)
+    y = ops.lut_conv2d(torch.randn(2, 3, 5, 5), packed, bias)
+    assert torch.equal(y, bias.reshape(1, 4, 1, 1).expand(2, 4, 3, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# registration: opcheck and torch.compile
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_opcheck(backend, sparse):
+    require_backend(backend)
+    packed = make_packed((4, 3, 3, 3), 3, 0.5 if sparse else 0.0)
+    x = torch.randn(2, 3, 6, 5, requires_grad=True)
+    bias = torch.randn(4, requires_grad=True)
+    torch.library.opcheck(torch.ops.mixedprec.lut_conv2d.default,
+                          (x, packed.codes, packed.codebook, packed.channel_scale, packed.keep_bitmap, packed.bits,
+                           list(packed.shape), bias, [1, 2], [1, 0], [1, 1], 1, backend))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    require_backend("cpu")
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    layer = PackedConv2d.from_float(conv, make_packed((6, 4, 3, 3), 4, 0.5))
+
+    def model(x):
+        return torch.relu(layer(x)) * 2
+
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 4, 7, 7)
+    x_eager, x_comp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager, comp = model(x_eager), compiled(x_comp)
+    torch.testing.assert_close(eager, comp)
+    grad_y = torch.randn_like(eager)
+    torch.testing.assert_close(torch.autograd.grad(eager, x_eager, grad_y)[0],
+                               torch.autograd.grad(comp, x_comp, grad_y)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# PackedConv2d
+
+def test_packed_conv2d_module():
+    conv = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, groups=2)
+    packed = make_packed((8, 3, 3, 3), 4, 0.25)
+    layer = PackedConv2d.from_float(conv, packed)
+    assert [n for n, _ in layer.named_parameters()] == ["bias"]
+    assert {"codes", "codebook", "channel_scale", "keep_bitmap"} <= set(layer.state_dict())
+    x = torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(layer(x), reference.lut_conv2d(x, packed, conv.bias, 2, 1, 1, 2), rtol=1e-4, atol=1e-4)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((8,), 2.0 * 5 * 5))
+    assert layer.packed_weight().decode().equal(packed.decode())
+    layer.channel_scale.requires_grad_()
+    with pytest.raises(ValueError, match="channel_scale requires grad"):
+        layer(x)
+    with pytest.raises(ValueError, match="shape"):
+        PackedConv2d.from_float(torch.nn.Conv2d(6, 8, 5), packed)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(x=torch.randn(3, 5, 5)), "x must be 4-D"),
+    (dict(x=torch.randint(0, 3, (1, 3, 5, 5))), "x must be a floating-point tensor"),
+    (dict(x=torch.randn(1, 4, 5, 5)), "x has 4 channels"),
+    (dict(packed=torch.randn(4, 3, 3, 3)), "packed must be a mixedprec.formats.PackedWeight"),
+    (dict(stride=0), "stride must be an int >= 1"),
+    (dict(stride=(1, 2, 3)), "stride must be"),
+    (dict(padding=-1), "padding must be an int >= 0"),
+    (dict(padding="same"), "padding must be"),
+    (dict(dilation=(1, 0)), "dilation must be"),
+    (dict(groups=3), "groups must be an int >= 1 dividing C_out"),
+    (dict(groups=True), "groups must be"),
+    (dict(bias=torch.randn(5)), r"bias must have shape \(4,\)"),
+    (dict(x=torch.randn(1, 3, 2, 2)), "the output would be empty"),
+    (dict(backend="gpu"), "backend must be one of"),
+])
+def test_bad_arguments(overrides, match):
+    args = dict(x=torch.randn(1, 3, 5, 5), packed=make_packed((4, 3, 3, 3), 2), bias=None, stride=1, padding=0,
+                dilation=1, groups=1, backend=None)
+    args.update(overrides)
+    with pytest.raises(ValueError, match=match):
+        ops.lut_conv2d(**args)
+
+
+def test_kernel_op_checks_arguments():
+    require_backend("cpu")
+    packed = make_packed((4, 3, 3, 3), 2)
+    args = [torch.randn(1, 3, 5, 5), packed.codes, packed.codebook, packed.channel_scale, None, 2, [4, 3, 3, 3], None,
+            [1, 1], [0, 0], [1, 1], 1]
+    for index, value, match in [(5, 3, "codebook must be float16 of shape"), (1, packed.codes[:3], "codes hold 3 bytes"),
+                                (9, [0, -1], "padding must be two ints"), (6, [4, 3, 3], "weight_shape")]:
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.mixedprec.lut_conv2d_fwd(*bad)
