@@ -10,6 +10,7 @@
 #pragma once
 
 #include "mixedprec/common.h"
+#include "mixedprec/packed_codes.h"
 
 namespace mixedprec {
 
@@ -36,23 +37,6 @@ struct Conv2dGeometry {
   MP_HD int64_t out_pixels() const { return out_height * out_width; }
 };
 
-MP_HD inline int popcount32(uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return __popc(v);
-#else
-  return __builtin_popcount(v);
-#endif
-}
-
-// The k-th bits-bit code of the stream (a code spans at most two bytes).
-MP_HD inline uint32_t read_code(const uint8_t* codes, int bits, int64_t k) {
-  const int64_t bit = k * bits;
-  const int shift = int(bit & 7);
-  uint32_t v = uint32_t(codes[bit >> 3]) >> shift;
-  if (shift + bits > 8) v |= uint32_t(codes[(bit >> 3) + 1]) << (8 - shift);
-  return v & ((1u << bits) - 1u);
-}
-
 MP_HD inline bool is_kept(const LutWeight& w, int64_t f) {
   return w.keep_bitmap == nullptr || ((w.keep_bitmap[f >> 3] >> (f & 7)) & 1u);
 }
@@ -68,7 +52,7 @@ MP_HD inline int64_t kept_before(const LutWeight& w, int64_t f) {
 // W[f] for flat index f of output channel c, the codebook already widened to float.
 MP_HD inline float weight_at(const LutWeight& w, const float* codebook, int64_t c, int64_t f) {
   if (!is_kept(w, f)) return 0.0f;
-  return mul_rn(w.channel_scale[c], codebook[read_code(w.codes, w.bits, kept_before(w, f))]);
+  return mul_rn(w.channel_scale[c], codebook[read_code(w.codes, kept_before(w, f), w.bits)]);
 }
 
 // W[f0 .. f1) of output channel c, written to out[(f - f0) * out_stride]: one sequential walk of
@@ -79,7 +63,7 @@ MP_HD inline void decode_run(const LutWeight& w, const float* codebook, int64_t 
   int64_t k = kept_before(w, f0);
   for (int64_t f = f0; f < f1; ++f, out += out_stride) {
     if (is_kept(w, f)) {
-      *out = mul_rn(scale, codebook[read_code(w.codes, w.bits, k)]);
+      *out = mul_rn(scale, codebook[read_code(w.codes, k, w.bits)]);
       ++k;
     } else {
       *out = 0.0f;
