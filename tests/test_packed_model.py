@@ -65,7 +65,8 @@ def test_pack_conv_models_match_and_survive_save_load(tmp_path):
 
     torch.manual_seed(0)
     x = torch.rand(6, 1, 8, 8)
-    opq_model = opq.convert(digits_cnn(width=8), opq.allocate(digits_cnn(width=8), 6.0, quiet=True)).eval()
+    float_model = digits_cnn(width=8)
+    opq_model = opq.convert(float_model, opq.allocate(float_model, 6.0, quiet=True)).eval()
     sbs_model = sbs.convert(digits_cnn(width=8), sbs.SBSPolicy(group_size=2))
     sbs_model(x)  # activation clips from a first batch
     sbs_model = sbs.export(sbs_model.eval()).model.eval()

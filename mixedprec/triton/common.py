@@ -27,9 +27,15 @@ def to_storage(v, ptr):
     return v.to(ptr.dtype.element_ty)
 
 
-def output_like(t: Tensor) -> Tensor:
+def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialized output, or a NaN-filled one under MIXEDPREC_POISON_OUTPUTS=1."""
-    return torch.full_like(t, float("nan")) if poison_outputs() else torch.empty_like(t)
+    if poison_outputs():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def output_like(t: Tensor) -> Tensor:
+    return new_output(t.shape, dtype=t.dtype, device=t.device)
 
 
 def grid(n: int) -> tuple[int]:

@@ -17,11 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec._extension import TRITON_INTERPRETED, poison_outputs
-from mixedprec.triton.bit_sharing import _to_storage
+from mixedprec.triton.common import LAUNCH_OPTIONS, new_output, to_storage
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
-_LAUNCH_OPTIONS = {} if TRITON_INTERPRETED else {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -116,7 +114,7 @@ def _lut_gemm_kernel(src_ptr, dst_ptr, bias_ptr, codes_ptr, levels_ptr, scale_pt
         if HAS_BIAS:
             acc += tl.load(bias_ptr + channel, mask=m_ok[:, None], other=0.0)
         dst = dst_ptr + (img[None, :] * C_OUT + channel) * (OH * OW) + offs_n[None, :] % (OH * OW)
-    tl.store(dst, _to_storage(acc, dst_ptr), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(dst, to_storage(acc, dst_ptr), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _word_code_offsets(keep_bitmap: Tensor) -> Tensor:
@@ -144,13 +142,12 @@ def _launch(src, dst, bias, codes, codebook, channel_scale, keep_bitmap, bits, w
         keep_bitmap if sparse else codes, words, n, c_in, h, w, c_out, oh, ow, groups,
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         BITS=bits, SPARSE=sparse, HAS_BIAS=bias is not None, BACKWARD=backward,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **_LAUNCH_OPTIONS)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **LAUNCH_OPTIONS)
     return dst
 
 
 def _output(shape, like: Tensor) -> Tensor:
-    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device) if poison_outputs() else \
-        torch.empty(shape, dtype=like.dtype, device=like.device)
+    return new_output(shape, dtype=like.dtype, device=like.device)
 
 
 def forward(x, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, bias, stride, padding, dilation, groups):
