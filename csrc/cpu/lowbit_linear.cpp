@@ -21,7 +21,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)  // as vec_ops.h: Vec is 16 lanes
 #include <immintrin.h>
 #define MP_LOWBIT_AVX512 1
 #endif
@@ -84,6 +84,52 @@ void expand_row_simd(const uint8_t* bitmap, int64_t nbytes, int64_t pos, int64_t
 }
 #endif
 
+#if defined(MP_LOWBIT_AVX512)
+// 16 levels of 4- or 2-bit codes starting at byte `src` (byte-aligned), from a register LUT.
+template <int kBits>
+__m512 decode16(const uint8_t* src, __m512 lut) {
+  if constexpr (kBits == 4) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);
+  } else {
+    uint32_t word;
+    std::memcpy(&word, src, 4);
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), _mm512_set1_epi32(3));
+    return _mm512_permutexvar_ps(idx, lut);
+  }
+}
+
+constexpr int64_t kFusedBatch = 4;
+
+// Small batches of dense, byte-aligned 4-/2-bit rows: the codes are decoded in registers and
+// multiplied into x at once (no tile), reading bits/8 B per weight. The accumulation is the
+// tile path's exactly (16-lane FMA over the same columns, lane_sum, scalar tail), so results
+// are bit-identical to decode_row + dot.
+template <int kBits>
+void fused_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
+  const __m512 lut = kBits == 4 ? _mm512_loadu_ps(w.codebook) : _mm512_castps128_ps512(_mm_loadu_ps(w.codebook));
+  const int64_t in = w.in;
+  for (int64_t c = c0; c < c1; ++c) {
+    const uint8_t* src = w.codes + c * in * kBits / 8;
+    __m512 acc[kFusedBatch];
+    for (int64_t m = 0; m < m_rows; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= in; k += 16, src += 2 * kBits) {
+      const __m512 levels = decode16<kBits>(src, lut);
+      for (int64_t m = 0; m < m_rows; ++m) acc[m] = _mm512_fmadd_ps(levels, _mm512_loadu_ps(x + m * in + k), acc[m]);
+    }
+    for (int64_t m = 0; m < m_rows; ++m) {
+      float s = float(lane_sum(Vec(acc[m])));
+      for (int64_t i = k; i < in; ++i) s += w.codebook[read_code(w.codes, c * in + i, kBits)] * x[m * in + i];
+      y[m * w.out + c] = w.channel_scale[c] * s;
+    }
+  }
+}
+#endif
+
 void expand_row_scalar(const uint8_t* bitmap, int64_t, int64_t pos, int64_t in, const float* levels, float* row) {
   int64_t k = 0;
   for (int64_t i = 0; i < in; ++i) row[i] = ((bitmap[(pos + i) >> 3] >> ((pos + i) & 7)) & 1) ? levels[k++] : 0.0f;
@@ -137,6 +183,16 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& codebook, const at::Te
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (out + kRowBlock - 1) / kRowBlock;
+#if defined(MP_LOWBIT_AVX512)
+  if (simd_enabled.load(std::memory_order_relaxed) && !w.keep_bitmap && (w.bits == 4 || w.bits == 2) &&
+      m_rows <= kFusedBatch && (in * w.bits) % 8 == 0) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
+      (w.bits == 4 ? fused_rows<4> : fused_rows<2>)(w, xp, m_rows, c0, c1, yp);
+    });
+    return y;
+  }
+#endif
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     Scratch s(kRowBlock, in);
     for (int64_t b = b0; b < b1; ++b) {
