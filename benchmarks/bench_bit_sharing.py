@@ -7,13 +7,13 @@ composite, torch's single-bitwidth fake-quant built-ins and a clone (bandwidth p
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from mixedprec import ops
+from timing import time_ms  # benchmarks/timing.py
 
 N = 4 << 20
 BITS = (2, 4, 8)
@@ -68,19 +68,6 @@ def contenders() -> dict[str, Callable]:
     found["torch fake_quantize_per_tensor (8-bit)"] = fake_quant_step
     found["clone (bandwidth probe)"] = clone_step
     return found
-
-
-def time_ms(fn: Callable, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of one call in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e3
 
 
 @pytest.mark.parametrize("name", list(contenders()))

@@ -8,13 +8,13 @@ plus a masked select (the least any one-pass version must move, 9 B/elem fp32) a
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from mixedprec import ops
+from timing import time_ms  # benchmarks/timing.py
 
 SHAPE = (1024, 4096)
 LEVELS = 16
@@ -56,19 +56,6 @@ def contenders() -> dict[str, Callable]:
             found[f"codebook_quant[{backend}] fwd"] = lambda *a, b=backend: forward_step(b, *a)
     found["where(keep_mask, w, 0) (bandwidth probe)"] = masked_clone_step
     return found
-
-
-def time_ms(fn: Callable, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of one call in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e3
 
 
 @pytest.mark.parametrize("name", list(contenders()))

@@ -4,13 +4,13 @@ group size 128). `pytest benchmarks/bench_lowbit_linear.py` (pytest-benchmark), 
 for one table with ratios."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
 from mixedprec import ops
 from mixedprec.formats import pack_weight
+from timing import time_ms  # benchmarks/timing.py
 
 N = K = 4096
 CASES = {"dense 4-bit": (4, 0.0), "75%-sparse 4-bit": (4, 0.75), "75%-sparse 2-bit": (2, 0.75)}
@@ -51,22 +51,12 @@ def test_lowbit_linear(benchmark, batch, name):
         benchmark(candidates(batch)[name])
 
 
-def _time(fn, repeats=20):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 if __name__ == "__main__":
-    print(f"{N}x{K} layer, {torch.get_num_threads()} threads, best of 20, times in ms")
+    print(f"{N}x{K} layer, {torch.get_num_threads()} threads, median of 20, times in ms")
     with torch.inference_mode():
         for batch in (1, 16):
-            times = {name: _time(fn) for name, fn in candidates(batch).items()}
+            times = {name: time_ms(fn) for name, fn in candidates(batch).items()}
             fp32, int4 = times["torch fp32 matmul"], times["torch int4pack_mm (bf16 x)"]
             print(f"\nbatch {batch}:  {'':28s} {'ms':>8s} {'vs fp32':>8s} {'vs int4':>8s}")
             for name, t in times.items():
-                print(f"  {name:36s} {t * 1e3:8.3f} {fp32 / t:7.2f}x {int4 / t:7.2f}x")
+                print(f"  {name:36s} {t:8.3f} {fp32 / t:7.2f}x {int4 / t:7.2f}x")

@@ -7,7 +7,6 @@ conv2d, at batch 1 and 32, with the weight bytes each holds.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 
 from mixedprec import ops
 from mixedprec.formats import pack_weight
+from timing import time_ms  # benchmarks/timing.py
 
 # (channels, spatial size) of ResNet-18's 3x3, stride-1 convolutions
 LAYERS = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -45,20 +45,6 @@ def weight_bytes(packed, weight) -> tuple[int, int]:
     return packed_bytes, weight.numel() * weight.element_size()
 
 
-def time_ms(fn: Callable, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of one call in milliseconds."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e3
-
-
 CASES = [(c, s, b) for c, s in LAYERS for b in BATCHES]
 
 
@@ -74,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    torch.set_grad_enabled(False)  # inference timings
     print(f"threads {torch.get_num_threads()}, {BITS}-bit dense weights, median of {args.repeats}")
     print(f"{'layer':>14} {'batch':>5} {'lut ms':>9} {'torch ms':>9} {'lut/torch':>9} {'packed B':>9} {'fp32 B':>9}")
     for channels, size, batch in CASES:

@@ -68,6 +68,26 @@ def resolve_backend(op: str, backend: str | None, x: Tensor) -> str:
     return backend
 
 
+def kernels_built(kernel_ops: dict[str, tuple[str, str]]) -> dict[str, bool]:
+    """Per backend, whether this build registered an op's kernel: ``kernel_ops`` maps "cpu",
+    "cuda", "simt" to (kernel op name, dispatch key); reference and triton always exist.
+    Computed once at import, so that torch.compile sees constants."""
+    return {b: b not in kernel_ops or (hasattr(torch.ops.mixedprec, kernel_ops[b][0])
+                                       and _extension._has_kernel(*kernel_ops[b])) for b in BACKENDS}
+
+
+def resolve_op_backend(op: str, backend: str | None, x: Tensor, built: dict[str, bool]) -> str:
+    """resolve_backend, then the reference where the chosen backend lacks this op's kernel
+    (only when no backend was asked for: an explicit request that cannot be met is an error)."""
+    resolved = resolve_backend(op, backend, x)
+    if built[resolved]:
+        return resolved
+    if backend is None:
+        return "reference"
+    raise RuntimeError(f"{op}: backend {backend!r} has no {op} kernel in this build; rebuild mixedprec._C, "
+                       f"or use backend='reference' (or None to pick what is available)")
+
+
 # ---------------------------------------------------------------------------------------------
 # argument checks shared by the ops
 
@@ -243,6 +263,7 @@ _CODEBOOK_KERNEL_OPS = {
     "cuda": ("codebook_quant_fwd", "CUDA"),
     "simt": ("simt_codebook_quant_fwd", "CPU"),
 }
+_CODEBOOK_KERNEL_BUILT = kernels_built(_CODEBOOK_KERNEL_OPS)
 
 
 def codebook_quant(
@@ -295,38 +316,12 @@ def codebook_quant(
     if keep_mask.shape != weight.shape or keep_mask.device != weight.device:
         raise ValueError(f"{op}: keep_mask must have weight's shape {tuple(weight.shape)} on {weight.device}, "
                          f"got {tuple(keep_mask.shape)} on {keep_mask.device}")
-    backend = _resolve_codebook_backend(backend, weight)
+    backend = resolve_op_backend(op, backend, weight, _CODEBOOK_KERNEL_BUILT)
     if backend == "reference":
         if not torch.compiler.is_compiling():
             _check_codebook_values(codebook, channel_scale)
         return reference.codebook_quant(weight, codebook, channel_scale, keep_mask)
     return torch.ops.mixedprec.codebook_quant(weight, codebook.float(), channel_scale.float(), keep_mask, backend)
-
-
-def _codebook_kernel_registered(backend: str) -> bool:
-    if backend == "reference":
-        return True
-    if backend == "triton":
-        import importlib.util
-        return importlib.util.find_spec("mixedprec.triton.codebook") is not None
-    name, key = _CODEBOOK_KERNEL_OPS[backend]
-    return hasattr(torch.ops.mixedprec, name) and _extension._has_kernel(name, key)
-
-
-# Decided once at import, like _extension.CPU_BUILT, so that torch.compile sees constants.
-_CODEBOOK_KERNEL_BUILT = {b: _codebook_kernel_registered(b) for b in BACKENDS}
-
-
-def _resolve_codebook_backend(backend: str | None, weight: Tensor) -> str:
-    """resolve_backend, then the reference wherever the chosen backend has no codebook kernel yet."""
-    op = "codebook_quant"
-    resolved = resolve_backend(op, backend, weight)
-    if _CODEBOOK_KERNEL_BUILT[resolved]:
-        return resolved
-    if backend is None:
-        return "reference"
-    raise RuntimeError(f"{op}: backend {backend!r} has no codebook_quant kernel in this build; "
-                       f"use backend='reference' (or None to pick what is available)")
 
 
 def _check_codebook_values(codebook: Tensor, channel_scale: Tensor) -> None:
@@ -396,6 +391,7 @@ _LOWBIT_KERNEL_OPS = {
     "cuda": ("lowbit_linear_fwd", "CUDA"),
     "simt": ("simt_lowbit_linear_fwd", "CPU"),
 }
+_LOWBIT_KERNEL_BUILT = kernels_built(_LOWBIT_KERNEL_OPS)
 
 
 def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
@@ -435,7 +431,7 @@ def packed_linear(x: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Ten
         _check_tensor(op, "bias", bias, x.device)
         if tuple(bias.shape) != (out_features,):
             raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    backend = _resolve_lowbit_backend(backend, x)
+    backend = resolve_op_backend("lowbit_linear", backend, x, _LOWBIT_KERNEL_BUILT)
     if backend == "reference":
         from mixedprec.formats import PackedWeight
         return reference.lowbit_linear(x, PackedWeight(tuple(shape), bits, codebook, channel_scale, codes, keep_bitmap),
@@ -443,26 +439,6 @@ def packed_linear(x: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Ten
     y = torch.ops.mixedprec.lowbit_linear(x, codebook, channel_scale, codes, keep_bitmap, row_code_offsets,
                                           group_code_offsets, in_features, bits, backend)
     return y if bias is None else y + bias.to(y.dtype)
-
-
-def _lowbit_kernel_registered(backend: str) -> bool:
-    if backend in ("reference", "triton"):
-        return True
-    name, key = _LOWBIT_KERNEL_OPS[backend]
-    return hasattr(torch.ops.mixedprec, name) and _extension._has_kernel(name, key)
-
-
-_LOWBIT_KERNEL_BUILT = {b: _lowbit_kernel_registered(b) for b in BACKENDS}
-
-
-def _resolve_lowbit_backend(backend: str | None, x: Tensor) -> str:
-    resolved = resolve_backend("lowbit_linear", backend, x)
-    if _LOWBIT_KERNEL_BUILT[resolved]:
-        return resolved
-    if backend is None:
-        return "reference"
-    raise RuntimeError(f"lowbit_linear: backend {backend!r} has no lowbit_linear kernel in this build; "
-                       f"rebuild mixedprec._C or use backend='reference'")
 
 
 def _lowbit_kernels(backend: str) -> _Kernels:
@@ -536,19 +512,7 @@ def set_cpu_simd(enabled: bool) -> bool:
 
 _LUT_CONV2D_KERNEL_OPS = {"cpu": ("lut_conv2d_fwd", "CPU"), "cuda": ("lut_conv2d_fwd", "CUDA"),
                           "simt": ("simt_lut_conv2d_fwd", "CPU")}
-
-
-def _lut_conv2d_kernel_registered(backend: str) -> bool:
-    if backend == "reference":
-        return True
-    if backend == "triton":
-        import importlib.util
-        return importlib.util.find_spec("mixedprec.triton.lut_conv2d") is not None
-    name, key = _LUT_CONV2D_KERNEL_OPS[backend]
-    return hasattr(torch.ops.mixedprec, name) and _extension._has_kernel(name, key)
-
-
-_LUT_CONV2D_KERNEL_BUILT = {b: _lut_conv2d_kernel_registered(b) for b in BACKENDS}
+_LUT_CONV2D_KERNEL_BUILT = kernels_built(_LUT_CONV2D_KERNEL_OPS)
 
 
 def _conv_pair(op: str, name: str, value, minimum: int) -> list[int]:
@@ -615,7 +579,7 @@ def lut_conv2d_buffers(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale
         _check_tensor(op, "bias", bias, x.device)
         if tuple(bias.shape) != (c_out,):
             raise ValueError(f"{op}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
-    backend = _resolve_lut_conv2d_backend(backend, x)
+    backend = resolve_op_backend("lut_conv2d", backend, x, _LUT_CONV2D_KERNEL_BUILT)
     if backend == "reference":
         if packed is None:
             from mixedprec.formats import PackedWeight
@@ -624,16 +588,6 @@ def lut_conv2d_buffers(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale
     return torch.ops.mixedprec.lut_conv2d(x, codes, codebook, channel_scale, keep_bitmap, int(bits),
                                           [c_out, c_in_per_group, kh, kw], bias, stride, padding, dilation, groups,
                                           backend)
-
-
-def _resolve_lut_conv2d_backend(backend: str | None, x: Tensor) -> str:
-    resolved = resolve_backend("lut_conv2d", backend, x)
-    if _LUT_CONV2D_KERNEL_BUILT[resolved]:
-        return resolved
-    if backend is None:
-        return "reference"
-    raise RuntimeError(f"lut_conv2d: backend {backend!r} has no lut_conv2d kernel in this build; "
-                       f"use backend='reference' (or None to pick what is available)")
 
 
 def _lut_conv2d_kernels(backend: str) -> _Kernels:
