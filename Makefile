@@ -24,7 +24,7 @@ $(VENV)/installed: $(VENV)/bin/python $(SOURCES)
 setup: $(VENV)/installed
 
 demo: setup
-	$(PY) benchmarks/bench_bit_sharing.py
+	$(PY) -m mixedprec demo
 
 bench: setup
 	$(PY) benchmarks/bench_bit_sharing.py

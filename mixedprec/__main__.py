@@ -1,0 +1,4 @@
+"""``python -m mixedprec ...``: the same command line as the ``mixedprec`` script."""
+from mixedprec.cli import main
+
+raise SystemExit(main())
