@@ -67,20 +67,20 @@ def test_qat_step(benchmark, kind, backend):
 
 def main(rounds: int = 10) -> None:
     print(f"ResNet-20 QAT step, batch {BATCH}, {SHAPE[1]}x{SHAPE[2]}, CPU, {torch.get_num_threads()} threads, "
-          f"{rounds} rounds (ratios of minima: the least disturbed runs on a shared machine)")
-    print(f"{'step':<10} {'backend':<10} {'min ms':>9} {'median ms':>10} {'vs float':>9}")
-    float_ms = None
-    for kind, backend in CASES:
-        step = make_step(kind, backend)
-        times = []
-        for _ in range(rounds):
+          f"{rounds} rounds, cases interleaved (ratios of minima: the least disturbed runs on a shared machine)")
+    steps = [make_step(kind, backend) for kind, backend in CASES]
+    times: list[list[float]] = [[] for _ in CASES]
+    for _ in range(rounds):  # round-robin, so that every case sees the same machine load
+        for step, case_times in zip(steps, times):
             start = time.perf_counter()
             step()
-            times.append(1e3 * (time.perf_counter() - start))
-        best = min(times)
-        float_ms = best if kind == "float" else float_ms
+            case_times.append(1e3 * (time.perf_counter() - start))
+    float_ms = min(times[0])
+    print(f"{'step':<10} {'backend':<10} {'min ms':>9} {'median ms':>10} {'vs float':>9}")
+    for (kind, backend), case_times in zip(CASES, times):
         name = "-" if kind == "float" else backend_used(backend)
-        print(f"{kind:<10} {name:<10} {best:>9.1f} {statistics.median(times):>10.1f} {best / float_ms:>8.2f}x")
+        print(f"{kind:<10} {name:<10} {min(case_times):>9.1f} {statistics.median(case_times):>10.1f} "
+              f"{min(case_times) / float_ms:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ pruning in one of three roles, set up by ``convert`` from the model's data flow:
 - producer: owns a ``FilterGroupGate`` over its output filters;
 - channel-wise member (a depthwise conv between producer and consumer): its channels follow
   the producer's gate;
-- consumer: multiplies its input channels by the producer's mask, as the paper's code masks
-  the input of a block's second conv. Channels are thus zero exactly where they are consumed,
-  so any channel-wise op in between (BatchNorm, ReLU, pooling) is irrelevant to the result,
-  and export can remove them physically with identical outputs.
+- consumer: multiplies the weight columns of its input channels by the producer's mask. The
+  layer is linear in its input, so this is the paper's masking of the consumer's input (the
+  input of a block's second conv) at weight-sized rather than activation-sized cost, with the
+  same gradients. Channels are thus cut exactly where they are consumed, any channel-wise op
+  in between (BatchNorm, ReLU, pooling) is irrelevant to the result, and export can remove
+  them physically with identical outputs.
 
 Weights are standardized before quantization as in the paper's code, with statistics detached
 and taken over kept filters (and kept input channels) only. Unlike the paper's code the
@@ -99,16 +101,6 @@ class SBSLayer:
         if self.prune_gate is not None:
             self.prune_gate.channel_mask(self.weight)
 
-    def _quantize_input(self, x: Tensor) -> Tensor:
-        gate = self.input_gate()
-        if gate is None:
-            return self.a_quant(x)
-        mask = gate.channel_mask(self.input_source.layer.weight)
-        mask = mask.view(-1, 1, 1) if isinstance(self, nn.Conv2d) else mask  # channels: dim -3 or last
-        y = self.a_quant(x * mask)
-        # Unsigned grids map 0 to 0; a signed grid of even size has no 0, so mask again.
-        return y * mask if self.a_quant.signed else y
-
     def _standardization(self) -> tuple[Tensor, Tensor]:
         """Detached mean and std of the weights of kept output filters and kept input channels."""
         w = self.weight.detach()
@@ -120,11 +112,17 @@ class SBSLayer:
         return w.mean(), w.std(correction=int(w.numel() > 1)).clamp_min(1e-12)
 
     def quantized_weight(self) -> Tensor:
-        """mean + std * Q((w - mean) / std): the fake-quantized weight this layer computes with."""
-        if not self.w_quant.enabled:
-            return self.weight
-        mean, std = self._standardization()
-        return self.w_quant((self.weight - mean) / std) * std + mean
+        """mean + std * Q((w - mean) / std), with the columns of pruned input channels
+        multiplied by the producer's mask: the weight this layer computes with."""
+        w = self.weight
+        if self.w_quant.enabled:
+            mean, std = self._standardization()
+            w = self.w_quant((w - mean) / std) * std + mean
+        gate = self.input_gate()
+        if gate is None:
+            return w
+        mask = gate.channel_mask(self.input_source.layer.weight)
+        return w * mask.view(1, -1, *([1] * (w.dim() - 2)))
 
     # --- read-out and control -------------------------------------------------------------
 
@@ -166,7 +164,7 @@ class SBSConv2d(SBSLayer, nn.Conv2d):
         if _float_forward.get():
             return super().forward(x)
         self._refresh_gate()
-        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.a_quant(x), self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **sbs_kwargs) -> SBSConv2d:
@@ -199,7 +197,7 @@ class SBSLinear(SBSLayer, nn.Linear):
         if _float_forward.get():
             return super().forward(x)
         self._refresh_gate()
-        return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.a_quant(x), self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **sbs_kwargs) -> SBSLinear:
