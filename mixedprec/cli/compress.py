@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> dict:
     policy = _policy(args) if args.method == "sbs" else None  # checked before any work is done
     data = load_data(args.data, args.data_dir, image_size=args.image_size, seed=args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, parse_model_args(args.model_arg), data)
+    model_args = parse_model_args(args.model_arg)
+    model = build_model(args.model, model_args, data)
     if args.weights is not None:
         load_weights(model, args.weights)
     elif args.float_epochs == 0:
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.method == "opq":
         pipeline.check_opq_rate(model, args.rate, cost=args.cost, levels=args.levels, option="--rate")
     out = make_out_dir(args.out)
-    record = {"model": args.model, "model_args": parse_model_args(args.model_arg), "data": data.name,
+    record = {"model": args.model, "model_args": model_args, "data": data.name,
               "weights": None if args.weights is None else str(args.weights), "command": f"compress {args.method}"}
     start = time.perf_counter()
     if args.weights is None:
