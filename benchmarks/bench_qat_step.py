@@ -59,7 +59,8 @@ def backend_used(backend: str | None) -> str:
     return backend or ops.resolve_backend("bit_sharing_quant", None, torch.empty(1))
 
 
-@pytest.mark.parametrize("kind,backend", CASES, ids=[f"{k}-{backend_used(b)}" for k, b in CASES])
+@pytest.mark.parametrize("kind,backend", CASES,
+                         ids=[k if k == "float" else f"{k}-{backend_used(b)}" for k, b in CASES])
 def test_qat_step(benchmark, kind, backend):
     benchmark.extra_info["backend"] = "none" if kind == "float" else backend_used(backend)
     benchmark.pedantic(make_step(kind, backend), rounds=5, iterations=1, warmup_rounds=1)
