@@ -27,7 +27,7 @@ demo: setup
 	$(PY) -m mixedprec demo
 
 bench: setup
-	$(PY) benchmarks/bench_bit_sharing.py
+	$(PY) -m mixedprec bench
 
 test: setup
 	$(PY) -m pytest

@@ -223,6 +223,9 @@ def save_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dic
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".safetensors")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved model is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -142,3 +142,26 @@ def test_issue9_train_head_on_packed_digits_mlp():
     assert accuracies[1] > 80 and abs(accuracies[0] - accuracies[1]) <= 1.0, accuracies
     after = packed.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items() if not k.startswith("4."))
+
+
+def test_save_load_unpacked_sbs_model_and_file_mode(tmp_path):
+    """An exported, unpacked SBS model (its layers' prune-gate slots are None) round-trips, and the
+    file is created with the usual permissions (not mkstemp's owner-only mode)."""
+    import os
+    import stat
+
+    from mixedprec import sbs
+    from mixedprec.models import digits_cnn
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    model = sbs.convert(digits_cnn(width=8), sbs.SBSPolicy(group_size=2))
+    model(x)
+    model = sbs.export(model.eval()).model.eval()  # fixed bits, pruned channels removed, gate slots None
+    path = tmp_path / "sbs.safetensors"
+    mixedprec.save(model, path)
+    with torch.no_grad():
+        torch.testing.assert_close(mixedprec.load(path)(x), model(x), rtol=0, atol=0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask

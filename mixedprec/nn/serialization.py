@@ -77,8 +77,8 @@ def _describe(module: nn.Module, prefix: str, tensors: dict) -> dict:
         buffers[name] = b is not None
         if b is not None:
             tensors[prefix + name] = b
-    children = {name: _describe(child, f"{prefix}{name}.", tensors) for name, child in module._modules.items()
-                if child is not None}
+    children = {name: None if child is None else _describe(child, f"{prefix}{name}.", tensors)
+                for name, child in module._modules.items()}  # a None child (an unset slot) stays None
     return {"class": path, "attrs": attrs, "params": params, "buffers": buffers, "children": children,
             "non_persistent": sorted(module._non_persistent_buffers_set)}
 
@@ -106,7 +106,7 @@ def _build(spec: dict, prefix: str, tensors: dict, used: set) -> nn.Module:
             module._buffers.setdefault(name, None)
             module._non_persistent_buffers_set.add(name)
         for name, child in spec["children"].items():
-            module._modules[name] = _build(child, f"{prefix}{name}.", tensors, used)
+            module._modules[name] = None if child is None else _build(child, f"{prefix}{name}.", tensors, used)
     except (KeyError, TypeError, AttributeError, ImportError) as exc:
         raise ValueError(f"packed file: module {where!r} is malformed: {type(exc).__name__}: {exc}") from None
     except ValueError as exc:
