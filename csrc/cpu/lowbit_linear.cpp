@@ -38,6 +38,14 @@ constexpr int64_t kMaxChunks = 16;
 
 std::atomic<bool> simd_enabled{true};
 
+// kAccumulators independent FMA chains (vector step j feeds chain j % kAccumulators), added
+// pairwise at the end: one chain would wait on the FMA latency every step.
+constexpr int kAccumulators = 4;
+
+inline float finish_dot(Vec (&acc)[kAccumulators]) {
+  return float(lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3])));
+}
+
 // Kept codes [first, first + count) of the stream into levels (scalar twin: any bits).
 void decode_levels_scalar(const PackedView& w, int64_t first, int64_t count, float* levels) {
   for (int64_t k = 0; k < count; ++k) levels[k] = w.codebook[read_code(w.codes, first + k, w.bits)];
@@ -106,7 +114,7 @@ constexpr int64_t kFusedBatch = 4;
 
 // Small batches of dense, byte-aligned 4-/2-bit rows: the codes are decoded in registers and
 // multiplied into x at once (no tile), reading bits/8 B per weight. The accumulation is the
-// tile path's exactly (16-lane FMA over the same columns, lane_sum, scalar tail), so results
+// tile path's exactly (the same FMA chains over the same columns, scalar tail), so results
 // are bit-identical to decode_row + dot.
 template <int kBits>
 void fused_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
@@ -114,15 +122,17 @@ void fused_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0,
   const int64_t in = w.in;
   for (int64_t c = c0; c < c1; ++c) {
     const uint8_t* src = w.codes + c * in * kBits / 8;
-    __m512 acc[kFusedBatch];
-    for (int64_t m = 0; m < m_rows; ++m) acc[m] = _mm512_setzero_ps();
+    Vec acc[kFusedBatch][kAccumulators];
+    for (int64_t m = 0; m < m_rows; ++m)
+      for (int j = 0; j < kAccumulators; ++j) acc[m][j] = Vec(0.0f);
     int64_t k = 0;
-    for (; k + 16 <= in; k += 16, src += 2 * kBits) {
-      const __m512 levels = decode16<kBits>(src, lut);
-      for (int64_t m = 0; m < m_rows; ++m) acc[m] = _mm512_fmadd_ps(levels, _mm512_loadu_ps(x + m * in + k), acc[m]);
+    for (int j = 0; k + 16 <= in; k += 16, src += 2 * kBits, j = (j + 1) % kAccumulators) {
+      const Vec levels(decode16<kBits>(src, lut));
+      for (int64_t m = 0; m < m_rows; ++m)
+        acc[m][j] = at::vec::fmadd(Vec::loadu(x + m * in + k), levels, acc[m][j]);
     }
     for (int64_t m = 0; m < m_rows; ++m) {
-      float s = float(lane_sum(Vec(acc[m])));
+      float s = finish_dot(acc[m]);
       for (int64_t i = k; i < in; ++i) s += w.codebook[read_code(w.codes, c * in + i, kBits)] * x[m * in + i];
       y[m * w.out + c] = w.channel_scale[c] * s;
     }
@@ -151,10 +161,11 @@ void decode_row(const PackedView& w, int64_t c, float* row, float* levels) {
 }
 
 float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.0f);
+  Vec acc[kAccumulators] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-  float s = float(lane_sum(acc));
+  for (int j = 0; i + Vec::size() <= n; i += Vec::size(), j = (j + 1) % kAccumulators)
+    acc[j] = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc[j]);
+  float s = finish_dot(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
