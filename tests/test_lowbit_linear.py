@@ -68,10 +68,13 @@ def test_half_types_and_strided_x(kernel_backend, dtype):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
-def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity):
+@pytest.mark.parametrize("in_features", [333, 336])
+def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity, in_features):
+    """333: rows start mid-byte (decode tile); 336, dense: byte-aligned rows take the fused
+    register-decode path at small batch. Both must equal the scalar twin bit for bit."""
     require_backend("cpu")
-    packed = make_packed(19, 333, bits, sparsity)  # odd row length: rows start mid-byte
-    x = torch.randn(3, 333)
+    packed = make_packed(19, in_features, bits, sparsity)
+    x = torch.randn(3, in_features)
     results = []
     for simd in (True, False):
         previous = ops.set_cpu_simd(simd)
