@@ -69,7 +69,7 @@ def sbs_packed_weight(layer, where: str = "layer") -> PackedWeight:
                          f"(fixed bits, pruned channels removed)")
     if bits > 8:
         raise ValueError(f"pack: SBS layer {where!r} uses {bits}-bit weights; the packed format holds 1..8")
-    mean, std = layer._standardization()
+    mean, std = layer.weight_standardization()
     clip = layer.w_quant.clip.detach().float()
     n = reference.levels(bits)
     z = reference.normalize((layer.weight.detach().float() - mean) / std, clip, signed=True)

@@ -48,7 +48,7 @@ def describe(model: nn.Module) -> dict[str, LayerReport]:
 
 
 def _report(layer: SBSLayer) -> LayerReport:
-    mean, std = layer._standardization()
+    mean, std = layer.weight_standardization()
     out_gate, in_gate = layer.output_gate(), layer.input_gate()
     return LayerReport(
         kind="conv2d" if isinstance(layer, nn.Conv2d) else "linear",

@@ -101,7 +101,7 @@ class SBSLayer:
         if self.prune_gate is not None:
             self.prune_gate.channel_mask(self.weight)
 
-    def _standardization(self) -> tuple[Tensor, Tensor]:
+    def weight_standardization(self) -> tuple[Tensor, Tensor]:
         """Detached mean and std of the weights of kept output filters and kept input channels."""
         w = self.weight.detach()
         out_gate, in_gate = self.output_gate(), self.input_gate()
@@ -116,7 +116,7 @@ class SBSLayer:
         multiplied by the producer's mask: the weight this layer computes with."""
         w = self.weight
         if self.w_quant.enabled:
-            mean, std = self._standardization()
+            mean, std = self.weight_standardization()
             w = self.w_quant((w - mean) / std) * std + mean
         gate = self.input_gate()
         if gate is None:
