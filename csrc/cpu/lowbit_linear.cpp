@@ -115,7 +115,7 @@ constexpr int64_t kFusedBatch = 4;
 // Small batches of dense, byte-aligned 4-/2-bit rows: the codes are decoded in registers and
 // multiplied into x at once (no tile), reading bits/8 B per weight. The accumulation is the
 // tile path's exactly (the same FMA chains over the same columns, scalar tail), so results
-// are bit-identical to decode_row + dot.
+// are bit-identical to decode_row + dot_block.
 template <int kBits>
 void fused_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
   const __m512 lut = kBits == 4 ? _mm512_loadu_ps(w.codebook) : _mm512_castps128_ps512(_mm_loadu_ps(w.codebook));
@@ -160,14 +160,34 @@ void decode_row(const PackedView& w, int64_t c, float* row, float* levels) {
 #endif
 }
 
-float dot(const float* a, const float* b, int64_t n) {
-  Vec acc[kAccumulators] = {Vec(0.0f), Vec(0.0f), Vec(0.0f), Vec(0.0f)};
+// dots[i][j] = sum_k a[i n + k] b[j n + k] for i < ma, j < mb (at most 2 x 2): every a and b vector
+// is loaded once for the block (half the loads per multiply-add of one dot at a time); each dot
+// runs its own kAccumulators chains, summed by finish_dot, then the scalar tail.
+template <int MA, int MB>
+void dot_block(const float* a, const float* b, int64_t n, float (&dots)[2][2]) {
+  Vec acc[MA][MB][kAccumulators];
+  for (auto& row : acc)
+    for (auto& chains : row)
+      for (Vec& c : chains) c = Vec(0.0f);
   int64_t i = 0;
-  for (int j = 0; i + Vec::size() <= n; i += Vec::size(), j = (j + 1) % kAccumulators)
-    acc[j] = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc[j]);
-  float s = finish_dot(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+  for (int j = 0; i + Vec::size() <= n; i += Vec::size(), j = (j + 1) % kAccumulators) {
+    Vec av[MA], bv[MB];
+    for (int p = 0; p < MA; ++p) av[p] = Vec::loadu(a + p * n + i);
+    for (int q = 0; q < MB; ++q) bv[q] = Vec::loadu(b + q * n + i);
+    for (int p = 0; p < MA; ++p)
+      for (int q = 0; q < MB; ++q) acc[p][q][j] = at::vec::fmadd(av[p], bv[q], acc[p][q][j]);
+  }
+  for (int p = 0; p < MA; ++p)
+    for (int q = 0; q < MB; ++q) {
+      float s = finish_dot(acc[p][q]);
+      for (int64_t k = i; k < n; ++k) s += a[p * n + k] * b[q * n + k];
+      dots[p][q] = s;
+    }
+}
+
+void dot_block(const float* a, int ma, const float* b, int mb, int64_t n, float (&dots)[2][2]) {
+  if (ma == 2) return mb == 2 ? dot_block<2, 2>(a, b, n, dots) : dot_block<2, 1>(a, b, n, dots);
+  return mb == 2 ? dot_block<1, 2>(a, b, n, dots) : dot_block<1, 1>(a, b, n, dots);
 }
 
 void axpy(float alpha, const float* x, float* y, int64_t n) {
@@ -209,9 +229,14 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& codebook, const at::Te
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kRowBlock, rows = std::min(kRowBlock, out - c0);
       for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, s.tile.data() + r * in, s.levels.data());
-      for (int64_t m = 0; m < m_rows; ++m)
-        for (int64_t r = 0; r < rows; ++r)
-          yp[m * out + c0 + r] = w.channel_scale[c0 + r] * dot(xp + m * in, s.tile.data() + r * in, in);
+      for (int64_t m = 0; m < m_rows; m += 2)
+        for (int64_t r = 0; r < rows; r += 2) {
+          const int mb = int(std::min<int64_t>(2, m_rows - m)), rb = int(std::min<int64_t>(2, rows - r));
+          float dots[2][2];
+          dot_block(xp + m * in, mb, s.tile.data() + r * in, rb, in, dots);
+          for (int i = 0; i < mb; ++i)
+            for (int j = 0; j < rb; ++j) yp[(m + i) * out + c0 + r + j] = w.channel_scale[c0 + r + j] * dots[i][j];
+        }
     }
   });
   return y;
