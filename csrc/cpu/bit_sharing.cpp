@@ -92,33 +92,10 @@ Sums forward_range(const T* x, T* y, int64_t begin, int64_t end, float clip, con
   return s;
 }
 
-// y over [begin, end) under `gates`, no reduction.
-template <class P, class T>
-void apply_range(const T* x, T* y, int64_t begin, int64_t end, float clip, const Gates& gates, const P& p) {
-  const float inv_clip = 1.0f / clip;
-  Vec vgates[K8];
-  for (int j = 0; j < K8; ++j) vgates[j] = Vec(gates.value[j]);
-  int64_t i = begin;
-  for (; i + kW <= end; i += kW) {
-    const Vec z = bs_normalize<VecOps>(load_vec(x + i) * Vec(inv_clip), P::is_signed);
-    Vec offsets[K8];
-    const Vec base = bs_decompose<VecOps>(z, p, offsets, static_cast<Vec*>(nullptr));
-    store_vec(y + i, bs_output<VecOps>(bs_fold<VecOps>(base, offsets, vgates, p, static_cast<Vec*>(nullptr)),
-                                       Vec(clip), P::is_signed));
-  }
-  for (; i < end; ++i) {
-    const float z = bs_normalize<ScalarOps>(static_cast<float>(x[i]) * inv_clip, P::is_signed);
-    float offsets[K8];
-    const float base = bs_decompose<ScalarOps>(z, p, offsets, static_cast<float*>(nullptr));
-    y[i] = static_cast<T>(bs_output<ScalarOps>(
-        bs_fold<ScalarOps>(base, offsets, gates.value, p, static_cast<float*>(nullptr)), clip, P::is_signed));
-  }
-}
-
 template <class P, class T>
 void forward(const T* x, T* y, int64_t n, float clip, const float* thresholds, float* residual_mean, const P& p) {
-  if (P::num_bits == 1) {
-    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { apply_range(x, y, b, e, clip, Gates{}, p); });
+  if (P::num_bits == 1) {  // no gates, no residuals: one elementwise pass
+    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { forward_range(x, y, b, e, clip, Gates{}, p); });
     return;
   }
   // Guess the gates from runs of kSampleRun elements every kSampleStride runs.
@@ -133,8 +110,8 @@ void forward(const T* x, T* y, int64_t n, float clip, const float* thresholds, f
   const Gates guess = gates_from<P>(sample, double(std::max<int64_t>(sampled, 1)), thresholds, nullptr);
   const Sums total = chunked_sums(n, [&](int64_t b, int64_t e) { return forward_range(x, y, b, e, clip, guess, p); });
   const Gates exact = gates_from<P>(total, double(n), thresholds, residual_mean);
-  if (!(exact == guess))
-    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { apply_range(x, y, b, e, clip, exact, p); });
+  if (!(exact == guess))  // rare: rewrite y (the residual sums it recomputes are dropped)
+    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { forward_range(x, y, b, e, clip, exact, p); });
 }
 
 // Writes grad_x over [begin, end) and returns [sum g dy/dv, sum g T_2, ..., sum g T_K].
