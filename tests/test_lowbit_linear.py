@@ -68,13 +68,16 @@ def test_half_types_and_strided_x(kernel_backend, dtype):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
-@pytest.mark.parametrize("in_features", [333, 336])
-def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity, in_features):
-    """333: rows start mid-byte (decode tile); 336, dense: byte-aligned rows take the fused
-    register-decode path at small batch. Both must equal the scalar twin bit for bit."""
+@pytest.mark.parametrize("in_features", [333, 336, 600])
+@pytest.mark.parametrize("batch", [3, 6])
+def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity, in_features, batch):
+    """333: rows start mid-byte (decode tile, column order). 336 and 600, dense: byte-aligned rows
+    run in the interleaved column order (whole 64-byte blocks, then a tail), register-decoded at
+    batch 3, through the decode tile at batch 6. Both must equal the scalar twin bit for bit, and
+    the reference within float32 tolerance."""
     require_backend("cpu")
     packed = make_packed(19, in_features, bits, sparsity)
-    x = torch.randn(3, in_features)
+    x = torch.randn(batch, in_features)
     results = []
     for simd in (True, False):
         previous = ops.set_cpu_simd(simd)
@@ -86,6 +89,7 @@ def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity, in_features):
         finally:
             ops.set_cpu_simd(previous)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][0], reference.lowbit_linear(x, packed), rtol=1e-4, atol=1e-4)
 
 
 def test_no_gradient_to_packed_tensors():

@@ -9,6 +9,13 @@
 // vpermps in a register-resident codebook; sparse rows expanded with vexpandps under the bitmap.
 // The scalar decoder is their twin (set_cpu_simd(false) selects it; tests compare both).
 //
+// Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order (both x and
+// W, so the dot products are the same sums): one 64-byte load holds 16 lanes of 32 bits, and
+// lane l, bits [b s, b s + b) is column (32/b) l + s of the block; shifting the whole register by
+// b and looking the low 4 bits up with vpermps yields the 16 levels of step s, one shuffle per 16
+// weights (the natural order needs three). Every path of such weights (register-decoded small
+// batches, decode tile, scalar twin) uses that order, so results do not depend on the path.
+//
 // Backward: grad_x[m] = sum_c (grad_y[m, c] * scale[c]) * W[c]. Small batches: output channels
 // split into a fixed number of chunks (by shape, not thread count: results are deterministic),
 // each accumulating into its own partial grad_x, summed in chunk order; large batches: tasks
@@ -19,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)  // as vec_ops.h: Vec is 16 lanes
@@ -46,38 +54,114 @@ inline float finish_dot(Vec (&acc)[kAccumulators]) {
   return float(lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3])));
 }
 
+// Columns in the interleaved order: blocks of 16 * 32/bits columns (one 64-byte code load);
+// column (32/bits) l + s of a block goes to position 16 s + l. Columns past the last whole block
+// keep their place.
+struct Interleave {
+  int64_t steps, block, end;  // steps = codes per 32-bit lane; end = first column of the tail
+  Interleave(int bits, int64_t in) : steps(32 / bits), block(16 * steps), end(in - in % block) {}
+  int64_t position(int64_t i) const {
+    if (i >= end) return i;
+    const int64_t r = i % block;
+    return i - r + 16 * (r % steps) + r / steps;
+  }
+  // dst[position(i)] = src[i] for i < in (a steps x 16 transpose per block, no divisions).
+  void apply(const float* src, float* dst, int64_t in) const {
+    for (int64_t b = 0; b < end; b += block)
+      for (int64_t l = 0; l < 16; ++l)
+        for (int64_t s = 0; s < steps; ++s) dst[b + 16 * s + l] = src[b + steps * l + s];
+    std::copy(src + end, src + in, dst + end);
+  }
+};
+
+// Dense 4-/2-bit rows starting on a byte: the forward runs in the interleaved order.
+bool interleaved(const PackedView& w) {
+  return !w.keep_bitmap && (w.bits == 4 || w.bits == 2) && (w.in * w.bits) % 8 == 0;
+}
+
+// step(t, chain) for t in [0, n), chain = t % kAccumulators as a constant (the accumulators stay
+// in registers; an index known only at run time would put them in memory).
+template <class Step>
+void for_each_step(int64_t n, Step&& step) {
+  static_assert(kAccumulators == 4);
+  using C0 = std::integral_constant<int, 0>;
+  using C1 = std::integral_constant<int, 1>;
+  using C2 = std::integral_constant<int, 2>;
+  using C3 = std::integral_constant<int, 3>;
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) step(t, C0{}), step(t + 1, C1{}), step(t + 2, C2{}), step(t + 3, C3{});
+  if (t < n) step(t, C0{});
+  if (t + 1 < n) step(t + 1, C1{});
+  if (t + 2 < n) step(t + 2, C2{});
+}
+
 // Kept codes [first, first + count) of the stream into levels (scalar twin: any bits).
 void decode_levels_scalar(const PackedView& w, int64_t first, int64_t count, float* levels) {
   for (int64_t k = 0; k < count; ++k) levels[k] = w.codebook[read_code(w.codes, first + k, w.bits)];
 }
 
 #if defined(MP_LOWBIT_AVX512)
-// 4- and 2-bit codes: scalar up to a byte boundary, then 16 codes per step.
+// The codebook in a register, looked up by the low 4 bits of a lane: a 2-bit codebook is repeated
+// four times, so the bits above a 2-bit code need no masking.
+__m512 lut_register(const PackedView& w) {
+  return w.bits == 4 ? _mm512_loadu_ps(w.codebook) : _mm512_broadcast_f32x4(_mm_loadu_ps(w.codebook));
+}
+
+// 16 levels of 4- or 2-bit codes starting at byte `src`, in column order.
+template <int kBits>
+__m512 decode16(const uint8_t* src, __m512 lut) {
+  if constexpr (kBits == 4) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);  // code 2j: low nibble of byte j
+  } else {
+    uint32_t word;
+    std::memcpy(&word, src, 4);
+    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), lut);
+  }
+}
+
+// Levels of the codes from byte `src` on, 16 at a time while 16 remain; returns how many.
+template <int kBits>
+int64_t decode_run(const uint8_t* src, int64_t count, __m512 lut, float* levels) {
+  int64_t k = 0;
+  for (; k + 16 <= count; k += 16, src += 2 * kBits) _mm512_storeu_ps(levels + k, decode16<kBits>(src, lut));
+  return k;
+}
+
+// Every step of one interleaved block of codes at `src` (64 bytes): step(s, chain, levels).
+template <int kBits, class Step>
+void interleaved_block(const uint8_t* src, __m512 lut, Step&& step) {
+  __m512i lanes = _mm512_loadu_si512(src);
+  for_each_step(32 / kBits, [&](int64_t s, auto chain) {
+    step(s, chain, _mm512_permutexvar_ps(lanes, lut));
+    lanes = _mm512_srli_epi32(lanes, kBits);
+  });
+}
+
+// 4- and 2-bit codes in column order: scalar up to a byte boundary, then 16 codes per step.
 void decode_levels_simd(const PackedView& w, int64_t first, int64_t count, float* levels) {
   const int per_byte = 8 / w.bits;
   int64_t k = 0;
   for (; k < count && (first + k) % per_byte != 0; ++k) levels[k] = w.codebook[read_code(w.codes, first + k, w.bits)];
-  const __m512 lut = w.bits == 4 ? _mm512_loadu_ps(w.codebook) : _mm512_castps128_ps512(_mm_loadu_ps(w.codebook));
   const uint8_t* src = w.codes + (first + k) / per_byte;
-  if (w.bits == 4) {
-    const __m128i nibble = _mm_set1_epi8(0x0f);
-    for (; k + 16 <= count; k += 16, src += 8) {
-      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
-      const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-      const __m512i idx = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));  // code 2j: low nibble of byte j
-      _mm512_storeu_ps(levels + k, _mm512_permutexvar_ps(idx, lut));
-    }
-  } else {
-    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i two_bits = _mm512_set1_epi32(3);
-    for (; k + 16 <= count; k += 16, src += 4) {
-      uint32_t word;
-      std::memcpy(&word, src, 4);
-      const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), two_bits);
-      _mm512_storeu_ps(levels + k, _mm512_permutexvar_ps(idx, lut));
-    }
-  }
+  k += (w.bits == 4 ? decode_run<4> : decode_run<2>)(src, count - k, lut_register(w), levels + k);
   for (; k < count; ++k) levels[k] = w.codebook[read_code(w.codes, first + k, w.bits)];
+}
+
+// Row c of an interleaved weight (see Interleave) into row[0, in).
+template <int kBits>
+void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
+  const Interleave order(kBits, w.in);
+  const __m512 lut = lut_register(w);
+  const uint8_t* src = w.codes + c * w.in * kBits / 8;
+  int64_t k = 0;
+  for (; k < order.end; k += order.block, src += 64)
+    interleaved_block<kBits>(src, lut, [&](int64_t s, auto, __m512 levels) { _mm512_storeu_ps(row + k + 16 * s, levels); });
+  k += decode_run<kBits>(src, w.in - k, lut, row + k);
+  for (; k < w.in; ++k) row[k] = w.codebook[read_code(w.codes, c * w.in + k, kBits)];
 }
 
 // Dense row from its kept levels: row[i] = bit i ? levels[next] : 0, 16 columns per vexpandps.
@@ -90,52 +174,47 @@ void expand_row_simd(const uint8_t* bitmap, int64_t nbytes, int64_t pos, int64_t
   }
   for (; i < in; ++i) row[i] = ((bitmap[(pos + i) >> 3] >> ((pos + i) & 7)) & 1) ? levels[k++] : 0.0f;
 }
-#endif
-
-#if defined(MP_LOWBIT_AVX512)
-// 16 levels of 4- or 2-bit codes starting at byte `src` (byte-aligned), from a register LUT.
-template <int kBits>
-__m512 decode16(const uint8_t* src, __m512 lut) {
-  if constexpr (kBits == 4) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
-    const __m128i nibble = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);
-  } else {
-    uint32_t word;
-    std::memcpy(&word, src, 4);
-    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), _mm512_set1_epi32(3));
-    return _mm512_permutexvar_ps(idx, lut);
-  }
-}
 
 constexpr int64_t kFusedBatch = 4;
 
-// Small batches of dense, byte-aligned 4-/2-bit rows: the codes are decoded in registers and
-// multiplied into x at once (no tile), reading bits/8 B per weight. The accumulation is the
-// tile path's exactly (the same FMA chains over the same columns, scalar tail), so results
+// Small batches (kM rows of interleaved x) times interleaved weights: the codes are decoded in
+// registers and multiplied into x at once (no tile), reading bits/8 B per weight. The sums are
+// the tile path's exactly (the same FMA chains over the same columns, scalar tail), so results
 // are bit-identical to decode_row + dot_block.
-template <int kBits>
-void fused_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
-  const __m512 lut = kBits == 4 ? _mm512_loadu_ps(w.codebook) : _mm512_castps128_ps512(_mm_loadu_ps(w.codebook));
+template <int kBits, int kM>
+void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
+  const __m512 lut = lut_register(w);
+  const Interleave order(kBits, w.in);
   const int64_t in = w.in;
   for (int64_t c = c0; c < c1; ++c) {
     const uint8_t* src = w.codes + c * in * kBits / 8;
-    Vec acc[kFusedBatch][kAccumulators];
-    for (int64_t m = 0; m < m_rows; ++m)
-      for (int j = 0; j < kAccumulators; ++j) acc[m][j] = Vec(0.0f);
+    Vec acc[kM][kAccumulators];
+    for (auto& chains : acc)
+      for (Vec& a : chains) a = Vec(0.0f);
+    const auto fma = [&](int64_t k, auto chain, __m512 levels) {
+      for (int m = 0; m < kM; ++m) acc[m][chain] = at::vec::fmadd(Vec::loadu(x + m * in + k), Vec(levels), acc[m][chain]);
+    };
     int64_t k = 0;
-    for (int j = 0; k + 16 <= in; k += 16, src += 2 * kBits, j = (j + 1) % kAccumulators) {
-      const Vec levels(decode16<kBits>(src, lut));
-      for (int64_t m = 0; m < m_rows; ++m)
-        acc[m][j] = at::vec::fmadd(Vec::loadu(x + m * in + k), levels, acc[m][j]);
-    }
-    for (int64_t m = 0; m < m_rows; ++m) {
+    for (; k < order.end; k += order.block, src += 64)
+      interleaved_block<kBits>(src, lut, [&](int64_t s, auto chain, __m512 levels) { fma(k + 16 * s, chain, levels); });
+    const int64_t tail_steps = (in - k) / 16;
+    for_each_step(tail_steps, [&](int64_t t, auto chain) { fma(k + 16 * t, chain, decode16<kBits>(src + 2 * kBits * t, lut)); });
+    k += 16 * tail_steps;
+    for (int m = 0; m < kM; ++m) {
       float s = finish_dot(acc[m]);
       for (int64_t i = k; i < in; ++i) s += w.codebook[read_code(w.codes, c * in + i, kBits)] * x[m * in + i];
       y[m * w.out + c] = w.channel_scale[c] * s;
     }
+  }
+}
+
+template <int kBits>
+void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
+  switch (m_rows) {
+    case 1: return fused_rows<kBits, 1>(w, x, c0, c1, y);
+    case 2: return fused_rows<kBits, 2>(w, x, c0, c1, y);
+    case 3: return fused_rows<kBits, 3>(w, x, c0, c1, y);
+    default: return fused_rows<kBits, 4>(w, x, c0, c1, y);
   }
 }
 #endif
@@ -145,12 +224,23 @@ void expand_row_scalar(const uint8_t* bitmap, int64_t, int64_t pos, int64_t in, 
   for (int64_t i = 0; i < in; ++i) row[i] = ((bitmap[(pos + i) >> 3] >> ((pos + i) & 7)) & 1) ? levels[k++] : 0.0f;
 }
 
-// Row c of W / channel_scale[c] (the levels, 0 at pruned positions) into row[0, in).
-void decode_row(const PackedView& w, int64_t c, float* row, float* levels) {
+// Row c of W / channel_scale[c] (the levels, 0 at pruned positions) into row[0, in), in column
+// order, or in the interleaved order when `interleave` (dense 4-/2-bit rows starting on a byte).
+void decode_row(const PackedView& w, int64_t c, bool interleave, float* row, float* levels) {
   const int64_t first = w.row_code_offsets[c], count = w.row_code_offsets[c + 1] - first;
-  float* dst = w.keep_bitmap ? levels : row;
 #if defined(MP_LOWBIT_AVX512)
   const bool simd = simd_enabled.load(std::memory_order_relaxed);
+  if (simd && interleave) return (w.bits == 4 ? decode_row_interleaved_simd<4> : decode_row_interleaved_simd<2>)(w, c, row);
+#else
+  const bool simd = false;
+#endif
+  if (interleave) {
+    const Interleave order(w.bits, w.in);
+    for (int64_t i = 0; i < w.in; ++i) row[order.position(i)] = w.codebook[read_code(w.codes, first + i, w.bits)];
+    return;
+  }
+  float* dst = w.keep_bitmap ? levels : row;
+#if defined(MP_LOWBIT_AVX512)
   if (simd && (w.bits == 4 || w.bits == 2)) decode_levels_simd(w, first, count, dst);
   else decode_levels_scalar(w, first, count, dst);
   if (w.keep_bitmap) (simd ? expand_row_simd : expand_row_scalar)(w.keep_bitmap, w.bitmap_bytes, c * w.in, w.in, levels, row);
@@ -169,18 +259,19 @@ void dot_block(const float* a, const float* b, int64_t n, float (&dots)[2][2]) {
   for (auto& row : acc)
     for (auto& chains : row)
       for (Vec& c : chains) c = Vec(0.0f);
-  int64_t i = 0;
-  for (int j = 0; i + Vec::size() <= n; i += Vec::size(), j = (j + 1) % kAccumulators) {
+  const int64_t steps = n / Vec::size();
+  for_each_step(steps, [&](int64_t t, auto chain) {
+    const int64_t i = t * Vec::size();
     Vec av[MA], bv[MB];
     for (int p = 0; p < MA; ++p) av[p] = Vec::loadu(a + p * n + i);
     for (int q = 0; q < MB; ++q) bv[q] = Vec::loadu(b + q * n + i);
     for (int p = 0; p < MA; ++p)
-      for (int q = 0; q < MB; ++q) acc[p][q][j] = at::vec::fmadd(av[p], bv[q], acc[p][q][j]);
-  }
+      for (int q = 0; q < MB; ++q) acc[p][q][chain] = at::vec::fmadd(av[p], bv[q], acc[p][q][chain]);
+  });
   for (int p = 0; p < MA; ++p)
     for (int q = 0; q < MB; ++q) {
       float s = finish_dot(acc[p][q]);
-      for (int64_t k = i; k < n; ++k) s += a[p * n + k] * b[q * n + k];
+      for (int64_t k = steps * Vec::size(); k < n; ++k) s += a[p * n + k] * b[q * n + k];
       dots[p][q] = s;
     }
 }
@@ -211,15 +302,24 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& codebook, const at::Te
                                     group_code_offsets, in_features, bits, op);
   const int64_t m_rows = check_lowbit_input(x, in_features, op, "x"), in = w.in, out = w.out;
   at::Tensor y = poisoned(at::empty({m_rows, out}, x.options()));
-  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (out + kRowBlock - 1) / kRowBlock;
+  const bool interleave = interleaved(w);
+  at::Tensor x_ordered = interleave ? at::empty_like(x) : x;  // x in the columns' order
+  const float* xp = x_ordered.data_ptr<float>();
+  if (interleave) {
+    const Interleave order(w.bits, in);
+    const float* src = x.data_ptr<float>();
+    float* dst = x_ordered.data_ptr<float>();
+    at::parallel_for(0, m_rows, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) order.apply(src + m * in, dst + m * in, in);
+    });
+  }
 #if defined(MP_LOWBIT_AVX512)
-  if (simd_enabled.load(std::memory_order_relaxed) && !w.keep_bitmap && (w.bits == 4 || w.bits == 2) &&
-      m_rows <= kFusedBatch && (in * w.bits) % 8 == 0) {
+  if (simd_enabled.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
-      (w.bits == 4 ? fused_rows<4> : fused_rows<2>)(w, xp, m_rows, c0, c1, yp);
+      (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
     });
     return y;
   }
@@ -228,7 +328,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& codebook, const at::Te
     Scratch s(kRowBlock, in);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kRowBlock, rows = std::min(kRowBlock, out - c0);
-      for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, s.tile.data() + r * in, s.levels.data());
+      for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, interleave, s.tile.data() + r * in, s.levels.data());
       for (int64_t m = 0; m < m_rows; m += 2)
         for (int64_t r = 0; r < rows; r += 2) {
           const int mb = int(std::min<int64_t>(2, m_rows - m)), rb = int(std::min<int64_t>(2, rows - r));
@@ -263,7 +363,7 @@ at::Tensor backward(const at::Tensor& grad_y, const at::Tensor& codebook, const 
       const int64_t c_begin = out * chunk / chunks, c_end = out * (chunk + 1) / chunks;
       const int64_t m_begin = mb * m_per_block, m_end = std::min(m_rows, m_begin + m_per_block);
       for (int64_t c = c_begin; c < c_end; ++c) {
-        decode_row(w, c, s.tile.data(), s.levels.data());
+        decode_row(w, c, false, s.tile.data(), s.levels.data());
         for (int64_t m = m_begin; m < m_end; ++m) {
           const float g = gp[m * out + c] * w.channel_scale[c];
           axpy(g, s.tile.data(), pp + (chunk * m_rows + m) * in, in);
