@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/code_decode.h"
+
 // `import mixedprec._C` only has to load this library so that its registrations run.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -30,8 +32,8 @@ TORCH_LIBRARY(mixedprec, m) {
         "Tensor row_code_offsets, Tensor? group_code_offsets, int in_features, int bits) -> Tensor");
   m.def("simt_lowbit_linear_bwd(Tensor grad_y, Tensor codebook, Tensor channel_scale, Tensor codes, Tensor? keep_bitmap, "
         "Tensor row_code_offsets, Tensor? group_code_offsets, int in_features, int bits) -> Tensor");
-  // selects the CPU kernel's AVX-512 decode (true) or its scalar twin; returns the previous choice
-  m.def("lowbit_set_cpu_simd(bool enabled) -> bool");
+  // selects the CPU kernels' AVX-512 code decode (true) or its scalar twin; returns the previous choice
+  m.def("set_cpu_simd(bool enabled) -> bool", [](bool enabled) { return mixedprec::cpu_simd.exchange(enabled); });
 }
 
 TORCH_LIBRARY_FRAGMENT(mixedprec, m) {

@@ -502,9 +502,9 @@ _lowbit_linear.register_autograd(_lowbit_backward, setup_context=_lowbit_setup_c
 
 
 def set_cpu_simd(enabled: bool) -> bool:
-    """Selects the CPU lowbit_linear kernel's AVX-512 decode (True, default) or its scalar twin;
-    returns the previous setting (for tests and benchmarks)."""
-    return torch.ops.mixedprec.lowbit_set_cpu_simd(bool(enabled))
+    """Selects the CPU kernels' (lowbit_linear, lut_conv2d) AVX-512 code decode (True, default)
+    or its scalar twin; returns the previous setting (for tests and benchmarks)."""
+    return torch.ops.mixedprec.set_cpu_simd(bool(enabled))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,8 +531,9 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
         reference). packed: ``PackedWeight`` of shape (C_out, C_in/groups, kh, kw) on x's device,
         W[c, i] = float(channel_scale[c]) * float(codebook[code]) at kept positions, 0 elsewhere.
     bias: None or a float tensor (C_out,). stride, dilation: ints >= 1 or pairs; padding: int >= 0 or pair.
-    Kernels decode the codes inside an implicit GEMM (never materializing W) and accumulate in
-    float32; the output has x's dtype. Gradients: grad_x (the transposed convolution through the
+    Kernels accumulate in float32; the output has x's dtype. GPU kernels decode the codes inside
+    an implicit GEMM; the CPU kernel decodes bounded tiles of output channels (never all of W)
+    and convolves each with ATen's float32 convolution (docs/kernels.md). Gradients: grad_x (the transposed convolution through the
     codebook) and grad_bias; the packed weight is constant and takes no gradient.
     """
     from mixedprec.formats import PackedWeight

@@ -102,16 +102,40 @@ def test_non_contiguous_x(backend):
 
 
 def test_cpu_larger_shapes():
-    """Shapes that cross the CPU kernel's blocks: several channel blocks, pixel blocks spanning
-    images, a depth longer than one gathered slice, fp16 channel scales."""
+    """Shapes that cross the CPU kernel's output-channel tiles (at most 64 * 512 * 9 decoded floats
+    and half the channels each): 133 channels (80, then 53), a tile budget that binds (48 x 256 x
+    5 x 5: 32 channels, then 16), tiles of whole groups (4 groups of 16 x 96 x 7 x 7, two per
+    tile), a layer of one 16-channel unit (a single tile) with fp16 scales."""
     device = require_backend("cpu")
     assert_matches_reference("cpu", device, (3, 70, 13, 11), (133, 70, 3, 3), bits=4, sparsity=0.5, padding=1)
-    assert_matches_reference("cpu", device, (2, 64, 16, 15), (40, 32, 3, 3), bits=3, groups=2, stride=2, padding=1)
+    assert_matches_reference("cpu", device, (2, 256, 7, 6), (48, 256, 5, 5), bits=3, sparsity=0.2, padding=2)
+    assert_matches_reference("cpu", device, (1, 384, 9, 9), (64, 96, 7, 7), bits=4, groups=4, stride=2, padding=3)
     assert_matches_reference("cpu", device, (1, 33, 30, 29), (17, 33, 5, 5), bits=8, dilation=(1, 2), padding=(2, 3))
     packed = make_packed((16, 8, 3, 3), 4, 0.2, scale_dtype=torch.float16)
     x = torch.randn(2, 8, 9, 9)
     torch.testing.assert_close(ops.lut_conv2d(x, packed, padding=1, backend="cpu"),
                                reference.lut_conv2d(x, packed, padding=1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity):
+    """The CPU kernel's AVX-512 decode against its scalar twin, bit for bit (forward and grad_x):
+    rows of 27 weights start mid-byte, rows of 40 on a byte."""
+    require_backend("cpu")
+    for weight_shape in ((7, 3, 3, 3), (6, 10, 2, 2)):
+        packed = make_packed(weight_shape, bits, sparsity)
+        x = torch.randn(2, weight_shape[1], 8, 7)
+        grad_y = torch.randn(reference.lut_conv2d(x, packed, padding=1).shape)
+        results = []
+        for simd in (True, False):
+            previous = ops.set_cpu_simd(simd)
+            try:
+                results.append(run("cpu", x, packed, None, grad_y, padding=1))
+            finally:
+                ops.set_cpu_simd(previous)
+        (y0, (gx0,)), (y1, (gx1,)) = results
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
 
 
 def test_reference_is_conv_of_decoded_weight():

@@ -5,9 +5,8 @@
 // float tile (codebook levels; kRowBlock * in floats, L1/L2 resident), then every batch row is
 // multiplied with the tile while it is hot. At batch 1 (GEMV) the cost is the decode: the packed
 // codes are read once (bits/8 B per kept weight + 1/8 B of bitmap), x once per row block.
-// Decode fast paths (AVX-512): 4- and 2-bit codes expanded 16 at a time and looked up with one
-// vpermps in a register-resident codebook; sparse rows expanded with vexpandps under the bitmap.
-// The scalar decoder is their twin (set_cpu_simd(false) selects it; tests compare both).
+// Rows are decoded by code_decode.h (AVX-512 fast paths for 4- and 2-bit codes and for sparse
+// rows; set_cpu_simd(false) selects the scalar twins, which tests compare with them).
 //
 // Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order (both x and
 // W, so the dot products are the same sums): one 64-byte load holds 16 lanes of 32 bits, and
@@ -24,17 +23,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)  // as vec_ops.h: Vec is 16 lanes
-#include <immintrin.h>
-#define MP_LOWBIT_AVX512 1
-#endif
-
 #include "../lowbit_glue.h"
+#include "code_decode.h"
 #include "vec_ops.h"
 
 namespace mixedprec {
@@ -43,8 +37,6 @@ namespace {
 constexpr int64_t kRowBlock = 8;
 constexpr int64_t kLargeBatch = 64;  // backward: from this batch on, parallel over batch rows
 constexpr int64_t kMaxChunks = 16;
-
-std::atomic<bool> simd_enabled{true};
 
 // kAccumulators independent FMA chains (vector step j feeds chain j % kAccumulators), added
 // pairwise at the end: one chain would wait on the FMA latency every step.
@@ -95,42 +87,7 @@ void for_each_step(int64_t n, Step&& step) {
   if (t + 2 < n) step(t + 2, C2{});
 }
 
-// Kept codes [first, first + count) of the stream into levels (scalar twin: any bits).
-void decode_levels_scalar(const PackedView& w, int64_t first, int64_t count, float* levels) {
-  for (int64_t k = 0; k < count; ++k) levels[k] = w.codebook[read_code(w.codes, first + k, w.bits)];
-}
-
-#if defined(MP_LOWBIT_AVX512)
-// The codebook in a register, looked up by the low 4 bits of a lane: a 2-bit codebook is repeated
-// four times, so the bits above a 2-bit code need no masking.
-__m512 lut_register(const PackedView& w) {
-  return w.bits == 4 ? _mm512_loadu_ps(w.codebook) : _mm512_broadcast_f32x4(_mm_loadu_ps(w.codebook));
-}
-
-// 16 levels of 4- or 2-bit codes starting at byte `src`, in column order.
-template <int kBits>
-__m512 decode16(const uint8_t* src, __m512 lut) {
-  if constexpr (kBits == 4) {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
-    const __m128i nibble = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-    return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);  // code 2j: low nibble of byte j
-  } else {
-    uint32_t word;
-    std::memcpy(&word, src, 4);
-    const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    return _mm512_permutexvar_ps(_mm512_srlv_epi32(_mm512_set1_epi32(int(word)), shifts), lut);
-  }
-}
-
-// Levels of the codes from byte `src` on, 16 at a time while 16 remain; returns how many.
-template <int kBits>
-int64_t decode_run(const uint8_t* src, int64_t count, __m512 lut, float* levels) {
-  int64_t k = 0;
-  for (; k + 16 <= count; k += 16, src += 2 * kBits) _mm512_storeu_ps(levels + k, decode16<kBits>(src, lut));
-  return k;
-}
-
+#if defined(MP_DECODE_AVX512)
 // Every step of one interleaved block of codes at `src` (64 bytes): step(s, chain, levels).
 template <int kBits, class Step>
 void interleaved_block(const uint8_t* src, __m512 lut, Step&& step) {
@@ -141,38 +98,17 @@ void interleaved_block(const uint8_t* src, __m512 lut, Step&& step) {
   });
 }
 
-// 4- and 2-bit codes in column order: scalar up to a byte boundary, then 16 codes per step.
-void decode_levels_simd(const PackedView& w, int64_t first, int64_t count, float* levels) {
-  const int per_byte = 8 / w.bits;
-  int64_t k = 0;
-  for (; k < count && (first + k) % per_byte != 0; ++k) levels[k] = w.codebook[read_code(w.codes, first + k, w.bits)];
-  const uint8_t* src = w.codes + (first + k) / per_byte;
-  k += (w.bits == 4 ? decode_run<4> : decode_run<2>)(src, count - k, lut_register(w), levels + k);
-  for (; k < count; ++k) levels[k] = w.codebook[read_code(w.codes, first + k, w.bits)];
-}
-
 // Row c of an interleaved weight (see Interleave) into row[0, in).
 template <int kBits>
 void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
   const Interleave order(kBits, w.in);
-  const __m512 lut = lut_register(w);
+  const __m512 lut = lut_register(w.codebook, kBits);
   const uint8_t* src = w.codes + c * w.in * kBits / 8;
   int64_t k = 0;
   for (; k < order.end; k += order.block, src += 64)
     interleaved_block<kBits>(src, lut, [&](int64_t s, auto, __m512 levels) { _mm512_storeu_ps(row + k + 16 * s, levels); });
-  k += decode_run<kBits>(src, w.in - k, lut, row + k);
+  k += decode_run16<kBits>(src, w.in - k, lut, row + k);
   for (; k < w.in; ++k) row[k] = w.codebook[read_code(w.codes, c * w.in + k, kBits)];
-}
-
-// Dense row from its kept levels: row[i] = bit i ? levels[next] : 0, 16 columns per vexpandps.
-void expand_row_simd(const uint8_t* bitmap, int64_t nbytes, int64_t pos, int64_t in, const float* levels, float* row) {
-  int64_t i = 0, k = 0;
-  for (; i + 16 <= in; i += 16) {
-    const __mmask16 keep = __mmask16(read_bits32(bitmap, nbytes, pos + i) & 0xffffu);
-    _mm512_storeu_ps(row + i, _mm512_maskz_expandloadu_ps(keep, levels + k));
-    k += popcount32(keep);
-  }
-  for (; i < in; ++i) row[i] = ((bitmap[(pos + i) >> 3] >> ((pos + i) & 7)) & 1) ? levels[k++] : 0.0f;
 }
 
 constexpr int64_t kFusedBatch = 4;
@@ -183,7 +119,7 @@ constexpr int64_t kFusedBatch = 4;
 // are bit-identical to decode_row + dot_block.
 template <int kBits, int kM>
 void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
-  const __m512 lut = lut_register(w);
+  const __m512 lut = lut_register(w.codebook, kBits);
   const Interleave order(kBits, w.in);
   const int64_t in = w.in;
   for (int64_t c = c0; c < c1; ++c) {
@@ -219,35 +155,21 @@ void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t 
 }
 #endif
 
-void expand_row_scalar(const uint8_t* bitmap, int64_t, int64_t pos, int64_t in, const float* levels, float* row) {
-  int64_t k = 0;
-  for (int64_t i = 0; i < in; ++i) row[i] = ((bitmap[(pos + i) >> 3] >> ((pos + i) & 7)) & 1) ? levels[k++] : 0.0f;
-}
-
 // Row c of W / channel_scale[c] (the levels, 0 at pruned positions) into row[0, in), in column
 // order, or in the interleaved order when `interleave` (dense 4-/2-bit rows starting on a byte).
 void decode_row(const PackedView& w, int64_t c, bool interleave, float* row, float* levels) {
   const int64_t first = w.row_code_offsets[c], count = w.row_code_offsets[c + 1] - first;
-#if defined(MP_LOWBIT_AVX512)
-  const bool simd = simd_enabled.load(std::memory_order_relaxed);
-  if (simd && interleave) return (w.bits == 4 ? decode_row_interleaved_simd<4> : decode_row_interleaved_simd<2>)(w, c, row);
-#else
-  const bool simd = false;
-#endif
+  const bool simd = cpu_simd.load(std::memory_order_relaxed);
   if (interleave) {
+#if defined(MP_DECODE_AVX512)
+    if (simd) return (w.bits == 4 ? decode_row_interleaved_simd<4> : decode_row_interleaved_simd<2>)(w, c, row);
+#endif
     const Interleave order(w.bits, w.in);
     for (int64_t i = 0; i < w.in; ++i) row[order.position(i)] = w.codebook[read_code(w.codes, first + i, w.bits)];
     return;
   }
-  float* dst = w.keep_bitmap ? levels : row;
-#if defined(MP_LOWBIT_AVX512)
-  if (simd && (w.bits == 4 || w.bits == 2)) decode_levels_simd(w, first, count, dst);
-  else decode_levels_scalar(w, first, count, dst);
-  if (w.keep_bitmap) (simd ? expand_row_simd : expand_row_scalar)(w.keep_bitmap, w.bitmap_bytes, c * w.in, w.in, levels, row);
-#else
-  decode_levels_scalar(w, first, count, dst);
-  if (w.keep_bitmap) expand_row_scalar(w.keep_bitmap, w.bitmap_bytes, c * w.in, w.in, levels, row);
-#endif
+  decode_levels(w.codes, w.codebook, w.bits, first, count, w.keep_bitmap ? levels : row, simd);
+  if (w.keep_bitmap) expand_kept(w.keep_bitmap, w.bitmap_bytes, c * w.in, w.in, levels, row, simd);
 }
 
 // dots[i][j] = sum_k a[i n + k] b[j n + k] for i < ma, j < mb (at most 2 x 2): every a and b vector
@@ -315,8 +237,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& codebook, const at::Te
       for (int64_t m = m0; m < m1; ++m) order.apply(src + m * in, dst + m * in, in);
     });
   }
-#if defined(MP_LOWBIT_AVX512)
-  if (simd_enabled.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
+#if defined(MP_DECODE_AVX512)
+  if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
       (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
@@ -375,16 +297,10 @@ at::Tensor backward(const at::Tensor& grad_y, const at::Tensor& codebook, const 
   return grad_x;
 }
 
-bool set_cpu_simd(bool enabled) { return simd_enabled.exchange(enabled); }
-
 }  // namespace
 }  // namespace mixedprec
 
 TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
   m.impl("lowbit_linear_fwd", &mixedprec::forward);
   m.impl("lowbit_linear_bwd", &mixedprec::backward);
-}
-
-TORCH_LIBRARY_IMPL(mixedprec, CompositeImplicitAutograd, m) {
-  m.impl("lowbit_set_cpu_simd", &mixedprec::set_cpu_simd);
 }
