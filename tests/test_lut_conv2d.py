@@ -117,7 +117,7 @@ def test_cpu_larger_shapes():
                                reference.lut_conv2d(x, packed, padding=1), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
 def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity):
     """The CPU kernel's AVX-512 decode against its scalar twin, bit for bit (forward and grad_x):
