@@ -119,9 +119,9 @@ def main(scenario: str, out: str) -> None:
     torch.distributed.barrier()
     reduced.clear()  # count over the resumed epoch only
     searched = sbs.convert(float_model(), POLICY)
-    sbs.search(searched, data, checkpoint=f"{out}/two.ckpt", **SEARCH)
+    history = sbs.search(searched, data, checkpoint=f"{out}/two.ckpt", **SEARCH)
     result = {"search": copy.deepcopy(searched.state_dict()), "decisions": decisions(searched),
-              "reduced": list(reduced)}
+              "history": history, "reduced": list(reduced)}
 
     from_single = sbs.convert(float_model(), POLICY)  # a checkpoint written by a single process
     sbs.search(from_single, data, checkpoint=f"{out}/single.ckpt", **SEARCH)

@@ -71,8 +71,9 @@ def runs(tmp_path_factory):
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
     searched = sbs.convert(worker.float_model(), worker.POLICY)
-    sbs.search(searched, data, **worker.SEARCH)
-    single = {"search": copy.deepcopy(searched.state_dict()), "decisions": worker.decisions(searched)}
+    history = sbs.search(searched, data, **worker.SEARCH)
+    single = {"search": copy.deepcopy(searched.state_dict()), "decisions": worker.decisions(searched),
+              "history": history}
     sbs.finetune(searched, data, **worker.FINETUNE)
     single["finetune"] = searched.state_dict()
     plain = worker.float_model()
@@ -86,8 +87,11 @@ def test_search_decides_the_same_on_every_rank_and_as_one_process(runs):
     (rank0, rank1), single, _ = runs
     assert rank0["decisions"] == rank1["decisions"]  # bits, activation signs, kept channels
     assert _state_equal(rank0["search"], rank1["search"])  # weights, clips, thresholds, bit choices, masks
+    assert rank0["history"] == rank1["history"]  # per epoch: mean CE over the ranks, BOPs
     assert rank0["decisions"] == single["decisions"]
     _assert_state_close(rank0["search"], single["search"])
+    for two, one in zip(rank0["history"], single["history"]):
+        assert two["bops"] == one["bops"] and two["ce"] == pytest.approx(one["ce"], rel=1e-6)
     chosen = [d["bits"] for d in single["decisions"].values()]
     assert any(b != (8, 8) for b in chosen), f"the search moved no layer off 8 bits ({chosen}): nothing was tested"
     assert any(d["keep"] is not None for d in single["decisions"].values())
