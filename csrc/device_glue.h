@@ -9,21 +9,47 @@
 
 namespace mixedprec {
 
+// With `given_mean` the gates come from those residual means (e.g. reduced over ranks) and
+// only the apply kernel runs; the returned residual_mean is a copy of them.
 template <class Launchers>
 std::tuple<at::Tensor, at::Tensor> device_bit_sharing_fwd(const at::Tensor& x, const at::Tensor& clip,
                                                           const at::Tensor& thresholds, at::IntArrayRef bits,
-                                                          bool is_signed) {
+                                                          bool is_signed, const std::optional<at::Tensor>& given_mean) {
   const char* op = Launchers::kForwardName;
   const BitSharingParams p = check_bit_sharing(x, clip, thresholds, bits, is_signed, op, "thresholds");
   const auto stream = Launchers::stream(x);
   at::Tensor y = poisoned(at::empty_like(x));
-  at::Tensor residual_mean = poisoned(at::empty({p.num_bits - 1}, clip.options()));
-  at::Tensor workspace = at::empty({Launchers::workspace_floats(x.numel())}, clip.options());
-  const char* err = Launchers::forward(kernel_dtype(x, op, "x"), x.data_ptr(), y.data_ptr(), x.numel(),
-                                       clip.data_ptr<float>(), thresholds.data_ptr<float>(),
-                                       residual_mean.data_ptr<float>(), workspace.data_ptr<float>(), p, stream);
+  const char* err;
+  at::Tensor residual_mean;
+  if (given_mean) {
+    check_same_device(*given_mean, x, op, "residual_mean");
+    check_float32(*given_mean, {p.num_bits - 1}, op, "residual_mean");
+    residual_mean = given_mean->clone();
+    err = Launchers::apply(kernel_dtype(x, op, "x"), x.data_ptr(), y.data_ptr(), x.numel(), clip.data_ptr<float>(),
+                           thresholds.data_ptr<float>(), residual_mean.data_ptr<float>(), p, stream);
+  } else {
+    residual_mean = poisoned(at::empty({p.num_bits - 1}, clip.options()));
+    at::Tensor workspace = at::empty({Launchers::workspace_floats(x.numel())}, clip.options());
+    err = Launchers::forward(kernel_dtype(x, op, "x"), x.data_ptr(), y.data_ptr(), x.numel(), clip.data_ptr<float>(),
+                             thresholds.data_ptr<float>(), residual_mean.data_ptr<float>(),
+                             workspace.data_ptr<float>(), p, stream);
+  }
   TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
   return {y, residual_mean};
+}
+
+template <class Launchers>
+at::Tensor device_bit_sharing_residual_sums(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits,
+                                            bool is_signed) {
+  const char* op = Launchers::kResidualSumsName;
+  const BitSharingParams p = check_bit_sharing_stats(x, clip, bits, is_signed, op);
+  at::Tensor sums = poisoned(at::empty({p.num_bits - 1}, clip.options().dtype(at::kDouble)));
+  at::Tensor workspace = at::empty({Launchers::workspace_floats(x.numel())}, clip.options());
+  const char* err = Launchers::residual_sums(kernel_dtype(x, op, "x"), x.data_ptr(), x.numel(), clip.data_ptr<float>(),
+                                             sums.data_ptr<double>(), workspace.data_ptr<float>(), p,
+                                             Launchers::stream(x));
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  return sums;
 }
 
 template <class Launchers>

@@ -13,14 +13,20 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(mixedprec, m) {
-  // bit-sharing fake-quant: (y, residual_mean) and (grad_x, sums = [dL/dv, sum grad_y T_j ...])
-  m.def("bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed) -> (Tensor, Tensor)");
+  // bit-sharing fake-quant: (y, residual_mean) and (grad_x, sums = [dL/dv, sum grad_y T_j ...]);
+  // given a residual_mean (e.g. reduced over ranks from bit_sharing_quant_stats, the float64
+  // sums of |r_j|) the forward takes its gates from it instead of from x
+  m.def("bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, "
+        "Tensor? residual_mean=None) -> (Tensor, Tensor)");
   m.def("bit_sharing_quant_bwd(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> (Tensor, Tensor)");
+  m.def("bit_sharing_quant_stats(Tensor x, Tensor clip, int[] bits, bool signed) -> Tensor");
   // OPQ codebook fake-quant: y (the backward is a select in mixedprec/ops.py)
   m.def("codebook_quant_fwd(Tensor weight, Tensor codebook, Tensor channel_scale, Tensor keep_mask) -> Tensor");
   // the CUDA kernel sources executed on the CPU under SIMT emulation (for tests)
-  m.def("simt_bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed) -> (Tensor, Tensor)");
+  m.def("simt_bit_sharing_quant_fwd(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, "
+        "Tensor? residual_mean=None) -> (Tensor, Tensor)");
   m.def("simt_bit_sharing_quant_bwd(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> (Tensor, Tensor)");
+  m.def("simt_bit_sharing_quant_stats(Tensor x, Tensor clip, int[] bits, bool signed) -> Tensor");
   m.def("simt_codebook_quant_fwd(Tensor weight, Tensor codebook, Tensor channel_scale, Tensor keep_mask) -> Tensor");
   // lowbit_linear (packed low-bit weight, mixedprec/formats.py): y = x W^T and grad_x = grad_y W,
   // float32 (M, in) / (M, out); keep_bitmap and group_code_offsets are None for a dense weight

@@ -36,11 +36,9 @@ inline void check_float32(const at::Tensor& t, at::IntArrayRef shape, const char
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// Validates the bit-sharing arguments (x, clip, and the (K-1,) thresholds or gates) and
-// returns the kernel parameters.
-inline BitSharingParams check_bit_sharing(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& per_gate,
-                                          at::IntArrayRef bits, bool is_signed, const char* op,
-                                          const char* per_gate_name) {
+// Validates x, clip and bits of the bit-sharing ops and returns the kernel parameters.
+inline BitSharingParams check_bit_sharing_stats(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits,
+                                                bool is_signed, const char* op) {
   kernel_dtype(x, op, "x");
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   const int64_t k = int64_t(bits.size());
@@ -51,10 +49,18 @@ inline BitSharingParams check_bit_sharing(const at::Tensor& x, const at::Tensor&
     TORCH_CHECK(j == 0 || bits[j - 1] < bits[j], op, ": bits must be strictly ascending, got ", bits);
   }
   check_same_device(clip, x, op, "clip");
-  check_same_device(per_gate, x, op, per_gate_name);
   check_float32(clip, {}, op, "clip");
-  check_float32(per_gate, {k - 1}, op, per_gate_name);
   return make_bit_sharing_params(bits.data(), int(k), is_signed);
+}
+
+// ... and the (K-1,) thresholds or gates.
+inline BitSharingParams check_bit_sharing(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& per_gate,
+                                          at::IntArrayRef bits, bool is_signed, const char* op,
+                                          const char* per_gate_name) {
+  const BitSharingParams p = check_bit_sharing_stats(x, clip, bits, is_signed, op);
+  check_same_device(per_gate, x, op, per_gate_name);
+  check_float32(per_gate, {p.num_bits - 1}, op, per_gate_name);
+  return p;
 }
 
 inline BitSharingParams check_bit_sharing_backward(const at::Tensor& grad_y, const at::Tensor& x,

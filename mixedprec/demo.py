@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 import mixedprec
-from mixedprec import sbs
+from mixedprec import distributed, sbs
 from mixedprec.cli import pipeline
-from mixedprec.cli.common import (add_run_options, make_out_dir, non_negative_float, non_negative_int, positive_float,
-                                  positive_int, resolve_device, say)
+from mixedprec.cli.common import (UsageError, add_run_options, make_out_dir, non_negative_float, non_negative_int,
+                                  positive_float, positive_int, resolve_device, say)
 from mixedprec.cli.inputs import load_data
 from mixedprec.models import digits_cnn
 from mixedprec.reporting import Reference, plot_tradeoff, results_table, write_json
@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Runs the demo; returns the JSON record it wrote."""
+    if distributed.launched_by_torchrun():  # it writes files between its trainings: one process
+        raise UsageError("the demo runs in a single process; under torchrun use `mixedprec compress`")
     device, out, quiet = resolve_device(args.device), make_out_dir(args.out), args.quiet
     start = time.perf_counter()
     data = load_data("digits", None, image_size=8, seed=args.seed)

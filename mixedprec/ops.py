@@ -134,6 +134,11 @@ class BitSharingResult(NamedTuple):
     gates: Tensor          # hard gates 1[a_j > alpha_j], float32 (K-1,), no grad
 
 
+# Gets float64 [sum|r_2|, ..., sum|r_K|, element count] of this call's x and returns the same
+# layout summed over every participant (e.g. an all_reduce over the ranks of a data-parallel job).
+ResidualSumsReducer = Callable[[Tensor], Tensor]
+
+
 def bit_sharing_quant(
     x: Tensor,
     clip: Tensor,
@@ -142,6 +147,7 @@ def bit_sharing_quant(
     signed: bool = True,
     *,
     backend: str | None = None,
+    reduce_residual_sums: ResidualSumsReducer | None = None,
 ) -> BitSharingResult:
     """SBS bit-sharing fake-quant (DESIGN.md): lowest-bit base plus gated re-assignment offsets.
 
@@ -149,6 +155,12 @@ def bit_sharing_quant(
     clip: 0-dim float tensor v > 0, learnable. thresholds: (len(bits)-1,) gate thresholds alpha.
     Gradients: straight-through to x inside [-v, v] (or [0, v]), LSQ-style to clip, and the
     sigmoid straight-through estimate to every threshold.
+
+    reduce_residual_sums: makes the gates global over a batch split across processes. The op
+    then runs in two passes: the residual sums of x with its element count go through this
+    callable (one call, a float64 tensor of len(bits) values; see ``ResidualSumsReducer``), and
+    y is computed with the gates of the reduced means, which ``residual_mean`` returns and the
+    thresholds' gradient uses. Not called when len(bits) == 1 (there are no gates).
     """
     op = "bit_sharing_quant"
     _check_tensor(op, "x", x)
@@ -162,21 +174,44 @@ def bit_sharing_quant(
                          f"got {tuple(thresholds.shape)}")
     if not isinstance(signed, bool):
         raise ValueError(f"{op}: signed must be a bool, got {signed!r}")
+    if reduce_residual_sums is not None and not callable(reduce_residual_sums):
+        raise ValueError(f"{op}: reduce_residual_sums must be callable or None, got {reduce_residual_sums!r}")
     backend = resolve_backend(op, backend, x)
+    if backend == "reference" and not torch.compiler.is_compiling():
+        _check_values(clip, thresholds)
+    residual_mean = None
+    if reduce_residual_sums is not None and len(bits) > 1:
+        residual_mean = _reduced_residual_mean(x, clip, bits, signed, backend, reduce_residual_sums)
     if backend == "reference":  # a differentiable composite: torch's autograd is its backward
-        if not torch.compiler.is_compiling():
-            _check_values(clip, thresholds)
-        y, residual_mean = reference.bit_sharing_quant(x, clip, thresholds, bits, signed)
+        y, residual_mean = reference.bit_sharing_quant(x, clip, thresholds, bits, signed, residual_mean=residual_mean)
     else:  # kernels take float32 parameters; the cast is differentiable
         y, residual_mean = torch.ops.mixedprec.bit_sharing_quant(
-            x, clip.float(), thresholds.float(), list(bits), signed, backend)
+            x, clip.float(), thresholds.float(), list(bits), signed, backend, residual_mean)
     gates = (residual_mean > thresholds.detach()).float()
     return BitSharingResult(y, residual_mean, gates)
+
+
+def _reduced_residual_mean(x: Tensor, clip: Tensor, bits: tuple[int, ...], signed: bool, backend: str,
+                           reduce: ResidualSumsReducer) -> Tensor:
+    """float32 (K-1,) residual means over everything ``reduce`` adds up (no autograd: the
+    gates' statistic carries no gradient)."""
+    x, clip = x.detach(), clip.detach()
+    if backend == "reference":
+        sums = reference.bit_sharing_residual_sums(x, clip, bits, signed)
+    else:
+        sums = torch.ops.mixedprec.bit_sharing_residual_sums(x, clip.float(), list(bits), signed, backend)
+    local = torch.cat([sums, sums.new_full((1,), x.numel())])
+    total = reduce(local)
+    if not isinstance(total, Tensor) or total.shape != local.shape:
+        raise ValueError(f"bit_sharing_quant: reduce_residual_sums must return a tensor of shape "
+                         f"{tuple(local.shape)}, got {total if not isinstance(total, Tensor) else tuple(total.shape)}")
+    return (total[:-1] / total[-1]).float()
 
 
 class _Kernels(NamedTuple):
     forward: Callable
     backward: Callable
+    residual_sums: Callable | None = None  # bit_sharing_quant only
 
 
 def _check_values(clip: Tensor, thresholds: Tensor) -> None:
@@ -185,26 +220,38 @@ def _check_values(clip: Tensor, thresholds: Tensor) -> None:
 
 
 def _bit_sharing_kernels(backend: str) -> _Kernels:
+    mp = torch.ops.mixedprec
     if backend in ("cpu", "cuda"):  # one op, dispatched on the tensors' device
-        return _Kernels(torch.ops.mixedprec.bit_sharing_quant_fwd, torch.ops.mixedprec.bit_sharing_quant_bwd)
+        return _Kernels(mp.bit_sharing_quant_fwd, mp.bit_sharing_quant_bwd, mp.bit_sharing_quant_stats)
     if backend == "simt":
-        return _Kernels(torch.ops.mixedprec.simt_bit_sharing_quant_fwd, torch.ops.mixedprec.simt_bit_sharing_quant_bwd)
+        return _Kernels(mp.simt_bit_sharing_quant_fwd, mp.simt_bit_sharing_quant_bwd, mp.simt_bit_sharing_quant_stats)
     if backend == "triton":
         from mixedprec.triton import bit_sharing
-        return _Kernels(bit_sharing.forward, bit_sharing.backward)
+        return _Kernels(bit_sharing.forward, bit_sharing.backward, bit_sharing.residual_sums)
     raise ValueError(f"bit_sharing_quant: unknown backend {backend!r}")
 
 
 @torch.library.custom_op("mixedprec::bit_sharing_quant", mutates_args=())
 def _bit_sharing_quant(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool,
-                       backend: str) -> tuple[Tensor, Tensor]:
+                       backend: str, residual_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
     _check_values(clip, thresholds)
-    return _bit_sharing_kernels(backend).forward(x.contiguous(), clip, thresholds, bits, signed)
+    return _bit_sharing_kernels(backend).forward(x.contiguous(), clip, thresholds, bits, signed, residual_mean)
 
 
 @_bit_sharing_quant.register_fake
-def _(x, clip, thresholds, bits, signed, backend):  # kernels return contiguous outputs
+def _(x, clip, thresholds, bits, signed, backend, residual_mean=None):  # kernels return contiguous outputs
     return x.new_empty(x.shape), x.new_empty(len(bits) - 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("mixedprec::bit_sharing_residual_sums", mutates_args=())
+def _bit_sharing_residual_sums(x: Tensor, clip: Tensor, bits: list[int], signed: bool, backend: str) -> Tensor:
+    # clip is checked by the forward that follows (one host read per call, not two)
+    return _bit_sharing_kernels(backend).residual_sums(x.contiguous(), clip, bits, signed)
+
+
+@_bit_sharing_residual_sums.register_fake
+def _(x, clip, bits, signed, backend):
+    return x.new_empty(len(bits) - 1, dtype=torch.float64)
 
 
 @torch.library.custom_op("mixedprec::bit_sharing_quant_backward", mutates_args=())
@@ -236,7 +283,7 @@ def _(grad_y, x, clip, thresholds, residual_mean, bits, signed, backend):
 
 
 def _bit_sharing_setup_context(ctx, inputs, output):
-    x, clip, thresholds, bits, signed, backend = inputs
+    x, clip, thresholds, bits, signed, backend, _given_mean = inputs
     ctx.save_for_backward(x, clip, thresholds, output[1])
     ctx.bits, ctx.signed, ctx.backend = bits, signed, backend
 
@@ -245,7 +292,7 @@ def _bit_sharing_backward(ctx, grad_y, _grad_residual_mean):
     x, clip, thresholds, residual_mean = ctx.saved_tensors
     grad_x, grad_clip, grad_thresholds = torch.ops.mixedprec.bit_sharing_quant_backward(
         grad_y, x, clip, thresholds, residual_mean, ctx.bits, ctx.signed, ctx.backend)
-    return grad_x, grad_clip, grad_thresholds, None, None, None
+    return grad_x, grad_clip, grad_thresholds, None, None, None, None
 
 
 _bit_sharing_quant.register_autograd(_bit_sharing_backward, setup_context=_bit_sharing_setup_context)

@@ -205,6 +205,76 @@ def test_gradients_reach_every_parameter():
 
 
 # ---------------------------------------------------------------------------------------------
+# gates from statistics reduced over the shards of a batch (distributed training)
+
+def _shard_results(backend, shards, clip, thresholds, grad_ys, bits, signed):
+    """Each shard through the op as one rank of a job whose reducer adds up every shard's
+    [residual sums, count]; returns per shard (y, residual_mean, grads)."""
+    locals_ = []
+    for shard in shards:  # each rank's own statistics (a reducer that records and changes nothing)
+        ops.bit_sharing_quant(shard, clip, thresholds, bits, signed, backend=backend,
+                              reduce_residual_sums=lambda t: locals_.append(t.clone()) or t)
+    total = torch.stack(locals_).sum(0)
+    results = []
+    for shard, grad_y in zip(shards, grad_ys):
+        inputs = [t.detach().clone().requires_grad_() for t in (shard, clip, thresholds)]
+        y, mean, _ = ops.bit_sharing_quant(*inputs, bits, signed, backend=backend,
+                                           reduce_residual_sums=lambda t: total.clone())
+        results.append((y.detach(), mean, torch.autograd.grad(y, inputs, grad_y)))
+    return results
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "simt", "triton", "cuda"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_reduced_statistics_give_the_whole_batch_op(backend, signed):
+    """A batch split in uneven shards, each run with the reduced statistics: the outputs and
+    x-gradients are the whole batch's pieces, the means its means, and the clip and threshold
+    gradients add up to the whole batch's."""
+    device = torch.device("cpu") if backend == "reference" else require_backend(backend)
+    bits = (2, 4, 8)
+    x, clip, thresholds, grad_y = make_case((5000,), bits, signed, device=device, seed=11)
+    cuts = [0, 1200, 5000]  # unequal shards: the reduction weights by element counts
+    shards = [x[a:b] for a, b in zip(cuts, cuts[1:])]
+    grad_ys = [grad_y[a:b] for a, b in zip(cuts, cuts[1:])]
+    whole_y, whole_mean, whole_grads = run(backend, x, clip, thresholds, grad_y, bits, signed)
+    results = _shard_results(backend, shards, clip, thresholds, grad_ys, bits, signed)
+    assert torch.equal(torch.cat([y for y, _, _ in results]), whole_y)
+    for _, mean, _ in results:
+        torch.testing.assert_close(mean, whole_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.cat([g[0] for _, _, g in results]), whole_grads[0])
+    for i in (1, 2):  # clip, thresholds
+        torch.testing.assert_close(sum(g[i] for _, _, g in results), whole_grads[i], rtol=1e-5, atol=1e-5)
+
+
+def test_reduced_statistics_change_the_gates():
+    """A shard whose own statistics would switch a gate off follows the reduced ones."""
+    busy, quiet = torch.rand(1000), torch.rand(3000) * 1e-3  # activations: |r| of ~0 is ~0
+    clip, bits = torch.tensor(1.0), (2, 4, 8)
+    local = ops.bit_sharing_quant(busy, clip, torch.zeros(2), bits, False).residual_mean
+    thresholds = local * 0.5
+    assert ops.bit_sharing_quant(busy, clip, thresholds, bits, False).gates.tolist() == [1.0, 1.0]
+    [(y, mean, _), _] = _shard_results("reference", [busy, quiet], clip, thresholds, [busy, quiet], bits, False)
+    assert (mean < thresholds).all()  # the quiet shard pulls the means under the thresholds
+    assert torch.equal(y, ops.bit_sharing_quant(busy, clip, torch.zeros(0), (2,), False).output)  # 2 bits
+
+
+def test_reducer_gets_sums_and_count_once_and_is_checked():
+    x, clip, thresholds = torch.randn(300), torch.tensor(1.0), torch.tensor([0.02, 0.002])
+    calls = []
+    ops.bit_sharing_quant(x, clip, thresholds, reduce_residual_sums=lambda t: calls.append(t.clone()) or t)
+    [local] = calls
+    assert local.dtype == torch.float64 and local.shape == (3,) and local[-1] == 300
+    _, mean = reference.bit_sharing_quant(x, clip, thresholds, (2, 4, 8), True)
+    torch.testing.assert_close((local[:-1] / 300).float(), mean)
+    ops.bit_sharing_quant(x, clip, torch.zeros(0), (4,), reduce_residual_sums=calls.append)
+    assert len(calls) == 1  # one bitwidth: no gates, nothing to reduce
+    with pytest.raises(ValueError, match=r"reduce_residual_sums must return a tensor of shape \(3,\)"):
+        ops.bit_sharing_quant(x, clip, thresholds, reduce_residual_sums=lambda t: t[:2])
+    with pytest.raises(ValueError, match="reduce_residual_sums must be callable"):
+        ops.bit_sharing_quant(x, clip, thresholds, reduce_residual_sums=3)
+
+
+# ---------------------------------------------------------------------------------------------
 # registration: opcheck and torch.compile
 
 @pytest.mark.parametrize("backend", ["cpu", "simt"])
@@ -212,16 +282,24 @@ def test_opcheck(backend):
     require_backend(backend)
     x, clip, thresholds, _ = make_case((33, 5), (2, 4, 8), True)
     x.requires_grad_()
+    clip.requires_grad_(), thresholds.requires_grad_()
+    torch.library.opcheck(torch.ops.mixedprec.bit_sharing_quant.default, (x, clip, thresholds, [2, 4, 8], True, backend))
+    given_mean = torch.tensor([0.1, 0.001])  # the gates of reduced statistics
     torch.library.opcheck(torch.ops.mixedprec.bit_sharing_quant.default,
-                          (x, clip.requires_grad_(), thresholds.requires_grad_(), [2, 4, 8], True, backend))
+                          (x, clip, thresholds, [2, 4, 8], True, backend, given_mean))
+    torch.library.opcheck(torch.ops.mixedprec.bit_sharing_residual_sums.default,
+                          (x.detach(), clip.detach(), [2, 4, 8], True, backend))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("reduced", [False, True], ids=["local", "reduced"])
+def test_torch_compile_fullgraph_matches_eager(reduced):
     require_backend("cpu")
     x, clip, thresholds, grad_y = make_case((64, 9), (2, 4, 8), False)
+    # as if a second rank held a batch with the same statistics
+    reduce = {"reduce_residual_sums": lambda t: t * 2} if reduced else {}
 
     def model(x, clip, thresholds):
-        return torch.relu(ops.bit_sharing_quant(x, clip, thresholds, signed=False).output) * 3
+        return torch.relu(ops.bit_sharing_quant(x, clip, thresholds, signed=False, **reduce).output) * 3
 
     compiled = torch.compile(model, fullgraph=True)
     eager_in = [t.clone().requires_grad_() for t in (x, clip, thresholds)]
@@ -290,3 +368,12 @@ def test_kernel_ops_check_arguments_in_cpp(op):
         kernel(x.double(), clip, thr, [2, 4, 8], True)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         kernel(torch.randn(8, 2)[:, 0], clip, thr, [2, 4, 8], True)
+    with pytest.raises(RuntimeError, match=r"residual_mean must have shape \[2\]"):
+        kernel(x, clip, thr, [2, 4, 8], True, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="residual_mean must be float32"):
+        kernel(x, clip, thr, [2, 4, 8], True, torch.zeros(2, dtype=torch.float64))
+    stats = getattr(torch.ops.mixedprec, op.replace("_fwd", "_stats"))
+    with pytest.raises(RuntimeError, match="bits must be strictly ascending"):
+        stats(x, clip, [4, 2, 8], True)
+    with pytest.raises(RuntimeError, match="clip must be float32"):
+        stats(x, clip.double(), [2, 4, 8], True)

@@ -6,7 +6,8 @@
 //           know before it writes y. So the gates are first guessed from a 1/128 sample of x,
 //           then one fused pass reduces |r_j| and writes y under the guessed gates (4 + 4 B/elem
 //           in fp32); only if the exact gates differ from the guess does a second elementwise
-//           pass rewrite y. Results are exact either way.
+//           pass rewrite y. Results are exact either way. Given residual means (reduced over
+//           ranks from the residual-sums entry point) the gates are known: one apply pass.
 // backward: one pass reading grad_y and x, writing grad_x, and reducing dL/dv and the K-1 gate
 //           tails (12 B/elem).
 // Reductions go through fixed-size chunks whose partials are summed in chunk order, so results
@@ -51,16 +52,18 @@ struct Gates {
   bool operator==(const Gates& o) const { return std::equal(value, value + K8, o.value); }
 };
 
-// Gates from residual sums over `count` elements; also writes the means when asked.
+// Gates 1[residual_mean[j-1] > thresholds[j-1]], j = 1..K-1.
 template <class P>
-Gates gates_from(const Sums& s, double count, const float* thresholds, float* residual_mean) {
+Gates gates_of(const float* residual_mean, const float* thresholds) {
   Gates g;
-  for (int j = 1; j < P::num_bits; ++j) {
-    const float mean = float(s[j] / count);
-    if (residual_mean) residual_mean[j - 1] = mean;
-    g.value[j] = mean > thresholds[j - 1] ? 1.0f : 0.0f;
-  }
+  for (int j = 1; j < P::num_bits; ++j) g.value[j] = residual_mean[j - 1] > thresholds[j - 1] ? 1.0f : 0.0f;
   return g;
+}
+
+// Means of residual sums over `count` elements into residual_mean[0..K-2].
+template <class P>
+void means_of(const Sums& s, double count, float* residual_mean) {
+  for (int j = 1; j < P::num_bits; ++j) residual_mean[j - 1] = float(s[j] / count);
 }
 
 // Over [begin, end): sums of |r_j| into the result, and y under `gates` when y is given.
@@ -92,12 +95,18 @@ Sums forward_range(const T* x, T* y, int64_t begin, int64_t end, float clip, con
   return s;
 }
 
+// y under known gates: one elementwise pass (the residual sums it computes are dropped).
 template <class P, class T>
-void forward(const T* x, T* y, int64_t n, float clip, const float* thresholds, float* residual_mean, const P& p) {
-  if (P::num_bits == 1) {  // no gates, no residuals: one elementwise pass
-    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { forward_range(x, y, b, e, clip, Gates{}, p); });
-    return;
-  }
+void apply(const T* x, T* y, int64_t n, float clip, const Gates& gates, const P& p) {
+  at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { forward_range(x, y, b, e, clip, gates, p); });
+}
+
+// With `given_mean` the gates come from it (and residual_mean is left alone).
+template <class P, class T>
+void forward(const T* x, T* y, int64_t n, float clip, const float* thresholds, const float* given_mean,
+             float* residual_mean, const P& p) {
+  if (P::num_bits == 1) return apply(x, y, n, clip, Gates{}, p);  // no gates, no residuals
+  if (given_mean) return apply(x, y, n, clip, gates_of<P>(given_mean, thresholds), p);
   // Guess the gates from runs of kSampleRun elements every kSampleStride runs.
   Sums sample{};
   int64_t sampled = 0;
@@ -107,11 +116,22 @@ void forward(const T* x, T* y, int64_t n, float clip, const float* thresholds, f
     for (int j = 0; j < K8; ++j) sample[j] += s[j];
     sampled += e - b;
   }
-  const Gates guess = gates_from<P>(sample, double(std::max<int64_t>(sampled, 1)), thresholds, nullptr);
+  float sample_mean[K8];
+  means_of<P>(sample, double(std::max<int64_t>(sampled, 1)), sample_mean);
+  const Gates guess = gates_of<P>(sample_mean, thresholds);
   const Sums total = chunked_sums(n, [&](int64_t b, int64_t e) { return forward_range(x, y, b, e, clip, guess, p); });
-  const Gates exact = gates_from<P>(total, double(n), thresholds, residual_mean);
-  if (!(exact == guess))  // rare: rewrite y (the residual sums it recomputes are dropped)
-    at::parallel_for(0, n, kChunk, [&](int64_t b, int64_t e) { forward_range(x, y, b, e, clip, exact, p); });
+  means_of<P>(total, double(n), residual_mean);
+  const Gates exact = gates_of<P>(residual_mean, thresholds);
+  if (!(exact == guess)) apply(x, y, n, clip, exact, p);  // rare: rewrite y
+}
+
+// sums[j-1] = sum |r_j| over x (j = 2..K), for a reduction over ranks.
+template <class P, class T>
+void residual_sums(const T* x, int64_t n, float clip, double* sums, const P& p) {
+  const Sums total = chunked_sums(n, [&](int64_t b, int64_t e) {
+    return forward_range<P, T>(x, nullptr, b, e, clip, Gates{}, p);
+  });
+  for (int j = 1; j < P::num_bits; ++j) sums[j - 1] = total[j];
 }
 
 // Writes grad_x over [begin, end) and returns [sum g dy/dv, sum g T_2, ..., sum g T_K].
@@ -171,17 +191,33 @@ void dispatch(const BitSharingParams& p, DType dtype, const Fn& fn) {
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
-                                              at::IntArrayRef bits, bool is_signed) {
+                                              at::IntArrayRef bits, bool is_signed,
+                                              const std::optional<at::Tensor>& given_mean) {
   const char* op = "bit_sharing_quant_fwd";
   const BitSharingParams p = check_bit_sharing(x, clip, thresholds, bits, is_signed, op, "thresholds");
+  if (given_mean) {
+    check_same_device(*given_mean, x, op, "residual_mean");
+    check_float32(*given_mean, {p.num_bits - 1}, op, "residual_mean");
+  }
   at::Tensor y = poisoned(at::empty_like(x));
-  at::Tensor residual_mean = poisoned(at::empty({p.num_bits - 1}, clip.options()));
+  at::Tensor residual_mean = given_mean ? given_mean->clone() : poisoned(at::empty({p.num_bits - 1}, clip.options()));
   dispatch(p, kernel_dtype(x, op, "x"), [&](const auto& fp, auto tag) {
     using T = decltype(tag);
     forward(x.const_data_ptr<T>(), y.data_ptr<T>(), x.numel(), clip.item<float>(), thresholds.const_data_ptr<float>(),
-            residual_mean.data_ptr<float>(), fp);
+            given_mean ? given_mean->const_data_ptr<float>() : nullptr, residual_mean.data_ptr<float>(), fp);
   });
   return {y, residual_mean};
+}
+
+at::Tensor residual_sums_op(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits, bool is_signed) {
+  const char* op = "bit_sharing_quant_stats";
+  const BitSharingParams p = check_bit_sharing_stats(x, clip, bits, is_signed, op);
+  at::Tensor sums = poisoned(at::empty({p.num_bits - 1}, clip.options().dtype(at::kDouble)));
+  dispatch(p, kernel_dtype(x, op, "x"), [&](const auto& fp, auto tag) {
+    using T = decltype(tag);
+    residual_sums(x.const_data_ptr<T>(), x.numel(), clip.item<float>(), sums.data_ptr<double>(), fp);
+  });
+  return sums;
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& clip,
@@ -212,4 +248,5 @@ std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const a
 TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
   m.impl("bit_sharing_quant_fwd", &mixedprec::forward_op);
   m.impl("bit_sharing_quant_bwd", &mixedprec::backward_op);
+  m.impl("bit_sharing_quant_stats", &mixedprec::residual_sums_op);
 }

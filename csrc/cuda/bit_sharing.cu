@@ -4,6 +4,9 @@
 //           finalize       one block sums the per-block partials in double (deterministic)
 //           apply kernel   reads x, writes y; gates read from device memory, no host sync
 //                          (8 B/elem)
+//           The stats half alone (residual sums in double) and the apply half alone (gates
+//           from given means) are entry points too: distributed training reduces the sums
+//           over ranks between them.
 // backward: one kernel     reads grad_y and x, writes grad_x, per-block sums for dL/dv and the
 //                          K-1 gate tails (12 B/elem), then the same finalize.
 // Grid-stride loops over a capped grid keep the per-block partials small.
@@ -55,15 +58,16 @@ stats_kernel(const T* __restrict__ x, int64_t n, const float* __restrict__ clip,
 }
 
 // out[j] = scale * sum over blocks of partials[b][j], j < count; one block, double accumulation.
+template <class Out>
 __global__ void __launch_bounds__(kThreads, 4)
-finalize_kernel(const float* __restrict__ partials, int64_t blocks, int count, double scale, float* __restrict__ out) {
+finalize_kernel(const float* __restrict__ partials, int64_t blocks, int count, double scale, Out* __restrict__ out) {
   double acc[kSums] = {};
   for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x)
     MP_UNROLL for (int j = 0; j < kSums; ++j) acc[j] += partials[b * kSums + j];
   block_sum(acc);
   if (threadIdx.x == 0)
     MP_UNROLL for (int j = 0; j < kSums; ++j)
-      if (j < count) out[j] = float(acc[j] * scale);
+      if (j < count) out[j] = Out(acc[j] * scale);
 }
 
 template <class T>
@@ -109,20 +113,39 @@ backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ x, T* __rest
     MP_UNROLL for (int j = 0; j < kSums; ++j) partials[int64_t(blockIdx.x) * kSums + j] = acc[j];
 }
 
+// Sums of |r_j| (j = 2..K) over x into out[j - 2], times scale: residual means or plain sums.
+template <class T, class Out>
+void launch_residual_stats(const T* x, int64_t n, const float* clip, Out* out, double scale, float* workspace,
+                           const BitSharingParams& p, void* stream) {
+  const int64_t blocks = grid_size(n);
+  auto* stats = &stats_kernel<T>;
+  MP_LAUNCH(stats, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, x, n, clip, p, workspace);
+  auto* finalize = &finalize_kernel<Out>;
+  MP_LAUNCH(finalize, dim3(1), dim3(kThreads), 0, stream, workspace, blocks, p.num_bits - 1, scale, out);
+}
+
+template <class T>
+const char* apply_typed(const void* x, void* y, int64_t n, const float* clip, const float* thresholds,
+                        const float* residual_mean, const BitSharingParams& p, void* stream) {
+  auto* apply = &apply_kernel<T>;
+  MP_LAUNCH(apply, dim3(unsigned(grid_size(n))), dim3(kThreads), 0, stream, static_cast<const T*>(x),
+            static_cast<T*>(y), n, clip, residual_mean, thresholds, p);
+  MP_LAUNCH_RESULT();
+  return nullptr;
+}
+
 template <class T>
 const char* forward_typed(const void* x, void* y, int64_t n, const float* clip, const float* thresholds,
                           float* residual_mean, float* workspace, const BitSharingParams& p, void* stream) {
-  const int64_t blocks = grid_size(n);
-  const T* xt = static_cast<const T*>(x);
-  if (p.num_bits > 1) {
-    auto* stats = &stats_kernel<T>;
-    MP_LAUNCH(stats, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, xt, n, clip, p, workspace);
-    MP_LAUNCH(finalize_kernel, dim3(1), dim3(kThreads), 0, stream, workspace, blocks, p.num_bits - 1,
-              1.0 / double(n), residual_mean);
-  }
-  auto* apply = &apply_kernel<T>;
-  MP_LAUNCH(apply, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, xt, static_cast<T*>(y), n, clip,
-            residual_mean, thresholds, p);
+  if (p.num_bits > 1)
+    launch_residual_stats(static_cast<const T*>(x), n, clip, residual_mean, 1.0 / double(n), workspace, p, stream);
+  return apply_typed<T>(x, y, n, clip, thresholds, residual_mean, p, stream);
+}
+
+template <class T>
+const char* residual_sums_typed(const void* x, int64_t n, const float* clip, double* sums, float* workspace,
+                                const BitSharingParams& p, void* stream) {
+  if (p.num_bits > 1) launch_residual_stats(static_cast<const T*>(x), n, clip, sums, 1.0, workspace, p, stream);
   MP_LAUNCH_RESULT();
   return nullptr;
 }
@@ -134,7 +157,8 @@ const char* backward_typed(const void* grad_y, const void* x, void* grad_x, int6
   auto* backward = &backward_kernel<T>;
   MP_LAUNCH(backward, dim3(unsigned(blocks)), dim3(kThreads), 0, stream, static_cast<const T*>(grad_y),
             static_cast<const T*>(x), static_cast<T*>(grad_x), n, clip, gates, p, workspace);
-  MP_LAUNCH(finalize_kernel, dim3(1), dim3(kThreads), 0, stream, workspace, blocks, p.num_bits, 1.0, sums);
+  auto* finalize = &finalize_kernel<float>;
+  MP_LAUNCH(finalize, dim3(1), dim3(kThreads), 0, stream, workspace, blocks, p.num_bits, 1.0, sums);
   MP_LAUNCH_RESULT();
   return nullptr;
 }
@@ -152,6 +176,27 @@ const char* bit_sharing_forward(DType dtype, const void* x, void* y, int64_t n, 
     case DType::bf16: return forward_typed<BFloat16>(x, y, n, clip, thresholds, residual_mean, workspace, p, stream);
   }
   return "bit_sharing_forward: unsupported dtype";
+}
+
+const char* bit_sharing_apply(DType dtype, const void* x, void* y, int64_t n, const float* clip,
+                              const float* thresholds, const float* residual_mean, const BitSharingParams& p,
+                              void* stream) {
+  switch (dtype) {
+    case DType::f32: return apply_typed<float>(x, y, n, clip, thresholds, residual_mean, p, stream);
+    case DType::f16: return apply_typed<Half16>(x, y, n, clip, thresholds, residual_mean, p, stream);
+    case DType::bf16: return apply_typed<BFloat16>(x, y, n, clip, thresholds, residual_mean, p, stream);
+  }
+  return "bit_sharing_apply: unsupported dtype";
+}
+
+const char* bit_sharing_residual_sums(DType dtype, const void* x, int64_t n, const float* clip, double* sums,
+                                      float* workspace, const BitSharingParams& p, void* stream) {
+  switch (dtype) {
+    case DType::f32: return residual_sums_typed<float>(x, n, clip, sums, workspace, p, stream);
+    case DType::f16: return residual_sums_typed<Half16>(x, n, clip, sums, workspace, p, stream);
+    case DType::bf16: return residual_sums_typed<BFloat16>(x, n, clip, sums, workspace, p, stream);
+  }
+  return "bit_sharing_residual_sums: unsupported dtype";
 }
 
 const char* bit_sharing_backward(DType dtype, const void* grad_y, const void* x, void* grad_x, int64_t n,

@@ -13,18 +13,26 @@ namespace {
 struct CudaLaunchers {
   static constexpr const char* kForwardName = "bit_sharing_quant_fwd";
   static constexpr const char* kBackwardName = "bit_sharing_quant_bwd";
+  static constexpr const char* kResidualSumsName = "bit_sharing_quant_stats";
   static void* stream(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
   static int64_t workspace_floats(int64_t n) { return cuda::bit_sharing_workspace_floats(n); }
   static constexpr auto forward = &cuda::bit_sharing_forward;
+  static constexpr auto apply = &cuda::bit_sharing_apply;
+  static constexpr auto residual_sums = &cuda::bit_sharing_residual_sums;
   static constexpr auto backward = &cuda::bit_sharing_backward;
   static constexpr const char* kCodebookForwardName = "codebook_quant_fwd";
   static constexpr auto codebook_forward = &cuda::codebook_quant_forward;
 };
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
-                                       at::IntArrayRef bits, bool is_signed) {
+                                       at::IntArrayRef bits, bool is_signed, const std::optional<at::Tensor>& residual_mean) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return device_bit_sharing_fwd<CudaLaunchers>(x, clip, thresholds, bits, is_signed);
+  return device_bit_sharing_fwd<CudaLaunchers>(x, clip, thresholds, bits, is_signed, residual_mean);
+}
+
+at::Tensor residual_sums(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits, bool is_signed) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return device_bit_sharing_residual_sums<CudaLaunchers>(x, clip, bits, is_signed);
 }
 
 std::tuple<at::Tensor, at::Tensor> bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& clip,
@@ -45,6 +53,7 @@ at::Tensor codebook_fwd(const at::Tensor& weight, const at::Tensor& codebook, co
 TORCH_LIBRARY_IMPL(mixedprec, CUDA, m) {
   m.impl("bit_sharing_quant_fwd", &mixedprec::fwd);
   m.impl("bit_sharing_quant_bwd", &mixedprec::bwd);
+  m.impl("bit_sharing_quant_stats", &mixedprec::residual_sums);
   m.impl("codebook_quant_fwd", &mixedprec::codebook_fwd);
 }
 

@@ -11,9 +11,12 @@ namespace {
 struct SimtLaunchers {
   static constexpr const char* kForwardName = "simt_bit_sharing_quant_fwd";
   static constexpr const char* kBackwardName = "simt_bit_sharing_quant_bwd";
+  static constexpr const char* kResidualSumsName = "simt_bit_sharing_quant_stats";
   static void* stream(const at::Tensor&) { return nullptr; }
   static int64_t workspace_floats(int64_t n) { return simt::bit_sharing_workspace_floats(n); }
   static constexpr auto forward = &simt::bit_sharing_forward;
+  static constexpr auto apply = &simt::bit_sharing_apply;
+  static constexpr auto residual_sums = &simt::bit_sharing_residual_sums;
   static constexpr auto backward = &simt::bit_sharing_backward;
   static constexpr const char* kCodebookForwardName = "simt_codebook_quant_fwd";
   static constexpr auto codebook_forward = &simt::codebook_quant_forward;
@@ -25,6 +28,7 @@ struct SimtLaunchers {
 TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
   m.impl("simt_bit_sharing_quant_fwd", &mixedprec::device_bit_sharing_fwd<mixedprec::SimtLaunchers>);
   m.impl("simt_bit_sharing_quant_bwd", &mixedprec::device_bit_sharing_bwd<mixedprec::SimtLaunchers>);
+  m.impl("simt_bit_sharing_quant_stats", &mixedprec::device_bit_sharing_residual_sums<mixedprec::SimtLaunchers>);
   m.impl("simt_codebook_quant_fwd", &mixedprec::device_codebook_quant_fwd<mixedprec::SimtLaunchers>);
 }
 

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from mixedprec.cli.common import UsageError
+from mixedprec.distributed import RankLostError
 
 COMMANDS = {
     "demo": ("mixedprec.demo", "the end-to-end demo on the embedded digits data: float, uniform 4-bit, SBS and OPQ, "
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(prog, str(exc), 2)
     except ValueError as exc:  # the library's argument checks and file validation
         return _fail(prog, str(exc), 2)
+    except RankLostError as exc:  # a data-parallel run under torchrun lost one of its ranks
+        return _fail(prog, str(exc), 1)
     except OSError as exc:
         return _fail(prog, f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", 1)
     except KeyboardInterrupt:

@@ -1,4 +1,7 @@
-"""``mixedprec compress {sbs,opq}``: a zoo or user model on digits, CIFAR or an image folder."""
+"""``mixedprec compress {sbs,opq}``: a zoo or user model on digits, CIFAR or an image folder.
+
+Under ``torchrun --nproc-per-node N -m mixedprec compress ...`` the training runs data-parallel
+on N processes (--batch-size is the global batch); rank 0 prints, packs, saves and evaluates."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mixedprec import opq, sbs
+from mixedprec import distributed, opq, sbs
 from mixedprec.cli import pipeline
 from mixedprec.cli.common import (UsageError, add_run_options, make_out_dir, non_negative_float, non_negative_int,
                                   positive_float, positive_int, resolve_device, say)
@@ -83,7 +86,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    device, quiet = resolve_device(args.device), args.quiet
+    device = distributed.setup(resolve_device(args.device))
+    quiet = args.quiet or not distributed.is_main()
     policy = _policy(args) if args.method == "sbs" else None  # checked before any work is done
     data = load_data(args.data, args.data_dir, image_size=args.image_size, seed=args.seed)
     torch.manual_seed(args.seed)
@@ -114,6 +118,8 @@ def run(args: argparse.Namespace) -> dict:
     else:
         compressed = pipeline.compress_opq(model, data, rate=args.rate, cost=args.cost, levels=args.levels,
                                            finetune_epochs=args.finetune_epochs, **common)
+    if not distributed.is_main():  # the trained model is the same on every rank: one deploys it
+        return {}
     result = pipeline.deploy(compressed, out / "packed.safetensors", data, device=device, reference=reference,
                              record={**record, "float_top1": float_top1})
     print(result.report.table())

@@ -9,6 +9,7 @@ from torch import nn
 from mixedprec.sbs import graph
 from mixedprec.sbs.layers import LayerRef, SBSConv2d, SBSLayer, SBSLinear
 from mixedprec.sbs.policy import SBSPolicy
+from mixedprec.sbs.quantizer import BatchStatistics
 
 _SBS_TYPES = {nn.Conv2d: SBSConv2d, nn.Linear: SBSLinear}
 
@@ -86,6 +87,15 @@ def fix_configuration(model: nn.Module) -> None:
     """Fix every SBS layer at its current bits and keep/prune choice (for finetuning)."""
     for layer in sbs_layers(model).values():
         layer.fix()
+
+
+def set_batch_statistics(model: nn.Module, statistics: BatchStatistics | None) -> None:
+    """Where the activation quantizers take the batch statistics they decide from (gates, first
+    clip value): ``statistics`` combines them over every process of a data-parallel job
+    (``mixedprec.distributed.ProcessGroupStatistics``), None takes each process's input alone.
+    Weight quantizers need none: the weights are the same on every process."""
+    for layer in sbs_layers(model).values():
+        layer.a_quant.batch_statistics = statistics
 
 
 def project_(model: nn.Module) -> None:

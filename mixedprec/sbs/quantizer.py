@@ -7,12 +7,17 @@ A quantizer has three states:
   does), which equals the gated output because every candidate grid contains the lower ones.
 - fixed (``fix()``): rounds directly at one bitwidth, clip still learnable (finetuning).
 - disabled (``enabled=False``): identity, counted as 32 bits (pruning-only search).
+
+With ``batch_statistics`` set (data-parallel training: ``mixedprec.sbs.set_batch_statistics``),
+what a quantizer decides from its input — the gates and the first batch's clip value and sign —
+is decided from the whole batch over every process, so every process decides the same.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -52,11 +57,28 @@ def check_candidate_bits(name: str, bits: Sequence[int]) -> tuple[int, ...]:
     return bits
 
 
+class BatchStatistics(Protocol):
+    """Combines a statistic over the parts of one batch that several processes hold."""
+
+    def sum(self, t: Tensor) -> Tensor:
+        """The elementwise sum of every process's ``t`` (same shape on all of them)."""
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Every process's 1-D ``t`` (lengths may differ), concatenated in rank order."""
+
+
+def magnitude_sample(x: Tensor) -> Tensor:
+    """|x| flattened to float32, strided down to at most 2^20 values (torch.quantile's limit;
+    a strided sample is plenty for a percentile)."""
+    magnitude = x.detach().abs().flatten().float()
+    if magnitude.numel() > 1 << 20:
+        magnitude = magnitude[:: magnitude.numel() // (1 << 20) + 1]
+    return magnitude
+
+
 def initial_clip(x: Tensor) -> Tensor:
     """A clip value from data: the 99.9th percentile of |x| (max |x| if that is 0, else 1)."""
-    magnitude = x.detach().abs().flatten().float()
-    if magnitude.numel() > 1 << 20:  # torch.quantile's input limit; a strided sample is plenty
-        magnitude = magnitude[:: magnitude.numel() // (1 << 20) + 1]
+    magnitude = magnitude_sample(x)
     q = torch.quantile(magnitude, 0.999)
     peak = magnitude.max()
     return torch.where(q > 0, q, torch.where(peak > 0, peak, torch.ones_like(peak)))
@@ -88,6 +110,7 @@ class BitSharingQuantizer(nn.Module):
         self.clip_ready = clip_init is not None
         self.fixed_bits: int | None = self.bits[0] if len(self.bits) == 1 else None
         self.gates: Tensor | None = None  # differentiable gates of the last search forward
+        self.batch_statistics: BatchStatistics | None = None  # None: this process's input is the batch
 
     @property
     def searching(self) -> bool:
@@ -99,21 +122,26 @@ class BitSharingQuantizer(nn.Module):
         if not self.clip_ready:
             self._init_from(x)
         signed = bool(self.signed)
-        backend = {} if _forced_backend.get() is None else {"backend": _forced_backend.get()}
+        options = {} if _forced_backend.get() is None else {"backend": _forced_backend.get()}
         if self.searching and self.training:
-            result = ops.bit_sharing_quant(x, self.clip, self.thresholds, self.bits, signed, **backend)
+            if self.batch_statistics is not None:  # one all-reduce of len(bits) numbers
+                options["reduce_residual_sums"] = self.batch_statistics.sum
+            result = ops.bit_sharing_quant(x, self.clip, self.thresholds, self.bits, signed, **options)
             self.gates = ste_gate(result.residual_mean, self.thresholds)
             with torch.no_grad():  # index of the highest bitwidth whose gate chain is all on
                 self.chosen_bits.copy_(self.bit_choices[result.gates.cumprod(0).sum().long()])
             return result.output
         bits = self.fixed_bits if self.fixed_bits is not None else int(self.chosen_bits)
-        return ops.bit_sharing_quant(x, self.clip, self.thresholds[:0], (bits,), signed, **backend).output
+        return ops.bit_sharing_quant(x, self.clip, self.thresholds[:0], (bits,), signed, **options).output
 
     @torch.no_grad()
     def _init_from(self, x: Tensor) -> None:
+        stats = self.batch_statistics
         if self.signed is None:
-            self.signed = bool((x < 0).any())
-        self.clip.copy_(initial_clip(x))
+            negative = (x < 0).any().reshape(1).double()
+            self.signed = bool((negative if stats is None else stats.sum(negative)) > 0)
+        sample = magnitude_sample(x)
+        self.clip.copy_(initial_clip(sample if stats is None else stats.gather(sample)))
         self.clip_ready = True
 
     def current_bits(self) -> int:
@@ -159,8 +187,8 @@ class BitSharingQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args):
         load_optional_state(super()._load_from_state_dict, state_dict, prefix, *args)
 
-    def __getstate__(self):  # the gates hold this step's graph: not copied or pickled
-        return {**self.__dict__, "gates": None}
+    def __getstate__(self):  # the gates hold this step's graph, the statistics a process group
+        return {**self.__dict__, "gates": None, "batch_statistics": None}
 
     def extra_repr(self) -> str:
         mode = "disabled" if not self.enabled else (

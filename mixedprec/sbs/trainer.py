@@ -7,10 +7,12 @@ step. After each optimizer step thresholds are projected to >= 0 (pruning thresh
 capped at max_prune_ratio) and clip values to > 0; thresholds get no weight decay.
 Finetune: fix the configuration (bits and kept channels), then train weights and clip values
 on CE alone. Both loops checkpoint after every epoch and resume from their checkpoint.
+
+Under torchrun both run data-parallel (mixedprec.distributed): DDP averages the gradients, the
+activation quantizers all-reduce their gate statistics, and rank 0 alone logs and checkpoints.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 
@@ -19,9 +21,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mixedprec import distributed
 # A module import, not a from-import: mixedprec.metrics.bops imports the SBS layers in turn.
 from mixedprec.metrics import bops as bops_metrics
-from mixedprec.sbs.convert import fix_configuration, project_, sbs_layers
+from mixedprec.sbs.convert import fix_configuration, project_, sbs_layers, set_batch_statistics
 from mixedprec.sbs.pruning import FilterGroupGate
 from mixedprec.sbs.quantizer import BitSharingQuantizer
 from mixedprec.training import evaluate, make_loader
@@ -65,10 +68,12 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
         raise ValueError(f"{phase}: epochs must be an int >= 0, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{phase}: batch_size must be an int >= 1, got {batch_size!r}")
+    device = distributed.setup(device)
+    steps_per_epoch = distributed.batches_per_epoch(len(train_set), batch_size)
+    quiet = quiet or not distributed.is_main()
     model.to(device)
     input_shape = tuple(train_set[0][0].shape)
     positions = bops_metrics.output_positions(model, input_shape)
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
     optimizer = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=momentum > 0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * steps_per_epoch, 1))
     torch.manual_seed(seed)
@@ -76,28 +81,45 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
     if checkpoint is not None and os.path.exists(checkpoint):
         history = _resume(checkpoint, phase, model, optimizer, scheduler)
 
-    for epoch in tqdm(range(len(history), epochs), desc=phase, disable=quiet, initial=len(history), total=epochs):
-        order = torch.Generator().manual_seed(seed + epoch)  # data order depends on (seed, epoch) only
-        loader = make_loader(train_set, batch_size, shuffle=True, generator=order)
-        model.train()
-        ce_sum = 0.0
-        for step, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)):
-            ce = train_step(model, images.to(device), labels.to(device), optimizer,
-                            positions=positions if phase == SEARCH else None, bops_weight=bops_weight,
-                            learn_weights=(epoch * steps_per_epoch + step) % 2 == 0)
-            scheduler.step()
-            ce_sum += ce.item()
-        log = {"phase": phase, "epoch": epoch, "ce": ce_sum / steps_per_epoch,
-               "bops": bops_metrics.count_bops(model, input_shape)}
-        if eval_set is not None:
-            log["eval_acc"] = evaluate(model, make_loader(eval_set, 256, shuffle=False), device)
-        history.append(log)
-        if checkpoint is not None:
-            _save(checkpoint, phase, model, optimizer, scheduler, history)
+    set_batch_statistics(model, distributed.ProcessGroupStatistics() if distributed.is_active() else None)
+    try:
+        with distributed.failures_named(f"SBS {phase}"):
+            # Thresholds whose gates do not learn on a step have requires_grad off, and fixed
+            # pruning gates are unused: DDP must look for parameters without gradient.
+            net = distributed.data_parallel(model, device, find_unused_parameters=True)
+            for epoch in tqdm(range(len(history), epochs), desc=phase, disable=quiet, initial=len(history),
+                              total=epochs):
+                log = _train_epoch(net, train_set, phase, epoch, steps_per_epoch, optimizer, scheduler,
+                                   positions=positions, bops_weight=bops_weight, batch_size=batch_size, seed=seed,
+                                   device=device, quiet=quiet)
+                log["bops"] = bops_metrics.count_bops(model, input_shape)
+                if eval_set is not None:  # every rank evaluates the whole set: no collectives
+                    log["eval_acc"] = evaluate(model, make_loader(eval_set, 256, shuffle=False), device)
+                history.append(log)
+                if checkpoint is not None and distributed.is_main():
+                    _save(checkpoint, phase, model, optimizer, scheduler, history)
+    finally:
+        set_batch_statistics(model, None)
     if phase == SEARCH:
         for quant in _modules_of(model, BitSharingQuantizer):
             quant.thresholds.requires_grad_(True)
     return history
+
+
+def _train_epoch(net: nn.Module, train_set: Dataset, phase: str, epoch: int, steps_per_epoch: int, optimizer,
+                 scheduler, *, positions: dict[str, int], bops_weight: float, batch_size: int, seed: int, device,
+                 quiet: bool) -> dict:
+    order = torch.Generator().manual_seed(seed + epoch)  # data order depends on (seed, epoch) only
+    loader = distributed.shuffled_loader(train_set, batch_size, order)
+    net.train()
+    ce_sum = 0.0
+    for step, (images, labels) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=quiet)):
+        ce = train_step(net, images.to(device), labels.to(device), optimizer,
+                        positions=positions if phase == SEARCH else None, bops_weight=bops_weight,
+                        learn_weights=(epoch * steps_per_epoch + step) % 2 == 0)
+        scheduler.step()
+        ce_sum += ce.item()
+    return {"phase": phase, "epoch": epoch, "ce": distributed.mean_over_ranks(ce_sum / steps_per_epoch)}
 
 
 def train_step(model: nn.Module, images: Tensor, labels: Tensor, optimizer: torch.optim.Optimizer, *,
@@ -107,19 +129,22 @@ def train_step(model: nn.Module, images: Tensor, labels: Tensor, optimizer: torc
 
     A search step when ``positions`` (from ``output_positions``) is given: the loss gains
     bops_weight * log(BOPs) and only the weight (learn_weights) or activation bit gates learn.
+    ``model`` may be wrapped in DistributedDataParallel: every rank then adds the same BOPs
+    term, and DDP's gradient average keeps it once.
     """
+    inner = distributed.unwrap(model)
     if positions is not None:
-        _learn_gates(model, weights=learn_weights)
+        _learn_gates(inner, weights=learn_weights)
     ce = nn.functional.cross_entropy(model(images), labels)
     loss = ce
     if positions is not None:
-        bops = bops_metrics.differentiable_bops(model, positions, weights=learn_weights,
+        bops = bops_metrics.differentiable_bops(inner, positions, weights=learn_weights,
                                                 activations=not learn_weights)
         loss = ce + bops_weight * torch.log(bops)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    project_(model)
+    project_(inner)
     return ce.detach()
 
 

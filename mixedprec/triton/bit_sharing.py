@@ -2,7 +2,9 @@
 
 Each program owns BLOCK consecutive elements. Forward: a stats kernel writes per-program sums of
 |r_j| (4 B/elem read), torch adds them up in float64, then an apply kernel maps x to y (8 B/elem)
-with the gates read from device memory (no host sync). Backward: one kernel writes grad_x and
+with the gates read from device memory (no host sync); ``residual_sums`` is the first half alone
+and ``forward`` given residual means the second (distributed training reduces the sums over
+ranks in between). Backward: one kernel writes grad_x and
 per-program sums of grad_y * dy/dv and grad_y * T_j (12 B/elem).
 
 Arithmetic is spelled as in the C++ and CUDA kernels: 1/v and 1/n_b come precomputed from the
@@ -133,18 +135,28 @@ def _levels(bits: list[int], device: torch.device) -> Tensor:
     return torch.cat([levels, 1.0 / levels]).to(device)
 
 
-def forward(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool) -> tuple[Tensor, Tensor]:
+def residual_sums(x: Tensor, clip: Tensor, bits: list[int], signed: bool) -> Tensor:
+    """sum |r_j| over x for j = 2..K, float64 (K-1,)."""
     n, k = x.numel(), len(bits)
-    levels, inv_clip = _levels(bits, x.device), (1.0 / clip).reshape(1)
+    if k == 1:
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
+    partial = torch.zeros(grid(n)[0], k, dtype=torch.float32, device=x.device)
+    _stats_kernel[grid(n)](x, n, (1.0 / clip).reshape(1), _levels(bits, x.device), partial, NUM_BITS=k,
+                           SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+    return partial[:, 1:].sum(0, dtype=torch.float64)
+
+
+def forward(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool,
+            residual_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(y, residual_mean); given residual means, the gates come from them (returned as a copy)."""
+    n, k = x.numel(), len(bits)
+    if residual_mean is None:
+        residual_mean = (residual_sums(x, clip, bits, signed) / n).float()
+    else:
+        residual_mean = residual_mean.clone()
     y = output_like(x)
-    residual_mean = torch.empty(k - 1, dtype=torch.float32, device=x.device)
-    if k > 1:
-        partial = torch.zeros(grid(n)[0], k, dtype=torch.float32, device=x.device)
-        _stats_kernel[grid(n)](x, n, inv_clip, levels, partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK,
-                               **LAUNCH_OPTIONS)
-        residual_mean = (partial[:, 1:].sum(0, dtype=torch.float64) / n).float()
-    _apply_kernel[grid(n)](x, y, n, clip.reshape(1), inv_clip, levels, residual_mean, thresholds,
-                           NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+    _apply_kernel[grid(n)](x, y, n, clip.reshape(1), (1.0 / clip).reshape(1), _levels(bits, x.device), residual_mean,
+                           thresholds, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     return y, residual_mean
 
 

@@ -19,6 +19,15 @@
                                   const float* clip, const float* thresholds,                  \
                                   float* residual_mean, float* workspace,                      \
                                   const BitSharingParams& p, void* stream);                    \
+  /* y = fake-quant(x) with gates residual_mean[j-1] > thresholds[j-1] (means given) */        \
+  const char* bit_sharing_apply(DType dtype, const void* x, void* y, int64_t n,                \
+                                const float* clip, const float* thresholds,                    \
+                                const float* residual_mean, const BitSharingParams& p,         \
+                                void* stream);                                                 \
+  /* sums[j-1] = sum |r_j| (j = 2..K) in double, for a reduction over ranks */                 \
+  const char* bit_sharing_residual_sums(DType dtype, const void* x, int64_t n,                 \
+                                        const float* clip, double* sums, float* workspace,     \
+                                        const BitSharingParams& p, void* stream);              \
   /* grad_x = STE mask * grad_y; sums[0] = sum grad_y dy/dv, sums[j] = sum grad_y T_{j+1} */   \
   const char* bit_sharing_backward(DType dtype, const void* grad_y, const void* x,             \
                                    void* grad_x, int64_t n, const float* clip,                 \
