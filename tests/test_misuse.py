@@ -373,6 +373,14 @@ def test_misuse_raises_an_error_naming_the_problem(name, ws):
     assert re.search(row.match, str(raised.value)), f"{str(raised.value)!r} does not match {row.match!r}"
 
 
+def test_meta_tensors_are_not_misuse_they_give_shapes():
+    """Meta tensors hold no values: the ops skip their value checks and the reference gives shapes."""
+    x = torch.ones(3, 4, device="meta")
+    result = ops.bit_sharing_quant(x, CLIP.to("meta"), THRESHOLDS.to("meta"))
+    y = ops.codebook_quant(x, torch.tensor([0.0, 1.0], device="meta"), torch.ones(3, device="meta"), BOOLS.to("meta"))
+    assert result.output.is_meta and result.output.shape == x.shape and y.is_meta and y.shape == x.shape
+
+
 # ---------------------------------------------------------------------------------------------
 # the kernel ops' own checks (C++), called directly: each bad call must raise, not crash
 
