@@ -21,8 +21,9 @@ inline void check_lowbit_tensor(const at::Tensor& t, at::ScalarType dtype, at::I
 }
 
 // Checks the packed weight (out x in, `bits`-bit codes) against `x_like` (M, in or out) and
-// returns its view. The code stream's length is checked against row_code_offsets[out] only on
-// CPU tensors (reading a device value would sync); formats.PackedWeight guarantees it anyway.
+// returns its view. The code stream's length and the row offsets' steps are checked only on CPU
+// tensors (reading a device value would sync); formats.PackedWeight guarantees both anyway, and
+// the bitmap's agreement with the offsets.
 inline PackedView check_packed(const at::Tensor& x_like, const at::Tensor& codebook, const at::Tensor& channel_scale,
                                const at::Tensor& codes, const std::optional<at::Tensor>& keep_bitmap,
                                const at::Tensor& row_code_offsets, const std::optional<at::Tensor>& group_code_offsets,
@@ -50,6 +51,13 @@ inline PackedView check_packed(const at::Tensor& x_like, const at::Tensor& codeb
     w.group_code_offsets = group_code_offsets->data_ptr<int32_t>();
   }
   if (codes.device().is_cpu()) {
+    // Kernels decode row c, codes [offsets[c], offsets[c + 1]), into buffers of in_features floats.
+    const int64_t* offsets = w.row_code_offsets;
+    TORCH_CHECK(offsets[0] == 0, op, ": row_code_offsets must start at 0, got ", offsets[0]);
+    for (int64_t c = 0; c < out; ++c)
+      TORCH_CHECK(offsets[c + 1] >= offsets[c] && offsets[c + 1] - offsets[c] <= in_features, op,
+                  ": row_code_offsets must rise by 0..in_features = ", in_features, " per row, but row ", c,
+                  " goes from ", offsets[c], " to ", offsets[c + 1]);
     const int64_t kept = w.row_code_offsets[out];
     TORCH_CHECK(kept >= 0 && kept <= out * in_features && codes.numel() == (kept * bits + 7) / 8, op, ": codes must hold ",
                 "ceil(", kept, " * ", bits, " / 8) bytes (row_code_offsets[-1] kept codes), got ", codes.numel());

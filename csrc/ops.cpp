@@ -1,16 +1,10 @@
-// Schemas of the kernel ops (one TORCH_LIBRARY for the namespace), and the Python module init.
-// Implementations are registered per device next to their kernels: cpu/, cuda/register.cpp,
-// simt/register.cpp. The public autograd ops that route to these live in mixedprec/ops.py.
-#include <Python.h>
+// Schemas of the kernel ops (one TORCH_LIBRARY for the namespace). Implementations are
+// registered per device next to their kernels: cpu/, cuda/register.cpp, simt/register.cpp. The
+// public autograd ops that route to these live in mixedprec/ops.py; the Python module init is
+// module.cpp.
 #include <torch/library.h>
 
 #include "cpu/code_decode.h"
-
-// `import mixedprec._C` only has to load this library so that its registrations run.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 TORCH_LIBRARY(mixedprec, m) {
   // bit-sharing fake-quant: (y, residual_mean) and (grad_x, sums = [dL/dv, sum grad_y T_j ...]);

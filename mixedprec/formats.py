@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from mixedprec.atomic import write_atomically
 
 MAX_BITS = 8
 GROUP = 32  # columns per group of group_code_offsets (one 32-bit bitmap window)
@@ -172,6 +173,11 @@ def _validate(p: PackedWeight) -> None:
     if p.channel_scale.dtype not in (torch.float16, torch.float32) or p.channel_scale.shape != (p.shape[0],):
         raise ValueError(f"{op}: channel_scale must be float16 or float32 of shape ({p.shape[0]},), "
                          f"got {p.channel_scale.dtype} {tuple(p.channel_scale.shape)}")
+    for name, valid, rule in (("codebook", torch.isfinite(p.codebook), "finite"),
+                              ("channel_scale", torch.isfinite(p.channel_scale) & (p.channel_scale > 0), "finite and > 0")):
+        if not bool(valid.all()):
+            i = int(torch.nonzero(~valid)[0])
+            raise ValueError(f"{op}: {name} must be {rule}, but {name}[{i}] = {getattr(p, name)[i].item()}")
     numel = int(np.prod(p.shape, dtype=np.int64))
     if p.keep_bitmap is not None and (p.keep_bitmap.dtype != torch.uint8 or p.keep_bitmap.shape != (-(-numel // 8),)):
         raise ValueError(f"{op}: keep_bitmap must be uint8 of shape ({-(-numel // 8)},), got "
@@ -219,21 +225,7 @@ def save_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dic
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "content": json.dumps(metadata),
               "crc32": json.dumps({k: _crc32(v) for k, v in tensors.items()})}
-    data = save(tensors, metadata=header)
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".safetensors")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved model is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, save(tensors, metadata=header))
 
 
 def load_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:

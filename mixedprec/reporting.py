@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mixedprec.atomic import write_atomically
 from mixedprec.metrics.bops import layer_bops
 from mixedprec.metrics.compression import FLOAT_BITS, CompressedWeight, LayerCompression
 from mixedprec.sbs.layers import SBSLayer, float_forward
@@ -341,10 +342,7 @@ def plot_tradeoff(results: Sequence[MethodResult], path: str | os.PathLike, *, t
 
 def write_json(path: str | os.PathLike, record: dict) -> None:
     """Atomically: a reader never sees a half-written record."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(record, indent=1, default=_jsonable) + "\n")
 
 
 def _jsonable(value):

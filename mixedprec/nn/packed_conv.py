@@ -23,6 +23,10 @@ class PackedConv2d(nn.Module):
         if not isinstance(packed, PackedWeight) or len(packed.shape) != 4:
             raise ValueError(f"PackedConv2d: packed must be a PackedWeight of a conv weight (C_out, C_in/groups, kh, kw), "
                              f"got {getattr(packed, 'shape', type(packed).__name__)}")
+        for name, value, minimum in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+            ops._conv_pair("PackedConv2d", name, value, minimum)  # fail here rather than at the first forward
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or packed.shape[0] % groups:
+            raise ValueError(f"PackedConv2d: groups must be an int >= 1 dividing C_out = {packed.shape[0]}, got {groups!r}")
         self.weight_shape = tuple(int(s) for s in packed.shape)
         self.bits = packed.bits
         self.in_channels, self.out_channels = self.weight_shape[1] * groups, self.weight_shape[0]
@@ -54,6 +58,11 @@ class PackedConv2d(nn.Module):
 
     def packed_weight(self) -> PackedWeight:
         return PackedWeight(self.weight_shape, self.bits, self.codebook, self.channel_scale, self.codes, self.keep_bitmap)
+
+    def rebuild_derived(self) -> None:
+        """Validates the packed buffers (after loading; a conv derives no tables from them): the
+        CUDA kernel trusts their sizes."""
+        self.packed_weight()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quant is not None:  # SBS models quantize layer inputs

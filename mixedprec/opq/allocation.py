@@ -199,6 +199,10 @@ def _collect(model: nn.Module, exclude: Iterable[str], quiet: bool) -> tuple[lis
             excluded[name] = module.weight.numel()
             continue
         weight = module.weight.detach()
+        if weight.is_meta:
+            raise ValueError(f"allocate: layer {name!r} has no weight values (meta device); load its weights first")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"allocate: layer {name!r} has non-finite weights (NaN or inf)")
         scale, magnitude, scale_dtype = channel_scales(weight)
         layers.append(_Layer(name, weight, scale, scale_dtype, magnitude))
     if not layers:
@@ -236,6 +240,8 @@ def _layer_plan(layer: _Layer, bits: int, kept: int, levels: str) -> LayerPlan:
 
 
 def _plan(model, target_rate, bits, cost, levels, exclude, quiet, method: str) -> Plan:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"allocate: model must be an nn.Module, got {type(model).__name__}")
     candidate_bits = _check_args(target_rate, bits, cost, levels)
     layers, excluded = _collect(model, exclude, quiet)
     float_numel = sum(l.numel for l in layers) + sum(excluded.values())

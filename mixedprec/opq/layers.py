@@ -108,6 +108,10 @@ def convert(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module
     Masks are re-derived from the model's weights with the plan's scales and thresholds; the plan
     must come from these weights (its kept counts are checked).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(plan, Plan):
+        raise ValueError(f"convert: plan must be a mixedprec.opq.Plan (from allocate or Plan.load), got {type(plan).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
     for layer in plan.layers:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mixedprec.atomic import write_atomically
 from mixedprec.metrics.compression import CompressedWeight, CompressionReport, LayerCompression
 
 PLAN_VERSION = 1
@@ -101,16 +102,24 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
+        if not isinstance(data, dict):
+            raise ValueError(f"Plan: a plan is a dict, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("version", None)
         if version != PLAN_VERSION:
             raise ValueError(f"Plan: unsupported plan version {version!r} (this mixedprec reads {PLAN_VERSION})")
-        data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
-        return cls(**data)
+        try:
+            data["layers"] = [LayerPlan(**layer) for layer in data["layers"]]
+            return cls(**data)
+        except (KeyError, TypeError) as exc:  # a missing, unexpected or mistyped field
+            raise ValueError(f"Plan: malformed plan: {type(exc).__name__}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        write_atomically(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except ValueError as exc:  # json's JSONDecodeError (a truncated or corrupted file) is one
+            raise ValueError(f"Plan.load: {path}: {exc}") from None

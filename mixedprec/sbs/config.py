@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mixedprec.atomic import write_atomically
 from mixedprec.sbs.convert import sbs_layers
 from mixedprec.sbs.layers import SBSLayer
 
@@ -64,17 +65,19 @@ def save_config(model: nn.Module, path: str | os.PathLike, **summary) -> dict:
     BOPs or accuracy); returns what was written."""
     config = {"format": CONFIG_FORMAT, **summary,
               "layers": {name: r.to_dict() for name, r in describe(model).items()}}
-    with open(path, "w") as f:
-        json.dump(config, f, indent=1)
+    write_atomically(path, json.dumps(config, indent=1))
     return config
 
 
 def load_config(path: str | os.PathLike) -> dict:
     with open(path) as f:
-        config = json.load(f)
-    if config.get("format") != CONFIG_FORMAT:
-        raise ValueError(f"load_config: {path} is not an SBS configuration (format {config.get('format')!r}, "
-                         f"expected {CONFIG_FORMAT!r})")
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"load_config: {path} is not a JSON file (truncated or corrupted?): {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"load_config: {path} is not an SBS configuration (format {found!r}, expected {CONFIG_FORMAT!r})")
     return config
 
 

@@ -27,6 +27,8 @@ def convert(model: nn.Module, policy: SBSPolicy | None = None, *, inplace: bool 
     (8/8 by default). A float state dict still loads into the result (strict), and
     ``unconvert`` gives the float model back.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     policy = SBSPolicy() if policy is None else policy
     if not isinstance(policy, SBSPolicy):
         raise ValueError(f"convert: policy must be an SBSPolicy or None, got {type(policy).__name__}")

@@ -1,0 +1,222 @@
+// The CPU kernels (csrc/cpu/*.cpp) called through the torch dispatcher on small odd shapes,
+// against the plain loops of kernel_cases.h: every op, each storage type, every instantiated K
+// and sign of the bit-sharing kernel, the AVX-512 code decode and its scalar twin (set_cpu_simd)
+// in lowbit_linear (its fused small-batch, tiled and large-batch paths) and lut_conv2d (grouped,
+// depthwise, strided, dilated; one and several output-channel tiles). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
+// and run under ASan+UBSan by tests/test_sanitizers.py: the kernels and this program are
+// instrumented, libtorch is not (ASan still sees every tensor's heap block). ASan checks scalar
+// and vector loads and stores; the AVX-512 masked expand-loads of lowbit's bitmap expansion are
+// compiler builtins it does not instrument (they read popcount(mask) levels of a row buffer).
+//
+// `cpu_kernel_tests planted-out-of-bounds` runs a planted bug instead, which ASan must name.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstring>
+#include <optional>
+
+#include "kernel_cases.h"
+
+using namespace kernel_cases;
+
+namespace {
+
+const std::string kWho = "cpu";
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+template <class T>
+constexpr at::ScalarType scalar_type() {
+  if constexpr (std::is_same_v<T, float>) return at::kFloat;
+  else if constexpr (std::is_same_v<T, Half16>) return at::kHalf;
+  else if constexpr (std::is_same_v<T, BFloat16>) return at::kBFloat16;
+  else if constexpr (std::is_same_v<T, uint8_t>) return at::kByte;
+  else if constexpr (std::is_same_v<T, int32_t>) return at::kInt;
+  else return at::kLong;
+}
+
+// A tensor over v's storage (no copy: ASan checks the kernels' reads against v's heap block).
+template <class T>
+at::Tensor view(const std::vector<T>& v, at::IntArrayRef shape) {
+  return at::from_blob(const_cast<T*>(v.data()), shape, at::TensorOptions(scalar_type<T>()));
+}
+
+template <class T>
+at::Tensor view(const std::vector<T>& v) {
+  return view(v, {int64_t(v.size())});
+}
+
+// v stored as T (Half16 and BFloat16 share at::Half's and at::BFloat16's bits).
+template <class T>
+std::vector<T> stored(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = mixedprec::from_float<T>(v[i]);
+  return out;
+}
+
+template <class T>
+const T* data(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == scalar_type<T>() && t.is_contiguous(), "unexpected output ", t.scalar_type());
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+
+using Tensors2 = std::tuple<at::Tensor, at::Tensor>;
+using OptTensor = const std::optional<at::Tensor>&;
+
+template <class T>
+void run_bit_sharing(const BitSharingCase& c) {
+  static auto forward = op<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool)>(
+      "mixedprec::bit_sharing_quant_fwd");
+  static auto backward = op<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     at::IntArrayRef, bool)>("mixedprec::bit_sharing_quant_bwd");
+  const int64_t n = int64_t(c.x.size());
+  const std::vector<T> x = stored<T>(c.x), grad_y = stored<T>(c.grad_y);
+  const at::Tensor clip = at::full({}, c.clip);
+  const auto [y, residual_mean] = forward.call(view(x, {n}), clip, view(c.thresholds), c.bits, c.is_signed);
+  check_bit_sharing_forward(c, data<T>(y), data<float>(residual_mean), kWho);
+  const auto [grad_x, sums] = backward.call(view(grad_y, {n}), view(x, {n}), clip, view(c.gates), c.bits, c.is_signed);
+  check_bit_sharing_backward(c, data<T>(grad_x), data<float>(sums), kWho);
+}
+
+template <class T>
+void run_codebook(const CodebookCase& c) {
+  static auto forward = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "mixedprec::codebook_quant_fwd");
+  const std::vector<T> weight = stored<T>(c.weight);
+  const at::Tensor keep_mask = view(c.keep, {c.channels, c.inner}).view(at::kBool);
+  const at::Tensor y = forward.call(view(weight, {c.channels, c.inner}), view(c.codebook), view(c.channel_scale), keep_mask);
+  check_codebook(c, data<T>(y), kWho);
+}
+
+void run_lowbit(const LowbitCase& c, const std::string& who) {
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, OptTensor,
+                               const at::Tensor&, OptTensor, int64_t, int64_t);
+  static auto forward = op<Signature>("mixedprec::lowbit_linear_fwd");
+  static auto backward = op<Signature>("mixedprec::lowbit_linear_bwd");
+  std::optional<at::Tensor> keep_bitmap, group_code_offsets;
+  if (!c.packed.keep_bitmap.empty()) {
+    keep_bitmap = view(c.packed.keep_bitmap);
+    group_code_offsets = view(c.group_code_offsets, {c.out, c.groups()});
+  }
+  const at::Tensor y = forward.call(view(c.x, {c.m_rows, c.in}), view(c.codebook), view(c.channel_scale),
+                                    view(c.packed.codes), keep_bitmap, view(c.row_code_offsets), group_code_offsets,
+                                    c.in, c.bits);
+  check_lowbit_forward(c, data<float>(y), who);
+  const at::Tensor grad_x = backward.call(view(c.grad_y, {c.m_rows, c.out}), view(c.codebook), view(c.channel_scale),
+                                          view(c.packed.codes), keep_bitmap, view(c.row_code_offsets),
+                                          group_code_offsets, c.in, c.bits);
+  check_lowbit_backward(c, data<float>(grad_x), who);
+}
+
+template <class T>
+void run_lut_conv2d(const LutConv2dCase& c) {
+  static auto forward = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      OptTensor, int64_t, at::IntArrayRef, OptTensor, at::IntArrayRef, at::IntArrayRef,
+                                      at::IntArrayRef, int64_t)>("mixedprec::lut_conv2d_fwd");
+  static auto backward = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       OptTensor, int64_t, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                       at::IntArrayRef, at::IntArrayRef, int64_t)>("mixedprec::lut_conv2d_bwd");
+  const Conv2dGeometry& g = c.g;
+  const std::vector<int64_t> input_shape{g.batch, g.in_channels, g.height, g.width};
+  const std::vector<int64_t> output_shape{g.batch, g.out_channels, g.out_height, g.out_width};
+  const std::vector<int64_t> weight_shape{g.out_channels, g.group_in(), g.kernel_h, g.kernel_w};
+  const std::vector<int64_t> stride{g.stride_h, g.stride_w}, padding{g.pad_h, g.pad_w}, dilation{g.dil_h, g.dil_w};
+  const std::vector<T> x = stored<T>(c.x), grad_y = stored<T>(c.grad_y);
+  std::optional<at::Tensor> keep_bitmap, bias;
+  if (!c.packed.keep_bitmap.empty()) keep_bitmap = view(c.packed.keep_bitmap);
+  if (!c.bias.empty()) bias = view(c.bias);
+  const at::Tensor y = forward.call(view(x, input_shape), view(c.packed.codes), view(c.codebook), view(c.channel_scale),
+                                    keep_bitmap, c.bits, weight_shape, bias, stride, padding, dilation, g.groups);
+  check_lut_conv2d_forward(c, data<T>(y), kWho);
+  const at::Tensor grad_x = backward.call(view(grad_y, output_shape), view(c.packed.codes), view(c.codebook),
+                                          view(c.channel_scale), keep_bitmap, c.bits, weight_shape, input_shape, stride,
+                                          padding, dilation, g.groups);
+  check_lut_conv2d_backward(c, data<T>(grad_x), kWho);
+}
+
+// The planted bug: a sum over a tensor that reads one element past its end.
+float planted_out_of_bounds() {
+  const at::Tensor t = at::ones({7});
+  const float* p = t.const_data_ptr<float>();
+  float total = 0.0f;
+  for (int64_t i = 0; i <= t.numel(); ++i) total += p[i];  // <- the planted bug: <= instead of <
+  return total;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "planted-out-of-bounds") == 0) {
+    std::printf("sum %g\n", planted_out_of_bounds());
+    return 0;
+  }
+  at::set_num_threads(3);  // more tasks than cores: uneven splits of every parallel_for
+  std::mt19937 rng(0);
+
+  // bit_sharing: every instantiation (K = 1..8, both signs) in float32, scalar tails (n odd);
+  // float16/bfloat16; 40000 elements: three reduction chunks, and zeros where the kernel samples
+  // its gate guess, so that the guess is wrong and the rewrite pass runs.
+  for (int k = 1; k <= 8; ++k) {
+    std::vector<int64_t> bits;
+    for (int j = 0; j < k; ++j) bits.push_back(k == 1 ? 3 : j + 1);
+    for (bool is_signed : {true, false}) run_bit_sharing<float>(bit_sharing_case<float>(37 + 64 * k, bits, is_signed, rng));
+  }
+  const std::vector<int64_t> sbs_bits{2, 4, 8};
+  run_bit_sharing<Half16>(bit_sharing_case<Half16>(1001, sbs_bits, true, rng));
+  run_bit_sharing<BFloat16>(bit_sharing_case<BFloat16>(1001, sbs_bits, false, rng));
+  run_bit_sharing<float>(bit_sharing_case<float>(40000, sbs_bits, true, rng));
+  run_bit_sharing<float>(bit_sharing_case<float>(40000, sbs_bits, false, rng, 34000));
+
+  // codebook_quant: rows shorter than a vector (scalar tail only), odd rows, 1 to 256 levels
+  for (int levels : {1, 2, 16, 256}) {
+    run_codebook<float>(codebook_case<float>(1, 1, levels, rng));
+    run_codebook<float>(codebook_case<float>(5, 37, levels, rng));
+    run_codebook<float>(codebook_case<float>(3, 700, levels, rng));
+  }
+  run_codebook<Half16>(codebook_case<Half16>(5, 37, 16, rng));
+  run_codebook<BFloat16>(codebook_case<BFloat16>(7, 19, 16, rng));
+
+  // lowbit_linear (out, in, M, bits, keep probability), each with the SIMD decode and its twin
+  const std::vector<LowbitCase> lowbit_cases = {
+      lowbit_case(5, 70, 3, 3, 0.6, rng),   // sparse, codes straddling bytes
+      lowbit_case(9, 33, 5, 8, 1.0, rng),   // dense 8-bit, odd batch
+      lowbit_case(11, 70, 3, 4, 1.0, rng),  // dense byte-aligned 4-bit rows, M <= 4: fused decode
+      lowbit_case(7, 68, 1, 2, 1.0, rng),   // dense byte-aligned 2-bit rows, GEMV: fused decode
+      lowbit_case(7, 70, 2, 2, 1.0, rng),   // 2-bit rows not byte-aligned: tile path
+      lowbit_case(6, 75, 5, 4, 0.5, rng),   // sparse 4-bit: SIMD decode and bitmap expansion
+      lowbit_case(130, 40, 3, 1, 0.7, rng), // 3 output-channel chunks in the backward
+      lowbit_case(9, 37, 70, 2, 0.8, rng),  // M >= 64: the backward's batch-parallel path
+      lowbit_case(3, 1, 2, 2, 1.0, rng),    // one input feature
+  };
+  static auto set_simd = op<bool(bool)>("mixedprec::set_cpu_simd");
+  for (bool simd : {true, false}) {
+    set_simd.call(simd);
+    for (const LowbitCase& c : lowbit_cases) run_lowbit(c, simd ? "cpu simd" : "cpu scalar");
+  }
+  set_simd.call(true);
+
+  // lut_conv2d (N, C_in, H, W, C_out, kh, kw, stride, padding, dilation, groups)
+  const Conv2dGeometry plain = conv_geometry(2, 3, 5, 6, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1);
+  const Conv2dGeometry strided_dilated_grouped = conv_geometry(1, 4, 7, 5, 6, 3, 2, 2, 2, 1, 1, 2, 1, 2);
+  const Conv2dGeometry depthwise = conv_geometry(2, 5, 6, 7, 5, 3, 3, 1, 1, 1, 1, 1, 1, 5);
+  // 70 channels: two output-channel tiles (of 48 and 22); the others fit one
+  const Conv2dGeometry many_channels = conv_geometry(1, 2, 9, 9, 70, 3, 3, 1, 1, 1, 1, 1, 1, 1);
+  const Conv2dGeometry deep_wide = conv_geometry(2, 30, 12, 23, 6, 3, 3, 1, 2, 1, 1, 1, 1, 1);
+  for (bool simd : {true, false}) {
+    set_simd.call(simd);
+    for (int bits : {1, 4, 8})
+      for (bool sparse : {false, true}) run_lut_conv2d<float>(lut_conv2d_case<float>(bits, sparse, true, plain, rng));
+    run_lut_conv2d<float>(lut_conv2d_case<float>(3, true, false, strided_dilated_grouped, rng));
+    run_lut_conv2d<float>(lut_conv2d_case<float>(2, false, true, depthwise, rng));
+    run_lut_conv2d<float>(lut_conv2d_case<float>(4, true, true, many_channels, rng));
+    run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, deep_wide, rng));
+    run_lut_conv2d<Half16>(lut_conv2d_case<Half16>(4, true, true, plain, rng));
+    run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(4, false, false, depthwise, rng));
+  }
+  set_simd.call(true);
+  return finish();
+}
