@@ -69,15 +69,23 @@ using OptTensor = const std::optional<at::Tensor>&;
 
 template <class T>
 void run_bit_sharing(const BitSharingCase& c) {
-  static auto forward = op<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool)>(
-      "mixedprec::bit_sharing_quant_fwd");
+  static auto forward = op<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool,
+                                    OptTensor)>("mixedprec::bit_sharing_quant_fwd");
+  static auto stats = op<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool)>(
+      "mixedprec::bit_sharing_quant_stats");
   static auto backward = op<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      at::IntArrayRef, bool)>("mixedprec::bit_sharing_quant_bwd");
   const int64_t n = int64_t(c.x.size());
   const std::vector<T> x = stored<T>(c.x), grad_y = stored<T>(c.grad_y);
   const at::Tensor clip = at::full({}, c.clip);
-  const auto [y, residual_mean] = forward.call(view(x, {n}), clip, view(c.thresholds), c.bits, c.is_signed);
+  const auto [y, residual_mean] = forward.call(view(x, {n}), clip, view(c.thresholds), c.bits, c.is_signed, std::nullopt);
   check_bit_sharing_forward(c, data<T>(y), data<float>(residual_mean), kWho);
+  if (c.bits.size() > 1) {  // the data-parallel path: sums of |r_j| alone, then the apply pass given the means
+    const at::Tensor sums = stats.call(view(x, {n}), clip, c.bits, c.is_signed);
+    expect(at::allclose(sums / double(n), residual_mean.to(at::kDouble), 1e-5, 1e-7), c.name + " stats: sums / n != residual_mean");
+    const auto [y_given, mean_given] = forward.call(view(x, {n}), clip, view(c.thresholds), c.bits, c.is_signed, residual_mean);
+    check_bit_sharing_forward(c, data<T>(y_given), data<float>(mean_given), kWho);
+  }
   const auto [grad_x, sums] = backward.call(view(grad_y, {n}), view(x, {n}), clip, view(c.gates), c.bits, c.is_signed);
   check_bit_sharing_backward(c, data<T>(grad_x), data<float>(sums), kWho);
 }

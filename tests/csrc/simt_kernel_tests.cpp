@@ -16,7 +16,8 @@ namespace {
 
 const std::string kWho = "simt";
 
-// stats + finalize + apply (forward), backward + finalize.
+// stats + finalize + apply (forward); residual sums, then apply given the means (data parallel);
+// backward + finalize.
 template <class T>
 void run_bit_sharing(const BitSharingCase& c) {
   const int64_t n = int64_t(c.x.size());
@@ -29,6 +30,20 @@ void run_bit_sharing(const BitSharingCase& c) {
                                               residual_mean.data(), workspace.data(), p, nullptr);
   expect(err == nullptr, c.name + ": forward launch");
   check_bit_sharing_forward(c, y.data(), residual_mean.data(), kWho);
+  if (k > 1) {  // the data-parallel path: sums of |r_j| alone, then the apply pass given the means
+    std::vector<double> residual_sums(k - 1, NAN);
+    err = simt::bit_sharing_residual_sums(dtype_of<T>::value, x.data(), n, &c.clip, residual_sums.data(),
+                                          workspace.data(), p, nullptr);
+    expect(err == nullptr, c.name + ": residual sums launch");
+    for (int j = 0; j < k - 1; ++j)
+      expect(std::abs(residual_sums[j] / double(n) - c.residual_mean[j]) <= 1e-5 * c.residual_mean[j] + 1e-7,
+             c.name + ": residual sums / n != mean |r_j|");
+    std::vector<T> y_given(n, from_float<T>(NAN));
+    err = simt::bit_sharing_apply(dtype_of<T>::value, x.data(), y_given.data(), n, &c.clip, c.thresholds.data(),
+                                  residual_mean.data(), p, nullptr);
+    expect(err == nullptr, c.name + ": apply launch");
+    check_bit_sharing_forward(c, y_given.data(), residual_mean.data(), kWho);
+  }
   err = simt::bit_sharing_backward(dtype_of<T>::value, grad_y.data(), x.data(), grad_x.data(), n, &c.clip,
                                    c.gates.data(), sums.data(), workspace.data(), p, nullptr);
   expect(err == nullptr, c.name + ": backward launch");
