@@ -161,6 +161,17 @@ def _code_offsets(p: PackedWeight) -> tuple[Tensor, Tensor | None]:
     return row_offsets, group_offsets
 
 
+def check_entries(op: str, name: str, t: Tensor, positive: bool) -> None:
+    """A ValueError naming the first entry of ``t`` that is not finite (or not > 0 when ``positive``)."""
+    bad = ~torch.isfinite(t)
+    if positive:
+        bad |= ~(t > 0)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad.flatten())[0])
+        raise ValueError(f"{op}: {name} must be finite{' and > 0' if positive else ''}, but {name}[{i}] = "
+                         f"{t.flatten()[i].item()} ({int(bad.sum())} of {bad.numel()} entries invalid)")
+
+
 def _validate(p: PackedWeight) -> None:
     op = "PackedWeight"
     if len(p.shape) < 1 or any(int(s) < 1 for s in p.shape):
@@ -172,6 +183,8 @@ def _validate(p: PackedWeight) -> None:
     if p.channel_scale.dtype not in (torch.float16, torch.float32) or p.channel_scale.shape != (p.shape[0],):
         raise ValueError(f"{op}: channel_scale must be float16 or float32 of shape ({p.shape[0]},), "
                          f"got {p.channel_scale.dtype} {tuple(p.channel_scale.shape)}")
+    check_entries(op, "codebook", p.codebook, positive=False)
+    check_entries(op, "channel_scale", p.channel_scale, positive=True)
     numel = int(np.prod(p.shape, dtype=np.int64))
     if p.keep_bitmap is not None and (p.keep_bitmap.dtype != torch.uint8 or p.keep_bitmap.shape != (-(-numel // 8),)):
         raise ValueError(f"{op}: keep_bitmap must be uint8 of shape ({-(-numel // 8)},), got "

@@ -115,9 +115,12 @@ def _check_bits(op: str, bits) -> tuple[int, ...]:
     return bits
 
 
-def _check_positive_finite(op: str, name: str, t: Tensor) -> None:
-    if check_values and not bool(torch.isfinite(t).all() & (t > 0).all()):
-        raise ValueError(f"{op}: {name} must be finite and > 0, got {t.detach().cpu().tolist()}")
+def _check_clip(op: str, clip: Tensor) -> None:
+    """clip v > 0, finite and not subnormal: the ops compute x * (1 / v), and 1 / v overflows for
+    v < 2^-128 (0 * inf would make x = 0 NaN)."""
+    if check_values and not bool(torch.isfinite(clip) & (clip >= torch.finfo(torch.float32).smallest_normal)):
+        raise ValueError(f"{op}: clip must be finite and > 0 (at least float32's smallest normal number, "
+                         f"{torch.finfo(torch.float32).smallest_normal:.4g}), got {clip.item()}")
 
 
 def _check_finite(op: str, name: str, t: Tensor) -> None:
@@ -146,9 +149,12 @@ def bit_sharing_quant(
     """SBS bit-sharing fake-quant (DESIGN.md): lowest-bit base plus gated re-assignment offsets.
 
     x: float tensor of any shape (weights: signed=True; activations after ReLU: signed=False).
-    clip: 0-dim float tensor v > 0, learnable. thresholds: (len(bits)-1,) gate thresholds alpha.
+    clip: 0-dim float tensor v > 0 (finite, at least float32's smallest normal), learnable.
+    thresholds: (len(bits)-1,) finite gate thresholds alpha.
     Gradients: straight-through to x inside [-v, v] (or [0, v]), LSQ-style to clip, and the
     sigmoid straight-through estimate to every threshold.
+    Non-finite x: +-inf is clipped like any large value; a NaN gives NaN at its position only
+    (the residual means, and so the gradients of clip and thresholds, are NaN; the gates are off).
     """
     op = "bit_sharing_quant"
     _check_tensor(op, "x", x)
@@ -180,7 +186,7 @@ class _Kernels(NamedTuple):
 
 
 def _check_values(clip: Tensor, thresholds: Tensor) -> None:
-    _check_positive_finite("bit_sharing_quant", "clip", clip)
+    _check_clip("bit_sharing_quant", clip)
     _check_finite("bit_sharing_quant", "thresholds", thresholds)
 
 
@@ -327,19 +333,16 @@ def codebook_quant(
 def _check_codebook_values(codebook: Tensor, channel_scale: Tensor) -> None:
     if not check_values:
         return
+    from mixedprec.formats import check_entries
+
     op = "codebook_quant"
-    if not bool(torch.isfinite(codebook).all()):
-        raise ValueError(f"{op}: codebook must be finite, got {codebook.detach().cpu().tolist()}")
+    check_entries(op, "codebook", codebook, positive=False)
     steps = codebook[1:] - codebook[:-1]
     if not bool((steps > 0).all()):
         j = int(torch.nonzero(steps <= 0)[0])
         raise ValueError(f"{op}: codebook must be strictly ascending, but codebook[{j}] = "
                          f"{codebook[j].item()} >= codebook[{j + 1}] = {codebook[j + 1].item()}")
-    bad = ~(torch.isfinite(channel_scale) & (channel_scale > 0))
-    if bool(bad.any()):
-        c = int(torch.nonzero(bad)[0])
-        raise ValueError(f"{op}: channel_scale must be finite and > 0, but channel_scale[{c}] = "
-                         f"{channel_scale[c].item()} ({int(bad.sum())} of {bad.numel()} channels invalid)")
+    check_entries(op, "channel_scale", channel_scale, positive=True)
 
 
 def _codebook_kernel(backend: str) -> Callable:
