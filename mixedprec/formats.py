@@ -232,7 +232,7 @@ def save_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dic
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "content": json.dumps(metadata),
               "crc32": json.dumps({k: _crc32(v) for k, v in tensors.items()})}
-    data = save(tensors, metadata=header)
+    data = _sorted_header(save(tensors, metadata=header))
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".safetensors")
     try:
@@ -247,6 +247,16 @@ def save_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dic
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The safetensors bytes with their JSON header's keys sorted: safetensors writes the header
+    from hash maps, in an order that changes from process to process, and a file's bytes should
+    depend on its content alone."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors aligns the data that follows to 8 bytes
+    return len(header).to_bytes(8, "little") + header + data[8 + length:]
 
 
 def load_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:

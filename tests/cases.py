@@ -51,15 +51,21 @@ def dot_exponents(dtype: torch.dtype) -> st.SearchStrategy[int]:
     return exponents(-7, 2) if dtype == torch.float16 else exponents(-48, 48)
 
 
+LAYOUTS = ("contiguous", "strided", "reversed")
+
+
 @dataclass(frozen=True)
 class Values:
     """A float tensor: randn * 2**exponent ("scaled"); one such value everywhere ("equal"); scaled
     values with 30% replaced by +-0, +-2**outlier and the dtype's smallest normal and subnormal
-    numbers ("mixed"); or with 30% replaced by NaN and +-inf ("nonfinite")."""
+    numbers ("mixed"); or with 30% replaced by NaN and +-inf ("nonfinite"). Laid out contiguously,
+    as a view of every other element of a buffer ("strided"), or with its strides in reverse order
+    ("reversed": a transpose, channels-last-like for 4-D)."""
     kind: str
     exponent: int
     seed: int
     outlier: int = 0
+    layout: str = "contiguous"
 
     def tensor(self, shape, dtype: torch.dtype) -> Tensor:
         g = torch.Generator().manual_seed(self.seed)
@@ -73,7 +79,13 @@ class Values:
                     else [math.nan, math.inf, -math.inf])
             special = torch.tensor(pool, dtype=torch.float64)[torch.randint(len(pool), shape, generator=g)]
             values = torch.where(torch.rand(shape, generator=g) < 0.3, special, values)
-        return values.to(dtype)
+        values = values.to(dtype)
+        if self.layout == "strided":
+            return torch.stack([values, torch.zeros_like(values)], dim=-1)[..., 0]
+        if self.layout == "reversed":
+            dims = tuple(reversed(range(values.dim())))
+            return values.permute(dims).contiguous().permute(dims)
+        return values
 
     def mixes_magnitudes(self, dtype: torch.dtype) -> bool:
         """Whether a dot product of these values needs float32 accumulation's error bound (not
@@ -85,7 +97,7 @@ class Values:
 def values(draw, exponent: st.SearchStrategy[int], nonfinite: bool = True) -> Values:
     kinds = ["scaled", "equal", "mixed"] + (["nonfinite"] if nonfinite else [])
     e = draw(exponent)
-    return Values(draw(st.sampled_from(kinds)), e, draw(seeds), draw(exponent))
+    return Values(draw(st.sampled_from(kinds)), e, draw(seeds), draw(exponent), draw(st.sampled_from(LAYOUTS)))
 
 
 # ---------------------------------------------------------------------------------------------
