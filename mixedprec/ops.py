@@ -404,7 +404,8 @@ def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str
     strides. packed: a 2-D ``formats.PackedWeight`` on x's device. bias: None or a float (out,).
     Kernels compute in float32 (W[c, i] = float(channel_scale[c]) * float(codebook[code])) and
     return x's dtype. Gradients reach x (grad_y W, through the codebook, no materialized W) and
-    bias; none reach the packed tensors.
+    bias; none reach the packed tensors. A NaN or inf in a row of x makes that row's outputs NaN or
+    inf (pruned and zero weights multiply too: inf * 0 = NaN), as in x @ W.T.
     """
     from mixedprec.formats import PackedWeight
 
@@ -536,7 +537,8 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     bias: None or a float tensor (C_out,). stride, dilation: ints >= 1 or pairs; padding: int >= 0 or pair.
     Kernels decode the codes inside an implicit GEMM (never materializing W) and accumulate in
     float32; the output has x's dtype. Gradients: grad_x (the transposed convolution through the
-    codebook) and grad_bias; the packed weight is constant and takes no gradient.
+    codebook) and grad_bias; the packed weight is constant and takes no gradient. A NaN or inf in
+    x makes every output whose window covers it NaN or inf (pruned weights multiply too), as conv2d.
     """
     from mixedprec.formats import PackedWeight
 

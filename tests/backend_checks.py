@@ -133,9 +133,9 @@ def _forward_backward(fn, x, bias, grad_y):
 
 
 def lowbit_check(backend, device, packed, x, bias=None, grad_y=None, *, scales=(1.0, 1.0), mixed=False):
-    """Forward and grads (x, bias) of a backend vs the reference. ``scales``: the power-of-two
-    scales of y and of grad_x (grad_bias is in grad_y's units); ``mixed``: x mixes magnitudes, so
-    y is also allowed float32 accumulation's bound."""
+    """Forward and grads (x, bias) of a backend vs the reference; returns the backend's y.
+    ``scales``: the power-of-two scales of y and of grad_x (grad_bias is in grad_y's units);
+    ``mixed``: x mixes magnitudes, so y is also allowed float32 accumulation's bound."""
     out_features, in_features = packed.shape
     if grad_y is None:
         grad_y = torch.randn(*x.shape[:-1], out_features, generator=torch.Generator().manual_seed(1)).to(x.dtype)
@@ -152,6 +152,7 @@ def lowbit_check(backend, device, packed, x, bias=None, grad_y=None, *, scales=(
     assert_dot_close(got[1], want[1], f"{backend} grad_x", tol, scales[1])
     if bias is not None:
         assert_dot_close(got[2], want[2], f"{backend} grad_bias", tol)
+    return got[0]
 
 
 def lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv: dict, *, scales=(1.0, 1.0), mixed=False):
@@ -163,8 +164,7 @@ def lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv: dict, *, sc
     bound = None
     if mixed:
         weight = packed.to("cpu").decode(torch.float64)
-        abs_products = torch.nn.functional.conv2d(x.cpu().double().abs(), weight.abs(), None, conv.get("stride", 1),
-                                                  conv.get("padding", 0), conv.get("dilation", 1), conv.get("groups", 1))
+        abs_products = torch.nn.functional.conv2d(x.cpu().double().abs(), weight.abs(), None, **conv)
         bound = accumulation_bound(packed.row_length, abs_products)
     assert got[0].dtype == x.dtype and got[1].dtype == x.dtype
     tol = dot_tolerance(x.dtype)
@@ -172,3 +172,4 @@ def lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv: dict, *, sc
     assert_dot_close(got[1], want[1], f"{backend} grad_x", tol, scales[1])
     if bias is not None:
         assert_dot_close(got[2], want[2], f"{backend} grad_bias", tol)
+    return got[0]
