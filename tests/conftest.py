@@ -24,8 +24,9 @@ EMULATED_BACKENDS = ("simt",) if torch.cuda.is_available() else ("simt", "triton
 NATIVE_BACKENDS = tuple(b for b in ("reference",) + KERNEL_BACKENDS if b not in EMULATED_BACKENDS)
 
 # "ci" (the default): the same examples on every run (derandomized, no example database), sized so
-# that tests/test_properties.py takes about two minutes on a 2-core machine. HYPOTHESIS_PROFILE=long:
-# ten times as many examples, freshly random on each run, failures remembered in .hypothesis/.
+# that tests/test_properties.py takes half a minute on an idle 2-core machine (two on a busy one).
+# HYPOTHESIS_PROFILE=long: ten times as many examples, freshly random on each run, failures
+# remembered in .hypothesis/.
 _PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("ci", max_examples=100, derandomize=True, database=None, print_blob=True, **_PROFILE)
 settings.register_profile("long", max_examples=1000, **_PROFILE)

@@ -53,14 +53,14 @@ def check_bit_sharing(backend: str, case: cases.BitSharingCase) -> None:
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@settings(max_examples=examples(100))
+@settings(max_examples=examples(200))
 @given(case=cases.bit_sharing_cases(max_numel=1 << 17))
 def test_bit_sharing_quant(backend, case):
     check_bit_sharing(backend, case)
 
 
 @pytest.mark.parametrize("backend", EMULATED_BACKENDS)
-@settings(max_examples=examples(20))
+@settings(max_examples=examples(30))
 @given(case=cases.bit_sharing_cases(max_numel=64))
 def test_bit_sharing_quant_emulated(backend, case):
     check_bit_sharing(backend, case)
@@ -101,14 +101,14 @@ def check_codebook(backend: str, case: cases.CodebookCase) -> None:
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@settings(max_examples=examples(100))
+@settings(max_examples=examples(200))
 @given(case=cases.codebook_cases(max_numel=1 << 16))
 def test_codebook_quant(backend, case):
     check_codebook(backend, case)
 
 
 @pytest.mark.parametrize("backend", EMULATED_BACKENDS)
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(60))
 @given(case=cases.codebook_cases(max_numel=256))
 def test_codebook_quant_emulated(backend, case):
     check_codebook(backend, case)
@@ -146,14 +146,14 @@ def check_lowbit(backend: str, case: cases.LinearCase) -> None:
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@settings(max_examples=examples(80))
+@settings(max_examples=examples(150))
 @given(case=cases.linear_cases(max_features=150, max_batch_numel=80))
 def test_lowbit_linear(backend, case):
     check_lowbit(backend, case)
 
 
 @pytest.mark.parametrize("backend", EMULATED_BACKENDS)
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(60))
 @given(case=cases.linear_cases(max_features=20, max_batch_numel=4))
 def test_lowbit_linear_emulated(backend, case):
     check_lowbit(backend, case)
@@ -170,14 +170,14 @@ def check_conv(backend: str, case: cases.ConvCase) -> None:
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(120))
 @given(case=cases.conv_cases(max_channels=12, max_extent=14))
 def test_lut_conv2d(backend, case):
     check_conv(backend, case)
 
 
 @pytest.mark.parametrize("backend", EMULATED_BACKENDS)
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(40))
 @given(case=cases.conv_cases(max_channels=2, max_extent=3))
 def test_lut_conv2d_emulated(backend, case):
     check_conv(backend, case)
@@ -194,7 +194,7 @@ def _bits_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-@settings(max_examples=examples(100))
+@settings(max_examples=examples(200))
 @given(case=packed_weights)
 def test_pack_round_trips_codes_and_mask(case):
     codes, codebook, scale, keep = case.inputs()
@@ -240,7 +240,7 @@ def test_pack_refuses_invalid_scales_and_codebooks(case, bad, data):
             pack_weight(codes, bad_codebook, scale, case.bits, keep)
 
 
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(50))
 @given(case=packed_weights)
 def test_save_load_round_trips_bit_for_bit(case):
     packed = case.packed()
