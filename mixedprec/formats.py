@@ -162,6 +162,17 @@ def _code_offsets(p: PackedWeight) -> tuple[Tensor, Tensor | None]:
     return row_offsets, group_offsets
 
 
+def check_entries(op: str, name: str, t: Tensor, positive: bool) -> None:
+    """A ValueError naming the first entry of ``t`` that is not finite (or not > 0 when ``positive``)."""
+    bad = ~torch.isfinite(t)
+    if positive:
+        bad |= ~(t > 0)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad.flatten())[0])
+        raise ValueError(f"{op}: {name} must be finite{' and > 0' if positive else ''}, but {name}[{i}] = "
+                         f"{t.flatten()[i].item()} ({int(bad.sum())} of {bad.numel()} entries invalid)")
+
+
 def _validate(p: PackedWeight) -> None:
     op = "PackedWeight"
     if len(p.shape) < 1 or any(int(s) < 1 for s in p.shape):
@@ -173,11 +184,8 @@ def _validate(p: PackedWeight) -> None:
     if p.channel_scale.dtype not in (torch.float16, torch.float32) or p.channel_scale.shape != (p.shape[0],):
         raise ValueError(f"{op}: channel_scale must be float16 or float32 of shape ({p.shape[0]},), "
                          f"got {p.channel_scale.dtype} {tuple(p.channel_scale.shape)}")
-    for name, valid, rule in (("codebook", torch.isfinite(p.codebook), "finite"),
-                              ("channel_scale", torch.isfinite(p.channel_scale) & (p.channel_scale > 0), "finite and > 0")):
-        if not bool(valid.all()):
-            i = int(torch.nonzero(~valid)[0])
-            raise ValueError(f"{op}: {name} must be {rule}, but {name}[{i}] = {getattr(p, name)[i].item()}")
+    check_entries(op, "codebook", p.codebook, positive=False)
+    check_entries(op, "channel_scale", p.channel_scale, positive=True)
     numel = int(np.prod(p.shape, dtype=np.int64))
     if p.keep_bitmap is not None and (p.keep_bitmap.dtype != torch.uint8 or p.keep_bitmap.shape != (-(-numel // 8),)):
         raise ValueError(f"{op}: keep_bitmap must be uint8 of shape ({-(-numel // 8)},), got "
@@ -225,7 +233,17 @@ def save_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dic
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "content": json.dumps(metadata),
               "crc32": json.dumps({k: _crc32(v) for k, v in tensors.items()})}
-    write_atomically(path, save(tensors, metadata=header))
+    write_atomically(path, _sorted_header(save(tensors, metadata=header)))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The safetensors bytes with their JSON header's keys sorted: safetensors writes the header
+    from hash maps, in an order that changes from process to process, and a file's bytes should
+    depend on its content alone."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors aligns the data that follows to 8 bytes
+    return len(header).to_bytes(8, "little") + header + data[8 + length:]
 
 
 def load_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:

@@ -115,9 +115,13 @@ def _check_bits(op: str, bits) -> tuple[int, ...]:
     return bits
 
 
-def _check_positive_finite(op: str, name: str, t: Tensor) -> None:
-    if check_values and not t.is_meta and not bool(torch.isfinite(t).all() & (t > 0).all()):
-        raise ValueError(f"{op}: {name} must be finite and > 0, got {t.detach().cpu().tolist()}")
+def _check_clip(op: str, clip: Tensor) -> None:
+    """clip v > 0, finite and not subnormal: the ops compute x * (1 / v), and 1 / v overflows for
+    v < 2^-128 (0 * inf would make x = 0 NaN)."""
+    smallest = torch.finfo(torch.float32).smallest_normal
+    if check_values and not clip.is_meta and not bool(torch.isfinite(clip) & (clip >= smallest)):
+        raise ValueError(f"{op}: clip must be finite and > 0 (at least float32's smallest normal number, "
+                         f"{smallest:.4g}), got {clip.item()}")
 
 
 def _check_finite(op: str, name: str, t: Tensor) -> None:
@@ -152,7 +156,8 @@ def bit_sharing_quant(
     """SBS bit-sharing fake-quant (DESIGN.md): lowest-bit base plus gated re-assignment offsets.
 
     x: float tensor of any shape (weights: signed=True; activations after ReLU: signed=False).
-    clip: 0-dim float tensor v > 0, learnable. thresholds: (len(bits)-1,) gate thresholds alpha.
+    clip: 0-dim float tensor v > 0 (finite, at least float32's smallest normal), learnable.
+    thresholds: (len(bits)-1,) finite gate thresholds alpha.
     Gradients: straight-through to x inside [-v, v] (or [0, v]), LSQ-style to clip, and the
     sigmoid straight-through estimate to every threshold.
 
@@ -161,6 +166,8 @@ def bit_sharing_quant(
     callable (one call, a float64 tensor of len(bits) values; see ``ResidualSumsReducer``), and
     y is computed with the gates of the reduced means, which ``residual_mean`` returns and the
     thresholds' gradient uses. Not called when len(bits) == 1 (there are no gates).
+    Non-finite x: +-inf is clipped like any large value; a NaN gives NaN at its position only
+    (the residual means, and so the gradients of clip and thresholds, are NaN; the gates are off).
     """
     op = "bit_sharing_quant"
     _check_tensor(op, "x", x)
@@ -215,7 +222,7 @@ class _Kernels(NamedTuple):
 
 
 def _check_values(clip: Tensor, thresholds: Tensor) -> None:
-    _check_positive_finite("bit_sharing_quant", "clip", clip)
+    _check_clip("bit_sharing_quant", clip)
     _check_finite("bit_sharing_quant", "thresholds", thresholds)
 
 
@@ -374,19 +381,16 @@ def codebook_quant(
 def _check_codebook_values(codebook: Tensor, channel_scale: Tensor) -> None:
     if not check_values or codebook.is_meta:  # meta tensors (shape inference) hold no values
         return
+    from mixedprec.formats import check_entries
+
     op = "codebook_quant"
-    if not bool(torch.isfinite(codebook).all()):
-        raise ValueError(f"{op}: codebook must be finite, got {codebook.detach().cpu().tolist()}")
+    check_entries(op, "codebook", codebook, positive=False)
     steps = codebook[1:] - codebook[:-1]
     if not bool((steps > 0).all()):
         j = int(torch.nonzero(steps <= 0)[0])
         raise ValueError(f"{op}: codebook must be strictly ascending, but codebook[{j}] = "
                          f"{codebook[j].item()} >= codebook[{j + 1}] = {codebook[j + 1].item()}")
-    bad = ~(torch.isfinite(channel_scale) & (channel_scale > 0))
-    if bool(bad.any()):
-        c = int(torch.nonzero(bad)[0])
-        raise ValueError(f"{op}: channel_scale must be finite and > 0, but channel_scale[{c}] = "
-                         f"{channel_scale[c].item()} ({int(bad.sum())} of {bad.numel()} channels invalid)")
+    check_entries(op, "channel_scale", channel_scale, positive=True)
 
 
 def _codebook_kernel(backend: str) -> Callable:
@@ -448,7 +452,8 @@ def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str
     strides. packed: a 2-D ``formats.PackedWeight`` on x's device. bias: None or a float (out,).
     Kernels compute in float32 (W[c, i] = float(channel_scale[c]) * float(codebook[code])) and
     return x's dtype. Gradients reach x (grad_y W, through the codebook, no materialized W) and
-    bias; none reach the packed tensors.
+    bias; none reach the packed tensors. A NaN or inf in a row of x makes that row's outputs NaN or
+    inf (pruned and zero weights multiply too: inf * 0 = NaN), as in x @ W.T.
     """
     from mixedprec.formats import PackedWeight
 
@@ -580,8 +585,10 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     bias: None or a float tensor (C_out,). stride, dilation: ints >= 1 or pairs; padding: int >= 0 or pair.
     Kernels accumulate in float32; the output has x's dtype. GPU kernels decode the codes inside
     an implicit GEMM; the CPU kernel decodes bounded tiles of output channels (never all of W)
-    and convolves each with ATen's float32 convolution (docs/kernels.md). Gradients: grad_x (the transposed convolution through the
-    codebook) and grad_bias; the packed weight is constant and takes no gradient.
+    and convolves each with ATen's float32 convolution (docs/kernels.md). Gradients: grad_x (the
+    transposed convolution through the codebook) and grad_bias; the packed weight is constant and
+    takes no gradient. A NaN or inf in x makes every output whose window covers it NaN or inf
+    (pruned weights multiply too), as conv2d.
     """
     from mixedprec.formats import PackedWeight
 

@@ -4,7 +4,9 @@ Each function is written the way the papers state the math (DESIGN.md), out of d
 torch ops, so that autograd of the composite *is* the reference backward. Straight-through
 pieces are expressed by two primitives, ``ste_round`` and ``ste_gate`` (hard value forward,
 surrogate gradient backward); a float64 gradcheck swaps them for smooth twins with the same
-derivatives (tests/test_bit_sharing.py).
+derivatives (tests/test_bit_sharing.py). ``ste_gate`` and ``normalize`` state their backward in
+closed form, where the composite's autograd would turn a NaN or inf input into NaN gradients
+the math does not have (their comments say how).
 
 Arithmetic is spelled exactly as the kernels spell it (``x * (1 / clip)``, ``rint(z * n) * (1 / n)``,
 the gated sum folded from the innermost offset outwards) so that a float32 kernel and this
@@ -31,14 +33,31 @@ def ste_round(t: Tensor) -> Tensor:
     return torch.round(t).detach() + (t - t.detach())
 
 
-def ste_gate(a: Tensor, alpha: Tensor) -> Tensor:
-    """Hard gate 1[a > alpha] forward, d/d(alpha) of sigmoid(a - alpha) backward.
+class _SteGate(torch.autograd.Function):
+    # Not hard + (soft - soft.detach()): with a NaN residual mean (a NaN anywhere in x) that sum is
+    # NaN, and every gated offset, so the whole output, would be NaN instead of the hard gate's 0.
+    @staticmethod
+    def forward(a: Tensor, alpha: Tensor) -> Tensor:
+        return (a > alpha).to(torch.promote_types(a.dtype, alpha.dtype))
 
-    ``a`` (the mean |residual|) is detached: no gradient reaches x through the gate.
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, alpha = ctx.saved_tensors
+        soft = torch.sigmoid(a - alpha)
+        return None, (-grad * soft * (1 - soft)).sum_to_size(alpha.shape).to(alpha.dtype)
+
+
+def ste_gate(a: Tensor, alpha: Tensor) -> Tensor:
+    """Hard gate 1[a > alpha] forward (exactly 0 or 1, also for a NaN ``a``), d/d(alpha) of
+    sigmoid(a - alpha) backward (NaN for a NaN ``a``).
+
+    ``a`` (the mean |residual|) gets no gradient: none reaches x through the gate.
     """
-    soft = torch.sigmoid(a.detach() - alpha)
-    hard = (a.detach() > alpha).to(soft.dtype)
-    return hard + (soft - soft.detach())  # exactly 0 or 1 forward
+    return _SteGate.apply(a.detach(), alpha)
 
 
 def levels(bits: int) -> int:
@@ -46,12 +65,40 @@ def levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
+class _Normalize(torch.autograd.Function):
+    # Autograd of the composite would take d z / d v as clamp's gradient (0 outside the range)
+    # times x * -(1/v)^2, which overflows for x = +-inf or a tiny v: 0 * inf = NaN, where the
+    # closed form (a select, as in the kernels) gives the exact 0.
+    @staticmethod
+    def forward(x: Tensor, clip: Tensor, signed: bool) -> Tensor:
+        t = x * (1.0 / clip)
+        if signed:
+            return (t.clamp(-1.0, 1.0) + 1.0) * 0.5
+        return t.clamp(0.0, 1.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, clip, ctx.signed = inputs
+        ctx.save_for_backward(x, clip)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, clip = ctx.saved_tensors
+        inverse = 1.0 / clip
+        t = x * inverse
+        inside = (t > (-1.0 if ctx.signed else 0.0)) & (t < 1.0)  # open, as torch.clamp's gradient
+        slope = grad * 0.5 if ctx.signed else grad  # d z / d t inside
+        grad_x = torch.where(inside, slope * inverse, 0.0)
+        return grad_x, -torch.where(inside, slope * t, 0.0).sum() * inverse, None
+
+
 def normalize(x: Tensor, clip: Tensor, signed: bool) -> Tensor:
-    """z in [0, 1]: (clamp(x / v, -1, 1) + 1) / 2 when signed, clamp(x / v, 0, 1) otherwise."""
-    t = x * (1.0 / clip)
-    if signed:
-        return (t.clamp(-1.0, 1.0) + 1.0) * 0.5
-    return t.clamp(0.0, 1.0)
+    """z in [0, 1]: (clamp(x / v, -1, 1) + 1) / 2 when signed, clamp(x / v, 0, 1) otherwise.
+
+    Gradients: d z / d x = s / v and d z / d v = -s (x / v) / v inside the open clip range (s = 1/2
+    signed, 1 unsigned), 0 outside it (also for x = +-inf and for NaN).
+    """
+    return _Normalize.apply(x, clip, signed)
 
 
 def _decompose(z: Tensor, bits: Sequence[int], round_fn: RoundFn) -> tuple[Tensor, list[Tensor], list[Tensor]]:

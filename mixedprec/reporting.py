@@ -188,7 +188,7 @@ def _shape(m: nn.Module) -> str:
 def _row(name: str, m: nn.Module, positions: int, packed_types: tuple[type, ...]) -> LayerRow | None:
     """One layer's row; None for modules that hold no conv/linear weight."""
     if packed_types and isinstance(m, packed_types):
-        packed = m.packed_weight() if hasattr(m, "packed_weight") else m.packed
+        packed = m.packed_weight()
         a_bits = FLOAT_BITS if m.input_quant is None else m.input_quant.current_bits()
         weight = CompressedWeight(packed.numel, packed.out_channels, packed.kept, packed.bits,
                                   packed.channel_scale.dtype)

@@ -1,5 +1,6 @@
-"""Test-suite setup: poisoned kernel outputs, Triton's interpreter on CPU-only machines, and the
-list of backends that can run here (a backend that was not built is skipped with the reason)."""
+"""Test-suite setup: poisoned kernel outputs, Triton's interpreter on CPU-only machines, the
+list of backends that can run here (a backend that was not built is skipped with the reason),
+and the hypothesis profiles of the property tests."""
 import os
 
 os.environ.setdefault("MIXEDPREC_POISON_OUTPUTS", "1")  # read by the C++ glue and the Triton launchers
@@ -12,10 +13,29 @@ except ImportError:  # pragma: no cover
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 from mixedprec import _extension, ops  # noqa: E402
 
 KERNEL_BACKENDS = ("cpu", "simt", "triton", "cuda")
+# Property tests give these fewer and smaller examples: the CUDA sources under SIMT emulation,
+# and Triton's interpreter where there is no GPU. The others run at native speed.
+EMULATED_BACKENDS = ("simt",) if torch.cuda.is_available() else ("simt", "triton")
+NATIVE_BACKENDS = tuple(b for b in ("reference",) + KERNEL_BACKENDS if b not in EMULATED_BACKENDS)
+
+# "ci" (the default): the same examples on every run (derandomized, no example database), sized so
+# that tests/test_properties.py takes half a minute on an idle 2-core machine (two on a busy one).
+# HYPOTHESIS_PROFILE=long: ten times as many examples, freshly random on each run, failures
+# remembered in .hypothesis/.
+_PROFILE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=100, derandomize=True, database=None, print_blob=True, **_PROFILE)
+settings.register_profile("long", max_examples=1000, **_PROFILE)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(ci_count: int) -> int:
+    """A property test's example count: ``ci_count`` under the ci profile, scaled with the profile."""
+    return max(1, ci_count * settings.default.max_examples // 100)
 
 
 def backend_device(backend: str) -> torch.device:

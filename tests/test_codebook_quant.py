@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mixedprec import ops, reference
+from backend_checks import codebook_check
 from conftest import KERNEL_BACKENDS, require_backend
 
 
@@ -130,35 +131,6 @@ def test_backend_without_a_codebook_kernel_is_refused_not_replaced(backend):
         ops.codebook_quant(weight, codebook, scale, mask, backend=backend)
 
 
-def assert_same(actual, expected):
-    """Bit for bit (so +0 and -0 differ), except that any NaN matches any NaN: torch's float ->
-    bfloat16 conversion drops a NaN's sign, the storage conversions of the C++/CUDA kernels keep it."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(actual), nan), "NaN at different positions"
-    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[expected.dtype]
-    a, e = (t.masked_fill(nan, 0).contiguous().view(bits) for t in (actual, expected))
-    mismatch = torch.nonzero(a != e)
-    assert mismatch.numel() == 0, (f"{len(mismatch)} elements differ, first at {mismatch[0].tolist()}: "
-                                   f"{actual[tuple(mismatch[0])].item()!r} != {expected[tuple(mismatch[0])].item()!r}")
-
-
-def check_backend(backend, device, weight, codebook, scale, mask, grad=True):
-    """The backend's output (and gradient) on ``device`` against the reference on the CPU."""
-    grad_y = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight.dtype)
-    out = []
-    for b, dev in (("reference", "cpu"), (backend, device)):
-        w = weight.detach().to(dev).requires_grad_(grad)
-        y = ops.codebook_quant(w, codebook.to(dev), scale.to(dev), mask.to(dev), backend=b)
-        if grad:
-            y.backward(grad_y.to(dev))
-        out.append((y.detach().cpu(), w.grad.cpu() if grad else None))
-    assert_same(out[1][0], out[0][0])
-    if grad:
-        assert_same(out[1][1], out[0][1])
-    return out[1][0]
-
-
 # Small shapes: the SIMT emulation starts a host thread per CUDA thread, the Triton interpreter
 # runs numpy per program. The CPU kernel gets large ones in test_cpu_kernel_large_and_threaded.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -166,14 +138,14 @@ def check_backend(backend, device, weight, codebook, scale, mask, grad=True):
 def test_every_backend_matches_the_reference(kernel_backend, dtype, shape, levels):
     backend, device = kernel_backend
     _codebook_backend_device(backend)
-    check_backend(backend, device, *make_case(shape, levels, dtype=dtype))
+    codebook_check(backend, device, *make_case(shape, levels, dtype=dtype))
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
 def test_every_backend_masks_like_the_reference(kernel_backend, keep):
     backend, device = kernel_backend
     _codebook_backend_device(backend)
-    y = check_backend(backend, device, *make_case((11, 70), 16, keep=keep, seed=3))
+    y = codebook_check(backend, device, *make_case((11, 70), 16, keep=keep, seed=3))
     assert (y == 0).all() if keep == 0.0 else (y != 0).any()
 
 
@@ -202,7 +174,7 @@ def test_every_backend_on_strided_views_and_edge_shapes(kernel_backend, view):
     g = torch.Generator().manual_seed(7)
     codebook = torch.randn(16, generator=g).sort().values
     scale = torch.rand(weight.shape[0], generator=g) + 0.25
-    check_backend(backend, device, weight, codebook, scale, mask)
+    codebook_check(backend, device, weight, codebook, scale, mask)
 
 
 def _tie_case(levels, dtype=torch.float32):
@@ -234,7 +206,7 @@ def test_every_backend_breaks_ties_like_the_reference(kernel_backend, dtype, lev
     backend, device = kernel_backend
     _codebook_backend_device(backend)
     weight, codebook, scale, mask = _tie_case(levels, dtype)
-    y = check_backend(backend, device, weight, codebook, scale, mask, grad=False)
+    y = codebook_check(backend, device, weight, codebook, scale, mask, grad=False)
     on_midpoint = y[:, : levels - 1].float() / scale[:, None]
     assert torch.equal(on_midpoint, codebook[:-1].expand_as(on_midpoint))  # the lower level
 
@@ -253,13 +225,13 @@ def test_every_backend_on_non_finite_and_extreme_values(kernel_backend):
     mask[:, ::4] = False
     # the first codebook's last midpoint overflows to inf
     for codebook in (torch.tensor([-big, -1.0, 0.0, 0.75 * big, big]), torch.tensor([-2.0, 0.5]), torch.tensor([-0.0])):
-        check_backend(backend, device, weight, codebook, scale, mask)
+        codebook_check(backend, device, weight, codebook, scale, mask)
 
 
 def test_cpu_kernel_large_and_threaded():
     _codebook_backend_device("cpu")
     for dtype in (torch.float32, torch.bfloat16):  # many parallel chunks; rows not vector-aligned
-        check_backend("cpu", torch.device("cpu"), *make_case((300, 1025), 256, dtype=dtype, seed=2))
+        codebook_check("cpu", torch.device("cpu"), *make_case((300, 1025), 256, dtype=dtype, seed=2))
 
 
 @settings(max_examples=40, deadline=None)
@@ -267,7 +239,7 @@ def test_cpu_kernel_large_and_threaded():
        st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
 def test_kernels_match_the_reference_on_random_cases(backend, levels, channels, per_channel, keep, seed):
     _codebook_backend_device(backend)
-    check_backend(backend, torch.device("cpu"),
+    codebook_check(backend, torch.device("cpu"),
                   *make_case((channels, per_channel), levels, seed=seed, keep=keep), grad=False)
 
 

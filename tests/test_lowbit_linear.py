@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixedprec import ops, reference
+from mixedprec import ops
 from mixedprec.formats import pack_weight
+from backend_checks import lowbit_check
 from conftest import require_backend
 
 SLOW = ("simt", "triton")  # emulated: small shapes only
@@ -21,32 +22,13 @@ def make_packed(out, inp, bits, sparsity, device="cpu", seed=0):
     return packed.to(device)
 
 
-def check(backend, device, packed, x, bias=None):
-    """Forward and grads (x, bias) of a backend vs the reference, in float32 tolerances."""
-    x = x.to(device).detach().requires_grad_()
-    b = None if bias is None else bias.to(device).detach().requires_grad_()
-    y = ops.lowbit_linear(x, packed, b, backend=backend)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
-    y.backward(grad_y)
-    xr = x.detach().cpu().requires_grad_()
-    br = None if b is None else b.detach().cpu().requires_grad_()
-    yr = reference.lowbit_linear(xr, packed.to("cpu"), br)
-    yr.backward(grad_y.cpu())
-    tol = dict(rtol=2e-2, atol=2e-2) if x.dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
-    assert y.dtype == x.dtype and y.shape == yr.shape
-    torch.testing.assert_close(y.cpu(), yr, **tol)
-    torch.testing.assert_close(x.grad.cpu(), xr.grad, **tol)
-    if b is not None:
-        torch.testing.assert_close(b.grad.cpu(), br.grad, **tol)
-
-
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 def test_backends_match_reference(kernel_backend, bits, sparsity):
     backend, device = kernel_backend
     out, inp, batch = (7, 45, 3) if backend in SLOW else (37, 203, 5)
     packed = make_packed(out, inp, bits, sparsity, device, seed=bits)
-    check(backend, device, packed, torch.randn(batch, inp), torch.randn(out))
+    lowbit_check(backend, device, packed, torch.randn(batch, inp), torch.randn(out))
 
 
 @pytest.mark.parametrize("batch", [(1,), (2, 3, 1), (70,)])
@@ -55,7 +37,7 @@ def test_batch_shapes(kernel_backend, batch):
     if backend in SLOW and batch == (70,):
         batch = (9,)
     packed = make_packed(11, 66, 4, 0.5, device)
-    check(backend, device, packed, torch.randn(*batch, 66))
+    lowbit_check(backend, device, packed, torch.randn(*batch, 66))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -63,7 +45,7 @@ def test_half_types_and_strided_x(kernel_backend, dtype):
     backend, device = kernel_backend
     packed = make_packed(9, 40, 2, 0.3, device)
     x = torch.randn(4, 80)[:, ::2].to(dtype)  # non-contiguous
-    check(backend, device, packed, x, torch.randn(9).to(dtype))
+    lowbit_check(backend, device, packed, x, torch.randn(9).to(dtype))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

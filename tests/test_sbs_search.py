@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
+from crashing import CrashingDataset
 from mixedprec.data.digits import load_digits
 from mixedprec.metrics import count_bops
 from mixedprec.training import fit
@@ -83,22 +84,6 @@ def test_apply_config_rejects_a_mismatched_model(digits, tmp_path):
         apply_config(_mlp(digits), config)
 
 
-class _Crashing(Dataset):
-    """Raises after a given number of item reads: a run killed mid-epoch."""
-
-    def __init__(self, base: Dataset, reads_before_crash: int):
-        self.base, self.left = base, reads_before_crash
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.left -= 1
-        if self.left < 0:
-            raise KeyboardInterrupt
-        return self.base[i]
-
-
 def test_search_resumes_from_its_checkpoint_exactly(digits, tmp_path):
     train, _, _ = digits
     kwargs = dict(epochs=3, bops_weight=0.3, lr=0.05, quiet=True)
@@ -108,7 +93,7 @@ def test_search_resumes_from_its_checkpoint_exactly(digits, tmp_path):
     interrupted = _mlp(digits)
     ckpt = tmp_path / "search.pt"
     with pytest.raises(KeyboardInterrupt):  # dies in epoch 2, after the epoch 1 checkpoint
-        search(interrupted, _Crashing(train, 1 + 2 * len(train) + 100), checkpoint=ckpt, **kwargs)
+        search(interrupted, CrashingDataset(train, 1 + 2 * len(train) + 100), checkpoint=ckpt, **kwargs)
     assert len(torch.load(ckpt, weights_only=True)["history"]) == 2
     resumed = _mlp(digits)
     log = search(resumed, train, checkpoint=ckpt, **kwargs)

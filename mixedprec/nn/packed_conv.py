@@ -7,9 +7,10 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.formats import PackedWeight
+from mixedprec.nn.packed_module import PACKED_BUFFERS, PackedModule
 
 
-class PackedConv2d(nn.Module):
+class PackedConv2d(PackedModule):
     """y = conv2d(input_quant(x), W, bias) with W decoded inside the kernel from ``packed``.
 
     The packed tensors are buffers (saved in the state dict, moved by ``.to()``), not parameters:
@@ -33,10 +34,8 @@ class PackedConv2d(nn.Module):
         self.kernel_size = self.weight_shape[2:]
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.backend = backend
-        self.register_buffer("codes", packed.codes)
-        self.register_buffer("codebook", packed.codebook)
-        self.register_buffer("channel_scale", packed.channel_scale)
-        self.register_buffer("keep_bitmap", packed.keep_bitmap)
+        for name in PACKED_BUFFERS:
+            self.register_buffer(name, getattr(packed, name))
         if bias is not None and tuple(bias.shape) != (self.out_channels,):
             raise ValueError(f"PackedConv2d: bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())

@@ -6,12 +6,12 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.formats import PackedWeight
+from mixedprec.nn.packed_module import PACKED_BUFFERS, PackedModule
 
-PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")
 DERIVED_BUFFERS = ("row_code_offsets", "group_code_offsets")
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(PackedModule):
     """y = input_quant(x) W^T + bias, W decoded on the fly by ``mixedprec.ops.lowbit_linear``.
 
     The packed tensors are buffers (they move and save with the module, no optimizer sees them)
@@ -19,6 +19,8 @@ class PackedLinear(nn.Module):
     raises. ``bias`` stays a float Parameter (trainable). ``input_quant`` is an optional
     activation quantizer applied first (SBS models quantize layer inputs).
     """
+
+    derived_buffers = DERIVED_BUFFERS
 
     def __init__(self, packed: PackedWeight, bias: Tensor | None = None, input_quant: nn.Module | None = None, *,
                  backend: str | None = None):
@@ -41,15 +43,17 @@ class PackedLinear(nn.Module):
         for name in DERIVED_BUFFERS:  # recomputed from the others on load, never saved
             self.register_buffer(name, getattr(packed, name), persistent=False)
 
-    @property
-    def packed(self) -> PackedWeight:
-        """The weight as a (validated) PackedWeight."""
+    def packed_weight(self) -> PackedWeight:
         return PackedWeight((self.out_features, self.in_features), self.bits, self.codebook, self.channel_scale,
                             self.codes, self.keep_bitmap)
 
+    @property
+    def packed(self) -> PackedWeight:
+        """The weight as a (validated) PackedWeight."""
+        return self.packed_weight()
+
     def rebuild_derived(self) -> None:
-        """Validates the packed buffers and recomputes the derived offsets (after loading)."""
-        self._set_packed(self.packed)
+        self._set_packed(self.packed_weight())
 
     def __setattr__(self, name, value):
         if name in PACKED_BUFFERS + DERIVED_BUFFERS and isinstance(value, nn.Parameter):

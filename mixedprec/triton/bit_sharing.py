@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec.triton.common import BLOCK, LAUNCH_OPTIONS, grid, output_like, to_storage
+from mixedprec.triton.common import BLOCK, LAUNCH_OPTIONS, grid, output_like, to_float32, to_storage
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _stats_kernel(x_ptr, n, inv_clip_ptr, levels_ptr, partial_ptr,
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     z = _normalize(x * tl.load(inv_clip_ptr), SIGNED)
     q = _quantize(z, levels_ptr, 0)
     for j in tl.static_range(1, NUM_BITS):
@@ -74,7 +74,7 @@ def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, levels_ptr, residual_
                   NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     z = _normalize(x * tl.load(inv_clip_ptr), SIGNED)
     tail = tl.zeros_like(z)
     for i in tl.static_range(NUM_BITS - 1):
@@ -102,8 +102,8 @@ def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, levels_ptr,
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_clip_ptr)
+    g = to_float32(tl.load(grad_y_ptr + offs, mask=mask, other=0.0))
+    t = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0)) * tl.load(inv_clip_ptr)
     lo: tl.constexpr = -1.0 if SIGNED else 0.0
     inside = (t > lo) & (t < 1.0)  # open interval, as torch.clamp's gradient
     tl.store(grad_x_ptr + offs, to_storage(tl.where(inside, g, 0.0), grad_x_ptr), mask=mask)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec.triton.common import BLOCK, LAUNCH_OPTIONS, grid, output_like, to_storage
+from mixedprec.triton.common import BLOCK, LAUNCH_OPTIONS, grid, output_like, to_float32, to_storage
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _codebook_quant_kernel(weight_ptr, keep_ptr, y_ptr, n, inner, scale_ptr, inv
                            midpoints_ptr, last_level, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = to_float32(tl.load(weight_ptr + offs, mask=mask, other=0.0))
     keep = tl.load(keep_ptr + offs, mask=mask, other=0) != 0
     channel = offs // inner
     z = w * tl.load(inv_scale_ptr + channel, mask=mask, other=1.0)

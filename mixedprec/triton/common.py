@@ -1,5 +1,5 @@
 """What the Triton launchers share: block size and launch options, NaN-poisoned outputs, and
-rounding float32 results to the output's storage type as torch does."""
+converting between the storage types and float32 exactly as torch does."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +13,15 @@ from mixedprec._extension import TRITON_INTERPRETED, poison_outputs
 BLOCK = 8192 if TRITON_INTERPRETED else 1024
 # FMA contraction would change float32 results in the last bit against the other backends.
 LAUNCH_OPTIONS = {} if TRITON_INTERPRETED else {"enable_fp_fusion": False}
+
+
+@triton.jit
+def to_float32(v):
+    """A loaded value -> float32, exactly. bfloat16 is widened by hand (its bits are float32's
+    top half): Triton's interpreter flushes bfloat16 subnormals to zero, the GPU and torch keep them."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
 
 
 @triton.jit

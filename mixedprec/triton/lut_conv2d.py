@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec.triton.common import LAUNCH_OPTIONS, new_output, to_storage
+from mixedprec.triton.common import LAUNCH_OPTIONS, new_output, to_float32, to_storage
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 
@@ -105,7 +105,7 @@ def _lut_gemm_kernel(src_ptr, dst_ptr, bias_ptr, codes_ptr, levels_ptr, scale_pt
             channel = group * cin_g + offs_k[:, None] // (KH * KW)
             b_ptrs = src_ptr + ((img[None, :] * C_IN + channel) * H + ih) * W + iw
         a = _weight(codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, word_ptr, c + 0 * f, f, a_mask, BITS, SPARSE)
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0).to(tl.float32)
+        b = to_float32(tl.load(b_ptrs, mask=b_mask, other=0.0))
         acc += tl.dot(a, b, input_precision="ieee")
     if BACKWARD:
         dst = dst_ptr + (img[None, :] * C_IN + group * cin_g + offs_m[:, None]) * (H * W) + offs_n[None, :] % (H * W)

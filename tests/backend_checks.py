@@ -1,0 +1,175 @@
+"""Each op's backend against the reference (forward and gradients) with the tolerances its tests
+set: shared by the per-op tests and the property tests (tests/test_properties.py).
+
+Elementwise ops (bit_sharing_quant, codebook_quant) spell their arithmetic like the reference and
+must agree bit for bit. Dot-product ops (lowbit_linear, lut_conv2d) accumulate in float32 against
+a float64 reference: rtol = atol = 1e-4 for float32 (2e-2 for float16/bfloat16), atol measured in
+units of ``scale`` (inputs scaled by a power of two scale the exact result by it), plus, where
+inputs mix wildly different magnitudes, float32 accumulation's worst-case error bound.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mixedprec import ops, reference
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def assert_same(actual: Tensor, expected: Tensor) -> None:
+    """Bit for bit (so +0 and -0 differ), except that any NaN matches any NaN: torch's float ->
+    bfloat16 conversion drops a NaN's sign, the storage conversions of the C++/CUDA kernels keep it."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), "NaN at different positions"
+    a, e = (t.masked_fill(nan, 0).contiguous().view(_INT_VIEW[expected.dtype]) for t in (actual, expected))
+    mismatch = torch.nonzero(a != e)
+    assert mismatch.numel() == 0, (f"{len(mismatch)} elements differ, first at {mismatch[0].tolist()}: "
+                                   f"{actual[tuple(mismatch[0])].item()!r} != {expected[tuple(mismatch[0])].item()!r}")
+
+
+def assert_equal_nan(actual: Tensor, expected: Tensor, what: str = "output") -> None:
+    """Equal values (+0 equals -0) with NaN at the same positions."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), f"{what}: NaN at different positions"
+    differ = actual.masked_fill(nan, 0) != expected.masked_fill(nan, 0)
+    assert not differ.any(), (f"{what}: {int(differ.sum())} elements differ, max |diff| "
+                              f"{(actual.float() - expected.float())[differ].abs().max()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# bit_sharing_quant
+
+def bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed):
+    """Forward result and gradients (x, clip, thresholds) through the public op."""
+    x, clip, thresholds = (t.detach().requires_grad_() for t in (x, clip, thresholds))
+    fn = reference.bit_sharing_quant if backend == "reference" else (
+        lambda *a: ops.bit_sharing_quant(*a, backend=backend)[:2])
+    y, residual_mean = fn(x, clip, thresholds, bits, signed)
+    grads = torch.autograd.grad(y, (x, clip, thresholds), grad_y, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, (x, clip, thresholds))]
+    return y.detach(), residual_mean, grads
+
+
+def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signed):
+    y, residual_mean, (gx, gclip, gthr) = bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed)
+    cpu = [t.cpu() for t in (x, clip, thresholds, grad_y)]
+    ry, rmean, (rgx, rgclip, rgthr) = bit_sharing_run("reference", *cpu, bits, signed)
+    # Every backend spells the arithmetic like the reference: the forward is bit-exact.
+    assert_equal_nan(y.cpu(), ry, f"{backend} output")
+    torch.testing.assert_close(residual_mean.cpu(), rmean, rtol=1e-5, atol=1e-7, equal_nan=True)
+    # grad_x is grad_y inside the clip range (the reference multiplies by v * (1/v) ~ 1 + ulp).
+    torch.testing.assert_close(gx.cpu(), rgx, equal_nan=True)
+    # Sums over the tensor: fp32 accumulation in a different order; every term is at most
+    # |grad_y| (times 2v for the thresholds' epilogue).
+    reduce_tol = 2e-6 * grad_y.float().abs().sum().item() * max(1.0, 2 * clip.item())
+    torch.testing.assert_close(gclip.cpu(), rgclip, rtol=1e-5, atol=reduce_tol, equal_nan=True)
+    torch.testing.assert_close(gthr.cpu(), rgthr, rtol=1e-5, atol=reduce_tol, equal_nan=True)
+    return ry
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook_quant
+
+def codebook_check(backend, device, weight, codebook, scale, mask, grad=True):
+    """The backend's output (and gradient) on ``device`` against the reference on the CPU."""
+    grad_y = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight.dtype)
+    out = []
+    for b, dev in (("reference", "cpu"), (backend, device)):
+        w = weight.detach().to(dev).requires_grad_(grad)
+        y = ops.codebook_quant(w, codebook.to(dev), scale.to(dev), mask.to(dev), backend=b)
+        if grad:
+            y.backward(grad_y.to(dev))
+        out.append((y.detach().cpu(), w.grad.cpu() if grad else None))
+    assert_same(out[1][0], out[0][0])
+    if grad:
+        assert_same(out[1][1], out[0][1])
+    return out[1][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# lowbit_linear and lut_conv2d: float32-accumulated dot products
+
+_U32, _ETA32 = 2.0 ** -24, 2.0 ** -149  # float32 unit roundoff, smallest subnormal
+
+
+def accumulation_bound(terms: int, abs_products: Tensor) -> Tensor:
+    """Worst-case error of a float32 sum of ``terms`` products, each of a weight decoded in float32
+    (one more rounding): (terms + 2) u sum|x w| plus an underflow of eta per operation."""
+    return (terms + 2) * _U32 * abs_products + 2 * terms * _ETA32
+
+
+def dot_tolerance(x_dtype: torch.dtype) -> float:
+    return 1e-4 if x_dtype == torch.float32 else 2e-2
+
+
+def assert_dot_close(actual: Tensor, expected: Tensor, what: str, tol: float, scale: float = 1.0,
+                     bound: Tensor | None = None) -> None:
+    """|actual - expected| <= tol * (scale + |expected|) + bound, the same NaN and infinities."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    nan = torch.isnan(e)
+    assert torch.equal(torch.isnan(a), nan), f"{what}: NaN at different positions"
+    infinite = torch.isinf(e) | torch.isinf(a)
+    assert torch.equal(a[infinite], e[infinite]), f"{what}: infinities differ"
+    allowed = tol * scale + tol * e.abs()
+    if bound is not None:
+        allowed = allowed + bound.cpu().double()
+    bad = ~nan & ~infinite & ((a - e).abs() > allowed)
+    if bad.any():
+        i = tuple(torch.nonzero(bad)[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements off, first at {list(i)}: "
+                             f"{a[i].item()!r} vs {e[i].item()!r} (allowed {allowed[i].item():.3g})")
+
+
+def _forward_backward(fn, x, bias, grad_y):
+    x = x.detach().requires_grad_()
+    bias = None if bias is None else bias.detach().requires_grad_()
+    y = fn(x, bias)
+    inputs = (x,) if bias is None else (x, bias)
+    return (y.detach(), *torch.autograd.grad(y, inputs, grad_y.to(y.device)))
+
+
+def lowbit_check(backend, device, packed, x, bias=None, grad_y=None, *, scales=(1.0, 1.0), mixed=False):
+    """Forward and grads (x, bias) of a backend vs the reference; returns the backend's y.
+    ``scales``: the power-of-two scales of y and of grad_x (grad_bias is in grad_y's units);
+    ``mixed``: x mixes magnitudes, so y is also allowed float32 accumulation's bound."""
+    out_features, in_features = packed.shape
+    if grad_y is None:
+        grad_y = torch.randn(*x.shape[:-1], out_features, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+    got = _forward_backward(lambda x_, b: ops.lowbit_linear(x_, packed.to(device), b, backend=backend),
+                            x.to(device), None if bias is None else bias.to(device), grad_y)
+    want = _forward_backward(lambda x_, b: reference.lowbit_linear(x_, packed.to("cpu"), b), x.cpu(),
+                             None if bias is None else bias.cpu(), grad_y.cpu())
+    bound = None
+    if mixed:
+        weight = packed.to("cpu").decode(torch.float64)
+        bound = accumulation_bound(in_features, x.cpu().double().abs() @ weight.abs().T)
+    tol = dot_tolerance(x.dtype)
+    assert_dot_close(got[0], want[0], f"{backend} y", tol, scales[0], bound)
+    assert_dot_close(got[1], want[1], f"{backend} grad_x", tol, scales[1])
+    if bias is not None:
+        assert_dot_close(got[2], want[2], f"{backend} grad_bias", tol)
+    return got[0]
+
+
+def lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv: dict, *, scales=(1.0, 1.0), mixed=False):
+    """lowbit_check for lut_conv2d with conv arguments ``conv`` (stride, padding, dilation, groups)."""
+    got = _forward_backward(lambda x_, b: ops.lut_conv2d(x_, packed.to(device), b, backend=backend, **conv),
+                            x.to(device), None if bias is None else bias.to(device), grad_y)
+    want = _forward_backward(lambda x_, b: reference.lut_conv2d(x_, packed.to("cpu"), b, **conv), x.cpu(),
+                             None if bias is None else bias.cpu(), grad_y.cpu())
+    bound = None
+    if mixed:
+        weight = packed.to("cpu").decode(torch.float64)
+        abs_products = torch.nn.functional.conv2d(x.cpu().double().abs(), weight.abs(), None, **conv)
+        bound = accumulation_bound(packed.row_length, abs_products)
+    assert got[0].dtype == x.dtype and got[1].dtype == x.dtype
+    tol = dot_tolerance(x.dtype)
+    assert_dot_close(got[0], want[0], f"{backend} y", tol, scales[0], bound)
+    assert_dot_close(got[1], want[1], f"{backend} grad_x", tol, scales[1])
+    if bias is not None:
+        assert_dot_close(got[2], want[2], f"{backend} grad_bias", tol)
+    return got[0]

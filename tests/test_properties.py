@@ -1,0 +1,257 @@
+"""Property tests (hypothesis): every op on every backend that runs here against the reference,
+with the comparisons and tolerances of tests/backend_checks.py, on random shapes (empty and size-1
+dims), bit sets, codebooks, sparsity and extreme values (huge and tiny magnitudes, all-equal
+tensors, subnormals, NaN and +-inf, which must come out where the reference's do); invalid clip,
+threshold, scale and codebook values are refused with an error naming them; the packed format
+round-trips bit for bit through pack/unpack and save/load.
+
+Example counts: ``examples(n)`` (tests/conftest.py) is n under the ci profile, ten times n under
+HYPOTHESIS_PROFILE=long. Emulated backends (SIMT, Triton's interpreter) get fewer, smaller cases.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import cases
+from backend_checks import assert_bit_sharing_matches, codebook_check, lowbit_check, lut_conv2d_check
+from conftest import EMULATED_BACKENDS, NATIVE_BACKENDS, examples, require_backend
+from mixedprec import formats, ops
+from mixedprec.formats import pack_weight
+
+ALL_BACKENDS = NATIVE_BACKENDS + EMULATED_BACKENDS
+# numpy's warnings about NaN and inf arithmetic under Triton's interpreter: such inputs are the point
+pytestmark = pytest.mark.filterwarnings("ignore:.* encountered in:RuntimeWarning")
+
+
+def op_device(backend: str, kernels_built: dict[str, bool] | None = None) -> torch.device:
+    """The device to run ``backend`` on; skips when it cannot run here or lacks the op's kernel."""
+    device = require_backend(backend)
+    if kernels_built is not None and not kernels_built[backend]:
+        pytest.skip(f"backend {backend!r} has no kernel for this op in this build")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# bit_sharing_quant
+
+def check_bit_sharing(backend: str, case: cases.BitSharingCase) -> None:
+    device = op_device(backend)
+    x, clip, thresholds, grad_y = case.tensors()
+    y = assert_bit_sharing_matches(backend, *(t.to(device) for t in (x, clip, thresholds, grad_y)), case.bits,
+                                   case.signed)
+    # The reference's contract: NaN exactly where x is NaN, +-inf clipped like any large value,
+    # so |y| <= clip.
+    assert torch.equal(torch.isnan(y), torch.isnan(x))
+    bound = clip.to(y.dtype).double() * (1 + 4 * torch.finfo(y.dtype).eps)
+    assert (y[~torch.isnan(y)].double().abs() <= bound).all()
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@settings(max_examples=examples(200))
+@given(case=cases.bit_sharing_cases(max_numel=1 << 17))
+def test_bit_sharing_quant(backend, case):
+    check_bit_sharing(backend, case)
+
+
+@pytest.mark.parametrize("backend", EMULATED_BACKENDS)
+@settings(max_examples=examples(30))
+@given(case=cases.bit_sharing_cases(max_numel=64))
+def test_bit_sharing_quant_emulated(backend, case):
+    check_bit_sharing(backend, case)
+
+
+not_positive = st.one_of(st.sampled_from([0.0, -0.0, math.nan, math.inf, -math.inf]),
+                         st.floats(max_value=0.0, width=16))
+not_finite = st.sampled_from([math.nan, math.inf, -math.inf])
+subnormal = st.floats(min_value=0.0, max_value=torch.finfo(torch.float32).smallest_normal, exclude_max=True,
+                      width=32)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@settings(max_examples=examples(10))
+@given(clip=st.one_of(not_positive, subnormal), threshold=st.one_of(st.floats(-2.0, 2.0), not_finite),
+       signed=st.booleans())
+def test_bit_sharing_quant_refuses_invalid_clip_and_thresholds(backend, clip, threshold, signed):
+    device = op_device(backend)
+    x, thresholds = torch.randn(7, device=device), torch.tensor([0.1, threshold], device=device)
+    with pytest.raises(ValueError, match="bit_sharing_quant: clip must be finite and > 0"):
+        ops.bit_sharing_quant(x, torch.tensor(clip, device=device), torch.zeros(2, device=device), signed=signed,
+                              backend=backend)
+    if not math.isfinite(threshold):
+        with pytest.raises(ValueError, match="bit_sharing_quant: thresholds must be finite"):
+            ops.bit_sharing_quant(x, torch.tensor(1.0, device=device), thresholds, signed=signed, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook_quant
+
+def check_codebook(backend: str, case: cases.CodebookCase) -> None:
+    device = op_device(backend, ops._CODEBOOK_KERNEL_BUILT)
+    weight, codebook, scale, mask = case.tensors()
+    y = codebook_check(backend, device, weight, codebook, scale, mask)
+    # The contract: 0 where pruned whatever the weight, NaN for a kept NaN or +-inf weight.
+    assert (y[~mask] == 0).all()
+    assert torch.isnan(y[mask & ~torch.isfinite(weight)]).all()
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@settings(max_examples=examples(200))
+@given(case=cases.codebook_cases(max_numel=1 << 16))
+def test_codebook_quant(backend, case):
+    check_codebook(backend, case)
+
+
+@pytest.mark.parametrize("backend", EMULATED_BACKENDS)
+@settings(max_examples=examples(60))
+@given(case=cases.codebook_cases(max_numel=256))
+def test_codebook_quant_emulated(backend, case):
+    check_codebook(backend, case)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@settings(max_examples=examples(10))
+@given(bad=not_positive, channels=st.integers(1, 6), data=st.data())
+def test_codebook_quant_refuses_invalid_scales(backend, bad, channels, data):
+    device = op_device(backend, ops._CODEBOOK_KERNEL_BUILT)
+    at = data.draw(st.integers(0, channels - 1))
+    scale = torch.ones(channels, device=device)
+    scale[at] = bad
+    weight = torch.randn(channels, 5, device=device)
+    with pytest.raises(ValueError, match=rf"codebook_quant: channel_scale must be finite and > 0, but "
+                                         rf"channel_scale\[{at}\]"):
+        ops.codebook_quant(weight, torch.tensor([-1.0, 1.0], device=device), scale,
+                           torch.ones_like(weight, dtype=torch.bool), backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowbit_linear and lut_conv2d
+
+def assert_non_finite_where_reached(y: torch.Tensor, reached: torch.Tensor) -> None:
+    """The contract for non-finite x: every output a NaN or inf reaches is NaN or inf (pruned and
+    zero weights multiply too: inf * 0 = NaN), every other output is finite."""
+    assert torch.equal(~torch.isfinite(y.cpu()), reached)
+
+
+def check_lowbit(backend: str, case: cases.LinearCase) -> None:
+    device = op_device(backend, ops._LOWBIT_KERNEL_BUILT)
+    x, packed, bias, grad_y = case.tensors()
+    y = lowbit_check(backend, device, packed, x, bias, grad_y, scales=case.scales, mixed=case.x.mixes_magnitudes)
+    assert_non_finite_where_reached(y, (~torch.isfinite(x)).any(-1, keepdim=True).expand(y.shape))
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@settings(max_examples=examples(150))
+@given(case=cases.linear_cases(max_features=150, max_batch_numel=80))
+def test_lowbit_linear(backend, case):
+    check_lowbit(backend, case)
+
+
+@pytest.mark.parametrize("backend", EMULATED_BACKENDS)
+@settings(max_examples=examples(60))
+@given(case=cases.linear_cases(max_features=20, max_batch_numel=4))
+def test_lowbit_linear_emulated(backend, case):
+    check_lowbit(backend, case)
+
+
+def check_conv(backend: str, case: cases.ConvCase) -> None:
+    device = op_device(backend, ops._LUT_CONV2D_KERNEL_BUILT)
+    x, packed, bias, grad_y = case.tensors()
+    y = lut_conv2d_check(backend, device, x, packed, bias, grad_y, case.conv, scales=case.scales,
+                         mixed=case.x.mixes_magnitudes)
+    window = torch.ones(packed.shape, dtype=torch.float64)
+    reached = torch.nn.functional.conv2d((~torch.isfinite(x)).double(), window, **case.conv) > 0
+    assert_non_finite_where_reached(y, reached)
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@settings(max_examples=examples(120))
+@given(case=cases.conv_cases(max_channels=12, max_extent=14))
+def test_lut_conv2d(backend, case):
+    check_conv(backend, case)
+
+
+@pytest.mark.parametrize("backend", EMULATED_BACKENDS)
+@settings(max_examples=examples(40))
+@given(case=cases.conv_cases(max_channels=2, max_extent=3))
+def test_lut_conv2d_emulated(backend, case):
+    check_conv(backend, case)
+
+
+# ---------------------------------------------------------------------------------------------
+# the packed format
+
+packed_weights = cases.shapes(1, 4, 600, allow_empty=False).flatmap(cases.packed_cases)
+
+
+def _bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's storage as integers: equal iff bit for bit equal."""
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@settings(max_examples=examples(200))
+@given(case=packed_weights)
+def test_pack_round_trips_codes_and_mask(case):
+    codes, codebook, scale, keep = case.inputs()
+    packed = case.packed()
+    kept = int(keep.sum())
+    assert (packed.keep_bitmap is None) == bool(keep.all())
+    assert torch.equal(packed.keep_mask(), keep)
+    assert torch.equal(packed.code_values(), torch.where(keep, codes, 0))
+    assert packed.kept == kept and packed.codes.numel() == -(-kept * case.bits // 8)
+    assert torch.equal(packed.row_code_offsets, torch.cat([torch.zeros(1, dtype=torch.int64),
+                                                           keep.reshape(len(keep), -1).sum(1).cumsum(0)]))
+    # unused bits of a last partial byte are 0: the bytes depend on the weight alone
+    for stream, length in ((packed.codes, kept * case.bits), (packed.keep_bitmap, keep.numel())):
+        if stream is not None and length % 8:
+            assert int(stream[-1]) >> (length % 8) == 0
+    assert torch.equal(_bits_of(packed.codebook), _bits_of(codebook.half()))
+    assert torch.equal(_bits_of(packed.channel_scale), _bits_of(scale))
+
+
+@settings(max_examples=examples(10))
+@given(shape=cases.shapes(1, 4, 60, allow_empty=False), bits=st.integers(1, 8), data=st.data())
+def test_pack_refuses_empty_shapes(shape, bits, data):
+    shape = list(shape)
+    shape[data.draw(st.integers(0, len(shape) - 1))] = 0
+    with pytest.raises(ValueError, match="PackedWeight: shape must have positive sizes"):
+        pack_weight(torch.zeros(shape, dtype=torch.int64), torch.zeros(1 << bits), torch.ones(shape[0]), bits)
+
+
+@settings(max_examples=examples(10))
+@given(case=packed_weights, bad=not_positive, data=st.data())
+def test_pack_refuses_invalid_scales_and_codebooks(case, bad, data):
+    codes, codebook, scale, keep = case.inputs()
+    bad_scale, bad_codebook = scale.clone(), codebook.clone()
+    at = data.draw(st.integers(0, len(scale) - 1))
+    bad_scale[at] = bad
+    with pytest.raises(ValueError, match=rf"PackedWeight: channel_scale must be finite and > 0, but "
+                                         rf"channel_scale\[{at}\]"):
+        pack_weight(codes, codebook, bad_scale, case.bits, keep)
+    if not math.isfinite(bad):
+        at = data.draw(st.integers(0, len(codebook) - 1))
+        bad_codebook[at] = bad
+        with pytest.raises(ValueError, match=rf"PackedWeight: codebook must be finite, but codebook\[{at}\]"):
+            pack_weight(codes, bad_codebook, scale, case.bits, keep)
+
+
+@settings(max_examples=examples(50))
+@given(case=packed_weights)
+def test_save_load_round_trips_bit_for_bit(case):
+    packed = case.packed()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "layer.safetensors")
+        formats.save_file(path, *formats.packed_tensors(packed, "layer."))
+        tensors, description = formats.load_file(path)
+    loaded = formats.packed_from_tensors(tensors, "layer.", description)
+    assert (loaded.shape, loaded.bits) == (packed.shape, packed.bits)
+    for name in formats._FIELDS:
+        original, back = getattr(packed, name), getattr(loaded, name)
+        assert (original is None) == (back is None), name
+        if original is not None:
+            assert original.dtype == back.dtype and torch.equal(_bits_of(original), _bits_of(back)), name
