@@ -234,7 +234,7 @@ def test_reduced_statistics_give_the_whole_batch_op(backend, signed):
     cuts = [0, 1200, 5000]  # unequal shards: the reduction weights by element counts
     shards = [x[a:b] for a, b in zip(cuts, cuts[1:])]
     grad_ys = [grad_y[a:b] for a, b in zip(cuts, cuts[1:])]
-    whole_y, whole_mean, whole_grads = run(backend, x, clip, thresholds, grad_y, bits, signed)
+    whole_y, whole_mean, whole_grads = bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed)
     results = _shard_results(backend, shards, clip, thresholds, grad_ys, bits, signed)
     assert torch.equal(torch.cat([y for y, _, _ in results]), whole_y)
     for _, mean, _ in results:

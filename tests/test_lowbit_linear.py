@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixedprec import ops
+from mixedprec import ops, reference
 from mixedprec.formats import pack_weight
 from backend_checks import lowbit_check
 from conftest import require_backend
