@@ -584,7 +584,7 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
         W[c, i] = float(channel_scale[c]) * float(codebook[code]) at kept positions, 0 elsewhere.
     bias: None or a float tensor (C_out,). stride, dilation: ints >= 1 or pairs; padding: int >= 0 or pair.
     Kernels accumulate in float32; the output has x's dtype. GPU kernels decode the codes inside
-    an implicit GEMM; the CPU kernel decodes bounded tiles of output channels (never all of W)
+    an implicit GEMM; the CPU kernel decodes output-channel tiles into a bounded scratch (4.7 MB)
     and convolves each with ATen's float32 convolution (docs/kernels.md). Gradients: grad_x (the
     transposed convolution through the codebook) and grad_bias; the packed weight is constant and
     takes no gradient. A NaN or inf in x makes every output whose window covers it NaN or inf

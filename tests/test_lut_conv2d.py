@@ -85,14 +85,13 @@ def test_non_contiguous_x(backend):
 
 
 def test_cpu_larger_shapes():
-    """Shapes that cross the CPU kernel's output-channel tiles (at most 64 * 512 * 9 decoded floats
-    and half the channels each): 133 channels (80, then 53), a tile budget that binds (48 x 256 x
-    5 x 5: 32 channels, then 16), tiles of whole groups (4 groups of 16 x 96 x 7 x 7, two per
-    tile), a layer of one 16-channel unit (a single tile) with fp16 scales."""
+    """The CPU kernel's output-channel tiles (at most 256 * 512 * 9 decoded floats each): one tile
+    (133 x 70 x 3 x 3), two of a dense layer (40 x 1024 x 6 x 6: 32 channels, then 8), two of
+    whole groups (2 groups of 32 x 1024 x 6 x 6, one per tile), and fp16 scales."""
     device = require_backend("cpu")
     assert_matches_reference("cpu", device, (3, 70, 13, 11), (133, 70, 3, 3), bits=4, sparsity=0.5, padding=1)
-    assert_matches_reference("cpu", device, (2, 256, 7, 6), (48, 256, 5, 5), bits=3, sparsity=0.2, padding=2)
-    assert_matches_reference("cpu", device, (1, 384, 9, 9), (64, 96, 7, 7), bits=4, groups=4, stride=2, padding=3)
+    assert_matches_reference("cpu", device, (1, 1024, 6, 7), (40, 1024, 6, 6), bits=3, sparsity=0.2, padding=2)
+    assert_matches_reference("cpu", device, (1, 2048, 6, 6), (64, 1024, 6, 6), bits=4, groups=2, stride=2, padding=3)
     assert_matches_reference("cpu", device, (1, 33, 30, 29), (17, 33, 5, 5), bits=8, dilation=(1, 2), padding=(2, 3))
     packed = make_packed((16, 8, 3, 3), 4, 0.2, scale_dtype=torch.float16)
     x = torch.randn(2, 8, 9, 9)

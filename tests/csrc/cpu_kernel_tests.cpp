@@ -2,7 +2,7 @@
 // against the plain loops of kernel_cases.h: every op, each storage type, every instantiated K
 // and sign of the bit-sharing kernel, the AVX-512 code decode and its scalar twin (set_cpu_simd)
 // in lowbit_linear (its fused small-batch, tiled and large-batch paths) and lut_conv2d (grouped,
-// depthwise, strided, dilated; one and several output-channel tiles). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
+// depthwise, strided, dilated). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
 // and run under ASan+UBSan by tests/test_sanitizers.py: the kernels and this program are
 // instrumented, libtorch is not (ASan still sees every tensor's heap block). ASan checks scalar
 // and vector loads and stores; the AVX-512 masked expand-loads of lowbit's bitmap expansion are
@@ -211,7 +211,6 @@ int main(int argc, char** argv) {
   const Conv2dGeometry plain = conv_geometry(2, 3, 5, 6, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1);
   const Conv2dGeometry strided_dilated_grouped = conv_geometry(1, 4, 7, 5, 6, 3, 2, 2, 2, 1, 1, 2, 1, 2);
   const Conv2dGeometry depthwise = conv_geometry(2, 5, 6, 7, 5, 3, 3, 1, 1, 1, 1, 1, 1, 5);
-  // 70 channels: two output-channel tiles (of 48 and 22); the others fit one
   const Conv2dGeometry many_channels = conv_geometry(1, 2, 9, 9, 70, 3, 3, 1, 1, 1, 1, 1, 1, 1);
   const Conv2dGeometry deep_wide = conv_geometry(2, 30, 12, 23, 6, 3, 3, 1, 2, 1, 1, 1, 1, 1);
   for (bool simd : {true, false}) {
