@@ -132,6 +132,15 @@ def _forward_backward(fn, x, bias, grad_y):
     return (y.detach(), *torch.autograd.grad(y, inputs, grad_y.to(y.device)))
 
 
+def _assert_results(backend, got, want, tol, scales, bound):
+    """(y, grad_x[, grad_bias]) of a backend vs the reference's; returns the backend's y."""
+    assert_dot_close(got[0], want[0], f"{backend} y", tol, scales[0], bound)
+    assert_dot_close(got[1], want[1], f"{backend} grad_x", tol, scales[1])
+    if len(got) > 2:
+        assert_dot_close(got[2], want[2], f"{backend} grad_bias", tol)
+    return got[0]
+
+
 def lowbit_check(backend, device, packed, x, bias=None, grad_y=None, *, scales=(1.0, 1.0), mixed=False):
     """Forward and grads (x, bias) of a backend vs the reference; returns the backend's y.
     ``scales``: the power-of-two scales of y and of grad_x (grad_bias is in grad_y's units);
@@ -147,12 +156,7 @@ def lowbit_check(backend, device, packed, x, bias=None, grad_y=None, *, scales=(
     if mixed:
         weight = packed.to("cpu").decode(torch.float64)
         bound = accumulation_bound(in_features, x.cpu().double().abs() @ weight.abs().T)
-    tol = dot_tolerance(x.dtype)
-    assert_dot_close(got[0], want[0], f"{backend} y", tol, scales[0], bound)
-    assert_dot_close(got[1], want[1], f"{backend} grad_x", tol, scales[1])
-    if bias is not None:
-        assert_dot_close(got[2], want[2], f"{backend} grad_bias", tol)
-    return got[0]
+    return _assert_results(backend, got, want, dot_tolerance(x.dtype), scales, bound)
 
 
 def lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv: dict, *, scales=(1.0, 1.0), mixed=False):
@@ -167,9 +171,4 @@ def lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv: dict, *, sc
         abs_products = torch.nn.functional.conv2d(x.cpu().double().abs(), weight.abs(), None, **conv)
         bound = accumulation_bound(packed.row_length, abs_products)
     assert got[0].dtype == x.dtype and got[1].dtype == x.dtype
-    tol = dot_tolerance(x.dtype)
-    assert_dot_close(got[0], want[0], f"{backend} y", tol, scales[0], bound)
-    assert_dot_close(got[1], want[1], f"{backend} grad_x", tol, scales[1])
-    if bias is not None:
-        assert_dot_close(got[2], want[2], f"{backend} grad_bias", tol)
-    return got[0]
+    return _assert_results(backend, got, want, dot_tolerance(x.dtype), scales, bound)

@@ -23,6 +23,8 @@ from torch.utils.data import Dataset, Subset
 from mixedprec import opq, sbs
 from mixedprec.data.digits import load_digits
 
+from crashing import CrashingDataset  # this directory: tests/
+
 EXAMPLES, BATCH = 256, 32  # 8 global batches per epoch: 16 examples per rank at world size 2
 SEARCH = dict(epochs=2, bops_weight=0.5, lr=0.05, batch_size=BATCH, seed=0, quiet=True)
 FINETUNE = dict(epochs=1, lr=0.05, batch_size=BATCH, seed=0, quiet=True)
@@ -41,23 +43,7 @@ def train_set() -> Dataset:
     return Subset(load_digits().train, range(EXAMPLES))
 
 
-class StopAfter(Dataset):
-    """Raises KeyboardInterrupt after a number of item reads: a run stopped mid-epoch."""
-
-    def __init__(self, base: Dataset, reads: int):
-        self.base, self.left = base, reads
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.left -= 1
-        if self.left < 0:
-            raise KeyboardInterrupt
-        return self.base[i]
-
-
-class FailAfter(StopAfter):
+class FailAfter(CrashingDataset):
     """Dies (exit status 3) or hangs after a number of item reads: a rank lost mid-epoch."""
 
     def __init__(self, base: Dataset, reads: int, how: str):
@@ -110,7 +96,7 @@ def main(scenario: str, out: str) -> None:
     torch.distributed.all_reduce = counting
     net = sbs.convert(float_model(), POLICY)
     try:  # stopped in epoch 1, after rank 0 wrote the epoch-0 checkpoint
-        sbs.search(net, StopAfter(data, reads_into_epoch_1(distributed.world_size())),
+        sbs.search(net, CrashingDataset(data, reads_into_epoch_1(distributed.world_size())),
                    checkpoint=f"{out}/two.ckpt", **SEARCH)
     except KeyboardInterrupt:
         pass

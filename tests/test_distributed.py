@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import distributed_worker as worker
+from crashing import CrashingDataset
 from mixedprec import opq, sbs
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -64,7 +65,7 @@ def runs(tmp_path_factory):
     data = worker.train_set()
     stopped = sbs.convert(worker.float_model(), worker.POLICY)  # a checkpoint for the 2 ranks to resume
     with pytest.raises(KeyboardInterrupt):
-        sbs.search(stopped, worker.StopAfter(data, worker.reads_into_epoch_1(1)), checkpoint=out / "single.ckpt",
+        sbs.search(stopped, CrashingDataset(data, worker.reads_into_epoch_1(1)), checkpoint=out / "single.ckpt",
                    **worker.SEARCH)
     proc = _torchrun([str(WORKER), "train", str(out)], timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
