@@ -5,7 +5,7 @@
 // float tile (codebook levels; kRowBlock * in floats, L1/L2 resident), then every batch row is
 // multiplied with the tile while it is hot. At batch 1 (GEMV) the cost is the decode: the packed
 // codes are read once (bits/8 B per kept weight + 1/8 B of bitmap), x once per row block.
-// Rows are decoded by code_decode.h (AVX-512 fast paths for 4- and 2-bit codes and for sparse
+// Rows are decoded by code_decode.h (AVX-512 fast paths for 2-, 4- and 8-bit codes and sparse
 // rows; set_cpu_simd(false) selects the scalar twins, which tests compare with them).
 //
 // Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order (both x and
