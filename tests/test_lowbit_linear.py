@@ -135,3 +135,16 @@ def test_kernel_op_checks_name_the_argument():
     args[5] = args[5][:-1]
     with pytest.raises(RuntimeError, match="row_code_offsets must have shape"):
         torch.ops.mixedprec.lowbit_linear_fwd(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_calls_match_the_autograd_op(kernel_backend, dtype):
+    """Without a gradient to track the kernel is called directly (no custom-op dispatch): the
+    same result, bit for bit, as through the registered op."""
+    backend, device = kernel_backend
+    packed = make_packed(9, 40, 4, 0.3, device)
+    x = torch.randn(2, 3, 40).to(device, dtype)
+    tracked = ops.lowbit_linear(x.clone().requires_grad_(), packed, backend=backend)
+    with torch.inference_mode():
+        direct = ops.lowbit_linear(x, packed, backend=backend)
+    assert tracked.dtype == direct.dtype == dtype and torch.equal(tracked.detach(), direct)
