@@ -25,7 +25,7 @@
 namespace mixedprec {
 namespace {
 
-// Decoded weights per tile (1.2 MB): 64 output channels of a 512-channel 3x3 convolution.
+// Decoded weights per tile (4.7 MB): 256 output channels of a 512-channel 3x3 convolution.
 constexpr int64_t kTileFloats = 256 * 512 * 9;
 constexpr int64_t kChannelUnit = 16;  // channels per tile step when groups == 1
 
