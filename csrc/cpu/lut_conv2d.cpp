@@ -2,7 +2,7 @@
 // at a time, and each tile runs through ATen's float32 convolution (oneDNN where torch has it:
 // the platform's tuned direct/implicit-GEMM conv, whose speed a hand-written micro-kernel here
 // did not reach). What this kernel adds is the decode: AVX-512 codebook lookups (code_decode.h)
-// turning bits/8 B per weight into the tile, which is then hot in cache for the convolution.
+// turning bits/8 B per weight into the float tile the convolution reads.
 // Scratch: one tile of at most kTileFloats floats (4.7 MB), whatever the layer's size. A layer
 // whose float weight fits is decoded whole into it, transiently (the packed weight is what stays
 // resident): splitting a convolution into more calls than the scratch needs cost 10-40% at
