@@ -676,11 +676,8 @@ def _conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> list
 def _lut_conv2d_forward(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor, keep_bitmap: Tensor | None,
                         bits: int, weight_shape: list[int], bias: Tensor | None, stride: list[int],
                         padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
-    # The CPU kernel takes any layout and answers in x's memory format, as conv2d; the others
-    # read NCHW.
-    return _lut_conv2d_kernels(backend).forward(x if backend == "cpu" else x.contiguous(), codes, codebook,
-                                                channel_scale, keep_bitmap, bits, weight_shape, bias, stride, padding,
-                                                dilation, groups)
+    return _lut_conv2d_kernels(backend).forward(x.contiguous(), codes, codebook, channel_scale, keep_bitmap, bits,
+                                                weight_shape, bias, stride, padding, dilation, groups)
 
 
 _lut_conv2d = torch.library.custom_op("mixedprec::lut_conv2d", mutates_args=())(_lut_conv2d_forward)
@@ -689,11 +686,7 @@ _lut_conv2d = torch.library.custom_op("mixedprec::lut_conv2d", mutates_args=())(
 @_lut_conv2d.register_fake
 def _(x, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, bias, stride, padding, dilation, groups,
       backend):
-    from torch._prims_common import suggest_memory_format  # what the C++ kernel's x.suggest_memory_format() says
-
-    memory_format = suggest_memory_format(x) if backend == "cpu" else torch.contiguous_format
-    return torch.empty(_conv_output_shape(x.shape, weight_shape, stride, padding, dilation), dtype=x.dtype,
-                       device=x.device, memory_format=memory_format)
+    return x.new_empty(_conv_output_shape(x.shape, weight_shape, stride, padding, dilation))
 
 
 @torch.library.custom_op("mixedprec::lut_conv2d_backward", mutates_args=())
