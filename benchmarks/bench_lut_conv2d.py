@@ -58,18 +58,23 @@ def test_conv3x3(benchmark, step, case):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     torch.set_grad_enabled(False)  # inference timings
     print(f"threads {torch.get_num_threads()}, {BITS}-bit dense weights, median of {args.repeats}")
     print(f"{'layer':>14} {'batch':>5} {'lut ms':>9} {'torch ms':>9} {'lut/torch':>9} {'packed B':>9} {'fp32 B':>9}")
+    totals = {batch: [0.0, 0.0] for batch in BATCHES}
     for channels, size, batch in CASES:
         x, packed, weight = make_case(channels, size, batch)
         ours = time_ms(lut_step(x, packed, weight), args.repeats)
         base = time_ms(torch_step(x, packed, weight), args.repeats)
+        totals[batch][0] += ours
+        totals[batch][1] += base
         packed_bytes, float_bytes = weight_bytes(packed, weight)
         print(f"{f'{channels}x{size}x{size}':>14} {batch:>5} {ours:>9.2f} {base:>9.2f} {ours / base:>9.2f} "
               f"{packed_bytes:>9} {float_bytes:>9}")
+    for batch, (ours, base) in totals.items():
+        print(f"{'all four':>14} {batch:>5} {ours:>9.2f} {base:>9.2f} {ours / base:>9.2f}")
 
 
 if __name__ == "__main__":
