@@ -21,6 +21,7 @@
 
 #include "../lut_conv2d_args.h"
 #include "code_decode.h"
+#include "winograd_conv3x3.h"
 
 namespace mixedprec {
 namespace {
@@ -58,25 +59,24 @@ struct TileDecoder {
     for (size_t i = 0; i < codebook.size(); ++i) codebook[i] = to_float(w.codebook[i]);
   }
 
-  // Channels [c0, c1) of W (scale applied, 0 where pruned) into tile (c1 - c0, C_in/G, kh, kw).
-  // Each row looks its codes up in the codebook times its scale: scale * level rounded once, as
-  // mul_rn, with no pass over the row for the scale.
-  void decode(int64_t c0, int64_t c1, float* tile) const {
+  // Row c of W (scale applied, 0 where pruned): R floats. It looks its codes up in the codebook
+  // times its scale: scale * level rounded once, as mul_rn, with no pass over the row for the scale.
+  void decode_row(int64_t c, float* row) const {
     const int64_t R = g.row_length();
+    std::vector<float> scaled(codebook.size());
+    for (size_t i = 0; i < scaled.size(); ++i) scaled[i] = mul_rn(w.channel_scale[c], codebook[i]);
+    const int64_t f0 = c * R, first = kept_before(w, f0);
+    if (!w.keep_bitmap) return decode_levels(w.codes, scaled.data(), w.bits, first, R, row, simd);
+    std::vector<float> levels(R);
+    const int64_t count = count_kept(w.keep_bitmap, bitmap_bytes, f0, R);
+    decode_levels(w.codes, scaled.data(), w.bits, first, count, levels.data(), simd);
+    expand_kept(w.keep_bitmap, bitmap_bytes, f0, R, levels.data(), row, simd);
+  }
+
+  // Channels [c0, c1) of W into tile (c1 - c0, C_in/G, kh, kw).
+  void decode(int64_t c0, int64_t c1, float* tile) const {
     at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> scaled(codebook.size()), levels(w.keep_bitmap ? R : 0);
-      for (int64_t c = b0; c < b1; ++c) {
-        for (size_t i = 0; i < scaled.size(); ++i) scaled[i] = mul_rn(w.channel_scale[c], codebook[i]);
-        float* row = tile + (c - c0) * R;
-        const int64_t f0 = c * R, first = kept_before(w, f0);
-        if (!w.keep_bitmap) {
-          decode_levels(w.codes, scaled.data(), w.bits, first, R, row, simd);
-          continue;
-        }
-        const int64_t count = count_kept(w.keep_bitmap, bitmap_bytes, f0, R);
-        decode_levels(w.codes, scaled.data(), w.bits, first, count, levels.data(), simd);
-        expand_kept(w.keep_bitmap, bitmap_bytes, f0, R, levels.data(), row, simd);
-      }
+      for (int64_t c = b0; c < b1; ++c) decode_row(c, tile + (c - c0) * g.row_length());
     });
   }
 };
@@ -92,8 +92,16 @@ at::Tensor lut_conv2d_fwd(const at::Tensor& x, const at::Tensor& codes, const at
   const Conv2dGeometry& g = a.geometry;
   const at::Tensor bias_f = float_bias(op, bias, x, g);
   const at::Tensor x_f = x.to(at::kFloat).contiguous();
-  const Tiles tiles(g);
   const TileDecoder decoder(a.weight(), g);
+#if defined(MP_DECODE_AVX512)
+  if (winograd_conv3x3_applies(g)) {
+    at::Tensor y = poisoned(at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options()));
+    winograd_conv3x3(x_f.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                     y.data_ptr<float>(), g, [&](int64_t o, float* row) { decoder.decode_row(o, row); });
+    return y.to(x.scalar_type());
+  }
+#endif
+  const Tiles tiles(g);
   at::Tensor tile = at::empty({tiles.per_tile * tiles.unit, g.group_in(), g.kernel_h, g.kernel_w}, x_f.options());
   const auto conv = [&](int64_t c0, int64_t c1) {
     const int64_t k = g.groups > 1 ? (c1 - c0) / g.group_out() : 1;
