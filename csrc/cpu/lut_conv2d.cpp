@@ -59,24 +59,23 @@ struct TileDecoder {
     for (size_t i = 0; i < codebook.size(); ++i) codebook[i] = to_float(w.codebook[i]);
   }
 
-  // Row c of W (scale applied, 0 where pruned): R floats. It looks its codes up in the codebook
-  // times its scale: scale * level rounded once, as mul_rn, with no pass over the row for the scale.
-  void decode_row(int64_t c, float* row) const {
-    const int64_t R = g.row_length();
-    std::vector<float> scaled(codebook.size());
-    for (size_t i = 0; i < scaled.size(); ++i) scaled[i] = mul_rn(w.channel_scale[c], codebook[i]);
-    const int64_t f0 = c * R, first = kept_before(w, f0);
-    if (!w.keep_bitmap) return decode_levels(w.codes, scaled.data(), w.bits, first, R, row, simd);
-    std::vector<float> levels(R);
-    const int64_t count = count_kept(w.keep_bitmap, bitmap_bytes, f0, R);
-    decode_levels(w.codes, scaled.data(), w.bits, first, count, levels.data(), simd);
-    expand_kept(w.keep_bitmap, bitmap_bytes, f0, R, levels.data(), row, simd);
+  // W[c, k0 : k0 + count] (scale applied, 0 where pruned), flat over (C_in/G, kh, kw). Codes are
+  // looked up in the codebook times the row's scale: scale * level rounded once, as mul_rn.
+  void decode_span(int64_t c, int64_t k0, int64_t count, float* out) const {
+    float scaled[256];
+    for (size_t i = 0; i < codebook.size(); ++i) scaled[i] = mul_rn(w.channel_scale[c], codebook[i]);
+    const int64_t f0 = c * g.row_length() + k0, first = kept_before(w, f0);
+    if (!w.keep_bitmap) return decode_levels(w.codes, scaled, w.bits, first, count, out, simd);
+    std::vector<float> levels(count);
+    const int64_t kept = count_kept(w.keep_bitmap, bitmap_bytes, f0, count);
+    decode_levels(w.codes, scaled, w.bits, first, kept, levels.data(), simd);
+    expand_kept(w.keep_bitmap, bitmap_bytes, f0, count, levels.data(), out, simd);
   }
 
   // Channels [c0, c1) of W into tile (c1 - c0, C_in/G, kh, kw).
   void decode(int64_t c0, int64_t c1, float* tile) const {
     at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t c = b0; c < b1; ++c) decode_row(c, tile + (c - c0) * g.row_length());
+      for (int64_t c = b0; c < b1; ++c) decode_span(c, 0, g.row_length(), tile + (c - c0) * g.row_length());
     });
   }
 };
@@ -97,7 +96,8 @@ at::Tensor lut_conv2d_fwd(const at::Tensor& x, const at::Tensor& codes, const at
   if (winograd_conv3x3_applies(g)) {
     at::Tensor y = poisoned(at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options()));
     winograd_conv3x3(x_f.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                     y.data_ptr<float>(), g, [&](int64_t o, float* row) { decoder.decode_row(o, row); });
+                     y.data_ptr<float>(), g,
+                     [&](int64_t o, int64_t k0, int64_t n, float* out) { decoder.decode_span(o, k0, n, out); });
     return y.to(x.scalar_type());
   }
 #endif

@@ -134,56 +134,86 @@ struct Plan {
     range = std::min(range, chunk);
   }
   int64_t blocks() const { return ceil_div(O, block); }
+  // Floats per term of U[t][c][o], V[t][c][j] and M[t][o][j]: one cache line more than the plane,
+  // so that a step's 16 accesses, one per term, fall in 16 cache sets rather than one.
+  int64_t u_plane() const { return C * block + kLanes; }
+  int64_t v_plane() const { return C * chunk + kLanes; }
+  int64_t m_plane() const { return block * range + kLanes; }
 };
 
-// Where a tile's 4x4 input patch and 2x2 output start.
-struct TileOrigin {
-  int64_t n, row, col;  // output row and column of the tile's top left (even)
-  TileOrigin(const Plan& p, int64_t tile) {
-    n = tile / (p.tiles_h * p.tiles_w);
-    const int64_t rest = tile - n * p.tiles_h * p.tiles_w;
-    row = 2 * (rest / p.tiles_w), col = 2 * (rest % p.tiles_w);
+// The stretches of one tile row among a vector's lanes: lanes [l0, l1) are the tiles from output
+// row `row`, column `col` of image n on, 2 columns apart.
+struct Segment {
+  int64_t n, row, col;
+  int l0, l1;
+};
+
+// Segments of lanes [0, lanes) holding tiles first, first + 1, ...; returns how many.
+inline int segments(const Plan& p, int64_t first, int64_t lanes, Segment* out) {
+  const int64_t per_image = p.tiles_h * p.tiles_w;
+  int count = 0;
+  for (int64_t l = 0; l < lanes;) {
+    const int64_t tile = first + l, n = tile / per_image, rest = tile - n * per_image;
+    const int64_t tile_col = rest % p.tiles_w, run = std::min(lanes - l, p.tiles_w - tile_col);
+    out[count++] = Segment{n, 2 * (rest / p.tiles_w), 2 * tile_col, int(l), int(l + run)};
+    l += run;
   }
-};
+  return count;
+}
 
-// V[t][c][j] for the chunk's tiles [first, first + count), lanes past count zero.
+// Lanes of bits [lo, hi) clipped to 0..15.
+inline __mmask16 lane_range(int64_t lo, int64_t hi) {
+  lo = std::clamp<int64_t>(lo, 0, 16), hi = std::clamp<int64_t>(hi, 0, 16);
+  return lo >= hi ? 0 : __mmask16(((1u << (hi - lo)) - 1) << lo);
+}
+
+// V[t][c][j] for the chunk's tiles [first, first + count), lanes past count zero. Row r of the
+// tiles' patches, column s, is x[row - pad + r][col - pad + 2 lane + s]: a segment's lanes read
+// 34 consecutive floats (masked to its lanes and the image), split into even and odd columns.
 inline void transform_inputs(const Plan& p, const float* x, int64_t first, int64_t count, float* v) {
   const int64_t vectors = ceil_div(count, kLanes), plane = p.H * p.W;
-  at::parallel_for(0, vectors, 1, [&](int64_t v0, int64_t v1) {
-    for (int64_t vec = v0; vec < v1; ++vec) {
-      int64_t offset[kLanes];  // of the patch's top left in channel 0 of its image
-      bool interior[kLanes], live[kLanes];
-      int64_t top[kLanes], left[kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        const int64_t j = vec * kLanes + l;
-        live[l] = j < count;
-        const TileOrigin o(p, first + std::min(j, count - 1));
-        top[l] = o.row - p.pad_h, left[l] = o.col - p.pad_w;
-        interior[l] = top[l] >= 0 && top[l] + 4 <= p.H && left[l] >= 0 && left[l] + 4 <= p.W;
-        offset[l] = o.n * p.C * plane + top[l] * p.W + left[l];
-      }
-      for (int64_t c = 0; c < p.C; ++c) {
-        __m512 d[16], t[16];
-        for (int l = 0; l < kLanes; ++l) {
-          const float* src = x + offset[l] + c * plane;
-          if (live[l] && interior[l]) {
-            __m512 z = _mm512_castps128_ps512(_mm_loadu_ps(src));
-            z = _mm512_insertf32x4(z, _mm_loadu_ps(src + p.W), 1);
-            z = _mm512_insertf32x4(z, _mm_loadu_ps(src + 2 * p.W), 2);
-            d[l] = _mm512_insertf32x4(z, _mm_loadu_ps(src + 3 * p.W), 3);
-            continue;
-          }
-          alignas(64) float patch[16] = {};
-          for (int r = 0; live[l] && r < 4; ++r)
-            for (int s = 0; s < 4; ++s) {
-              const int64_t h = top[l] + r, w = left[l] + s;
-              if (h >= 0 && h < p.H && w >= 0 && w < p.W) patch[4 * r + s] = src[r * p.W + s];
-            }
-          d[l] = _mm512_load_ps(patch);
+  const int64_t channel_parts = std::clamp<int64_t>(2 * at::get_num_threads() / vectors, 1, ceil_div(p.C, 16));
+  const int64_t part = ceil_div(p.C, channel_parts);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  at::parallel_for(0, vectors * channel_parts, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t vec = item / channel_parts, c0 = (item % channel_parts) * part, c1 = std::min(p.C, c0 + part);
+      Segment seg[kLanes];
+      const int n_seg = segments(p, first + vec * kLanes, std::min<int64_t>(kLanes, count - vec * kLanes), seg);
+      // Per patch row and segment: the offset in channel 0 of lane 0's 34 floats, and the lanes of
+      // the four loads (columns +0, +16, +2, +18) inside the image; rows outside load nothing.
+      int64_t offset[4][kLanes];
+      __mmask16 mask[4][kLanes][4];
+      for (int r = 0; r < 4; ++r)
+        for (int i = 0; i < n_seg; ++i) {
+          const Segment& sg = seg[i];
+          const int64_t h = sg.row - p.pad_h + r, base = sg.col - p.pad_w - 2 * sg.l0;
+          offset[r][i] = sg.n * p.C * plane + h * p.W + base;
+          const int64_t starts[4] = {0, 16, 2, 18}, lane0[4] = {0, 8, 0, 8};
+          for (int k = 0; k < 4; ++k)
+            mask[r][i][k] = h < 0 || h >= p.H ? 0
+                                : lane_range(2 * (sg.l0 - lane0[k]), 2 * (sg.l1 - lane0[k])) &
+                                      lane_range(-(base + starts[k]), p.W - (base + starts[k]));
         }
-        transpose16(d);
+      for (int64_t c = c0; c < c1; ++c) {
+        __m512 d[16], t[16];
+        for (int r = 0; r < 4; ++r) {
+          __m512 load[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          for (int i = 0; i < n_seg; ++i) {
+            const float* src = x + offset[r][i] + c * plane;
+            load[0] = _mm512_mask_loadu_ps(load[0], mask[r][i][0], src);
+            load[1] = _mm512_mask_loadu_ps(load[1], mask[r][i][1], src + 16);
+            load[2] = _mm512_mask_loadu_ps(load[2], mask[r][i][2], src + 2);
+            load[3] = _mm512_mask_loadu_ps(load[3], mask[r][i][3], src + 18);
+          }
+          d[4 * r] = _mm512_permutex2var_ps(load[0], even, load[1]);
+          d[4 * r + 1] = _mm512_permutex2var_ps(load[0], odd, load[1]);
+          d[4 * r + 2] = _mm512_permutex2var_ps(load[2], even, load[3]);
+          d[4 * r + 3] = _mm512_permutex2var_ps(load[2], odd, load[3]);
+        }
         input_transform(d, t);
-        for (int e = 0; e < kTerms; ++e) _mm512_storeu_ps(v + (e * p.C + c) * p.chunk + vec * kLanes, t[e]);
+        for (int e = 0; e < kTerms; ++e) _mm512_storeu_ps(v + e * p.v_plane() + c * p.chunk + vec * kLanes, t[e]);
       }
     }
   });
@@ -210,77 +240,81 @@ void gemm_block(const float* u, int64_t u_stride, const float* v, int64_t v_stri
 
 // One thread's buffers, kept between calls.
 struct Workspace {
-  std::vector<float> rows, taps, u, m;
+  std::vector<float> u, m;
   int64_t block = -1;  // whose U is in u
 };
 
-template <class DecodeRow>
-void transform_weights(const Plan& p, int64_t block, const DecodeRow& decode_row, Workspace& ws) {
-  const int64_t o0 = block * p.block, o1 = std::min(p.O, o0 + p.block), R = 9 * p.C;
-  const int64_t R16 = ceil_div(R, 16) * 16;
-  float* rows = kept_buffer(ws.rows, p.block * R16);
-  float* taps = kept_buffer(ws.taps, R16 * 16);
-  float* u = kept_buffer(ws.u, kTerms * p.C * p.block);
-  for (int64_t o = o0; o < o1; ++o) decode_row(o, rows + (o - o0) * R16);
-  std::fill(rows + (o1 - o0) * R16, rows + p.block * R16, 0.f);  // channels past O: zero weights
-  for (int64_t q = 0; q < p.block; q += 16) {
-    for (int64_t k0 = 0; k0 < R; k0 += 16) {  // taps[k][16 channels] <- rows[q..q+16)[k]
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows + (q + i) * R16 + k0);
-      transpose16(r);
-      for (int k = 0; k < 16; ++k) _mm512_storeu_ps(taps + (k0 + k) * 16, r[k]);
+// U[t][c][o] for output channels [block * p.block, + p.block) (zero past O), from their codes 16
+// input channels at a time: 16 rows x 144 taps decoded, transposed to taps x 16 rows, transformed.
+template <class DecodeSpan>
+void transform_weights(const Plan& p, int64_t block, const DecodeSpan& decode_span, Workspace& ws) {
+  constexpr int64_t kChannels = 64, kSpan = kChannels * 9;
+  const int64_t o0 = block * p.block, o1 = std::min(p.O, o0 + p.block);
+  float* u = kept_buffer(ws.u, kTerms * p.u_plane());
+  alignas(64) float rows[16][kSpan], taps[kSpan][16];
+  for (int64_t q = 0; q < p.block; q += 16)
+    for (int64_t c0 = 0; c0 < p.C; c0 += kChannels) {
+      const int64_t span = 9 * std::min<int64_t>(kChannels, p.C - c0);
+      for (int64_t i = 0; i < 16; ++i) {
+        if (o0 + q + i < o1) decode_span(o0 + q + i, 9 * c0, span, rows[i]);
+        else std::fill(rows[i], rows[i] + kSpan, 0.f);
+      }
+      for (int64_t k0 = 0; k0 < span; k0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_load_ps(rows[i] + k0);
+        transpose16(r);
+        for (int k = 0; k < 16; ++k) _mm512_store_ps(taps[k0 + k], r[k]);
+      }
+      for (int64_t c = 0; c < span / 9; ++c) {
+        __m512 g[9], t[16];
+        for (int k = 0; k < 9; ++k) g[k] = _mm512_load_ps(taps[9 * c + k]);
+        weight_transform(g, t);
+        for (int e = 0; e < kTerms; ++e) _mm512_storeu_ps(u + e * p.u_plane() + (c0 + c) * p.block + q, t[e]);
+      }
     }
-    for (int64_t c = 0; c < p.C; ++c) {
-      __m512 g[9], t[16];
-      for (int k = 0; k < 9; ++k) g[k] = _mm512_loadu_ps(taps + (9 * c + k) * 16);
-      weight_transform(g, t);
-      for (int e = 0; e < kTerms; ++e) _mm512_storeu_ps(u + (e * p.C + c) * p.block + q, t[e]);
-    }
-  }
   ws.block = block;
 }
 
 // y for output channels [o0, o0 + p.block) and the chunk's tiles [first + a, first + b) from M.
+// A segment's 2x2 outputs interleave into two 32-float stretches of output rows, stored masked
+// to its lanes and the image.
 inline void transform_outputs(const Plan& p, const float* m, int64_t o0, int64_t first, int64_t a, int64_t b,
                               const float* bias, float* y) {
   const int64_t plane = p.OH * p.OW;
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   for (int64_t vec = 0; vec * kLanes < b - a; ++vec) {
-    const int64_t lanes = std::min<int64_t>(kLanes, b - a - vec * kLanes);
-    const TileOrigin origin(p, first + a + vec * kLanes);
-    // One stretch of a tile row, clear of the right and bottom edges: stored as two vector rows.
-    const bool stretch = lanes == kLanes && origin.col / 2 + kLanes <= p.tiles_w &&
-                         origin.col + 2 * kLanes <= p.OW && origin.row + 2 <= p.OH;
+    Segment seg[kLanes];
+    const int n_seg = segments(p, first + a + vec * kLanes, std::min<int64_t>(kLanes, b - a - vec * kLanes), seg);
+    __mmask16 mask[kLanes][2];
+    for (int i = 0; i < n_seg; ++i) {
+      const int64_t end = std::min<int64_t>(2 * seg[i].l1, p.OW - seg[i].col + 2 * seg[i].l0);
+      mask[i][0] = lane_range(2 * seg[i].l0, end), mask[i][1] = lane_range(2 * seg[i].l0 - 16, end - 16);
+    }
     for (int64_t o = o0; o < std::min(p.O, o0 + p.block); ++o) {
       __m512 mt[16];
-      for (int e = 0; e < kTerms; ++e) mt[e] = _mm512_loadu_ps(m + (e * p.block + o - o0) * p.range + vec * kLanes);
+      for (int e = 0; e < kTerms; ++e) mt[e] = _mm512_loadu_ps(m + e * p.m_plane() + (o - o0) * p.range + vec * kLanes);
       __m512 z[8];  // A^T M: 2 rows of 4
       for (int s = 0; s < 4; ++s) {
         z[s] = _mm512_add_ps(_mm512_add_ps(mt[s], mt[4 + s]), mt[8 + s]);
         z[4 + s] = _mm512_sub_ps(_mm512_sub_ps(mt[4 + s], mt[8 + s]), mt[12 + s]);
       }
       const __m512 beta = _mm512_set1_ps(bias ? bias[o] : 0.f);
-      __m512 out[4];  // (A^T M) A + bias: element 2 * row + column
+      __m512 row[2][2];  // (A^T M) A + bias, interleaved: output row r, columns of lanes 0-7 and 8-15
       for (int r = 0; r < 2; ++r) {
-        out[2 * r] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(z[4 * r], z[4 * r + 1]), z[4 * r + 2]), beta);
-        out[2 * r + 1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(z[4 * r + 1], z[4 * r + 2]), z[4 * r + 3]), beta);
+        const __m512 left = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(z[4 * r], z[4 * r + 1]), z[4 * r + 2]), beta);
+        const __m512 right =
+            _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(z[4 * r + 1], z[4 * r + 2]), z[4 * r + 3]), beta);
+        row[r][0] = _mm512_permutex2var_ps(left, lo, right);
+        row[r][1] = _mm512_permutex2var_ps(left, hi, right);
       }
-      if (stretch) {
-        const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        float* dst = y + (origin.n * p.O + o) * plane + origin.row * p.OW + origin.col;
-        for (int r = 0; r < 2; ++r, dst += p.OW) {
-          _mm512_storeu_ps(dst, _mm512_permutex2var_ps(out[2 * r], lo, out[2 * r + 1]));
-          _mm512_storeu_ps(dst + kLanes, _mm512_permutex2var_ps(out[2 * r], hi, out[2 * r + 1]));
+      for (int i = 0; i < n_seg; ++i) {
+        const Segment& sg = seg[i];
+        float* dst = y + (sg.n * p.O + o) * plane + sg.row * p.OW + sg.col - 2 * sg.l0;
+        for (int r = 0; r < 2 && sg.row + r < p.OH; ++r, dst += p.OW) {
+          _mm512_mask_storeu_ps(dst, mask[i][0], row[r][0]);
+          _mm512_mask_storeu_ps(dst + kLanes, mask[i][1], row[r][1]);
         }
-        continue;
-      }
-      alignas(64) float lane[4][kLanes];
-      for (int e = 0; e < 4; ++e) _mm512_store_ps(lane[e], out[e]);
-      for (int64_t l = 0; l < lanes; ++l) {
-        const TileOrigin t(p, first + a + vec * kLanes + l);
-        float* dst = y + (t.n * p.O + o) * plane + t.row * p.OW + t.col;
-        for (int r = 0; r < 2 && t.row + r < p.OH; ++r)
-          for (int s = 0; s < 2 && t.col + s < p.OW; ++s) dst[r * p.OW + s] = lane[2 * r + s][l];
       }
     }
   }
@@ -289,15 +323,15 @@ inline void transform_outputs(const Plan& p, const float* m, int64_t o0, int64_t
 }  // namespace winograd
 
 // y (N, O, OH, OW) = conv2d(x, W, bias, padding) for float32 NCHW-contiguous x and y (bias: O
-// floats or null), where decode_row(o, row) writes W's row o (C * 9 floats); it is called from
-// several threads at once.
-template <class DecodeRow>
+// floats or null), where decode_span(o, k0, n, out) writes W[o] flat [k0, k0 + n); it is called
+// from several threads at once.
+template <class DecodeSpan>
 void winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dGeometry& g,
-                      const DecodeRow& decode_row) {
+                      const DecodeSpan& decode_span) {
   using namespace winograd;
   const Plan p(g);
   static thread_local std::vector<float> chunk_buffer;
-  float* v = kept_buffer(chunk_buffer, kTerms * p.C * p.chunk);
+  float* v = kept_buffer(chunk_buffer, kTerms * p.v_plane());
   for (int64_t first = 0; first < p.tiles; first += p.chunk) {
     const int64_t count = std::min(p.chunk, p.tiles - first);
     transform_inputs(p, x, first, count, v);
@@ -305,16 +339,16 @@ void winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dG
     at::parallel_for(0, p.blocks() * ranges, 1, [&](int64_t i0, int64_t i1) {
       static thread_local Workspace ws;
       ws.block = -1;  // another call's weight may be there
-      float* m = kept_buffer(ws.m, kTerms * p.block * p.range);
+      float* m = kept_buffer(ws.m, kTerms * p.m_plane());
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t block = item / ranges, a = (item % ranges) * p.range, b = std::min(count, a + p.range);
-        if (ws.block != block) transform_weights(p, block, decode_row, ws);
+        if (ws.block != block) transform_weights(p, block, decode_span, ws);
         const int64_t vecs = ceil_div(b - a, kLanes);
         for (int e = 0; e < kTerms; ++e) {
-          const float* u_e = ws.u.data() + e * p.C * p.block;
-          const float* v_e = v + e * p.C * p.chunk + a;
+          const float* u_e = ws.u.data() + e * p.u_plane();
+          const float* v_e = v + e * p.v_plane() + a;
           for (int64_t o = 0; o < p.block; o += kOutRows) {
-            float* m_e = m + (e * p.block + o) * p.range;
+            float* m_e = m + e * p.m_plane() + o * p.range;
             for (int64_t j = 0; j < vecs; j += kMaxVecs) {
               const int64_t n = std::min<int64_t>(kMaxVecs, vecs - j), off = j * kLanes;
               if (n == 3) gemm_block<3>(u_e + o, p.block, v_e + off, p.chunk, p.C, m_e + off, p.range);
