@@ -5,7 +5,8 @@ Elementwise ops (bit_sharing_quant, codebook_quant) spell their arithmetic like 
 must agree bit for bit. Dot-product ops (lowbit_linear, lut_conv2d) accumulate in float32 against
 a float64 reference: rtol = atol = 1e-4 for float32 (2e-2 for float16/bfloat16), atol measured in
 units of ``scale`` (inputs scaled by a power of two scale the exact result by it), plus, where
-inputs mix wildly different magnitudes, float32 accumulation's worst-case error bound.
+inputs mix wildly different magnitudes, float32 accumulation's worst-case error bound (for the
+CPU kernel's Winograd convolutions, that algorithm's bound: winograd_bound).
 """
 from __future__ import annotations
 
@@ -101,6 +102,44 @@ def accumulation_bound(terms: int, abs_products: Tensor) -> Tensor:
     return (terms + 2) * _U32 * abs_products + 2 * terms * _ETA32
 
 
+# Winograd F(2x2, 3x3): y = A^T [sum_c (G g G^T) . (B^T d B)] A per 2x2 output tile
+_BT = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
+_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+_AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+
+
+def takes_winograd(backend: str, weight_shape, conv: dict) -> bool:
+    """Whether the CPU kernel computes this convolution through Winograd F(2x2, 3x3)
+    (csrc/cpu/winograd_conv3x3.h, winograd_conv3x3_applies)."""
+    c_out, c_in, kh, kw = weight_shape
+    pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
+    return (backend == "cpu" and (kh, kw) == (3, 3) and pair(conv.get("stride", 1)) == (1, 1)
+            and pair(conv.get("dilation", 1)) == (1, 1) and conv.get("groups", 1) == 1 and 8 <= c_in <= 2048
+            and c_out >= 8)
+
+
+def winograd_bound(x: Tensor, weight: Tensor, padding) -> Tensor:
+    """Worst-case float32 error of Winograd F(2x2, 3x3) (to first order): every rounding of the
+    transforms, the products, the sum over C_in channels and the output transform, (C_in + 12) u,
+    times the same computation on |x|, |W| and the transforms' absolute values. Its error follows
+    the tile's magnitudes, not sum |x w| as a direct sum's: an outlier meeting a zero weight
+    still rounds what it is added to (Barabasz et al., "Error analysis and improving the accuracy
+    of Winograd convolution for deep neural networks", 2020)."""
+    n, c, h, w = x.shape
+    ph, pw = padding if isinstance(padding, (list, tuple)) else (padding, padding)
+    oh, ow = h + 2 * ph - 2, w + 2 * pw - 2
+    th, tw = (oh + 1) // 2, (ow + 1) // 2
+    xp = torch.nn.functional.pad(x.double().abs(), (pw, 2 * tw + 2 - w - pw, ph, 2 * th + 2 - h - ph))
+    d = xp.unfold(2, 4, 2).unfold(3, 4, 2)  # (N, C, TH, TW, 4, 4)
+    bt, g, at = _BT.abs(), _G.abs(), _AT.abs()
+    v = torch.einsum("ij,nchwjk,lk->nchwil", bt, d, bt)
+    u = torch.einsum("ij,ocjk,lk->ocil", g, weight.double().abs(), g)
+    m = torch.einsum("ocij,nchwij->nohwij", u, v)
+    y = torch.einsum("ij,nohwjk,lk->nohwil", at, m, at)  # (N, O, TH, TW, 2, 2)
+    y = y.permute(0, 1, 2, 4, 3, 5).reshape(n, weight.shape[0], 2 * th, 2 * tw)[:, :, :oh, :ow]
+    return (c + 12) * _U32 * y + 2 * (16 * c + 30) * _ETA32
+
+
 def dot_tolerance(x_dtype: torch.dtype) -> float:
     return 1e-4 if x_dtype == torch.float32 else 2e-2
 
@@ -170,5 +209,7 @@ def lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv: dict, *, sc
         weight = packed.to("cpu").decode(torch.float64)
         abs_products = torch.nn.functional.conv2d(x.cpu().double().abs(), weight.abs(), None, **conv)
         bound = accumulation_bound(packed.row_length, abs_products)
+        if takes_winograd(backend, packed.shape, conv):
+            bound = torch.maximum(bound, winograd_bound(x.cpu(), weight, conv.get("padding", 0)))
     assert got[0].dtype == x.dtype and got[1].dtype == x.dtype
     return _assert_results(backend, got, want, dot_tolerance(x.dtype), scales, bound)

@@ -307,13 +307,17 @@ class ConvCase(_DotProductCase):
 
 
 @st.composite
-def conv_cases(draw, max_channels: int, max_extent: int) -> ConvCase:
-    """Any geometry with a non-empty output: groups, stride, padding, dilation, batch 0 to 2."""
+def conv_cases(draw, max_channels: int, max_extent: int, winograd: bool = False) -> ConvCase:
+    """Any geometry with a non-empty output: groups, stride, padding, dilation, batch 0 to 2.
+    ``winograd``: only what the CPU kernel's Winograd path takes (3x3, stride 1, dilation 1, one
+    group, 8 channels or more in and out), which the general draw almost never gives."""
     dtype = draw(st.sampled_from(FLOAT_DTYPES))
-    groups = draw(st.integers(1, 3))
-    c_in, c_out = (groups * draw(st.integers(1, max_channels)) for _ in range(2))
-    kernel = [draw(st.integers(1, 3)) for _ in range(2)]
+    groups = 1 if winograd else draw(st.integers(1, 3))
+    c_in, c_out = (groups * draw(st.integers(8 if winograd else 1, max_channels)) for _ in range(2))
+    kernel = [3, 3] if winograd else [draw(st.integers(1, 3)) for _ in range(2)]
     stride, padding, dilation = ([draw(st.integers(lo, hi)) for _ in range(2)] for lo, hi in ((1, 3), (0, 2), (1, 2)))
+    if winograd:
+        stride, dilation = [1, 1], [1, 1]
     extent = []
     for k, p, d in zip(kernel, padding, dilation):
         smallest = max(1, d * (k - 1) + 1 - 2 * p)  # the input extent that gives one output pixel

@@ -183,6 +183,12 @@ def test_lut_conv2d_emulated(backend, case):
     check_conv(backend, case)
 
 
+@settings(max_examples=examples(80))
+@given(case=cases.conv_cases(max_channels=20, max_extent=14, winograd=True))
+def test_lut_conv2d_cpu_winograd(case):
+    check_conv("cpu", case)
+
+
 # ---------------------------------------------------------------------------------------------
 # the packed format
 

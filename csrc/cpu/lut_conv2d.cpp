@@ -95,10 +95,10 @@ at::Tensor lut_conv2d_fwd(const at::Tensor& x, const at::Tensor& codes, const at
 #if defined(MP_DECODE_AVX512)
   if (winograd_conv3x3_applies(g)) {
     at::Tensor y = poisoned(at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options()));
-    winograd_conv3x3(x_f.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                     y.data_ptr<float>(), g,
-                     [&](int64_t o, int64_t k0, int64_t n, float* out) { decoder.decode_span(o, k0, n, out); });
-    return y.to(x.scalar_type());
+    const auto decode_span = [&](int64_t o, int64_t k0, int64_t n, float* out) { decoder.decode_span(o, k0, n, out); };
+    if (winograd_conv3x3(x_f.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                         y.data_ptr<float>(), g, decode_span))
+      return y.to(x.scalar_type());
   }
 #endif
   const Tiles tiles(g);

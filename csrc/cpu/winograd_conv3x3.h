@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -27,7 +28,7 @@ namespace mixedprec {
 inline bool winograd_conv3x3_applies(const Conv2dGeometry& g) {
 #if defined(MP_DECODE_AVX512)
   return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
-         g.dil_w == 1 && g.groups == 1 && g.in_channels >= 8 && g.out_channels >= 8;
+         g.dil_w == 1 && g.groups == 1 && g.in_channels >= 8 && g.in_channels <= 2048 && g.out_channels >= 8;
 #else
   (void)g;
   return false;
@@ -170,13 +171,16 @@ inline __mmask16 lane_range(int64_t lo, int64_t hi) {
 // V[t][c][j] for the chunk's tiles [first, first + count), lanes past count zero. Row r of the
 // tiles' patches, column s, is x[row - pad + r][col - pad + 2 lane + s]: a segment's lanes read
 // 34 consecutive floats (masked to its lanes and the image), split into even and odd columns.
-inline void transform_inputs(const Plan& p, const float* x, int64_t first, int64_t count, float* v) {
+// Returns whether every V is finite.
+inline bool transform_inputs(const Plan& p, const float* x, int64_t first, int64_t count, float* v) {
   const int64_t vectors = ceil_div(count, kLanes), plane = p.H * p.W;
   const int64_t channel_parts = std::clamp<int64_t>(2 * at::get_num_threads() / vectors, 1, ceil_div(p.C, 16));
   const int64_t part = ceil_div(p.C, channel_parts);
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  std::atomic<bool> finite{true};
   at::parallel_for(0, vectors * channel_parts, 1, [&](int64_t i0, int64_t i1) {
+    __mmask16 non_finite = 0;
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t vec = item / channel_parts, c0 = (item % channel_parts) * part, c1 = std::min(p.C, c0 + part);
       Segment seg[kLanes];
@@ -213,10 +217,15 @@ inline void transform_inputs(const Plan& p, const float* x, int64_t first, int64
           d[4 * r + 3] = _mm512_permutex2var_ps(load[2], odd, load[3]);
         }
         input_transform(d, t);
-        for (int e = 0; e < kTerms; ++e) _mm512_storeu_ps(v + e * p.v_plane() + c * p.chunk + vec * kLanes, t[e]);
+        for (int e = 0; e < kTerms; ++e) {
+          non_finite |= _mm512_fpclass_ps_mask(t[e], 0x99);  // NaN or +-inf
+          _mm512_storeu_ps(v + e * p.v_plane() + c * p.chunk + vec * kLanes, t[e]);
+        }
       }
     }
+    if (non_finite) finite.store(false, std::memory_order_relaxed);
   });
+  return finite.load();
 }
 
 // acc[i][j] = sum_c u[c * u_stride + i] * v[c * v_stride + 16 j .. + 16], stored at m + i * m_stride.
@@ -324,9 +333,11 @@ inline void transform_outputs(const Plan& p, const float* m, int64_t o0, int64_t
 
 // y (N, O, OH, OW) = conv2d(x, W, bias, padding) for float32 NCHW-contiguous x and y (bias: O
 // floats or null), where decode_span(o, k0, n, out) writes W[o] flat [k0, k0 + n); it is called
-// from several threads at once.
+// from several threads at once. Returns false, y unfinished, where x holds a NaN or inf (or a
+// value so large its transform overflows): the transform's differences would turn an inf into
+// NaN, or reach outputs through pruned weights differently than conv2d; such calls go direct.
 template <class DecodeSpan>
-void winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dGeometry& g,
+bool winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dGeometry& g,
                       const DecodeSpan& decode_span) {
   using namespace winograd;
   const Plan p(g);
@@ -334,7 +345,7 @@ void winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dG
   float* v = kept_buffer(chunk_buffer, kTerms * p.v_plane());
   for (int64_t first = 0; first < p.tiles; first += p.chunk) {
     const int64_t count = std::min(p.chunk, p.tiles - first);
-    transform_inputs(p, x, first, count, v);
+    if (!transform_inputs(p, x, first, count, v)) return false;
     const int64_t ranges = ceil_div(count, p.range);
     at::parallel_for(0, p.blocks() * ranges, 1, [&](int64_t i0, int64_t i1) {
       static thread_local Workspace ws;
@@ -361,6 +372,7 @@ void winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dG
       }
     });
   }
+  return true;
 }
 #endif
 
