@@ -23,7 +23,7 @@ def make_packed(weight_shape, bits, sparsity=0.0, seed=0, scale_dtype=torch.floa
 
 
 def assert_matches_reference(backend, device, x_shape, weight_shape, bits=4, sparsity=0.0, dtype=torch.float32,
-                             with_bias=True, seed=0, strided_x=False, **conv):
+                             with_bias=True, seed=0, strided_x=False, mixed=False, **conv):
     g = torch.Generator().manual_seed(seed)
     packed = make_packed(weight_shape, bits, sparsity, seed)
     if strided_x:  # every other column of a twice-as-wide buffer: not contiguous
@@ -33,7 +33,7 @@ def assert_matches_reference(backend, device, x_shape, weight_shape, bits=4, spa
         x = torch.randn(x_shape, generator=g).to(dtype)
     bias = torch.randn(weight_shape[0], generator=g) if with_bias else None
     grad_y = torch.randn(reference.lut_conv2d(x, packed, bias, **conv).shape, generator=g).to(dtype)
-    lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv)
+    lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv, mixed=mixed)
 
 
 BACKENDS = ["cpu", "simt", "triton", "cuda"]
@@ -99,13 +99,75 @@ def test_cpu_larger_shapes():
                                reference.lut_conv2d(x, packed, padding=1), rtol=1e-4, atol=1e-4)
 
 
+# The CPU kernel's Winograd F(2x2, 3x3) path (3x3, stride 1, dilation 1, one group, 8 to 2048
+# input channels, 8 or more output channels): tiles straddling rows and images, odd and 1x1
+# outputs, asymmetric padding, a partial output-channel block, two weight decode spans (64 input
+# channels each), several input chunks (64 tiles each at 1024 channels).
+WINOGRAD_GEOMETRIES = [
+    ((2, 8, 5, 7), (8, 8, 3, 3), dict(padding=1)),
+    ((3, 9, 3, 3), (13, 9, 3, 3), {}),
+    ((2, 16, 6, 11), (20, 16, 3, 3), dict(padding=(2, 0))),
+    ((1, 24, 20, 37), (17, 24, 3, 3), dict(padding=1)),
+    ((2, 70, 7, 6), (133, 70, 3, 3), dict(padding=(0, 1))),
+    ((1, 1024, 17, 18), (9, 1024, 3, 3), dict(padding=1)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(WINOGRAD_GEOMETRIES)))
+def test_cpu_winograd_geometries(case):
+    device = require_backend("cpu")
+    x_shape, weight_shape, conv = WINOGRAD_GEOMETRIES[case]
+    # sums of 9216 terms at 1024 channels: also allowed float32 accumulation's bound
+    assert_matches_reference("cpu", device, x_shape, weight_shape, bits=3 + case, sparsity=0.3, seed=case,
+                             mixed=weight_shape[1] >= 1024, **conv)
+
+
+def test_cpu_winograd_every_bitwidth_and_sparsity():
+    """Codes decoded in spans of 64 input channels (576 weights) that start mid-byte and, with a
+    bitmap, mid-word; x as fp16, bf16 and a strided view."""
+    device = require_backend("cpu")
+    for bits in range(1, 9):
+        for sparsity in (0.0, 0.5, 0.9, 1.0):
+            assert_matches_reference("cpu", device, (1, 70, 5, 6), (10, 70, 3, 3), bits=bits, sparsity=sparsity,
+                                     seed=bits, padding=1, with_bias=bits % 2 == 0)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert_matches_reference("cpu", device, (2, 12, 6, 5), (9, 12, 3, 3), dtype=dtype, padding=1)
+    assert_matches_reference("cpu", device, (2, 12, 6, 5), (9, 12, 3, 3), strided_x=True, padding=1)
+
+
+def test_cpu_winograd_keeps_no_weight_between_calls():
+    """Its buffers stay with their threads between calls; the transformed weight must not."""
+    require_backend("cpu")
+    x = torch.randn(2, 16, 9, 9)
+    first, second = make_packed((16, 16, 3, 3), 4, seed=1), make_packed((16, 16, 3, 3), 4, seed=2)
+    for packed in (first, second, first, make_packed((40, 32, 3, 3), 2, 0.5, seed=3)):
+        x_ = x if packed.shape[1] == 16 else torch.randn(1, 32, 12, 12)
+        torch.testing.assert_close(ops.lut_conv2d(x_, packed, padding=1, backend="cpu"),
+                                   reference.lut_conv2d(x_, packed, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_winograd_non_finite_x_goes_direct():
+    """An inf in x would come out NaN through the transform's differences; such calls go direct
+    and give conv2d's infinities."""
+    require_backend("cpu")
+    packed = make_packed((8, 8, 3, 3), 4)
+    x = torch.randn(1, 8, 6, 6)
+    x[0, 3, 2, 4] = float("inf")
+    x[0, 5, 0, 0] = float("nan")
+    y, want = ops.lut_conv2d(x, packed, padding=1, backend="cpu"), reference.lut_conv2d(x, packed, padding=1)
+    assert torch.equal(torch.isnan(y), torch.isnan(want)) and torch.equal(torch.isinf(y), torch.isinf(want))
+    assert torch.isinf(want).any()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
 def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity):
     """The CPU kernel's AVX-512 decode against its scalar twin, bit for bit (forward and grad_x):
-    rows of 27 weights start mid-byte, rows of 40 on a byte."""
+    rows of 27 weights start mid-byte, rows of 40 on a byte, rows of 90 through the Winograd path."""
     require_backend("cpu")
-    for weight_shape in ((7, 3, 3, 3), (6, 10, 2, 2)):
+    for weight_shape in ((7, 3, 3, 3), (6, 10, 2, 2), (9, 10, 3, 3)):
         packed = make_packed(weight_shape, bits, sparsity)
         x = torch.randn(2, weight_shape[1], 8, 7)
         grad_y = torch.randn(reference.lut_conv2d(x, packed, padding=1).shape)
