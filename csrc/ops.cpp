@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/code_decode.h"
+#include "cpu/winograd_conv3x3.h"
 
 TORCH_LIBRARY(mixedprec, m) {
   // bit-sharing fake-quant: (y, residual_mean) and (grad_x, sums = [dL/dv, sum grad_y T_j ...]);
@@ -34,6 +35,9 @@ TORCH_LIBRARY(mixedprec, m) {
         "Tensor row_code_offsets, Tensor? group_code_offsets, int in_features, int bits) -> Tensor");
   // selects the CPU kernels' AVX-512 code decode (true) or its scalar twin; returns the previous choice
   m.def("set_cpu_simd(bool enabled) -> bool", [](bool enabled) { return mixedprec::cpu_simd.exchange(enabled); });
+  // selects lut_conv2d's CPU Winograd F(2x2, 3x3) path where it applies (true) or the direct
+  // convolution everywhere; returns the previous choice
+  m.def("set_cpu_winograd(bool enabled) -> bool", [](bool enabled) { return mixedprec::cpu_winograd.exchange(enabled); });
 }
 
 TORCH_LIBRARY_FRAGMENT(mixedprec, m) {

@@ -9,7 +9,7 @@ import torch
 from mixedprec import ops, reference
 from mixedprec.formats import pack_weight
 from mixedprec.nn import PackedConv2d
-from backend_checks import lut_conv2d_check
+from backend_checks import accumulation_bound, lut_conv2d_check, winograd_bound
 from conftest import require_backend
 
 
@@ -159,6 +159,30 @@ def test_cpu_winograd_non_finite_x_goes_direct():
     assert torch.isinf(want).any()
     finite = torch.isfinite(want)
     torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_winograd_switch_and_error_bounds():
+    """An outlier under a pruned tap adds nothing to that output's direct sum, but Winograd mixes
+    it into its tile's transformed values and rounds there: the direct path meets the direct
+    sum's worst-case bound, the Winograd path only its own (backend_checks.winograd_bound).
+    set_cpu_winograd(False) gives the direct path."""
+    require_backend("cpu")
+    packed = make_packed((16, 16, 3, 3), 4, sparsity=0.5, seed=4)
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    x[0, 3, 4, 5] = 2.0 ** 12
+    weight = packed.decode(torch.float64)
+    want = reference.lut_conv2d(x.double(), packed, padding=1)
+    winograd = ops.lut_conv2d(x, packed, padding=1, backend="cpu").double()
+    previous = ops.set_cpu_winograd(False)
+    try:
+        direct = ops.lut_conv2d(x, packed, padding=1, backend="cpu").double()
+    finally:
+        ops.set_cpu_winograd(previous)
+    direct_bound = accumulation_bound(packed.row_length, torch.nn.functional.conv2d(x.double().abs(), weight.abs(),
+                                                                                  padding=1))
+    assert ((direct - want).abs() <= direct_bound).all()
+    assert ((winograd - want).abs() <= winograd_bound(x, weight, 1)).all()
+    assert ((winograd - want).abs() > direct_bound).any()
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -24,10 +24,14 @@
 
 namespace mixedprec {
 
+// Whether lut_conv2d's CPU kernel takes this path where it applies (the op set_cpu_winograd
+// switches it: its float32 error follows the tiles' magnitudes, a direct sum's |x| |w|).
+inline std::atomic<bool> cpu_winograd{true};
+
 // The geometries this path takes (the rest go through ATen's convolution). Its kernels are AVX-512.
 inline bool winograd_conv3x3_applies(const Conv2dGeometry& g) {
 #if defined(MP_DECODE_AVX512)
-  return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
+  return cpu_winograd.load(std::memory_order_relaxed) && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
          g.dil_w == 1 && g.groups == 1 && g.in_channels >= 8 && g.in_channels <= 2048 && g.out_channels >= 8;
 #else
   (void)g;
