@@ -604,8 +604,12 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
         W[c, i] = float(channel_scale[c]) * float(codebook[code]) at kept positions, 0 elsewhere.
     bias: None or a float tensor (C_out,). stride, dilation: ints >= 1 or pairs; padding: int >= 0 or pair.
     Kernels accumulate in float32; the output has x's dtype. GPU kernels decode the codes inside
-    an implicit GEMM; the CPU kernel decodes output-channel tiles into a bounded scratch (4.7 MB)
-    and convolves each with ATen's float32 convolution (docs/kernels.md). Gradients: grad_x (the
+    an implicit GEMM. The CPU kernel computes 3x3, stride-1, single-group convolutions (8 to 2048
+    input channels, 8 or more output channels) through Winograd F(2x2, 3x3), decoding per block
+    of output channels into the transformed weight (``set_cpu_winograd`` switches it off: its
+    float32 error differs), and
+    the rest by decoding output-channel tiles into a bounded scratch (4.7 MB) and convolving each
+    with ATen's float32 convolution (docs/kernels.md). Gradients: grad_x (the
     transposed convolution through the codebook) and grad_bias; the packed weight is constant and
     takes no gradient. A NaN or inf in x makes every output whose window covers it NaN or inf
     (pruned weights multiply too), as conv2d.

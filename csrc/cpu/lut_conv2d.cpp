@@ -1,16 +1,21 @@
-// lut_conv2d on the CPU: the weight is decoded through the codebook one tile of output channels
-// at a time, and each tile runs through ATen's float32 convolution (oneDNN where torch has it:
-// the platform's tuned direct/implicit-GEMM conv, whose speed a hand-written micro-kernel here
-// did not reach). What this kernel adds is the decode: AVX-512 codebook lookups (code_decode.h)
-// turning bits/8 B per weight into the float tile the convolution reads.
+// lut_conv2d on the CPU. 3x3, stride-1, single-group forwards (ResNet's bulk) go through
+// Winograd F(2x2, 3x3) (winograd_conv3x3.h), which decodes the codes per block of output channels
+// straight into its transformed weight and needs 2.25x fewer multiplies than a direct
+// convolution: oneDNN's direct convolution runs near this CPU's peak, so that is what lets a
+// kernel that decodes its weight on every call go faster than it. Everything else (and those
+// convolutions when ops.set_cpu_winograd(false), or where x holds a NaN or inf) goes direct: the
+// weight is decoded through the codebook one tile of output channels at a time, and each tile
+// runs through ATen's float32 convolution (oneDNN where torch has it). The decode is AVX-512
+// codebook lookups (code_decode.h) turning bits/8 B per weight into the float tile.
 // Scratch: one tile of at most kTileFloats floats (4.7 MB), whatever the layer's size. A layer
 // whose float weight fits is decoded whole into it, transiently (the packed weight is what stays
 // resident): splitting a convolution into more calls than the scratch needs cost 10-40% at
 // batch 1 here.
 //
 // Forward: y[:, tile] = conv(x[:, tile's groups], W[tile]) (+ bias[tile]).
-// Backward: grad_x = sum over tiles of conv_transpose(grad_y[:, tile], W[tile]) (tiles of whole
-// groups write disjoint channels of grad_x; with one group the tiles add up, in tile order).
+// Backward (always direct): grad_x = sum over tiles of conv_transpose(grad_y[:, tile], W[tile])
+// (tiles of whole groups write disjoint channels of grad_x; with one group the tiles add up, in
+// tile order).
 // Inputs in float16/bfloat16 are widened to float32 first; results are rounded back.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -4,12 +4,14 @@
 // Networks", 2016). oneDNN's direct convolution runs near this CPU's peak already, so fewer
 // multiplies is what lets a kernel that also decodes its weight go faster than it.
 //
-// Per call: the input tiles are transformed chunk by chunk (V[t][c][tile], at most kChunkBytes),
-// and work items (a block of output channels x a range of tiles) each decode their block's codes,
-// transform them (U[t][c][o], kept while the thread's next item has the same block), run 16
-// GEMMs M[t] = U[t]^T V[t] in an 8-channel x 48-tile register block, and transform M back into y.
-// The float weight is never whole in memory: a block is at most 16 x C x kMaxBlock floats.
-// All buffers are kept per thread between calls (fresh large allocations page-fault each call).
+// Per call: the input tiles are transformed chunk by chunk (V[t][tiles / 16][c][16], at most
+// kChunkBytes, each plane written and read in sequence), and work items (a block of output
+// channels x a range of tiles) each decode their block's codes and transform them (U[t][c][o],
+// kept while the thread's next item has the same block), run the 16 GEMMs M[t] = U[t]^T V[t]
+// in 8-channel x 48-tile register blocks, and transform M back into y. The float weight is never
+// whole in memory: one block's U is at most kBlockBytes, or 16 channels' where that is more.
+// All buffers are kept per thread between calls (fresh large allocations page-fault each call):
+// at most kChunkBytes + 16 x 2048 x 16 floats (2 MB) + kItemBytes per thread at C_in <= 2048.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -25,14 +27,15 @@
 namespace mixedprec {
 
 // Whether lut_conv2d's CPU kernel takes this path where it applies (the op set_cpu_winograd
-// switches it: its float32 error follows the tiles' magnitudes, a direct sum's |x| |w|).
+// switches it: its float32 error follows the tiles' magnitudes, a direct sum's follows |x| |w|).
 inline std::atomic<bool> cpu_winograd{true};
 
 // The geometries this path takes (the rest go through ATen's convolution). Its kernels are AVX-512.
 inline bool winograd_conv3x3_applies(const Conv2dGeometry& g) {
 #if defined(MP_DECODE_AVX512)
-  return cpu_winograd.load(std::memory_order_relaxed) && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 &&
-         g.dil_w == 1 && g.groups == 1 && g.in_channels >= 8 && g.in_channels <= 2048 && g.out_channels >= 8;
+  return cpu_winograd.load(std::memory_order_relaxed) && g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 &&
+         g.stride_w == 1 && g.dil_h == 1 && g.dil_w == 1 && g.groups == 1 && g.in_channels >= 8 &&
+         g.in_channels <= 2048 && g.out_channels >= 8;
 #else
   (void)g;
   return false;
@@ -139,8 +142,8 @@ struct Plan {
     range = std::min(range, chunk);
   }
   int64_t blocks() const { return ceil_div(O, block); }
-  // Floats per term of U[t][c][o], V[t][c][j] and M[t][o][j]: one cache line more than the plane,
-  // so that a step's 16 accesses, one per term, fall in 16 cache sets rather than one.
+  // Floats per term of U[t][c][o], V[t][j / 16][c][j % 16] and M[t][o][j]: one cache line more
+  // than the plane, so that a step's 16 accesses, one per term, fall in 16 cache sets, not one.
   int64_t u_plane() const { return C * block + kLanes; }
   int64_t v_plane() const { return C * chunk + kLanes; }
   int64_t m_plane() const { return block * range + kLanes; }
@@ -172,7 +175,7 @@ inline __mmask16 lane_range(int64_t lo, int64_t hi) {
   return lo >= hi ? 0 : __mmask16(((1u << (hi - lo)) - 1) << lo);
 }
 
-// V[t][c][j] for the chunk's tiles [first, first + count), lanes past count zero. Row r of the
+// V[t][j / 16][c][j % 16] for the chunk's tiles j in [first, first + count), lanes past count zero. Row r of the
 // tiles' patches, column s, is x[row - pad + r][col - pad + 2 lane + s]: a segment's lanes read
 // 34 consecutive floats (masked to its lanes and the image), split into even and odd columns.
 // Returns whether every V is finite.
@@ -223,7 +226,7 @@ inline bool transform_inputs(const Plan& p, const float* x, int64_t first, int64
         input_transform(d, t);
         for (int e = 0; e < kTerms; ++e) {
           non_finite |= _mm512_fpclass_ps_mask(t[e], 0x99);  // NaN or +-inf
-          _mm512_storeu_ps(v + e * p.v_plane() + c * p.chunk + vec * kLanes, t[e]);
+          _mm512_storeu_ps(v + e * p.v_plane() + (vec * p.C + c) * kLanes, t[e]);
         }
       }
     }
@@ -232,16 +235,16 @@ inline bool transform_inputs(const Plan& p, const float* x, int64_t first, int64
   return finite.load();
 }
 
-// acc[i][j] = sum_c u[c * u_stride + i] * v[c * v_stride + 16 j .. + 16], stored at m + i * m_stride.
+// acc[i][j] = sum_c u[c * u_stride + i] * v[j * vec_stride + 16 c .. + 16], stored at m + i * m_stride.
 template <int kVecs>
-void gemm_block(const float* u, int64_t u_stride, const float* v, int64_t v_stride, int64_t C, float* m,
+void gemm_block(const float* u, int64_t u_stride, const float* v, int64_t vec_stride, int64_t C, float* m,
                 int64_t m_stride) {
   __m512 acc[kOutRows][kVecs];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
-  for (int64_t c = 0; c < C; ++c, u += u_stride, v += v_stride) {
+  for (int64_t c = 0; c < C; ++c, u += u_stride, v += kLanes) {
     __m512 b[kVecs];
-    for (int j = 0; j < kVecs; ++j) b[j] = _mm512_loadu_ps(v + kLanes * j);
+    for (int j = 0; j < kVecs; ++j) b[j] = _mm512_loadu_ps(v + j * vec_stride);
     for (int i = 0; i < kOutRows; ++i) {
       const __m512 a = _mm512_set1_ps(u[i]);
       for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
@@ -361,14 +364,15 @@ bool winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dG
         const int64_t vecs = ceil_div(b - a, kLanes);
         for (int e = 0; e < kTerms; ++e) {
           const float* u_e = ws.u.data() + e * p.u_plane();
-          const float* v_e = v + e * p.v_plane() + a;
+          const float* v_e = v + e * p.v_plane() + a * p.C;
           for (int64_t o = 0; o < p.block; o += kOutRows) {
             float* m_e = m + e * p.m_plane() + o * p.range;
             for (int64_t j = 0; j < vecs; j += kMaxVecs) {
               const int64_t n = std::min<int64_t>(kMaxVecs, vecs - j), off = j * kLanes;
-              if (n == 3) gemm_block<3>(u_e + o, p.block, v_e + off, p.chunk, p.C, m_e + off, p.range);
-              else if (n == 2) gemm_block<2>(u_e + o, p.block, v_e + off, p.chunk, p.C, m_e + off, p.range);
-              else gemm_block<1>(u_e + o, p.block, v_e + off, p.chunk, p.C, m_e + off, p.range);
+              const float* v_j = v_e + off * p.C;  // tile vector j: C x 16 floats
+              if (n == 3) gemm_block<3>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_e + off, p.range);
+              else if (n == 2) gemm_block<2>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_e + off, p.range);
+              else gemm_block<1>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_e + off, p.range);
             }
           }
         }
