@@ -175,10 +175,10 @@ inline __mmask16 lane_range(int64_t lo, int64_t hi) {
   return lo >= hi ? 0 : __mmask16(((1u << (hi - lo)) - 1) << lo);
 }
 
-// V[t][j / 16][c][j % 16] for the chunk's tiles j in [first, first + count), lanes past count zero. Row r of the
-// tiles' patches, column s, is x[row - pad + r][col - pad + 2 lane + s]: a segment's lanes read
-// 34 consecutive floats (masked to its lanes and the image), split into even and odd columns.
-// Returns whether every V is finite.
+// V[t][j / 16][c][j % 16] for the chunk's tiles j in [first, first + count), lanes past count
+// zero. Row r of the tiles' patches, column s, is x[row - pad + r][col - pad + 2 lane + s]: a
+// segment's lanes read 34 consecutive floats (masked to its lanes and the image), split into even
+// and odd columns. Returns whether every V is finite.
 inline bool transform_inputs(const Plan& p, const float* x, int64_t first, int64_t count, float* v) {
   const int64_t vectors = ceil_div(count, kLanes), plane = p.H * p.W;
   const int64_t channel_parts = std::clamp<int64_t>(2 * at::get_num_threads() / vectors, 1, ceil_div(p.C, 16));
@@ -260,8 +260,9 @@ struct Workspace {
   int64_t block = -1;  // whose U is in u
 };
 
-// U[t][c][o] for output channels [block * p.block, + p.block) (zero past O), from their codes 16
-// input channels at a time: 16 rows x 144 taps decoded, transposed to taps x 16 rows, transformed.
+// U[t][c][o] for output channels [block * p.block, + p.block) (zero past O), from their codes 64
+// input channels at a time: 16 rows x 576 taps decoded, transposed to taps x 16 rows (16x16
+// register transposes; the lanes past a short span are never read), transformed.
 template <class DecodeSpan>
 void transform_weights(const Plan& p, int64_t block, const DecodeSpan& decode_span, Workspace& ws) {
   constexpr int64_t kChannels = 64, kSpan = kChannels * 9;

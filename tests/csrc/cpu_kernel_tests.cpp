@@ -2,11 +2,12 @@
 // against the plain loops of kernel_cases.h: every op, each storage type, every instantiated K
 // and sign of the bit-sharing kernel, the AVX-512 code decode and its scalar twin (set_cpu_simd)
 // in lowbit_linear (its fused small-batch, tiled and large-batch paths) and lut_conv2d (grouped,
-// depthwise, strided, dilated). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
+// depthwise, strided, dilated; Winograd). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
 // and run under ASan+UBSan by tests/test_sanitizers.py: the kernels and this program are
 // instrumented, libtorch is not (ASan still sees every tensor's heap block). ASan checks scalar
-// and vector loads and stores; the AVX-512 masked expand-loads of lowbit's bitmap expansion are
-// compiler builtins it does not instrument (they read popcount(mask) levels of a row buffer).
+// and vector loads and stores; the AVX-512 masked expand-loads of lowbit's bitmap expansion and
+// the masked loads and stores of lut_conv2d's Winograd tiles are compiler builtins it does not
+// instrument (they touch only the lanes of their masks, inside the tensors).
 //
 // `cpu_kernel_tests planted-out-of-bounds` runs a planted bug instead, which ASan must name.
 #include <ATen/ATen.h>
@@ -213,6 +214,10 @@ int main(int argc, char** argv) {
   const Conv2dGeometry depthwise = conv_geometry(2, 5, 6, 7, 5, 3, 3, 1, 1, 1, 1, 1, 1, 5);
   const Conv2dGeometry many_channels = conv_geometry(1, 2, 9, 9, 70, 3, 3, 1, 1, 1, 1, 1, 1, 1);
   const Conv2dGeometry deep_wide = conv_geometry(2, 30, 12, 23, 6, 3, 3, 1, 2, 1, 1, 1, 1, 1);
+  // Winograd F(2x2, 3x3): tiles straddling rows and images, a partial output-channel block; two
+  // weight decode spans (70 input channels), asymmetric padding, an odd output
+  const Conv2dGeometry winograd = conv_geometry(2, 20, 9, 11, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1);
+  const Conv2dGeometry winograd_spans = conv_geometry(1, 70, 5, 4, 9, 3, 3, 1, 1, 0, 2, 1, 1, 1);
   for (bool simd : {true, false}) {
     set_simd.call(simd);
     for (int bits : {1, 4, 8})
@@ -221,6 +226,9 @@ int main(int argc, char** argv) {
     run_lut_conv2d<float>(lut_conv2d_case<float>(2, false, true, depthwise, rng));
     run_lut_conv2d<float>(lut_conv2d_case<float>(4, true, true, many_channels, rng));
     run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, deep_wide, rng));
+    run_lut_conv2d<float>(lut_conv2d_case<float>(4, false, true, winograd, rng));
+    run_lut_conv2d<float>(lut_conv2d_case<float>(3, true, false, winograd_spans, rng));
+    run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(2, true, true, winograd, rng));
     run_lut_conv2d<Half16>(lut_conv2d_case<Half16>(4, true, true, plain, rng));
     run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(4, false, false, depthwise, rng));
   }
