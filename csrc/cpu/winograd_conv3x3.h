@@ -254,6 +254,31 @@ void gemm_block(const float* u, int64_t u_stride, const float* v, int64_t vec_st
     for (int j = 0; j < kVecs; ++j) _mm512_storeu_ps(m + i * m_stride + kLanes * j, acc[i][j]);
 }
 
+// The same for a last tile vector with only kTiles live lanes, output channels in the vectors:
+// acc[j] = sum_c u[c * block + q .. + 16] * v[16 c + j] for every 16 channels q of the block, so
+// that 1 to 8 tiles (a batch-1 layer's leftover) cost that many FMAs per step, not 8 per 8 rows.
+template <int kTiles>
+void gemm_tail(const float* u, int64_t block, const float* v, int64_t C, float* m, int64_t m_stride) {
+  for (int64_t q = 0; q < block; q += 16) {
+    __m512 acc[kTiles];
+    for (auto& a : acc) a = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512 a = _mm512_loadu_ps(u + c * block + q);
+      for (int j = 0; j < kTiles; ++j) acc[j] = _mm512_fmadd_ps(a, _mm512_set1_ps(v[c * kLanes + j]), acc[j]);
+    }
+    for (int j = 0; j < kTiles; ++j) {
+      alignas(64) float rows[16];
+      _mm512_store_ps(rows, acc[j]);
+      for (int i = 0; i < 16; ++i) m[(q + i) * m_stride + j] = rows[i];
+    }
+  }
+}
+
+constexpr int kTailTiles = 8;
+using TailGemm = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t);
+constexpr TailGemm kTailGemm[kTailTiles + 1] = {nullptr,        gemm_tail<1>, gemm_tail<2>, gemm_tail<3>, gemm_tail<4>,
+                                                gemm_tail<5>, gemm_tail<6>, gemm_tail<7>, gemm_tail<8>};
+
 // One thread's buffers, kept between calls.
 struct Workspace {
   std::vector<float> u, m;
@@ -362,20 +387,22 @@ bool winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dG
       for (int64_t item = i0; item < i1; ++item) {
         const int64_t block = item / ranges, a = (item % ranges) * p.range, b = std::min(count, a + p.range);
         if (ws.block != block) transform_weights(p, block, decode_span, ws);
-        const int64_t vecs = ceil_div(b - a, kLanes);
+        const int tail = (b - a) % kLanes <= kTailTiles ? int((b - a) % kLanes) : 0;  // live lanes of a short last vector
+        const int64_t vecs = (b - a) / kLanes + (tail == 0 && (b - a) % kLanes ? 1 : 0);
         for (int e = 0; e < kTerms; ++e) {
           const float* u_e = ws.u.data() + e * p.u_plane();
           const float* v_e = v + e * p.v_plane() + a * p.C;
-          for (int64_t o = 0; o < p.block; o += kOutRows) {
-            float* m_e = m + e * p.m_plane() + o * p.range;
+          float* m_e = m + e * p.m_plane();
+          for (int64_t o = 0; o < p.block; o += kOutRows)
             for (int64_t j = 0; j < vecs; j += kMaxVecs) {
               const int64_t n = std::min<int64_t>(kMaxVecs, vecs - j), off = j * kLanes;
               const float* v_j = v_e + off * p.C;  // tile vector j: C x 16 floats
-              if (n == 3) gemm_block<3>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_e + off, p.range);
-              else if (n == 2) gemm_block<2>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_e + off, p.range);
-              else gemm_block<1>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_e + off, p.range);
+              float* m_j = m_e + o * p.range + off;
+              if (n == 3) gemm_block<3>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
+              else if (n == 2) gemm_block<2>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
+              else gemm_block<1>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
             }
-          }
+          if (tail) kTailGemm[tail](u_e, p.block, v_e + vecs * kLanes * p.C, p.C, m_e + vecs * kLanes, p.range);
         }
         transform_outputs(p, m, block * p.block, first, a, b, bias, y);
       }
