@@ -145,7 +145,7 @@ struct Plan {
   // Floats per term of U[t][c][o], V[t][j / 16][c][j % 16] and M[t][o][j]: one cache line more
   // than the plane, so that a step's 16 accesses, one per term, fall in 16 cache sets, not one.
   int64_t u_plane() const { return C * block + kLanes; }
-  int64_t v_plane() const { return C * chunk + kLanes; }
+  int64_t v_plane(int64_t tiles) const { return C * ceil_div(tiles, kLanes) * kLanes + kLanes; }
   int64_t m_plane() const { return block * range + kLanes; }
 };
 
@@ -175,64 +175,58 @@ inline __mmask16 lane_range(int64_t lo, int64_t hi) {
   return lo >= hi ? 0 : __mmask16(((1u << (hi - lo)) - 1) << lo);
 }
 
-// V[t][j / 16][c][j % 16] for the chunk's tiles j in [first, first + count), lanes past count
-// zero. Row r of the tiles' patches, column s, is x[row - pad + r][col - pad + 2 lane + s]: a
-// segment's lanes read 34 consecutive floats (masked to its lanes and the image), split into even
-// and odd columns. Returns whether every V is finite.
-inline bool transform_inputs(const Plan& p, const float* x, int64_t first, int64_t count, float* v) {
-  const int64_t vectors = ceil_div(count, kLanes), plane = p.H * p.W;
-  const int64_t channel_parts = std::clamp<int64_t>(2 * at::get_num_threads() / vectors, 1, ceil_div(p.C, 16));
-  const int64_t part = ceil_div(p.C, channel_parts);
+// V[t][j / 16][c][j % 16] (plane stride v_plane) for tiles j in [first, first + count), lanes
+// past count zero. Row r of the tiles' patches, column s, is x[row - pad + r][col - pad + 2 lane
+// + s]: a segment's lanes read 34 consecutive floats (masked to its lanes and the image), split
+// into even and odd columns. Returns whether every V is finite.
+inline bool transform_inputs(const Plan& p, const float* x, int64_t first, int64_t count, float* v,
+                             int64_t v_plane) {
+  const int64_t vectors = ceil_div(count, kLanes), plane = p.H * p.W, C = p.C;
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, vectors * channel_parts, 1, [&](int64_t i0, int64_t i1) {
-    __mmask16 non_finite = 0;
-    for (int64_t item = i0; item < i1; ++item) {
-      const int64_t vec = item / channel_parts, c0 = (item % channel_parts) * part, c1 = std::min(p.C, c0 + part);
-      Segment seg[kLanes];
-      const int n_seg = segments(p, first + vec * kLanes, std::min<int64_t>(kLanes, count - vec * kLanes), seg);
-      // Per patch row and segment: the offset in channel 0 of lane 0's 34 floats, and the lanes of
-      // the four loads (columns +0, +16, +2, +18) inside the image; rows outside load nothing.
-      int64_t offset[4][kLanes];
-      __mmask16 mask[4][kLanes][4];
-      for (int r = 0; r < 4; ++r)
+  __mmask16 non_finite = 0;
+  for (int64_t vec = 0; vec < vectors; ++vec) {
+    Segment seg[kLanes];
+    const int n_seg = segments(p, first + vec * kLanes, std::min<int64_t>(kLanes, count - vec * kLanes), seg);
+    // Per patch row and segment: the offset in channel 0 of lane 0's 34 floats, and the lanes of
+    // the four loads (columns +0, +16, +2, +18) inside the image; rows outside load nothing.
+    int64_t offset[4][kLanes];
+    __mmask16 mask[4][kLanes][4];
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < n_seg; ++i) {
+        const Segment& sg = seg[i];
+        const int64_t h = sg.row - p.pad_h + r, base = sg.col - p.pad_w - 2 * sg.l0;
+        offset[r][i] = sg.n * p.C * plane + h * p.W + base;
+        const int64_t starts[4] = {0, 16, 2, 18}, lane0[4] = {0, 8, 0, 8};
+        for (int k = 0; k < 4; ++k)
+          mask[r][i][k] = h < 0 || h >= p.H ? 0
+                              : lane_range(2 * (sg.l0 - lane0[k]), 2 * (sg.l1 - lane0[k])) &
+                                    lane_range(-(base + starts[k]), p.W - (base + starts[k]));
+      }
+    for (int64_t c = 0; c < C; ++c) {
+      __m512 d[16], t[16];
+      for (int r = 0; r < 4; ++r) {
+        __m512 load[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int i = 0; i < n_seg; ++i) {
-          const Segment& sg = seg[i];
-          const int64_t h = sg.row - p.pad_h + r, base = sg.col - p.pad_w - 2 * sg.l0;
-          offset[r][i] = sg.n * p.C * plane + h * p.W + base;
-          const int64_t starts[4] = {0, 16, 2, 18}, lane0[4] = {0, 8, 0, 8};
-          for (int k = 0; k < 4; ++k)
-            mask[r][i][k] = h < 0 || h >= p.H ? 0
-                                : lane_range(2 * (sg.l0 - lane0[k]), 2 * (sg.l1 - lane0[k])) &
-                                      lane_range(-(base + starts[k]), p.W - (base + starts[k]));
+          const float* src = x + offset[r][i] + c * plane;
+          load[0] = _mm512_mask_loadu_ps(load[0], mask[r][i][0], src);
+          load[1] = _mm512_mask_loadu_ps(load[1], mask[r][i][1], src + 16);
+          load[2] = _mm512_mask_loadu_ps(load[2], mask[r][i][2], src + 2);
+          load[3] = _mm512_mask_loadu_ps(load[3], mask[r][i][3], src + 18);
         }
-      for (int64_t c = c0; c < c1; ++c) {
-        __m512 d[16], t[16];
-        for (int r = 0; r < 4; ++r) {
-          __m512 load[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-          for (int i = 0; i < n_seg; ++i) {
-            const float* src = x + offset[r][i] + c * plane;
-            load[0] = _mm512_mask_loadu_ps(load[0], mask[r][i][0], src);
-            load[1] = _mm512_mask_loadu_ps(load[1], mask[r][i][1], src + 16);
-            load[2] = _mm512_mask_loadu_ps(load[2], mask[r][i][2], src + 2);
-            load[3] = _mm512_mask_loadu_ps(load[3], mask[r][i][3], src + 18);
-          }
-          d[4 * r] = _mm512_permutex2var_ps(load[0], even, load[1]);
-          d[4 * r + 1] = _mm512_permutex2var_ps(load[0], odd, load[1]);
-          d[4 * r + 2] = _mm512_permutex2var_ps(load[2], even, load[3]);
-          d[4 * r + 3] = _mm512_permutex2var_ps(load[2], odd, load[3]);
-        }
-        input_transform(d, t);
-        for (int e = 0; e < kTerms; ++e) {
-          non_finite |= _mm512_fpclass_ps_mask(t[e], 0x99);  // NaN or +-inf
-          _mm512_storeu_ps(v + e * p.v_plane() + (vec * p.C + c) * kLanes, t[e]);
-        }
+        d[4 * r] = _mm512_permutex2var_ps(load[0], even, load[1]);
+        d[4 * r + 1] = _mm512_permutex2var_ps(load[0], odd, load[1]);
+        d[4 * r + 2] = _mm512_permutex2var_ps(load[2], even, load[3]);
+        d[4 * r + 3] = _mm512_permutex2var_ps(load[2], odd, load[3]);
+      }
+      input_transform(d, t);
+      for (int e = 0; e < kTerms; ++e) {
+        non_finite |= _mm512_fpclass_ps_mask(t[e], 0x99);  // NaN or +-inf
+        _mm512_storeu_ps(v + e * v_plane + (vec * C + c) * kLanes, t[e]);
       }
     }
-    if (non_finite) finite.store(false, std::memory_order_relaxed);
-  });
-  return finite.load();
+  }
+  return !non_finite;
 }
 
 // acc[i][j] = sum_c u[c * u_stride + i] * v[j * vec_stride + 16 c .. + 16], stored at m + i * m_stride.
@@ -281,8 +275,7 @@ constexpr TailGemm kTailGemm[kTailTiles + 1] = {nullptr,        gemm_tail<1>, ge
 
 // One thread's buffers, kept between calls.
 struct Workspace {
-  std::vector<float> u, m;
-  int64_t block = -1;  // whose U is in u
+  std::vector<float> v, u, m;
 };
 
 // U[t][c][o] for output channels [block * p.block, + p.block) (zero past O), from their codes 64
@@ -291,8 +284,9 @@ struct Workspace {
 template <class DecodeSpan>
 void transform_weights(const Plan& p, int64_t block, const DecodeSpan& decode_span, Workspace& ws) {
   constexpr int64_t kChannels = 64, kSpan = kChannels * 9;
-  const int64_t o0 = block * p.block, o1 = std::min(p.O, o0 + p.block);
-  float* u = kept_buffer(ws.u, kTerms * p.u_plane());
+  // Plan fields in locals: a vector store may alias anything, so members would be reloaded after each
+  const int64_t o0 = block * p.block, o1 = std::min(p.O, o0 + p.block), u_plane = p.u_plane(), n = p.block;
+  float* u = kept_buffer(ws.u, kTerms * u_plane);
   alignas(64) float rows[16][kSpan], taps[kSpan][16];
   for (int64_t q = 0; q < p.block; q += 16)
     for (int64_t c0 = 0; c0 < p.C; c0 += kChannels) {
@@ -311,10 +305,9 @@ void transform_weights(const Plan& p, int64_t block, const DecodeSpan& decode_sp
         __m512 g[9], t[16];
         for (int k = 0; k < 9; ++k) g[k] = _mm512_load_ps(taps[9 * c + k]);
         weight_transform(g, t);
-        for (int e = 0; e < kTerms; ++e) _mm512_storeu_ps(u + e * p.u_plane() + (c0 + c) * p.block + q, t[e]);
+        for (int e = 0; e < kTerms; ++e) _mm512_storeu_ps(u + e * u_plane + (c0 + c) * n + q, t[e]);
       }
     }
-  ws.block = block;
 }
 
 // y for output channels [o0, o0 + p.block) and the chunk's tiles [first + a, first + b) from M.
@@ -322,7 +315,8 @@ void transform_weights(const Plan& p, int64_t block, const DecodeSpan& decode_sp
 // to its lanes and the image.
 inline void transform_outputs(const Plan& p, const float* m, int64_t o0, int64_t first, int64_t a, int64_t b,
                               const float* bias, float* y) {
-  const int64_t plane = p.OH * p.OW;
+  // Plan fields in locals: a vector store may alias anything, so members would be reloaded after each
+  const int64_t plane = p.OH * p.OW, OH = p.OH, OW = p.OW, O = p.O, m_plane = p.m_plane(), range = p.range;
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
   for (int64_t vec = 0; vec * kLanes < b - a; ++vec) {
@@ -330,12 +324,12 @@ inline void transform_outputs(const Plan& p, const float* m, int64_t o0, int64_t
     const int n_seg = segments(p, first + a + vec * kLanes, std::min<int64_t>(kLanes, b - a - vec * kLanes), seg);
     __mmask16 mask[kLanes][2];
     for (int i = 0; i < n_seg; ++i) {
-      const int64_t end = std::min<int64_t>(2 * seg[i].l1, p.OW - seg[i].col + 2 * seg[i].l0);
+      const int64_t end = std::min<int64_t>(2 * seg[i].l1, OW - seg[i].col + 2 * seg[i].l0);
       mask[i][0] = lane_range(2 * seg[i].l0, end), mask[i][1] = lane_range(2 * seg[i].l0 - 16, end - 16);
     }
-    for (int64_t o = o0; o < std::min(p.O, o0 + p.block); ++o) {
+    for (int64_t o = o0; o < std::min(O, o0 + p.block); ++o) {
       __m512 mt[16];
-      for (int e = 0; e < kTerms; ++e) mt[e] = _mm512_loadu_ps(m + e * p.m_plane() + (o - o0) * p.range + vec * kLanes);
+      for (int e = 0; e < kTerms; ++e) mt[e] = _mm512_loadu_ps(m + e * m_plane + (o - o0) * range + vec * kLanes);
       __m512 z[8];  // A^T M: 2 rows of 4
       for (int s = 0; s < 4; ++s) {
         z[s] = _mm512_add_ps(_mm512_add_ps(mt[s], mt[4 + s]), mt[8 + s]);
@@ -352,8 +346,8 @@ inline void transform_outputs(const Plan& p, const float* m, int64_t o0, int64_t
       }
       for (int i = 0; i < n_seg; ++i) {
         const Segment& sg = seg[i];
-        float* dst = y + (sg.n * p.O + o) * plane + sg.row * p.OW + sg.col - 2 * sg.l0;
-        for (int r = 0; r < 2 && sg.row + r < p.OH; ++r, dst += p.OW) {
+        float* dst = y + (sg.n * O + o) * plane + sg.row * OW + sg.col - 2 * sg.l0;
+        for (int r = 0; r < 2 && sg.row + r < OH; ++r, dst += OW) {
           _mm512_mask_storeu_ps(dst, mask[i][0], row[r][0]);
           _mm512_mask_storeu_ps(dst + kLanes, mask[i][1], row[r][1]);
         }
@@ -374,39 +368,55 @@ bool winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dG
                       const DecodeSpan& decode_span) {
   using namespace winograd;
   const Plan p(g);
-  static thread_local std::vector<float> chunk_buffer;
-  float* v = kept_buffer(chunk_buffer, kTerms * p.v_plane());
+  const int64_t threads = at::get_num_threads(), blocks = p.blocks();
+  std::atomic<bool> finite{true};
   for (int64_t first = 0; first < p.tiles; first += p.chunk) {
-    const int64_t count = std::min(p.chunk, p.tiles - first);
-    if (!transform_inputs(p, x, first, count, v)) return false;
-    const int64_t ranges = ceil_div(count, p.range);
-    at::parallel_for(0, p.blocks() * ranges, 1, [&](int64_t i0, int64_t i1) {
+    const int64_t count = std::min(p.chunk, p.tiles - first), vectors = ceil_div(count, kLanes);
+    // Each part keeps to its own data: it transforms the inputs of its tiles and the weights of its
+    // blocks itself, so that nothing one thread writes is read by another (V written on one core
+    // and read on another cost 4x in the transform, more where the cores share no L3). Parts split
+    // the blocks (each transforming all the chunk's tiles) where repeating the input transform
+    // costs less than repeating every block's (a tile's ~3x an output channel's), else the tiles.
+    const bool by_blocks = blocks >= threads && 3 * count < p.O;
+    const int64_t parts = std::min(threads, by_blocks ? blocks : vectors);
+    at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
       static thread_local Workspace ws;
-      ws.block = -1;  // another call's weight may be there
-      float* m = kept_buffer(ws.m, kTerms * p.m_plane());
-      for (int64_t item = i0; item < i1; ++item) {
-        const int64_t block = item / ranges, a = (item % ranges) * p.range, b = std::min(count, a + p.range);
-        if (ws.block != block) transform_weights(p, block, decode_span, ws);
-        const int tail = (b - a) % kLanes <= kTailTiles ? int((b - a) % kLanes) : 0;  // live lanes of a short last vector
-        const int64_t vecs = (b - a) / kLanes + (tail == 0 && (b - a) % kLanes ? 1 : 0);
-        for (int e = 0; e < kTerms; ++e) {
-          const float* u_e = ws.u.data() + e * p.u_plane();
-          const float* v_e = v + e * p.v_plane() + a * p.C;
-          float* m_e = m + e * p.m_plane();
-          for (int64_t o = 0; o < p.block; o += kOutRows)
-            for (int64_t j = 0; j < vecs; j += kMaxVecs) {
-              const int64_t n = std::min<int64_t>(kMaxVecs, vecs - j), off = j * kLanes;
-              const float* v_j = v_e + off * p.C;  // tile vector j: C x 16 floats
-              float* m_j = m_e + o * p.range + off;
-              if (n == 3) gemm_block<3>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
-              else if (n == 2) gemm_block<2>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
-              else gemm_block<1>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
+      for (int64_t part = part0; part < part1; ++part) {
+        const int64_t b0 = by_blocks ? part * blocks / parts : 0, b1 = by_blocks ? (part + 1) * blocks / parts : blocks;
+        const int64_t v0 = by_blocks ? 0 : part * vectors / parts, v1 = by_blocks ? vectors : (part + 1) * vectors / parts;
+        const int64_t j0 = first + v0 * kLanes, tiles = std::min(count, v1 * kLanes) - v0 * kLanes;
+        if (b0 == b1 || tiles <= 0) continue;
+        const int64_t v_plane = p.v_plane(tiles);
+        float* v = kept_buffer(ws.v, kTerms * v_plane);
+        float* m = kept_buffer(ws.m, kTerms * p.m_plane());
+        if (!transform_inputs(p, x, j0, tiles, v, v_plane)) finite.store(false, std::memory_order_relaxed);
+        for (int64_t block = b0; block < b1 && finite.load(std::memory_order_relaxed); ++block) {
+          transform_weights(p, block, decode_span, ws);
+          for (int64_t a = 0; a < tiles; a += p.range) {
+            const int64_t b = std::min(tiles, a + p.range);
+            const int tail = (b - a) % kLanes <= kTailTiles ? int((b - a) % kLanes) : 0;  // live lanes of a short last vector
+            const int64_t vecs = (b - a) / kLanes + (tail == 0 && (b - a) % kLanes ? 1 : 0);
+            for (int e = 0; e < kTerms; ++e) {
+              const float* u_e = ws.u.data() + e * p.u_plane();
+              const float* v_e = v + e * v_plane + a * p.C;
+              float* m_e = m + e * p.m_plane();
+              for (int64_t o = 0; o < p.block; o += kOutRows)
+                for (int64_t j = 0; j < vecs; j += kMaxVecs) {
+                  const int64_t n = std::min<int64_t>(kMaxVecs, vecs - j), off = j * kLanes;
+                  const float* v_j = v_e + off * p.C;  // tile vector j: C x 16 floats
+                  float* m_j = m_e + o * p.range + off;
+                  if (n == 3) gemm_block<3>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
+                  else if (n == 2) gemm_block<2>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
+                  else gemm_block<1>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
+                }
+              if (tail) kTailGemm[tail](u_e, p.block, v_e + vecs * kLanes * p.C, p.C, m_e + vecs * kLanes, p.range);
             }
-          if (tail) kTailGemm[tail](u_e, p.block, v_e + vecs * kLanes * p.C, p.C, m_e + vecs * kLanes, p.range);
+            transform_outputs(p, m, block * p.block, j0, a, b, bias, y);
+          }
         }
-        transform_outputs(p, m, block * p.block, first, a, b, bias, y);
       }
     });
+    if (!finite.load()) return false;
   }
   return true;
 }
