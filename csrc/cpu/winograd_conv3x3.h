@@ -4,14 +4,15 @@
 // Networks", 2016). oneDNN's direct convolution runs near this CPU's peak already, so fewer
 // multiplies is what lets a kernel that also decodes its weight go faster than it.
 //
-// Per call: the input tiles are transformed chunk by chunk (V[t][tiles / 16][c][16], at most
-// kChunkBytes, each plane written and read in sequence), and work items (a block of output
-// channels x a range of tiles) each decode their block's codes and transform them (U[t][c][o],
-// kept while the thread's next item has the same block), run the 16 GEMMs M[t] = U[t]^T V[t]
-// in 8-channel x 48-tile register blocks, and transform M back into y. The float weight is never
-// whole in memory: one block's U is at most kBlockBytes, or 16 channels' where that is more.
-// All buffers are kept per thread between calls (fresh large allocations page-fault each call):
-// at most kChunkBytes + 16 x 2048 x 16 floats (2 MB) + kItemBytes per thread at C_in <= 2048.
+// Per call, chunk by chunk of tiles (a chunk's transformed inputs at most kChunkBytes), each
+// thread takes a part: a share of the output-channel blocks (transforming all the chunk's tiles
+// itself) or a share of the tiles (transforming every block's weight itself), whichever repeats
+// less work. It transforms its tiles' inputs (V[t][tiles / 16][c][16]), then per block decodes
+// the codes and transforms them (U[t][c][o]), runs the 16 GEMMs M[t] = U[t]^T V[t] in 8-channel x
+// 48-tile register blocks and transforms M back into y. Nothing one thread writes is read by
+// another. The float weight is never whole in memory: a block's U is at most kBlockBytes, or 16
+// channels' where that is more. Buffers are kept per thread between calls (fresh large
+// allocations page-fault each call): V, U (2 MB at 2048 input channels) and M (kItemBytes).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -49,9 +50,9 @@ constexpr int kLanes = 16;                     // tiles per vector
 constexpr int kTerms = 16;                     // transformed elements of a 4x4 tile
 constexpr int kOutRows = 8;                    // output channels per GEMM register block
 constexpr int kMaxVecs = 3;                    // tile vectors per GEMM register block
-constexpr int64_t kChunkBytes = 4 << 20;       // transformed input tiles per chunk
+constexpr int64_t kChunkBytes = 4 << 20;       // transformed inputs of a chunk of tiles
 constexpr int64_t kBlockBytes = 256 << 10;     // transformed weight block (at least 16 channels)
-constexpr int64_t kItemBytes = 128 << 10;      // GEMM results of one work item
+constexpr int64_t kItemBytes = 128 << 10;      // GEMM results of one pass over a block
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -126,9 +127,9 @@ inline void weight_transform(const __m512 g[9], __m512 u[16]) {
 struct Plan {
   int64_t batch, C, O, H, W, OH, OW, pad_h, pad_w;
   int64_t tiles_h, tiles_w, tiles;  // 2x2 output tiles, n-major then row-major
-  int64_t block;                    // output channels per work item (a multiple of 16)
-  int64_t chunk;                    // tiles per transformed-input chunk (a multiple of kLanes)
-  int64_t range;                    // tiles per work item (a multiple of kLanes)
+  int64_t block;                    // output channels per block (a multiple of 16)
+  int64_t chunk;                    // tiles per chunk (a multiple of kLanes)
+  int64_t range;                    // tiles per GEMM pass, whose M fits kItemBytes (a multiple of kLanes)
 
   explicit Plan(const Conv2dGeometry& g)
       : batch(g.batch), C(g.in_channels), O(g.out_channels), H(g.height), W(g.width), OH(g.out_height),
@@ -273,6 +274,27 @@ using TailGemm = void (*)(const float*, int64_t, const float*, int64_t, float*, 
 constexpr TailGemm kTailGemm[kTailTiles + 1] = {nullptr,        gemm_tail<1>, gemm_tail<2>, gemm_tail<3>, gemm_tail<4>,
                                                 gemm_tail<5>, gemm_tail<6>, gemm_tail<7>, gemm_tail<8>};
 
+// M[t][o][j] = sum_c U[t][c][o] V[t][j][c] for a block and `tiles` tiles (V from their first).
+inline void multiply(const Plan& p, const float* u, const float* v, int64_t v_plane, int64_t tiles, float* m) {
+  const int tail = tiles % kLanes <= kTailTiles ? int(tiles % kLanes) : 0;  // live lanes of a short last vector
+  const int64_t vecs = tiles / kLanes + (tail == 0 && tiles % kLanes ? 1 : 0), C = p.C;
+  for (int e = 0; e < kTerms; ++e) {
+    const float* u_e = u + e * p.u_plane();
+    const float* v_e = v + e * v_plane;
+    float* m_e = m + e * p.m_plane();
+    for (int64_t o = 0; o < p.block; o += kOutRows)
+      for (int64_t j = 0; j < vecs; j += kMaxVecs) {
+        const int64_t n = std::min<int64_t>(kMaxVecs, vecs - j), off = j * kLanes;
+        const float* v_j = v_e + off * C;  // tile vector j: C x 16 floats
+        float* m_j = m_e + o * p.range + off;
+        if (n == 3) gemm_block<3>(u_e + o, p.block, v_j, kLanes * C, C, m_j, p.range);
+        else if (n == 2) gemm_block<2>(u_e + o, p.block, v_j, kLanes * C, C, m_j, p.range);
+        else gemm_block<1>(u_e + o, p.block, v_j, kLanes * C, C, m_j, p.range);
+      }
+    if (tail) kTailGemm[tail](u_e, p.block, v_e + vecs * kLanes * C, C, m_e + vecs * kLanes, p.range);
+  }
+}
+
 // One thread's buffers, kept between calls.
 struct Workspace {
   std::vector<float> v, u, m;
@@ -373,17 +395,19 @@ bool winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dG
   for (int64_t first = 0; first < p.tiles; first += p.chunk) {
     const int64_t count = std::min(p.chunk, p.tiles - first), vectors = ceil_div(count, kLanes);
     // Each part keeps to its own data: it transforms the inputs of its tiles and the weights of its
-    // blocks itself, so that nothing one thread writes is read by another (V written on one core
-    // and read on another cost 4x in the transform, more where the cores share no L3). Parts split
-    // the blocks (each transforming all the chunk's tiles) where repeating the input transform
-    // costs less than repeating every block's (a tile's ~3x an output channel's), else the tiles.
+    // blocks itself, so that nothing one thread writes is read by another (a V shared by the
+    // threads made the input transform 3x slower here, 10x at times). Parts split the blocks (each
+    // transforming all the chunk's tiles) where repeating the input transform costs less than
+    // repeating every block's (a tile's costs ~3x an output channel's), else the tiles.
     const bool by_blocks = blocks >= threads && 3 * count < p.O;
     const int64_t parts = std::min(threads, by_blocks ? blocks : vectors);
     at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
       static thread_local Workspace ws;
       for (int64_t part = part0; part < part1; ++part) {
-        const int64_t b0 = by_blocks ? part * blocks / parts : 0, b1 = by_blocks ? (part + 1) * blocks / parts : blocks;
-        const int64_t v0 = by_blocks ? 0 : part * vectors / parts, v1 = by_blocks ? vectors : (part + 1) * vectors / parts;
+        const int64_t b0 = by_blocks ? part * blocks / parts : 0;
+        const int64_t b1 = by_blocks ? (part + 1) * blocks / parts : blocks;
+        const int64_t v0 = by_blocks ? 0 : part * vectors / parts;
+        const int64_t v1 = by_blocks ? vectors : (part + 1) * vectors / parts;
         const int64_t j0 = first + v0 * kLanes, tiles = std::min(count, v1 * kLanes) - v0 * kLanes;
         if (b0 == b1 || tiles <= 0) continue;
         const int64_t v_plane = p.v_plane(tiles);
@@ -394,23 +418,7 @@ bool winograd_conv3x3(const float* x, const float* bias, float* y, const Conv2dG
           transform_weights(p, block, decode_span, ws);
           for (int64_t a = 0; a < tiles; a += p.range) {
             const int64_t b = std::min(tiles, a + p.range);
-            const int tail = (b - a) % kLanes <= kTailTiles ? int((b - a) % kLanes) : 0;  // live lanes of a short last vector
-            const int64_t vecs = (b - a) / kLanes + (tail == 0 && (b - a) % kLanes ? 1 : 0);
-            for (int e = 0; e < kTerms; ++e) {
-              const float* u_e = ws.u.data() + e * p.u_plane();
-              const float* v_e = v + e * v_plane + a * p.C;
-              float* m_e = m + e * p.m_plane();
-              for (int64_t o = 0; o < p.block; o += kOutRows)
-                for (int64_t j = 0; j < vecs; j += kMaxVecs) {
-                  const int64_t n = std::min<int64_t>(kMaxVecs, vecs - j), off = j * kLanes;
-                  const float* v_j = v_e + off * p.C;  // tile vector j: C x 16 floats
-                  float* m_j = m_e + o * p.range + off;
-                  if (n == 3) gemm_block<3>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
-                  else if (n == 2) gemm_block<2>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
-                  else gemm_block<1>(u_e + o, p.block, v_j, kLanes * p.C, p.C, m_j, p.range);
-                }
-              if (tail) kTailGemm[tail](u_e, p.block, v_e + vecs * kLanes * p.C, p.C, m_e + vecs * kLanes, p.range);
-            }
+            multiply(p, ws.u.data(), v + a * p.C, v_plane, b - a, m);
             transform_outputs(p, m, block * p.block, j0, a, b, bias, y);
           }
         }
