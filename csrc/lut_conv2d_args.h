@@ -17,7 +17,7 @@ struct LutConv2dArgs {
 
   LutWeight weight() const {
     return LutWeight{codes.data_ptr<uint8_t>(),
-                     reinterpret_cast<const Half16*>(codebook.data_ptr<at::Half>()),
+                     codebook.data_ptr<float>(),
                      channel_scale.data_ptr<float>(),
                      keep_bitmap.defined() ? keep_bitmap.data_ptr<uint8_t>() : nullptr,
                      word_code_offsets.defined() ? word_code_offsets.data_ptr<int64_t>() : nullptr,
@@ -72,8 +72,8 @@ inline LutConv2dArgs check_lut_conv2d(const char* op, const at::Tensor& device_l
   check_same_device(codes, device_like, op, "codes");
   check_same_device(codebook, device_like, op, "codebook");
   check_same_device(channel_scale, device_like, op, "channel_scale");
-  TORCH_CHECK(codebook.scalar_type() == at::kHalf && codebook.dim() == 1 && codebook.numel() == (1 << bits), op,
-              ": codebook must be float16 of shape (", 1 << bits, ",), got ", codebook.scalar_type(), " ", codebook.sizes());
+  TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.dim() == 1 && codebook.numel() == (1 << bits), op,
+              ": codebook must be float32 of shape (", 1 << bits, ",), got ", codebook.scalar_type(), " ", codebook.sizes());
   TORCH_CHECK((channel_scale.scalar_type() == at::kHalf || channel_scale.scalar_type() == at::kFloat) &&
                   channel_scale.dim() == 1 && channel_scale.numel() == g.out_channels,
               op, ": channel_scale must be float16 or float32 of shape (", g.out_channels, ",), got ",

@@ -2,7 +2,7 @@
 
 One layer's weight W (C_out, ...) is stored as:
 
-    codebook       (2^bits,) float16            the layer's levels (a LUT), shared by all channels
+    codebook       (2^bits,) float16 or float32 the layer's levels (a LUT), shared by all channels
     channel_scale  (C_out,) float16 or float32  W[c, i] = channel_scale[c] * codebook[code]
     keep_bitmap    (ceil(numel / 8),) uint8     bit i (LSB first) set iff weight i (row-major) is
                    or None                      kept; None when nothing is pruned
@@ -37,7 +37,7 @@ from mixedprec.atomic import write_atomically
 MAX_BITS = 8
 GROUP = 32  # columns per group of group_code_offsets (one 32-bit bitmap window)
 FORMAT_NAME = "mixedprec.packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: float32 codebooks allowed (version 1 held float16 only)
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,11 @@ class PackedWeight:
 
 
 def pack_weight(codes: Tensor, codebook: Tensor, channel_scale: Tensor, bits: int,
-                keep_mask: Tensor | None = None) -> PackedWeight:
+                keep_mask: Tensor | None = None, *, codebook_dtype: torch.dtype = torch.float16) -> PackedWeight:
     """Packs integer ``codes`` (the weight's shape, values in [0, 2^bits)) of a layer.
+
+    The codebook is stored as ``codebook_dtype``: float16 (half the bytes) or float32 (levels
+    that float16 would round, e.g. a finetuned uniform grid with an offset, kept exact).
 
     ``keep_mask`` (bool, the weight's shape) marks kept weights; codes at pruned positions are
     dropped. A mask with nothing pruned is stored as no bitmap.
@@ -120,6 +123,8 @@ def pack_weight(codes: Tensor, codebook: Tensor, channel_scale: Tensor, bits: in
                          f"got [{int(codes.min())}, {int(codes.max())}]")
     if codebook.shape != (1 << bits,):
         raise ValueError(f"pack_weight: codebook must have shape ({1 << bits},) for bits={bits}, got {tuple(codebook.shape)}")
+    if codebook_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"pack_weight: codebook_dtype must be torch.float16 or torch.float32, got {codebook_dtype}")
     flat = codes.reshape(-1).to(torch.int64)
     bitmap = None
     if keep_mask is not None:
@@ -129,7 +134,7 @@ def pack_weight(codes: Tensor, codebook: Tensor, channel_scale: Tensor, bits: in
         if not bool(keep_mask.all()):
             flat = flat[keep_mask.reshape(-1)]
             bitmap = _pack_bits(keep_mask.reshape(-1).to(torch.int64), 1)
-    return PackedWeight(tuple(codes.shape), bits, codebook.to(torch.float16), channel_scale,
+    return PackedWeight(tuple(codes.shape), bits, codebook.to(codebook_dtype), channel_scale,
                         _pack_bits(flat, bits), bitmap)
 
 
@@ -179,8 +184,9 @@ def _validate(p: PackedWeight) -> None:
         raise ValueError(f"{op}: shape must have positive sizes, got {p.shape}")
     if not isinstance(p.bits, int) or not 1 <= p.bits <= MAX_BITS:
         raise ValueError(f"{op}: bits must be an int in 1..{MAX_BITS}, got {p.bits!r}")
-    if p.codebook.dtype != torch.float16 or p.codebook.shape != (1 << p.bits,):
-        raise ValueError(f"{op}: codebook must be float16 of shape ({1 << p.bits},), got {p.codebook.dtype} {tuple(p.codebook.shape)}")
+    if p.codebook.dtype not in (torch.float16, torch.float32) or p.codebook.shape != (1 << p.bits,):
+        raise ValueError(f"{op}: codebook must be float16 or float32 of shape ({1 << p.bits},), got {p.codebook.dtype} "
+                         f"{tuple(p.codebook.shape)}")
     if p.channel_scale.dtype not in (torch.float16, torch.float32) or p.channel_scale.shape != (p.shape[0],):
         raise ValueError(f"{op}: channel_scale must be float16 or float32 of shape ({p.shape[0]},), "
                          f"got {p.channel_scale.dtype} {tuple(p.channel_scale.shape)}")

@@ -689,8 +689,9 @@ def _conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> list
 def _lut_conv2d_forward(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor, keep_bitmap: Tensor | None,
                         bits: int, weight_shape: list[int], bias: Tensor | None, stride: list[int],
                         padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
-    return _lut_conv2d_kernels(backend).forward(x.contiguous(), codes, codebook, channel_scale, keep_bitmap, bits,
-                                                weight_shape, bias, stride, padding, dilation, groups)
+    # the kernels take the codebook in float32 (the format stores float16 or float32 levels)
+    return _lut_conv2d_kernels(backend).forward(x.contiguous(), codes, codebook.float(), channel_scale, keep_bitmap,
+                                                bits, weight_shape, bias, stride, padding, dilation, groups)
 
 
 _lut_conv2d = torch.library.custom_op("mixedprec::lut_conv2d", mutates_args=())(_lut_conv2d_forward)
@@ -709,7 +710,7 @@ def _lut_conv2d_backward(grad_y: Tensor, codes: Tensor, codebook: Tensor, channe
                          backend: str) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_bias = sum of grad_y over batch and pixels, in float32)."""
     grad_y = grad_y.contiguous()
-    grad_x = _lut_conv2d_kernels(backend).backward(grad_y, codes, codebook, channel_scale, keep_bitmap, bits,
+    grad_x = _lut_conv2d_kernels(backend).backward(grad_y, codes, codebook.float(), channel_scale, keep_bitmap, bits,
                                                    weight_shape, input_shape, stride, padding, dilation, groups)
     return grad_x, grad_y.sum((0, 2, 3), dtype=torch.float32)
 

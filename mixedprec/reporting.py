@@ -191,7 +191,7 @@ def _row(name: str, m: nn.Module, positions: int, packed_types: tuple[type, ...]
         packed = m.packed_weight()
         a_bits = FLOAT_BITS if m.input_quant is None else m.input_quant.current_bits()
         weight = CompressedWeight(packed.numel, packed.out_channels, packed.kept, packed.bits,
-                                  packed.channel_scale.dtype)
+                                  packed.channel_scale.dtype, packed.codebook.dtype)
         return _compressed_row(name, "packed", _shape(m), weight, a_bits, positions)
     if isinstance(m, SBSLayer):
         w_bits, a_bits = m.bits()
@@ -201,8 +201,9 @@ def _row(name: str, m: nn.Module, positions: int, packed_types: tuple[type, ...]
         if w_bits >= FLOAT_BITS:
             return LayerRow(name, "sbs", _shape(m), w_bits, a_bits, weights, weights, positions, bops,
                             weights * FLOAT_BYTES, weights * FLOAT_BITS)
-        # packs as a uniform codebook with one float32 scale per kept output channel
-        compressed = LayerCompression.compressed(name, CompressedWeight(weights, out, weights, w_bits, torch.float32))
+        # packs as its float32 levels (mixedprec.nn.pack) with a unit float16 scale per kept output channel
+        compressed = LayerCompression.compressed(name, CompressedWeight(weights, out, weights, w_bits, torch.float16,
+                                                                        torch.float32))
         return LayerRow(name, "sbs", _shape(m), w_bits, a_bits, weights, weights, positions, bops,
                         compressed.packed_bytes, compressed.paper_bits)
     if hasattr(m, "compressed_weight") and isinstance(m, (nn.Conv2d, nn.Linear)):  # OPQ: float activations

@@ -16,17 +16,21 @@ from mixedprec.metrics import packed_layer_bytes
 from mixedprec.nn import PackedLinear
 
 
-def make_packed(out, inp, bits, sparsity, seed=0):
+def make_packed(out, inp, bits, sparsity, seed=0, codebook_dtype=torch.float16):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (out, inp), generator=g)
     keep = torch.rand(out, inp, generator=g) >= sparsity if sparsity > 0 else None
-    return pack_weight(codes, torch.randn(1 << bits, generator=g), torch.rand(out, generator=g) + 0.5, bits, keep), codes, keep
+    packed = pack_weight(codes, torch.randn(1 << bits, generator=g), torch.rand(out, generator=g) + 0.5, bits, keep,
+                         codebook_dtype=codebook_dtype)
+    return packed, codes, keep
 
 
 @pytest.mark.parametrize("bits", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_decode_and_offsets(bits, sparsity):
-    p, codes, keep = make_packed(5, 70, bits, sparsity)
+@pytest.mark.parametrize("codebook_dtype", [torch.float16, torch.float32])
+def test_decode_and_offsets(bits, sparsity, codebook_dtype):
+    p, codes, keep = make_packed(5, 70, bits, sparsity, codebook_dtype=codebook_dtype)
+    assert p.codebook.dtype == codebook_dtype
     mask = torch.ones_like(codes, dtype=torch.bool) if keep is None else keep
     expected = torch.where(mask, p.channel_scale.float()[:, None] * p.codebook.float()[codes], 0.0)
     torch.testing.assert_close(p.decode(), expected, rtol=0, atol=0)
@@ -38,14 +42,16 @@ def test_decode_and_offsets(bits, sparsity):
             assert p.group_code_offsets[:, g].tolist() == mask[:, : 32 * g].sum(1).tolist()
 
 
-def packed_mlp(sparsity=0.75, bits=4, width=256):
+def packed_mlp(sparsity=0.75, bits=4, width=256, codebook_dtype=torch.float16):
     torch.manual_seed(0)
-    layers = [PackedLinear(make_packed(width, width, bits, sparsity, seed=i)[0], torch.randn(width)) for i in range(2)]
+    layers = [PackedLinear(make_packed(width, width, bits, sparsity, seed=i, codebook_dtype=codebook_dtype)[0],
+                           torch.randn(width)) for i in range(2)]
     return nn.Sequential(layers[0], nn.ReLU(), nn.BatchNorm1d(width), layers[1])
 
 
-def test_save_load_roundtrip(tmp_path):
-    model = packed_mlp().eval()
+@pytest.mark.parametrize("codebook_dtype", [torch.float16, torch.float32])
+def test_save_load_roundtrip(tmp_path, codebook_dtype):
+    model = packed_mlp(codebook_dtype=codebook_dtype).eval()
     path = tmp_path / "model.safetensors"
     mixedprec.save(model, path)
     loaded = mixedprec.load(path).eval()
@@ -56,17 +62,18 @@ def test_save_load_roundtrip(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # the temp file was renamed
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.75])
-def test_file_size_matches_packed_layer_bytes(tmp_path, sparsity):
+@pytest.mark.parametrize("sparsity, codebook_dtype", [(0.0, torch.float16), (0.75, torch.float16), (0.75, torch.float32)])
+def test_file_size_matches_packed_layer_bytes(tmp_path, sparsity, codebook_dtype):
     # the JSON header (module tree, CRCs: ~3 kB here) is what the 2% allow for
-    model = packed_mlp(sparsity, width=1024)
+    model = packed_mlp(sparsity, width=1024, codebook_dtype=codebook_dtype)
     path = tmp_path / "model.safetensors"
     mixedprec.save(model, path)
     expected = 0
     for m in model.modules():
         if isinstance(m, PackedLinear):
             p = m.packed
-            expected += packed_layer_bytes(p.numel, p.out_channels, p.kept, p.bits, p.channel_scale.dtype).total
+            expected += packed_layer_bytes(p.numel, p.out_channels, p.kept, p.bits, p.channel_scale.dtype,
+                                           p.codebook.dtype).total
     expected += sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
                     if not name.endswith(formats._FIELDS))  # biases and BatchNorm, in float
     assert abs(os.path.getsize(path) - expected) <= 0.02 * expected, (os.path.getsize(path), expected)
@@ -122,7 +129,7 @@ def test_newer_version_and_foreign_file(tmp_path):
     header = {"format": formats.FORMAT_NAME, "version": str(formats.FORMAT_VERSION + 1), "content": json.dumps(content),
               "crc32": json.dumps({k: formats._crc32(v) for k, v in tensors.items()})}
     save_file(tensors, str(path), metadata=header)
-    with pytest.raises(ValueError, match="version 2, this mixedprec reads versions up to 1"):
+    with pytest.raises(ValueError, match="version 3, this mixedprec reads versions up to 2"):
         mixedprec.load(path)
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="not a mixedprec packed model"):
@@ -150,5 +157,5 @@ def test_packed_weight_validation():
     p, _, _ = make_packed(4, 8, 2, 0.5)
     with pytest.raises(ValueError, match="codes must be uint8 of shape"):
         PackedWeight(p.shape, 2, p.codebook, p.channel_scale, p.codes[:-1], p.keep_bitmap)
-    with pytest.raises(ValueError, match="codebook must be float16"):
-        PackedWeight(p.shape, 2, p.codebook.float(), p.channel_scale, p.codes, p.keep_bitmap)
+    with pytest.raises(ValueError, match="codebook must be float16 or float32"):
+        PackedWeight(p.shape, 2, p.codebook.double(), p.channel_scale, p.codes, p.keep_bitmap)

@@ -14,11 +14,12 @@ from conftest import require_backend
 SLOW = ("simt", "triton")  # emulated: small shapes only
 
 
-def make_packed(out, inp, bits, sparsity, device="cpu", seed=0):
+def make_packed(out, inp, bits, sparsity, device="cpu", seed=0, codebook_dtype=torch.float16):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (out, inp), generator=g)
     keep = torch.rand(out, inp, generator=g) >= sparsity if sparsity > 0 else None
-    packed = pack_weight(codes, torch.randn(1 << bits, generator=g), torch.rand(out, generator=g) + 0.5, bits, keep)
+    packed = pack_weight(codes, torch.randn(1 << bits, generator=g), torch.rand(out, generator=g) + 0.5, bits, keep,
+                         codebook_dtype=codebook_dtype)
     return packed.to(device)
 
 
@@ -29,6 +30,15 @@ def test_backends_match_reference(kernel_backend, bits, sparsity):
     out, inp, batch = (7, 45, 3) if backend in SLOW else (37, 203, 5)
     packed = make_packed(out, inp, bits, sparsity, device, seed=bits)
     lowbit_check(backend, device, packed, torch.randn(batch, inp), torch.randn(out))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_float32_codebook(kernel_backend, sparsity):
+    """Levels that float16 would round (as SBS packs them): every kernel reads them in float32."""
+    backend, device = kernel_backend
+    packed = make_packed(9, 70, 4, sparsity, device, seed=3, codebook_dtype=torch.float32)
+    assert not torch.equal(packed.codebook.half().float(), packed.codebook)
+    lowbit_check(backend, device, packed, torch.randn(3, 70), torch.randn(9))
 
 
 @pytest.mark.parametrize("batch", [(1,), (2, 3, 1), (70,)])

@@ -13,19 +13,20 @@ from backend_checks import accumulation_bound, lut_conv2d_check, winograd_bound
 from conftest import require_backend
 
 
-def make_packed(weight_shape, bits, sparsity=0.0, seed=0, scale_dtype=torch.float32, device="cpu"):
+def make_packed(weight_shape, bits, sparsity=0.0, seed=0, scale_dtype=torch.float32, device="cpu",
+                codebook_dtype=torch.float16):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, weight_shape, generator=g)
     codebook = torch.sort(torch.randn(1 << bits, generator=g)).values
     channel_scale = (0.5 + torch.rand(weight_shape[0], generator=g)).to(scale_dtype)
     keep = torch.rand(weight_shape, generator=g) >= sparsity
-    return pack_weight(codes, codebook, channel_scale, bits, keep).to(device)
+    return pack_weight(codes, codebook, channel_scale, bits, keep, codebook_dtype=codebook_dtype).to(device)
 
 
 def assert_matches_reference(backend, device, x_shape, weight_shape, bits=4, sparsity=0.0, dtype=torch.float32,
-                             with_bias=True, seed=0, strided_x=False, mixed=False, **conv):
+                             with_bias=True, seed=0, strided_x=False, mixed=False, codebook_dtype=torch.float16, **conv):
     g = torch.Generator().manual_seed(seed)
-    packed = make_packed(weight_shape, bits, sparsity, seed)
+    packed = make_packed(weight_shape, bits, sparsity, seed, codebook_dtype=codebook_dtype)
     if strided_x:  # every other column of a twice-as-wide buffer: not contiguous
         x = torch.randn(*x_shape[:3], 2 * x_shape[3], generator=g)[..., ::2].to(dtype)
         assert not x.is_contiguous()
@@ -76,6 +77,19 @@ def test_every_bitwidth_and_sparsity(backend):
 def test_half_types(backend, dtype):
     device = require_backend(backend)
     assert_matches_reference(backend, device, (2, 4, 6, 5), (3, 4, 3, 3), dtype=dtype, padding=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_codebook(backend):
+    """Levels that float16 would round (SBS packs its uniform grid, offset by the weights' mean, in
+    float32): every kernel reads them in float32, through the CPU's Winograd and direct paths."""
+    device = require_backend(backend)
+    packed = make_packed((9, 9, 3, 3), 4, 0.3, seed=5, codebook_dtype=torch.float32)
+    assert packed.codebook.dtype == torch.float32 and not torch.equal(packed.codebook.half().float(), packed.codebook)
+    assert_matches_reference(backend, device, (2, 9, 6, 5), (9, 9, 3, 3), sparsity=0.3, seed=5, padding=1,
+                             codebook_dtype=torch.float32)
+    assert_matches_reference(backend, device, (1, 9, 7, 6), (9, 9, 3, 3), sparsity=0.3, seed=5, stride=2,
+                             codebook_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -308,9 +322,9 @@ def test_bad_arguments(overrides, match):
 def test_kernel_op_checks_arguments():
     require_backend("cpu")
     packed = make_packed((4, 3, 3, 3), 2)
-    args = [torch.randn(1, 3, 5, 5), packed.codes, packed.codebook, packed.channel_scale, None, 2, [4, 3, 3, 3], None,
-            [1, 1], [0, 0], [1, 1], 1]
-    for index, value, match in [(5, 3, "codebook must be float16 of shape"), (1, packed.codes[:3], "codes hold 3 bytes"),
+    args = [torch.randn(1, 3, 5, 5), packed.codes, packed.codebook.float(), packed.channel_scale, None, 2, [4, 3, 3, 3],
+            None, [1, 1], [0, 0], [1, 1], 1]
+    for index, value, match in [(5, 3, "codebook must be float32 of shape"), (2, packed.codebook, "codebook must be float32"), (1, packed.codes[:3], "codes hold 3 bytes"),
                                 (9, [0, -1], "padding must be two ints"), (6, [4, 3, 3], "weight_shape")]:
         bad = list(args)
         bad[index] = value

@@ -333,7 +333,7 @@ ROWS: dict[str, Row] = {
         lambda w: mixedprec.load(w.files["flipped"]), ValueError, r"tensor '.*' is corrupted \(CRC32 mismatch\)"),
     "files: load of a file from a newer format version": Row(
         lambda w: mixedprec.load(w.files["newer"]), ValueError,
-        r"written by packed format version 2, this mixedprec reads versions up to 1; upgrade mixedprec"),
+        r"written by packed format version 3, this mixedprec reads versions up to 2; upgrade mixedprec"),
     "files: load of a safetensors file from elsewhere": Row(
         lambda w: mixedprec.load(w.files["foreign"]), ValueError, r"not a mixedprec packed model"),
     "files: load of a conv layer with too few codes": Row(
@@ -356,7 +356,7 @@ ROWS: dict[str, Row] = {
         r"^exit 2: mixedprec report: error: .*truncated\.safetensors: not a readable safetensors file"),
     "cli: report of a file from a newer format version": Row(
         lambda w: cli("report", w.files["newer"], "--input-shape", "3,4,4"), CommandFailed,
-        r"^exit 2: mixedprec report: error: .*written by packed format version 2"),
+        r"^exit 2: mixedprec report: error: .*written by packed format version 3"),
     "cli: report of a file naming a foreign class": Row(
         lambda w: cli("report", w.files["foreign_class"], "--input-shape", "3,4,4"), CommandFailed,
         r"^exit 2: mixedprec report: error: .*class os.system is not a torch.nn or mixedprec module"),
@@ -397,7 +397,7 @@ def _lowbit_args(rco_step: int | None = None, codes_short: bool = False, bitmap_
 def _lut_conv2d_args(codes_short: bool = False, stride=(1, 1)):
     p = packed((2, 3, 3, 3), 4, seed=2)
     codes = p.codes[:-1] if codes_short else p.codes
-    return (X4, codes, p.codebook, p.channel_scale, None, 4, [2, 3, 3, 3], None, list(stride), [1, 1], [1, 1], 1)
+    return (X4, codes, p.codebook.float(), p.channel_scale, None, 4, [2, 3, 3, 3], None, list(stride), [1, 1], [1, 1], 1)
 
 
 def _mixedprec_op(name: str):

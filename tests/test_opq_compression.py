@@ -18,6 +18,7 @@ def test_packed_bytes_section_by_section():
     dense = packed_layer_bytes(1000, 10, 1000, 3, torch.float32)
     assert dense == (64, 16, 48, 0, 384)  # no bitmap when nothing is pruned; 40 -> 48; 375 -> 384
     assert packed_layer_bytes(1000, 10, 0, 8).codes == 0 and packed_layer_bytes(1000, 10, 0, 8).codebook == 512
+    assert packed_layer_bytes(1000, 10, 300, 3, codebook_dtype=torch.float32).codebook == 32  # 8 * 4
 
 
 def test_packed_bytes_take_arrays_of_candidates():
@@ -32,6 +33,7 @@ def test_paper_bits_count_kept_codes_only():
 @pytest.mark.parametrize("args, match", [
     ((1000, 10, 1001, 3), "kept"), ((1000, 10, -1, 3), "kept"), ((1000, 10, 5, 9), "bits"),
     ((1000, 7, 5, 2), "out_channels"), ((1000, 10, 5, 2, torch.bfloat16), "scale_dtype"),
+    ((1000, 10, 5, 2, torch.float16, torch.float64), "codebook_dtype"),
 ])
 def test_packed_bytes_refuse_bad_counts(args, match):
     with pytest.raises(ValueError, match=match):

@@ -50,6 +50,29 @@ def test_pack_sbs_mlp_same_outputs():
         torch.testing.assert_close(packed(x), model(x), rtol=2e-3, atol=2e-3)
 
 
+def test_pack_sbs_decodes_to_the_finetuned_weight_bit_for_bit():
+    """SBS levels are stored in float32 with unit scales: a packed layer's weight is exactly the
+    exported layer's quantized weight (float16 levels moved W4A4 outputs by ~0.3 logits)."""
+    from mixedprec import sbs
+    from mixedprec.models import digits_cnn
+    from mixedprec.sbs.layers import SBSLayer
+
+    torch.manual_seed(0)
+    model = sbs.convert(digits_cnn(width=8), sbs.SBSPolicy(weight_bits=(4,), act_bits=(4,), prune=False))
+    model(torch.rand(6, 1, 8, 8))  # activation clips from a first batch
+    model = sbs.export(model.eval()).model.eval()
+    packed_layers = dict(mixedprec.pack(model).named_modules())
+    checked = 0
+    for name, layer in model.named_modules():
+        if isinstance(layer, SBSLayer):
+            packed = packed_layers[name].packed_weight()
+            assert packed.codebook.dtype == torch.float32 and bool((packed.channel_scale == 1).all())
+            with torch.no_grad():
+                assert torch.equal(packed.decode(), layer.quantized_weight()), name
+            checked += 1
+    assert checked >= 4
+
+
 def test_pack_refuses_unexported_sbs():
     model = nn.Sequential(SBSLinear(4, 3, weight_bits=(2, 4)))
     with pytest.raises(ValueError, match="not exported"):

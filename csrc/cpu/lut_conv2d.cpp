@@ -54,21 +54,18 @@ struct Tiles {
 struct TileDecoder {
   const LutWeight w;
   const Conv2dGeometry& g;
-  std::vector<float> codebook;  // widened to float32
   int64_t bitmap_bytes;
   bool simd;
 
   TileDecoder(const LutWeight& weight, const Conv2dGeometry& geometry)
-      : w(weight), g(geometry), codebook(size_t(1) << weight.bits),
-        bitmap_bytes((g.out_channels * g.row_length() + 7) / 8), simd(cpu_simd.load(std::memory_order_relaxed)) {
-    for (size_t i = 0; i < codebook.size(); ++i) codebook[i] = to_float(w.codebook[i]);
-  }
+      : w(weight), g(geometry), bitmap_bytes((g.out_channels * g.row_length() + 7) / 8),
+        simd(cpu_simd.load(std::memory_order_relaxed)) {}
 
   // W[c, k0 : k0 + count] (scale applied, 0 where pruned), flat over (C_in/G, kh, kw). Codes are
   // looked up in the codebook times the row's scale: scale * level rounded once, as mul_rn.
   void decode_span(int64_t c, int64_t k0, int64_t count, float* out) const {
     float scaled[256];
-    for (size_t i = 0; i < codebook.size(); ++i) scaled[i] = mul_rn(w.channel_scale[c], codebook[i]);
+    for (int i = 0; i < 1 << w.bits; ++i) scaled[i] = mul_rn(w.channel_scale[c], w.codebook[i]);
     const int64_t f0 = c * g.row_length() + k0, first = kept_before(w, f0);
     if (!w.keep_bitmap) return decode_levels(w.codes, scaled, w.bits, first, count, out, simd);
     std::vector<float> levels(count);

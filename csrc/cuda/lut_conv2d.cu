@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, 1) lut_gemm_kernel(Problem prob) {
   const int tid = int(threadIdx.x), tm = tid / (kBN / kTN), tn = tid % (kBN / kTN);
   const int64_t group = blockIdx.z, m0 = int64_t(blockIdx.y) * kBM, n0 = int64_t(blockIdx.x) * kBN;
   const int64_t rows = prob.rows(), depth = prob.depth(), cols = prob.cols();
-  for (int i = tid; i < (1 << prob.w.bits); i += kThreads) levels[i] = to_float(prob.w.codebook[i]);
+  for (int i = tid; i < (1 << prob.w.bits); i += kThreads) levels[i] = prob.w.codebook[i];
   __syncthreads();
 
   float acc[kTM][kTN] = {};

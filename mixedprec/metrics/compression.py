@@ -10,7 +10,7 @@ the others at float32 size. Not counted: biases, BatchNorm and other parameters 
   layer in the packed format (DESIGN.md "Packed weights", docs/opq.md "Bytes"):
 
       header          64 bytes: shape, bits, flags, kept count, section offsets
-      codebook        2^b fp16 values                          -> 2 * 2^b bytes
+      codebook        2^b fp16 or fp32 values                  -> (2 or 4) * 2^b bytes
       channel_scale   one fp16 or fp32 value per output channel -> C_out * (2 or 4) bytes
       keep_bitmap     1 bit per weight, only when a weight is pruned -> ceil(numel / 8) bytes
       codes           b bits per kept weight, packed            -> ceil(kept * b / 8) bytes
@@ -34,8 +34,7 @@ __all__ = [
 FLOAT_BITS = 32
 HEADER_BYTES = 64
 SECTION_ALIGN = 16
-CODEBOOK_ENTRY_BYTES = 2  # fp16
-SCALE_DTYPES = (torch.float16, torch.float32)
+SCALE_DTYPES = CODEBOOK_DTYPES = (torch.float16, torch.float32)
 
 
 class PackedLayerBytes(NamedTuple):
@@ -55,7 +54,8 @@ def _aligned(nbytes):
     return -(-nbytes // SECTION_ALIGN) * SECTION_ALIGN
 
 
-def packed_layer_bytes(numel: int, out_channels: int, kept, bits, scale_dtype: torch.dtype = torch.float16) -> PackedLayerBytes:
+def packed_layer_bytes(numel: int, out_channels: int, kept, bits, scale_dtype: torch.dtype = torch.float16,
+                       codebook_dtype: torch.dtype = torch.float16) -> PackedLayerBytes:
     """Size of one layer in the packed format; ``kept`` and ``bits`` may be numpy int arrays.
 
     formats.py writes exactly this many bytes per layer; tests check its files against it.
@@ -70,9 +70,11 @@ def packed_layer_bytes(numel: int, out_channels: int, kept, bits, scale_dtype: t
         raise ValueError(f"packed_layer_bytes: bits must be in 1..8, got {bits}")
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"packed_layer_bytes: scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
+    if codebook_dtype not in CODEBOOK_DTYPES:
+        raise ValueError(f"packed_layer_bytes: codebook_dtype must be torch.float16 or torch.float32, got {codebook_dtype}")
     result = PackedLayerBytes(
         header=HEADER_BYTES,
-        codebook=_aligned((1 << bits) * CODEBOOK_ENTRY_BYTES),
+        codebook=_aligned((1 << bits) * codebook_dtype.itemsize),
         channel_scale=_aligned(out_channels * scale_dtype.itemsize),
         keep_bitmap=_aligned(-(-numel // 8)) * (kept < numel),
         codes=_aligned(-(-kept * bits // 8)),
@@ -92,6 +94,7 @@ class CompressedWeight(NamedTuple):
     kept: int
     bits: int
     scale_dtype: torch.dtype
+    codebook_dtype: torch.dtype = torch.float16
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ class LayerCompression:
 
     @classmethod
     def compressed(cls, name: str, weight: CompressedWeight) -> LayerCompression:
-        packed = packed_layer_bytes(weight.numel, weight.out_channels, weight.kept, weight.bits, weight.scale_dtype)
+        packed = packed_layer_bytes(weight.numel, weight.out_channels, weight.kept, weight.bits, weight.scale_dtype,
+                                    weight.codebook_dtype)
         return cls(name, weight.numel, weight.kept, weight.bits, packed.total, int(paper_layer_bits(weight.kept, weight.bits)))
 
     @classmethod

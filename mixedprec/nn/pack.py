@@ -1,8 +1,10 @@
 """pack(model): SBS- or OPQ-finetuned layers -> packed inference layers with the same outputs.
 
 SBS (after ``mixedprec.sbs.export``: pruned channels removed, bits fixed): W_q = mean + std *
-v (2 k / n - 1) per weight, so the codes are k and the codebook holds the 2^b levels (divided by
-a per-layer scale so that the fp16 codebook keeps its precision). The layer's activation
+v (2 k / n - 1) per weight, so the codes are k and the codebook holds the 2^b levels in float32
+with unit (float16) channel scales: the packed weight decodes to the finetuned W_q bit for bit
+(float16 levels, rounded to 11 bits, moved the outputs of W4A4 models by up to ~0.3 logits: the
+next 4-bit activation quantizer turns a rounding into a whole step). The layer's activation
 quantizer is kept as the packed layer's ``input_quant``.
 OPQ: the codes are the nearest-level indices ``codebook_quant`` picks, the codebook and the
 channel scales are the layer's, pruned weights go into the keep bitmap.
@@ -76,7 +78,8 @@ def sbs_packed_weight(layer, where: str = "layer") -> PackedWeight:
     codes = torch.round(z * n).to(torch.int64)
     k = torch.arange(n + 1, dtype=torch.float32, device=codes.device)
     levels = (clip * (2.0 * (k * (1.0 / n)) - 1.0)) * std + mean  # spelled as quantized_weight computes it
-    return _with_layer_scale(codes, levels, bits, None)
+    ones = torch.ones(codes.shape[0], dtype=torch.float16, device=codes.device)
+    return pack_weight(codes, levels, ones, bits, codebook_dtype=torch.float32)
 
 
 def opq_packed_weight(layer) -> PackedWeight:
@@ -88,10 +91,3 @@ def opq_packed_weight(layer) -> PackedWeight:
     codes = torch.searchsorted((codebook[:-1] + codebook[1:]) * 0.5, z.contiguous(), side="left")
     return pack_weight(codes, codebook, layer.channel_scale.detach().to(layer.scale_dtype), layer.bits,
                        layer.keep_mask)
-
-
-def _with_layer_scale(codes: Tensor, levels: Tensor, bits: int, keep_mask: Tensor | None) -> PackedWeight:
-    """levels (2^b,) float32 stored as fp16 levels / s with channel scale s = max |level| (fp32)."""
-    s = levels.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-    scale = s.expand(codes.shape[0]).to(torch.float32).contiguous()
-    return pack_weight(codes, levels / s, scale, bits, keep_mask)

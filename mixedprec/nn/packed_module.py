@@ -14,7 +14,7 @@ class PackedModule(nn.Module):
 
     The buffers move with the module (``.to(device)``, ``.cuda()``), but a cast of the module
     (``.to(torch.float64)``, ``.half()``, ``.double()``) leaves their dtypes as the format fixes
-    them: a cast would break the format (float16 codebook, uint8 codes) and, for float32 scales,
+    them: a cast would break the format (float16 or float32 codebook, uint8 codes) and, for float32 scales,
     lose bits. ``load_state_dict`` validates the loaded buffers and rebuilds the derived tables.
     """
 

@@ -362,7 +362,7 @@ inline void check_lowbit_backward(const LowbitCase& c, const float* grad_x, cons
 
 // ---------------------------------------------------------------------------------------------
 // lut_conv2d: y = conv2d(x, W) + bias and grad_x = conv_transpose2d(grad_y, W), W decoded from
-// a packed weight (float16 codebook), against a double-precision loop over the dense weight.
+// a packed weight (float32 codebook), against a double-precision loop over the dense weight.
 
 // (out_height, out_width) filled in from the rest, as torch computes them.
 inline Conv2dGeometry conv_geometry(int64_t batch, int64_t in_channels, int64_t height, int64_t width,
@@ -380,7 +380,7 @@ struct LutConv2dCase {
   std::string name;
   Conv2dGeometry g{};
   int bits = 0;
-  std::vector<Half16> codebook;
+  std::vector<float> codebook;
   std::vector<float> channel_scale, bias;   // bias empty: none
   PackedCodes packed;
   std::vector<int64_t> word_code_offsets;   // kept weights before each 32-weight word of the bitmap
@@ -400,7 +400,7 @@ LutConv2dCase lut_conv2d_case(int bits, bool sparse, bool with_bias, const Conv2
            " d" + std::to_string(g.dil_h) + " groups=" + std::to_string(g.groups) + " bits=" + std::to_string(bits) +
            (sparse ? " sparse" : " dense") + (with_bias ? " bias " : " ") + dtype_name<T>();
   std::normal_distribution<float> normal;
-  for (int j = 0; j < (1 << bits); ++j) c.codebook.push_back(mixedprec::from_float<Half16>(normal(rng)));
+  for (int j = 0; j < (1 << bits); ++j) c.codebook.push_back(normal(rng));
   for (int64_t co = 0; co < g.out_channels; ++co) c.channel_scale.push_back(0.5f + std::fabs(normal(rng)));
   if (with_bias)
     for (int64_t co = 0; co < g.out_channels; ++co) c.bias.push_back(normal(rng));
@@ -412,7 +412,7 @@ LutConv2dCase lut_conv2d_case(int bits, bool sparse, bool with_bias, const Conv2
     if (f % 32 == 0 && sparse) c.word_code_offsets.push_back(kept);
     const int32_t code = c.packed.codes_of[f];
     if (code < 0) continue;
-    weight[f] = c.channel_scale[f / row] * mixedprec::to_float(c.codebook[code]);
+    weight[f] = c.channel_scale[f / row] * c.codebook[code];
     ++kept;
   }
   c.x = normal_values<T>(g.batch * g.in_channels * g.height * g.width, rng);

@@ -16,7 +16,7 @@ namespace mixedprec {
 
 struct LutWeight {
   const uint8_t* codes;              // LSB-first stream of the kept weights' codes
-  const Half16* codebook;            // (2^bits,)
+  const float* codebook;             // (2^bits,), widened to float32 by the op
   const float* channel_scale;        // (C_out,)
   const uint8_t* keep_bitmap;        // (ceil(numel / 8),) LSB first, or nullptr: nothing pruned
   const int64_t* word_code_offsets;  // (ceil(numel / 32),) kept weights before each 32-bit word
