@@ -201,9 +201,10 @@ def _row(name: str, m: nn.Module, positions: int, packed_types: tuple[type, ...]
         if w_bits >= FLOAT_BITS:
             return LayerRow(name, "sbs", _shape(m), w_bits, a_bits, weights, weights, positions, bops,
                             weights * FLOAT_BYTES, weights * FLOAT_BITS)
-        # packs as its float32 levels (mixedprec.nn.pack) with a unit float16 scale per kept output channel
-        compressed = LayerCompression.compressed(name, CompressedWeight(weights, out, weights, w_bits, torch.float16,
-                                                                        torch.float32))
+        from mixedprec.nn.pack import SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE  # as pack stores it (lazy: import cycle)
+
+        compressed = LayerCompression.compressed(name, CompressedWeight(weights, out, weights, w_bits, SBS_SCALE_DTYPE,
+                                                                        SBS_CODEBOOK_DTYPE))
         return LayerRow(name, "sbs", _shape(m), w_bits, a_bits, weights, weights, positions, bops,
                         compressed.packed_bytes, compressed.paper_bits)
     if hasattr(m, "compressed_weight") and isinstance(m, (nn.Conv2d, nn.Linear)):  # OPQ: float activations

@@ -35,7 +35,6 @@ namespace {
 constexpr int64_t kTileFloats = 256 * 512 * 9;
 constexpr int64_t kChannelUnit = 16;  // channels per tile step when groups == 1
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Output-channel tiles: whole groups each (kChannelUnit channels when groups == 1), as many as
 // fit kTileFloats, balanced.

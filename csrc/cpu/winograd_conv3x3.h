@@ -54,8 +54,6 @@ constexpr int64_t kChunkBytes = 4 << 20;       // transformed inputs of a chunk 
 constexpr int64_t kBlockBytes = 256 << 10;     // transformed weight block (at least 16 channels)
 constexpr int64_t kItemBytes = 128 << 10;      // GEMM results of one pass over a block
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 inline float* kept_buffer(std::vector<float>& buffer, int64_t floats) {
   if (int64_t(buffer.size()) < floats) buffer.resize(floats);
   return buffer.data();

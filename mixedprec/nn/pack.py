@@ -22,6 +22,9 @@ from mixedprec.formats import PackedWeight, pack_weight
 from mixedprec.nn.packed_conv import PackedConv2d
 from mixedprec.nn.packed_linear import PackedLinear
 
+# How an SBS layer's weight is stored: its levels exact in float32, unit channel scales in float16
+SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE = torch.float32, torch.float16
+
 
 @torch.no_grad()
 def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -78,8 +81,8 @@ def sbs_packed_weight(layer, where: str = "layer") -> PackedWeight:
     codes = torch.round(z * n).to(torch.int64)
     k = torch.arange(n + 1, dtype=torch.float32, device=codes.device)
     levels = (clip * (2.0 * (k * (1.0 / n)) - 1.0)) * std + mean  # spelled as quantized_weight computes it
-    ones = torch.ones(codes.shape[0], dtype=torch.float16, device=codes.device)
-    return pack_weight(codes, levels, ones, bits, codebook_dtype=torch.float32)
+    ones = torch.ones(codes.shape[0], dtype=SBS_SCALE_DTYPE, device=codes.device)
+    return pack_weight(codes, levels, ones, bits, codebook_dtype=SBS_CODEBOOK_DTYPE)
 
 
 def opq_packed_weight(layer) -> PackedWeight:

@@ -27,6 +27,8 @@ enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 struct Half16 { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
 
+MP_HD inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 MP_HD inline float bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 MP_HD inline uint32_t float_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
