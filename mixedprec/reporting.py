@@ -15,7 +15,6 @@ in the packed format (``mixedprec.metrics.packed_layer_bytes``) and the papers' 
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -27,9 +26,11 @@ import torch
 from torch import nn
 
 from mixedprec.atomic import write_atomically
-from mixedprec.metrics.bops import layer_bops
+from mixedprec.metrics import examples
+from mixedprec.metrics.bops import COUNTED, layer_bops, layer_shape
+from mixedprec.metrics.examples import Example
 from mixedprec.metrics.compression import FLOAT_BITS, CompressedWeight, LayerCompression
-from mixedprec.sbs.layers import SBSLayer, float_forward
+from mixedprec.sbs.layers import SBSLayer
 
 FLOAT_BYTES = FLOAT_BITS // 8
 
@@ -83,7 +84,8 @@ class Reference:
 @dataclass(frozen=True)
 class ModelReport:
     layers: tuple[LayerRow, ...]
-    input_shape: tuple[int, ...]
+    example: str                           # what BOPs count per: "of shape (3, 32, 32)", "int64 (1, 16)"
+    example_inputs: list[dict]             # the example tensors' shapes and dtypes (metrics.examples)
     other_float_bytes: int                 # biases, BatchNorm, ...: outside the rates
     reference: Reference | None = field(default=None)
 
@@ -134,7 +136,7 @@ class ModelReport:
         rows.append(("total", "", "", "", "", f"{weights:,}", f"{100 * (1 - kept / weights):.1f}%", f"{self.bops:,}",
                      f"{self.packed_bytes:,}", f"{self.real_rate:.2f}", f"{self.paper_rate:.2f}"))
         against = ("the float reference model" if self.reference else "the same layer shapes in float32")
-        notes = [f"BOPs per example of shape {tuple(self.input_shape)}: {self.bops:,} "
+        notes = [f"BOPs per example {self.example}: {self.bops:,} "
                  f"({self.bops_reduction:.1f}x fewer than {against}, {self.baseline_bops:,})",
                  f"weights: {self.packed_bytes:,} bytes packed vs {self.baseline_bytes:,} in float32 ({against}): "
                  f"real {self.real_rate:.2f}x, paper {self.paper_rate:.2f}x (bits of kept codes only)"]
@@ -144,7 +146,7 @@ class ModelReport:
         return format_table(header, rows, left=3) + "\n" + "\n".join(notes)
 
     def to_dict(self) -> dict:
-        return {"input_shape": list(self.input_shape), "bops": self.bops, "baseline_bops": self.baseline_bops,
+        return {"example_inputs": self.example_inputs, "bops": self.bops, "baseline_bops": self.baseline_bops,
                 "bops_reduction": self.bops_reduction, "packed_bytes": self.packed_bytes,
                 "paper_bits": self.paper_bits, "baseline_weight_bytes": self.baseline_bytes,
                 "real_rate": self.real_rate, "paper_rate": self.paper_rate,
@@ -177,14 +179,6 @@ def _packed_classes() -> tuple[type, ...]:
     return tuple(getattr(packed_nn, name) for name in ("PackedConv2d", "PackedLinear") if hasattr(packed_nn, name))
 
 
-def _shape(m: nn.Module) -> str:
-    if hasattr(m, "kernel_size"):
-        kh, kw = m.kernel_size
-        stride = m.stride if isinstance(m.stride, int) else m.stride[0]
-        return f"conv {kh}x{kw} {m.in_channels}->{m.out_channels} /{stride}" + (f" g{m.groups}" if m.groups > 1 else "")
-    return f"linear {m.in_features}->{m.out_features}"
-
-
 def _row(name: str, m: nn.Module, positions: int, packed_types: tuple[type, ...]) -> LayerRow | None:
     """One layer's row; None for modules that hold no conv/linear weight."""
     if packed_types and isinstance(m, packed_types):
@@ -192,26 +186,26 @@ def _row(name: str, m: nn.Module, positions: int, packed_types: tuple[type, ...]
         a_bits = FLOAT_BITS if m.input_quant is None else m.input_quant.current_bits()
         weight = CompressedWeight(packed.numel, packed.out_channels, packed.kept, packed.bits,
                                   packed.channel_scale.dtype, packed.codebook.dtype)
-        return _compressed_row(name, "packed", _shape(m), weight, a_bits, positions)
+        return _compressed_row(name, "packed", layer_shape(m), weight, a_bits, positions)
     if isinstance(m, SBSLayer):
         w_bits, a_bits = m.bits()
         out, per_group = m.kept_out_channels(), m.kept_in_channels_per_group()
         weights = out * per_group * (m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1)
         bops = int(layer_bops(m, positions))
         if w_bits >= FLOAT_BITS:
-            return LayerRow(name, "sbs", _shape(m), w_bits, a_bits, weights, weights, positions, bops,
+            return LayerRow(name, "sbs", layer_shape(m), w_bits, a_bits, weights, weights, positions, bops,
                             weights * FLOAT_BYTES, weights * FLOAT_BITS)
         from mixedprec.nn.pack import SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE  # as pack stores it (lazy: import cycle)
 
         compressed = LayerCompression.compressed(name, CompressedWeight(weights, out, weights, w_bits, SBS_SCALE_DTYPE,
                                                                         SBS_CODEBOOK_DTYPE))
-        return LayerRow(name, "sbs", _shape(m), w_bits, a_bits, weights, weights, positions, bops,
+        return LayerRow(name, "sbs", layer_shape(m), w_bits, a_bits, weights, weights, positions, bops,
                         compressed.packed_bytes, compressed.paper_bits)
-    if hasattr(m, "compressed_weight") and isinstance(m, (nn.Conv2d, nn.Linear)):  # OPQ: float activations
-        return _compressed_row(name, "opq", _shape(m), m.compressed_weight(), FLOAT_BITS, positions)
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
+    if hasattr(m, "compressed_weight") and isinstance(m, COUNTED):  # OPQ: float activations
+        return _compressed_row(name, "opq", layer_shape(m), m.compressed_weight(), FLOAT_BITS, positions)
+    if isinstance(m, COUNTED):
         n = m.weight.numel()
-        return LayerRow(name, "float", _shape(m), FLOAT_BITS, FLOAT_BITS, n, n, positions, n * positions * FLOAT_BITS ** 2,
+        return LayerRow(name, "float", layer_shape(m), FLOAT_BITS, FLOAT_BITS, n, n, positions, n * positions * FLOAT_BITS ** 2,
                         n * FLOAT_BYTES, n * FLOAT_BITS)
     return None
 
@@ -222,50 +216,23 @@ def _compressed_row(name: str, form: str, shape: str, weight: CompressedWeight, 
                     weight.kept * positions * weight.bits * a_bits, compressed.packed_bytes, compressed.paper_bits)
 
 
-@torch.no_grad()
-def _positions(model: nn.Module, layers: dict[str, nn.Module], input_shape: Sequence[int]) -> dict[str, int]:
-    """Output positions per example (H_out * W_out; 1 for a linear on (N, C)) of each layer,
-    from one eval-mode forward of zeros with no quantizer state touched."""
-    positions: dict[str, int] = {}
-
-    def record(name, module, _inputs, out):
-        positions[name] = out.shape[-2] * out.shape[-1] if out.dim() == 4 else out[..., 0].numel() // out.shape[0]
-
-    hooks = [m.register_forward_hook(functools.partial(record, name)) for name, m in layers.items()]
-    tensor = next(iter((*model.parameters(), *model.buffers())), None)
-    device = tensor.device if tensor is not None else torch.device("cpu")
-    was_training = model.training
-    try:
-        model.eval()
-        with float_forward():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    missing = sorted(set(layers) - set(positions))
-    if missing:
-        raise ValueError(f"model report: layers {missing} did not run in a forward pass of shape {tuple(input_shape)}")
-    return positions
-
-
-def model_report(model: nn.Module, input_shape: Sequence[int], reference: Reference | None = None) -> ModelReport:
-    """Per-layer bits, sparsity, BOPs and bytes of ``model`` for inputs of ``input_shape`` (C, H, W)."""
-    if not input_shape or any(not isinstance(d, int) or d < 1 for d in input_shape):
-        raise ValueError(f"model report: input_shape must be positive ints (no batch dim), got {tuple(input_shape)}")
+def model_report(model: nn.Module, example: Example, reference: Reference | None = None) -> ModelReport:
+    """Per-layer bits, sparsity, BOPs and bytes of ``model`` for ``example``: the shape of one input
+    (C, H, W) or example tensors (``mixedprec.metrics.examples``). Every conv/linear layer has a
+    row, float ones included; a layer the example's forward does not call counts 0 BOPs."""
     packed_types = _packed_classes()
     layers = {name: m for name, m in model.named_modules()
-              if (packed_types and isinstance(m, packed_types)) or isinstance(m, (nn.Conv2d, nn.Linear))}
+              if (packed_types and isinstance(m, packed_types)) or isinstance(m, COUNTED)}
     if not layers:
         raise ValueError("model report: the model has no conv or linear layer")
-    positions = _positions(model, layers, input_shape)
-    rows = tuple(_row(name, m, positions[name], packed_types) for name, m in layers.items())
+    positions = examples.output_positions(model, layers, example, "model report")
+    rows = tuple(_row(name, m, positions.get(name, 0), packed_types) for name, m in layers.items())
     # weights and their packed form count in the rates; biases, BatchNorm, quantizer clips do not
     counted = {id(t) for m in layers.values() for t in (*m.buffers(recurse=False), getattr(m, "weight", None))
                if t is not None}
     other = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
                 if id(t) not in counted and t.dtype.is_floating_point)
-    return ModelReport(rows, tuple(input_shape), other, reference)
+    return ModelReport(rows, examples.label(example), examples.describe(example), other, reference)
 
 
 # ---------------------------------------------------------------- results of several methods

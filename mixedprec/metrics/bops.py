@@ -7,14 +7,16 @@ channels, or, for the loss, with bits and channel counts written through the gat
 """
 from __future__ import annotations
 
-import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from mixedprec.sbs.layers import SBSLayer, float_forward
+from mixedprec.metrics import examples
+from mixedprec.metrics.examples import Example
+from mixedprec.sbs.layers import SBSLayer
 from mixedprec.sbs.quantizer import FLOAT_BITS
 
 
@@ -32,52 +34,33 @@ class LayerBops:
     share: float        # of the model's total
 
 
-def _is_counted(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, nn.Linear))
+COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-@torch.no_grad()
-def output_positions(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """Output positions per example (H_out * W_out) of every conv/linear layer, from one float
-    forward of a zero input of shape (1, *input_shape) in eval mode (no state is changed)."""
-    if not input_shape or any(not isinstance(d, int) or d < 1 for d in input_shape):
-        raise ValueError(f"output_positions: input_shape must be the positive dims of one example "
-                         f"(no batch dim), got {tuple(input_shape)!r}")
-    positions: dict[str, int] = {}
-
-    def record(name: str, module: nn.Module, _inputs, out: Tensor) -> None:
-        positions[name] = (out[..., 0].numel() // out.shape[0] if isinstance(module, nn.Linear)
-                           else out.shape[-2] * out.shape[-1])
-
-    hooks = [m.register_forward_hook(functools.partial(record, name))
-             for name, m in model.named_modules() if _is_counted(m)]
-    param = next(model.parameters())
-    was_training = model.training
-    try:
-        model.eval()
-        with float_forward():
-            model(torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return positions
+def output_positions(model: nn.Module, example: Example) -> dict[str, int]:
+    """Output positions per example (H_out * W_out of a conv, positions of a linear) of every
+    conv/linear layer, from one float forward of ``example`` (a shape of one example, or
+    example tensors: ``mixedprec.metrics.examples``) in eval mode; no state is changed.
+    Layers that forward does not call are absent (0 BOPs)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, COUNTED)}
+    return examples.output_positions(model, layers, example, "output_positions")
 
 
 def layer_bops(m: nn.Module, positions: int, *, weight_grad: bool = False, act_grad: bool = False,
                channel_grad: bool = False) -> Tensor | int:
     """BOPs of one conv/linear layer per example. The *_grad switches write the SBS layer's
     weight bits, activation bits and kept channel counts through its gates (differentiable)."""
-    kernel = m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d) else 1
+    kernel = math.prod(m.kernel_size) if hasattr(m, "kernel_size") else 1
     if not isinstance(m, SBSLayer):
         return kernel * m.weight.shape[1] * m.weight.shape[0] * positions * FLOAT_BITS * FLOAT_BITS
     return (kernel * m.kept_in_channels_per_group(channel_grad) * m.kept_out_channels(channel_grad) * positions
             * m.w_quant.effective_bits(weight_grad) * m.a_quant.effective_bits(act_grad))
 
 
-def count_bops(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """Total BOPs of the model per example of shape ``input_shape`` (no batch dim)."""
-    return sum(row.bops for row in bops_table(model, input_shape))
+def count_bops(model: nn.Module, example: Example) -> int:
+    """Total BOPs of the model per example: ``example`` is the shape of one input (no batch dim)
+    or example tensors with a batch dim (token ids, several inputs; ``metrics.examples``)."""
+    return sum(row.bops for row in bops_table(model, example))
 
 
 def differentiable_bops(model: nn.Module, positions: dict[str, int], *, weights: bool = True,
@@ -88,22 +71,24 @@ def differentiable_bops(model: nn.Module, positions: dict[str, int], *, weights:
     ``positions`` comes from ``output_positions``."""
     total = torch.zeros((), device=next(model.parameters()).device)
     for name, m in model.named_modules():
-        if _is_counted(m):
+        if name in positions:  # layers the forward does not call count 0
             total = total + layer_bops(m, positions[name], weight_grad=weights, act_grad=activations,
                                        channel_grad=True)
     return total
 
 
-def bops_table(model: nn.Module, input_shape: Sequence[int]) -> list[LayerBops]:
-    """Per-layer BOPs at the current hard choice: name, shape, bits, kept channels, share."""
-    positions = output_positions(model, input_shape)
+def bops_table(model: nn.Module, example: Example) -> list[LayerBops]:
+    """Per-layer BOPs at the current hard choice: name, shape, bits, kept channels, share. Every
+    conv/linear layer has a row; one the example's forward does not call counts 0 BOPs."""
+    positions = output_positions(model, example)
     rows = []
     for name, m in model.named_modules():
-        if not _is_counted(m):
+        if not isinstance(m, COUNTED):
             continue
         w_bits, a_bits = m.bits() if isinstance(m, SBSLayer) else (FLOAT_BITS, FLOAT_BITS)
         kept = m.kept_out_channels() if isinstance(m, SBSLayer) else m.weight.shape[0]
-        rows.append([name, _shape(m), w_bits, a_bits, kept, m.weight.shape[0], int(layer_bops(m, positions[name]))])
+        rows.append([name, layer_shape(m), w_bits, a_bits, kept, m.weight.shape[0],
+                     int(layer_bops(m, positions.get(name, 0)))])
     total = sum(r[-1] for r in rows)
     return [LayerBops(*r, share=r[-1] / total if total else 0.0) for r in rows]
 
@@ -122,9 +107,10 @@ def format_bops_table(rows: Sequence[LayerBops]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
 
 
-def _shape(m: nn.Module) -> str:
-    if isinstance(m, nn.Conv2d):
-        kh, kw = m.kernel_size
-        return f"conv {kh}x{kw} {m.in_channels}->{m.out_channels} /{m.stride[0]}" + (
-            f" g{m.groups}" if m.groups > 1 else "")
+def layer_shape(m: nn.Module) -> str:
+    """A conv/linear layer (float, SBS, OPQ or packed) in a few words: "conv 3x3 64->128 /2"."""
+    if hasattr(m, "kernel_size"):
+        kernel = "x".join(map(str, m.kernel_size))
+        stride = m.stride if isinstance(m.stride, int) else m.stride[0]
+        return f"conv {kernel} {m.in_channels}->{m.out_channels} /{stride}" + (f" g{m.groups}" if m.groups > 1 else "")
     return f"linear {m.in_features}->{m.out_features}"

@@ -11,6 +11,7 @@ along their own best error-for-cost curve (docs/opq.md, "Allocation").
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mixedprec import ops
+from mixedprec.nn.attention import unfuse_attention
+from mixedprec.nn.targets import COMPRESSIBLE, split_layers
 from mixedprec.metrics.compression import FLOAT_BITS, packed_layer_bytes, paper_layer_bits
 from mixedprec.opq.channels import channel_scales, keep_mask, threshold_keeping
 from mixedprec.opq.codebooks import LEVEL_KINDS, MAX_BITS, layer_codebook, quantization_error
@@ -29,7 +32,6 @@ from mixedprec.opq.laplace import pruning_error_for_keep
 from mixedprec.opq.plan import LayerPlan, Plan
 
 COST_KINDS = ("packed", "paper")
-COMPRESSIBLE = (nn.Conv2d, nn.Linear)  # the layers OPQConv2d / OPQLinear replace
 
 
 @dataclass
@@ -184,20 +186,21 @@ def _check_args(target_rate, bits, cost, levels) -> np.ndarray:
 
 
 def _collect(model: nn.Module, exclude: Iterable[str], quiet: bool) -> tuple[list[_Layer], dict[str, int]]:
-    """Compressible layers (normalized once) and the Conv/Linear layers that stay float32."""
+    """Compressible layers (normalized once), named as ``convert`` will find them (attention made
+    of nn.Linear projections), and the conv/linear layers that stay float32."""
     if isinstance(exclude, str):
         exclude = [exclude]
     exclude = set(exclude)
-    modules = dict(model.named_modules())
+    view = unfused_view(model)
+    modules = dict(view.named_modules())
     for name in exclude:
-        if not isinstance(modules.get(name), COMPRESSIBLE):
+        if type(modules.get(name)) not in COMPRESSIBLE:
             raise ValueError(f"allocate: exclude names {name!r}, which is not a Conv2d or Linear of the model")
-    layers, excluded = [], {}
-    candidates = [(n, m) for n, m in modules.items() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    for name, module in tqdm(candidates, desc="OPQ fit", disable=quiet):
-        if name in exclude or not isinstance(module, COMPRESSIBLE):
-            excluded[name] = module.weight.numel()
-            continue
+    chosen = split_layers(view, "opq.allocate", exclude)
+    layers = []
+    excluded = {name: m.weight.numel() for name, m in modules.items()
+                if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and name not in chosen}
+    for name, module in tqdm(list(chosen.items()), desc="OPQ fit", disable=quiet):
         weight = module.weight.detach()
         if weight.is_meta:
             raise ValueError(f"allocate: layer {name!r} has no weight values (meta device); load its weights first")
@@ -208,6 +211,17 @@ def _collect(model: nn.Module, exclude: Iterable[str], quiet: bool) -> tuple[lis
     if not layers:
         raise ValueError("allocate: model has no Conv2d or Linear layer left to compress")
     return layers, excluded
+
+
+def unfused_view(model: nn.Module) -> nn.Module:
+    """The model as ``convert`` compresses it (attention made of nn.Linear projections), sharing
+    the model's parameters and buffers rather than copying them."""
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        return model
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, shared)
+    unfuse_attention(view)
+    return view
 
 
 def _layer_plan(layer: _Layer, bits: int, kept: int, levels: str) -> LayerPlan:
@@ -269,8 +283,10 @@ def allocate(model: nn.Module, target_rate: float, *, bits: Iterable[int] = rang
 
     target_rate: compression of all Conv/Linear weights, counted as ``cost``: "packed" (float32
         bytes over packed bytes with bitmaps, codebooks, scales and headers) or "paper" (32 bits
-        per weight over b bits per kept weight). Layers named in ``exclude`` (and Conv layers other
-        than Conv2d) stay float32 and are counted at that size.
+        per weight over b bits per kept weight). Layers named in ``exclude`` (and conv/linear
+        layers other than nn.Conv2d and nn.Linear, named in a warning) stay float32 and are
+        counted at that size. Attention layers count as their q/k/v/out projections
+        (``mixedprec.nn.attention``), named ``<attention>.q_proj`` etc. in the plan.
     bits: candidate bitwidths (1..8). levels: "lloyd" (Lloyd-Max) or "uniform" codebook levels.
     The result is deterministic; if even the best allocation of every layer fits the budget it is
     returned as is (rate above target).

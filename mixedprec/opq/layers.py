@@ -15,6 +15,8 @@ from torch.nn import functional as F
 
 from mixedprec import ops
 from mixedprec.metrics.compression import CompressedWeight
+from mixedprec.nn.attention import keep_off_fused_paths, unfuse_attention
+from mixedprec.nn.targets import COMPRESSIBLE
 from mixedprec.opq.channels import keep_mask, normalized_magnitude
 from mixedprec.opq.plan import LayerPlan, Plan
 
@@ -105,8 +107,9 @@ def _copy_float(new, float_module: nn.Module, layer: LayerPlan, mask: Tensor):
 def convert(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module:
     """Replace each layer the plan compresses by its OPQ layer (a copy of the model by default).
 
-    Masks are re-derived from the model's weights with the plan's scales and thresholds; the plan
-    must come from these weights (its kept counts are checked).
+    Attention layers are first made of nn.Linear projections (``mixedprec.nn.attention``), as
+    ``allocate`` saw them. Masks are re-derived from the model's weights with the plan's scales and
+    thresholds; the plan must come from these weights (its kept counts are checked).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"convert: model must be an nn.Module, got {type(model).__name__}")
@@ -114,6 +117,7 @@ def convert(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module
         raise ValueError(f"convert: plan must be a mixedprec.opq.Plan (from allocate or Plan.load), got {type(plan).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    unfuse_attention(model)
     for layer in plan.layers:
         try:
             module = model.get_submodule(layer.name)
@@ -121,7 +125,7 @@ def convert(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module
             raise ValueError(f"convert: the model has no module {layer.name!r} named in the plan") from None
         if isinstance(module, _OPQWeight):
             raise ValueError(f"convert: {layer.name!r} is already an OPQ layer")
-        if type(module) not in (nn.Conv2d, nn.Linear) or list(module.weight.shape) != layer.shape:
+        if type(module) not in COMPRESSIBLE or list(module.weight.shape) != layer.shape:
             raise ValueError(f"convert: plan layer {layer.name!r} is a {layer.shape} Conv2d/Linear weight, the model "
                              f"has {type(module).__name__} with weight {list(module.weight.shape)}")
         scale = torch.tensor(layer.channel_scale, device=module.weight.device)
@@ -133,4 +137,5 @@ def convert(model: nn.Module, plan: Plan, *, inplace: bool = False) -> nn.Module
         new = cls.from_float(module, layer, mask)
         parent_name, _, child = layer.name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    keep_off_fused_paths(model)
     return model

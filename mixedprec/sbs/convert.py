@@ -6,6 +6,8 @@ import warnings
 
 from torch import nn
 
+from mixedprec.nn.attention import keep_off_fused_paths, unfuse_attention
+from mixedprec.nn.targets import split_layers
 from mixedprec.sbs import graph
 from mixedprec.sbs.layers import LayerRef, SBSConv2d, SBSLayer, SBSLinear
 from mixedprec.sbs.policy import SBSPolicy
@@ -20,12 +22,15 @@ def sbs_layers(model: nn.Module) -> dict[str, SBSLayer]:
 
 
 def convert(model: nn.Module, policy: SBSPolicy | None = None, *, inplace: bool = False) -> nn.Module:
-    """Replace every nn.Conv2d and nn.Linear (exact types; not those in ``policy.exclude``)
-    with SBSConv2d/SBSLinear sharing its weight and bias, and set up filter-group pruning.
+    """Replace every nn.Conv2d and nn.Linear (exact types; not those in or under the modules
+    ``policy.exclude`` names) with SBSConv2d/SBSLinear sharing its weight and bias, and set up
+    filter-group pruning.
 
-    The first and last converted layer in execution order get ``policy.first_last_bits``
-    (8/8 by default). A float state dict still loads into the result (strict), and
-    ``unconvert`` gives the float model back.
+    Attention layers are first made of called nn.Linear projections
+    (``mixedprec.nn.attention.unfuse_attention``); other conv/linear-like layers stay float and
+    are named in a warning. The first and last converted layer in execution order get
+    ``policy.first_last_bits`` (8/8 by default). A float state dict without attention layers
+    still loads into the result (strict), and ``unconvert`` gives such a float model back.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"convert: model must be an nn.Module, got {type(model).__name__}")
@@ -34,13 +39,15 @@ def convert(model: nn.Module, policy: SBSPolicy | None = None, *, inplace: bool 
         raise ValueError(f"convert: policy must be an SBSPolicy or None, got {type(policy).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    if type(model) in _SBS_TYPES:
+        raise ValueError("convert: model is itself a Conv2d/Linear; wrap it in a container (e.g. nn.Sequential)")
+    unfuse_attention(model)
     modules = dict(model.named_modules())
     missing = set(policy.exclude) - set(modules)
     if missing:
         raise ValueError(f"convert: policy.exclude names modules the model does not have: {sorted(missing)}")
-    targets = [name for name, m in modules.items() if type(m) in _SBS_TYPES and name not in policy.exclude]
-    if "" in targets:
-        raise ValueError("convert: model is itself a Conv2d/Linear; wrap it in a container (e.g. nn.Sequential)")
+    excluded = {name for name in modules for top in policy.exclude if name == top or name.startswith(top + ".")}
+    targets = list(split_layers(model, "sbs.convert", excluded))
     if not targets:
         raise ValueError("convert: the model has no nn.Conv2d or nn.Linear to convert")
 
@@ -73,6 +80,7 @@ def convert(model: nn.Module, policy: SBSPolicy | None = None, *, inplace: bool 
                 modules[name].channel_source = LayerRef(producer)
             for name in group.consumers:
                 modules[name].input_source = LayerRef(producer)
+    keep_off_fused_paths(model)
     return model
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from mixedprec.nn.attention import LinearMultiheadAttention
+
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.SiLU, nn.GELU, nn.Mish,
                         nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Identity,
                         nn.Dropout, nn.Dropout1d, nn.Dropout2d)
@@ -53,8 +55,9 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module, leaves: tuple[type, ...] = ()) -> fx.Graph:
-    """The model's fx graph, with modules of type ``leaves`` kept as calls."""
-    return _Tracer(leaves).trace(model)
+    """The model's fx graph, with modules of type ``leaves`` kept as calls. Attention modules are
+    always calls: their projections' outputs are split into heads, which prunes nothing."""
+    return _Tracer((LinearMultiheadAttention, *leaves)).trace(model)
 
 
 def execution_order(graph: fx.Graph) -> list[str]:

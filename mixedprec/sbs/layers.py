@@ -23,29 +23,14 @@ classifier). See docs/sbs.md.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixedprec.metrics.examples import in_float_forward
 from mixedprec.sbs.pruning import FilterGroupGate
 from mixedprec.sbs.quantizer import BitSharingQuantizer
-
-_float_forward: contextvars.ContextVar[bool] = contextvars.ContextVar("sbs_float_forward", default=False)
-
-
-@contextlib.contextmanager
-def float_forward() -> Iterator[None]:
-    """SBS layers run as their float originals, with no quantizer or gate state touched
-    (used to infer output shapes without side effects)."""
-    token = _float_forward.set(True)
-    try:
-        yield
-    finally:
-        _float_forward.reset(token)
-
 
 class LayerRef:
     """A reference to another layer of the same model that is not registered as a submodule."""
@@ -161,7 +146,7 @@ class SBSConv2d(SBSLayer, nn.Conv2d):
         return self.groups == self.in_channels == self.out_channels and self.groups > 1
 
     def forward(self, x: Tensor) -> Tensor:
-        if _float_forward.get():
+        if in_float_forward():
             return super().forward(x)
         self._refresh_gate()
         return self._conv_forward(self.a_quant(x), self.quantized_weight(), self.bias)
@@ -194,7 +179,7 @@ class SBSLinear(SBSLayer, nn.Linear):
         self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _float_forward.get():
+        if in_float_forward():
             return super().forward(x)
         self._refresh_gate()
         return F.linear(self.a_quant(x), self.quantized_weight(), self.bias)

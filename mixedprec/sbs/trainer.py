@@ -21,13 +21,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mixedprec import checkpoint as checkpoints
 from mixedprec import distributed
 # A module import, not a from-import: mixedprec.metrics.bops imports the SBS layers in turn.
 from mixedprec.metrics import bops as bops_metrics
+from mixedprec.metrics.examples import Example
 from mixedprec.sbs.convert import fix_configuration, project_, sbs_layers, set_batch_statistics
 from mixedprec.sbs.pruning import FilterGroupGate
 from mixedprec.sbs.quantizer import BitSharingQuantizer
-from mixedprec.training import evaluate, make_loader
+from mixedprec.training import cross_entropy, evaluate, make_loader
 
 SEARCH, FINETUNE = "search", "finetune"
 
@@ -35,33 +37,36 @@ SEARCH, FINETUNE = "search", "finetune"
 def search(model: nn.Module, train_set: Dataset, *, epochs: int, bops_weight: float, lr: float = 0.01,
            batch_size: int = 64, weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
            device: torch.device | str = "cpu", eval_set: Dataset | None = None,
-           checkpoint: str | os.PathLike | None = None, quiet: bool = False) -> list[dict]:
+           checkpoint: str | os.PathLike | None = None, example_inputs: Example | None = None,
+           quiet: bool = False) -> list[dict]:
     """Search bits and pruning of a converted model (in place); returns per-epoch logs.
 
     bops_weight is lambda in CE + lambda * log(BOPs). With ``checkpoint``, state is saved after
-    every epoch and a run restarted with the same arguments resumes where it stopped.
+    every epoch and a run restarted with the same arguments resumes where it stopped. BOPs are
+    counted per example of ``example_inputs`` (a shape or tensors, ``mixedprec.metrics.examples``;
+    default: the first training input, so token ids and other non-float inputs just work).
     """
     if not bops_weight >= 0:
         raise ValueError(f"search: bops_weight must be >= 0, got {bops_weight!r}")
     return _train(model, train_set, SEARCH, epochs=epochs, bops_weight=bops_weight, lr=lr, batch_size=batch_size,
                   weight_decay=weight_decay, momentum=momentum, seed=seed, device=device, eval_set=eval_set,
-                  checkpoint=checkpoint, quiet=quiet)
+                  checkpoint=checkpoint, example_inputs=example_inputs, quiet=quiet)
 
 
 def finetune(model: nn.Module, train_set: Dataset, *, epochs: int, lr: float = 0.01, batch_size: int = 64,
              weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0, device: torch.device | str = "cpu",
              eval_set: Dataset | None = None, checkpoint: str | os.PathLike | None = None,
-             quiet: bool = False) -> list[dict]:
+             example_inputs: Example | None = None, quiet: bool = False) -> list[dict]:
     """Fix the current configuration of a searched model and finetune it (in place)."""
     fix_configuration(model)
     return _train(model, train_set, FINETUNE, epochs=epochs, bops_weight=0.0, lr=lr, batch_size=batch_size,
                   weight_decay=weight_decay, momentum=momentum, seed=seed, device=device, eval_set=eval_set,
-                  checkpoint=checkpoint, quiet=quiet)
+                  checkpoint=checkpoint, example_inputs=example_inputs, quiet=quiet)
 
 
 def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bops_weight: float, lr: float,
            batch_size: int, weight_decay: float, momentum: float, seed: int, device, eval_set: Dataset | None,
-           checkpoint, quiet: bool) -> list[dict]:
+           checkpoint, example_inputs: Example | None, quiet: bool) -> list[dict]:
     if not sbs_layers(model):
         raise ValueError(f"{phase}: model has no SBS layers; convert it with mixedprec.sbs.convert first")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -72,14 +77,14 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
     steps_per_epoch = distributed.batches_per_epoch(len(train_set), batch_size)
     quiet = quiet or not distributed.is_main()
     model.to(device)
-    input_shape = tuple(train_set[0][0].shape)
-    positions = bops_metrics.output_positions(model, input_shape)
+    example = train_set[0][0].unsqueeze(0) if example_inputs is None else example_inputs
+    positions = bops_metrics.output_positions(model, example)
     optimizer = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, nesterov=momentum > 0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs * steps_per_epoch, 1))
     torch.manual_seed(seed)
     history: list[dict] = []
     if checkpoint is not None and os.path.exists(checkpoint):
-        history = _resume(checkpoint, phase, model, optimizer, scheduler)
+        history = checkpoints.resume(checkpoint, phase, model, optimizer, scheduler)
 
     set_batch_statistics(model, distributed.ProcessGroupStatistics() if distributed.is_active() else None)
     try:
@@ -92,12 +97,12 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
                 log = _train_epoch(net, train_set, phase, epoch, steps_per_epoch, optimizer, scheduler,
                                    positions=positions, bops_weight=bops_weight, batch_size=batch_size, seed=seed,
                                    device=device, quiet=quiet)
-                log["bops"] = bops_metrics.count_bops(model, input_shape)
+                log["bops"] = bops_metrics.count_bops(model, example)
                 if eval_set is not None:  # every rank evaluates the whole set: no collectives
                     log["eval_acc"] = evaluate(model, make_loader(eval_set, 256, shuffle=False), device)
                 history.append(log)
                 if checkpoint is not None and distributed.is_main():
-                    _save(checkpoint, phase, model, optimizer, scheduler, history)
+                    checkpoints.save(checkpoint, phase, model, optimizer, scheduler, history)
     finally:
         set_batch_statistics(model, None)
     if phase == SEARCH:
@@ -135,7 +140,7 @@ def train_step(model: nn.Module, images: Tensor, labels: Tensor, optimizer: torc
     inner = distributed.unwrap(model)
     if positions is not None:
         _learn_gates(inner, weights=learn_weights)
-    ce = nn.functional.cross_entropy(model(images), labels)
+    ce = cross_entropy(model(images), labels)
     loss = ce
     if positions is not None:
         bops = bops_metrics.differentiable_bops(inner, positions, weights=learn_weights,
@@ -166,21 +171,3 @@ def _learn_gates(model: nn.Module, *, weights: bool) -> None:
     for layer in sbs_layers(model).values():
         layer.w_quant.thresholds.requires_grad_(weights)
         layer.a_quant.thresholds.requires_grad_(not weights)
-
-
-def _save(path, phase: str, model, optimizer, scheduler, history: list[dict]) -> None:
-    state = {"phase": phase, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "history": history, "rng": torch.get_rng_state()}
-    torch.save(state, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)  # a crash mid-save leaves the previous checkpoint intact
-
-
-def _resume(path, phase: str, model, optimizer, scheduler) -> list[dict]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("phase") != phase:
-        raise ValueError(f"{phase}: checkpoint {path} holds a {state.get('phase')!r} run, not {phase!r}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    return state["history"]
