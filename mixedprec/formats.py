@@ -37,7 +37,9 @@ from mixedprec.atomic import write_atomically
 MAX_BITS = 8
 GROUP = 32  # columns per group of group_code_offsets (one 32-bit bitmap window)
 FORMAT_NAME = "mixedprec.packed"
-FORMAT_VERSION = 2  # 2: float32 codebooks allowed (version 1 held float16 only)
+# 2: float32 codebooks allowed (version 1 held float16 only); 3: models of any architecture
+# (mixedprec subtrees described by module path, loaded into a freshly built model; nn/serialization.py)
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -129,19 +129,38 @@ def test_newer_version_and_foreign_file(tmp_path):
     header = {"format": formats.FORMAT_NAME, "version": str(formats.FORMAT_VERSION + 1), "content": json.dumps(content),
               "crc32": json.dumps({k: formats._crc32(v) for k, v in tensors.items()})}
     save_file(tensors, str(path), metadata=header)
-    with pytest.raises(ValueError, match="version 3, this mixedprec reads versions up to 2"):
+    newer, current = formats.FORMAT_VERSION + 1, formats.FORMAT_VERSION
+    with pytest.raises(ValueError, match=f"version {newer}, this mixedprec reads versions up to {current}"):
         mixedprec.load(path)
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="not a mixedprec packed model"):
         mixedprec.load(path)
 
 
-def test_disallowed_module_class(tmp_path):
-    class Custom(nn.Module):
-        pass
-    with pytest.raises(ValueError, match="only torch.nn and mixedprec modules"):
-        mixedprec.save(nn.Sequential(Custom()), tmp_path / "x.safetensors")
-    assert not list(tmp_path.iterdir())
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_model_of_other_classes_loads_into_a_freshly_built_one(tmp_path):
+    model = nn.Sequential(Custom())
+    mixedprec.save(model, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=r"architecture comes from code: pass a freshly built one.*model="):
+        mixedprec.load(tmp_path / "x.safetensors")
+    loaded = mixedprec.load(tmp_path / "x.safetensors", model=nn.Sequential(Custom()))
+    assert torch.equal(loaded[0].fc.weight, model[0].fc.weight)
+
+
+def test_classes_outside_torch_nn_and_mixedprec_are_never_rebuilt_from_a_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    mixedprec.save(nn.Sequential(nn.Linear(3, 2)), path)
+    _rewrite(path, lambda t, c: c["tree"].__setitem__("class", "os.system"))
+    with pytest.raises(ValueError, match="class os.system is not a torch.nn or mixedprec module"):
+        mixedprec.load(path)
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):

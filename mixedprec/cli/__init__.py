@@ -6,14 +6,15 @@
     mixedprec bench [NAME ...]         the kernel benchmark tables
 
 User mistakes (missing files, bad model specs, absent data folders, bad values) print one line
-``mixedprec <command>: error: ...`` and exit with status 2; a failed benchmark exits 1.
+``mixedprec <command>: error: ...`` and exit with status 2; failures of the program (a failed
+benchmark, packing or saving that fails after training, naming the checkpoint kept) exit 1.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mixedprec.cli.common import UsageError
+from mixedprec.cli.common import RunFailed, UsageError
 from mixedprec.distributed import RankLostError
 
 COMMANDS = {
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args, script_args) if args.command == "bench" else args.func(args)
     except UsageError as exc:
         return _fail(prog, str(exc), 2)
+    except RunFailed as exc:  # after training: the message names the checkpoint that holds the work
+        return _fail(prog, str(exc), 1)
     except ValueError as exc:  # the library's argument checks and file validation
         return _fail(prog, str(exc), 2)
     except RankLostError as exc:  # a data-parallel run under torchrun lost one of its ranks

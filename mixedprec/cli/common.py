@@ -12,6 +12,11 @@ class UsageError(Exception):
     """A mistake in what the user asked for: printed as one line, exit status 2."""
 
 
+class RunFailed(Exception):
+    """The program failed, not the user's input (e.g. packing or saving after training): printed
+    as one line naming what was kept, exit status 1."""
+
+
 def add_run_options(parser: argparse.ArgumentParser, *, out: str | None = None) -> None:
     """--device, --seed, --quiet (and --out when ``out`` gives its default)."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

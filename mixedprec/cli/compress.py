@@ -1,5 +1,11 @@
 """``mixedprec compress {sbs,opq}``: a zoo or user model on digits, CIFAR or an image folder.
 
+Every training stage checkpoints into ``<out>/checkpoints/`` and the finetuned model is kept there
+before it is packed (``mixedprec.cli.runs``): ``--resume`` continues an interrupted run from its
+last completed stage and epoch, and a failure while packing, saving or evaluating names the kept
+model and exits with status 1. The packed file records the model's factory, so ``mixedprec.load``
+and ``mixedprec report`` rebuild a user's model from its code.
+
 Under ``torchrun --nproc-per-node N -m mixedprec compress ...`` the training runs data-parallel
 on N processes (--batch-size is the global batch); rank 0 prints, packs, saves and evaluates."""
 from __future__ import annotations
@@ -14,8 +20,11 @@ from mixedprec import distributed, opq, sbs
 from mixedprec.cli import pipeline
 from mixedprec.cli.common import (UsageError, add_run_options, make_out_dir, non_negative_float, non_negative_int,
                                   positive_float, positive_int, resolve_device, say)
-from mixedprec.cli.inputs import DATA_SOURCES, build_model, load_data, load_weights, parse_model_args
+from mixedprec.cli.inputs import DATA_SOURCES, build_model, factory_name, load_data, load_weights, parse_model_args
+from mixedprec.cli.runs import Run
 from mixedprec.models import MODELS
+from mixedprec.nn.factory import build as factory_build
+from mixedprec.nn.factory import is_trusted
 from mixedprec.reporting import Reference, model_report
 from mixedprec.training import evaluate
 
@@ -83,6 +92,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate of search and finetuning (default: 0.01)")
     g.add_argument("--float-lr", type=positive_float, default=0.05, help="SGD learning rate of float training (default: 0.05)")
     add_run_options(parser, out="out/compress")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in --out from its last completed stage and epoch "
+                             "(checkpoints in OUT/checkpoints/; the other options must be the ones it was started with)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -92,7 +104,8 @@ def run(args: argparse.Namespace) -> dict:
     data = load_data(args.data, args.data_dir, image_size=args.image_size, seed=args.seed)
     torch.manual_seed(args.seed)
     model_args = parse_model_args(args.model_arg)
-    model = build_model(args.model, model_args, data)
+    model, model_args = build_model(args.model, model_args, data)
+    factory = factory_name(args.model)
     if args.weights is not None:
         load_weights(model, args.weights)
     elif args.float_epochs == 0:
@@ -100,18 +113,19 @@ def run(args: argparse.Namespace) -> dict:
     if args.method == "opq":
         pipeline.check_opq_rate(model, args.rate, cost=args.cost, levels=args.levels, option="--rate")
     out = make_out_dir(args.out)
-    record = {"model": args.model, "model_args": model_args, "data": data.name,
+    run = Run(out, args, quiet=quiet, main=distributed.is_main())
+    record = {"model": args.model, "factory": factory, "model_args": model_args, "data": data.name,
               "weights": None if args.weights is None else str(args.weights), "command": f"compress {args.method}"}
     start = time.perf_counter()
     if args.weights is None:
         say(quiet, f"training {args.model} in float on {data.name} for {args.float_epochs} epochs")
         pipeline.train_float(model, data, epochs=args.float_epochs, lr=args.float_lr, batch_size=args.batch_size,
-                             seed=args.seed, device=device, quiet=quiet)
+                             seed=args.seed, device=device, quiet=quiet, run=run)
     model.to(device)
     float_top1 = evaluate(model, pipeline.eval_loader(data), device)
     reference = Reference.of(model_report(model, data.input_shape))
     say(quiet, f"float top-1 {float_top1:.2f}% on {data.name}'s test split; compressing with {args.method.upper()}")
-    common = dict(lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=device, quiet=quiet)
+    common = dict(lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=device, quiet=quiet, run=run)
     if args.method == "sbs":
         compressed = pipeline.compress_sbs(model, data, policy=policy, search_epochs=args.search_epochs,
                                            finetune_epochs=args.finetune_epochs, bops_weight=args.bops_weight, **common)
@@ -120,14 +134,22 @@ def run(args: argparse.Namespace) -> dict:
                                            finetune_epochs=args.finetune_epochs, **common)
     if not distributed.is_main():  # the trained model is the same on every rank: one deploys it
         return {}
-    result = pipeline.deploy(compressed, out / "packed.safetensors", data, device=device, reference=reference,
-                             record={**record, "float_top1": float_top1})
+    try:
+        result = pipeline.deploy(compressed, out / "packed.safetensors", data, device=device, reference=reference,
+                                 record={**record, "float_top1": float_top1}, factory=factory,
+                                 factory_kwargs=model_args, skeleton=factory_build(factory, model_args))
+    except Exception as exc:  # the program's failure, not the user's: say where the work is
+        raise run.failed("packing, saving or evaluating the compressed model", exc) from exc
+    run.complete()
     print(result.report.table())
     print(f"{compressed.method}: top-1 {result.top1:.2f}% (float {float_top1:.2f}%, before packing "
           f"{result.top1_before_packing:.2f}%), {result.report.bops_reduction:.1f}x fewer BOPs, weights "
           f"{result.report.real_rate:.2f}x smaller in real bytes ({result.report.paper_rate:.2f}x as the papers "
           f"count), {time.perf_counter() - start:.1f} s")
     print(f"packed model: {result.path}\nrecord: {pipeline.record_path(Path(result.path))}")
+    if not is_trusted(factory):
+        print(f"to load it: mixedprec.load({result.path!r}, model=<a freshly built {args.model}>), or with "
+              f"trust_code=True (`mixedprec report {result.path} --trust-code`), which calls {factory}")
     return result.to_dict()
 
 

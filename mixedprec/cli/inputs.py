@@ -6,11 +6,7 @@ folder that is absent or has the wrong layout) raises UsageError with a one-line
 from __future__ import annotations
 
 import ast
-import importlib
-import importlib.util
 import inspect
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,6 +16,7 @@ from torch.utils.data import Dataset
 
 from mixedprec.cli.common import UsageError
 from mixedprec.models import MODELS
+from mixedprec.nn import factory
 
 DATA_SOURCES = ("digits", "cifar10", "cifar100", "imagefolder")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -50,58 +47,31 @@ def parse_model_args(items: list[str]) -> dict:
     return kwargs
 
 
-def model_factory(spec: str) -> Callable[..., nn.Module]:
-    """A zoo name (``mixedprec.models.MODELS``), ``package.module:function`` or ``path/file.py:function``."""
+def factory_name(spec: str) -> str:
+    """The name a model file records for ``spec``: a zoo name becomes its function's module path."""
     if spec in MODELS:
-        return MODELS[spec]
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
+        return factory.name_of(MODELS[spec])
+    if spec.rpartition(":")[1] != ":":
         raise UsageError(f"--model {spec!r}: not a zoo model ({', '.join(sorted(MODELS))}) and not of the form "
                          f"module:function or file.py:function")
-    module = _import(spec, module_name)
-    factory = module
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise UsageError(f"--model {spec!r}: {module_name} has no attribute {attr!r}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise UsageError(f"--model {spec!r}: {attr} is a {type(factory).__name__}, not a function or class")
-    return factory
-
-
-def _import(spec: str, module_name: str):
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise UsageError(f"--model {spec!r}: file {path} not found")
-            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-            return module
-        if "" not in sys.path and str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))  # like `python -m`: modules in the current folder import
-        return importlib.import_module(module_name)
-    except UsageError:
-        raise
-    except Exception as exc:  # the user's code: any error while importing it is theirs to see
-        raise UsageError(f"--model {spec!r}: importing {module_name} failed: {type(exc).__name__}: {exc}") from None
+        return factory.name_of(spec)
+    except ValueError as exc:
+        raise UsageError(f"--model {exc}") from None
 
 
-def build_model(spec: str, kwargs: dict, data: Data) -> nn.Module:
-    """The model from ``spec``; zoo models get the data's class and channel counts unless given."""
-    factory = model_factory(spec)
+def build_model(spec: str, kwargs: dict, data: Data) -> tuple[nn.Module, dict]:
+    """The model from ``spec`` and the keyword arguments it was built with; zoo models get the
+    data's class and channel counts unless given."""
+    name = factory_name(spec)
     if spec in MODELS:
-        params = inspect.signature(factory).parameters
+        params = inspect.signature(MODELS[spec]).parameters
         defaults = {"num_classes": data.num_classes, "in_channels": data.input_shape[0]}
         kwargs = {**{k: v for k, v in defaults.items() if k in params}, **kwargs}
     try:
-        model = factory(**kwargs)
-    except Exception as exc:
-        raise UsageError(f"--model {spec!r}: calling it with {kwargs or 'no arguments'} failed: "
-                         f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"--model {spec!r}: returned a {type(model).__name__}, not a torch.nn.Module")
+        model = factory.build(name, kwargs)
+    except ValueError as exc:
+        raise UsageError(f"--model {spec!r}: {str(exc).split(': ', 1)[-1]}") from None
     try:
         with torch.no_grad():
             was_training = model.training
@@ -115,7 +85,7 @@ def build_model(spec: str, kwargs: dict, data: Data) -> nn.Module:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"--model {spec!r}: outputs {shape} for one example; expected logits of shape "
                          f"(1, {data.num_classes}) for {data.name}'s {data.num_classes} classes")
-    return model
+    return model, kwargs
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -2,7 +2,9 @@
 baseline, then deployment (pack, save, reload, evaluate) with a JSON record beside the file.
 
 Each step is a handful of library calls (``mixedprec.sbs``, ``mixedprec.opq``, ``mixedprec.pack``/
-``save``/``load``); this module only times them and collects what they report.
+``save``/``load``); this module only times them and collects what they report. Given a ``Run``
+(``mixedprec compress``), the training steps checkpoint every epoch and the compressed model is
+kept before it is packed; a resumed run takes every finished stage from its checkpoint.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mixedprec import opq, sbs
-from mixedprec.cli.common import UsageError
+from mixedprec import checkpoint, distributed, opq, sbs
+from mixedprec.cli.common import UsageError, say
 from mixedprec.cli.inputs import Data
+from mixedprec.cli.runs import Run
 from mixedprec.reporting import MethodResult, Reference, model_report, write_json
 from mixedprec.training import evaluate, fit, make_loader, seed_everything
 
@@ -38,24 +41,29 @@ def eval_loader(data: Data, batch_size: int = 256) -> DataLoader:
 
 
 def train_float(model: nn.Module, data: Data, *, epochs: int, lr: float, batch_size: int, seed: int,
-                device: torch.device, quiet: bool) -> nn.Module:
+                device: torch.device, quiet: bool, run: Run | None = None) -> nn.Module:
     seed_everything(seed)
-    return fit(model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device, quiet=quiet)
+    return fit(model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, device=device,
+               checkpoint=_checkpoint(run, "float"), phase="float training", quiet=quiet)
 
 
 def compress_sbs(model: nn.Module, data: Data, *, policy: sbs.SBSPolicy, search_epochs: int, finetune_epochs: int,
                  bops_weight: float, lr: float, batch_size: int, seed: int, device: torch.device, quiet: bool,
-                 method: str = "SBS") -> Compressed:
+                 method: str = "SBS", run: Run | None = None) -> Compressed:
     """convert, search (skipped when every layer has one candidate), finetune, export."""
     start = time.perf_counter()
     model = sbs.convert(copy.deepcopy(model), policy).to(device)
-    searched = len(policy.weight_bits) > 1 or len(policy.act_bits) > 1 or policy.prune
-    history = []
-    if searched and search_epochs > 0:
-        history += sbs.search(model, data.train, epochs=search_epochs, bops_weight=bops_weight, lr=lr,
-                              batch_size=batch_size, seed=seed, device=device, quiet=quiet)
-    history += sbs.finetune(model, data.train, epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
-                            device=device, quiet=quiet)
+    history = _kept(run, model, quiet)
+    if history is None:
+        searched = len(policy.weight_bits) > 1 or len(policy.act_bits) > 1 or policy.prune
+        history = []
+        if searched and search_epochs > 0:
+            history += sbs.search(model, data.train, epochs=search_epochs, bops_weight=bops_weight, lr=lr,
+                                  batch_size=batch_size, seed=seed, device=device,
+                                  checkpoint=_checkpoint(run, "search"), quiet=quiet)
+        history += sbs.finetune(model, data.train, epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                device=device, checkpoint=_checkpoint(run, "finetune"), quiet=quiet)
+        _keep(run, model, history, quiet)
     exported = sbs.export(model)
     layers = {name: report.to_dict() for name, report in exported.layers.items()}
     return Compressed(method, exported.model, time.perf_counter() - start,
@@ -64,7 +72,7 @@ def compress_sbs(model: nn.Module, data: Data, *, policy: sbs.SBSPolicy, search_
 
 def compress_opq(model: nn.Module, data: Data, *, rate: float, cost: str, levels: str, finetune_epochs: int,
                  lr: float, batch_size: int, seed: int, device: torch.device, quiet: bool,
-                 rate_option: str = "--rate") -> Compressed:
+                 rate_option: str = "--rate", run: Run | None = None) -> Compressed:
     """allocate (analytically, from the weights), convert, finetune with masks and codebooks frozen."""
     start = time.perf_counter()
     try:
@@ -72,10 +80,35 @@ def compress_opq(model: nn.Module, data: Data, *, rate: float, cost: str, levels
     except ValueError as exc:  # e.g. a rate beyond what the layers' fixed overheads allow
         raise UsageError(f"{rate_option} {rate:g}: {exc}") from None
     compressed = opq.convert(model, plan).to(device)
-    opq.finetune(compressed, data.train, epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
-                 device=device, quiet=quiet)
+    if _kept(run, compressed, quiet) is None:
+        opq.finetune(compressed, data.train, epochs=finetune_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                     device=device, checkpoint=_checkpoint(run, "finetune"), quiet=quiet)
+        _keep(run, compressed, [], quiet)
     return Compressed("OPQ", compressed, time.perf_counter() - start,
                       {"plan": plan.to_dict(), "plan_real_rate": plan.real_rate, "plan_paper_rate": plan.paper_rate})
+
+
+def _checkpoint(run: Run | None, stage: str) -> Path | None:
+    return None if run is None else run.path(stage)
+
+
+def _kept(run: Run | None, model: nn.Module, quiet: bool) -> list | None:
+    """The training history of the compressed model kept by an earlier attempt of this run (its
+    state loaded into ``model``), or None when it must be trained."""
+    path = _checkpoint(run, "compressed")
+    if path is None or not path.is_file():
+        return None
+    history = checkpoint.load_model(path, model)["history"]
+    say(quiet, f"the finetuned model comes from {path}: no training")
+    return history
+
+
+def _keep(run: Run | None, model: nn.Module, history: list, quiet: bool) -> None:
+    """Keeps the finetuned, unpacked model before anything is packed (rank 0 under torchrun)."""
+    path = _checkpoint(run, "compressed")
+    if path is not None and distributed.is_main():
+        checkpoint.save_model(path, model, {"history": history})
+        say(quiet, f"finetuned model kept in {path}")
 
 
 def check_opq_rate(model: nn.Module, rate: float, *, cost: str, levels: str, option: str) -> None:
@@ -88,16 +121,19 @@ def check_opq_rate(model: nn.Module, rate: float, *, cost: str, levels: str, opt
 
 
 def deploy(compressed: Compressed, path: Path, data: Data, *, device: torch.device, reference: Reference | None,
-           record: dict, pack: bool = True) -> MethodResult:
-    """pack -> save -> load -> evaluate; writes ``<path>.json`` beside the model file."""
+           record: dict, pack: bool = True, factory: str | None = None, factory_kwargs: dict | None = None,
+           skeleton: nn.Module | None = None) -> MethodResult:
+    """pack -> save -> load -> evaluate; writes ``<path>.json`` beside the model file. ``factory``
+    (with its kwargs) is recorded in the file; ``skeleton`` is a freshly built float model to load
+    the file into (needed when the model is not made of torch.nn and mixedprec modules only)."""
     import mixedprec
 
     start = time.perf_counter()
     loader = eval_loader(data)
     before = evaluate(compressed.model, loader, device) if pack else None
     deployed = mixedprec.pack(compressed.model) if pack else compressed.model
-    mixedprec.save(deployed, path)
-    reloaded = mixedprec.load(path, map_location=device)
+    mixedprec.save(deployed, path, factory=factory, factory_kwargs=factory_kwargs)
+    reloaded = mixedprec.load(path, model=skeleton, map_location=device)
     top1 = evaluate(reloaded, loader, device)
     report = model_report(reloaded, data.input_shape, reference)
     seconds = compressed.seconds + time.perf_counter() - start

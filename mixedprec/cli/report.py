@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from mixedprec.cli.common import UsageError, resolve_device
+from mixedprec.cli.inputs import parse_model_args
+from mixedprec.nn import factory
 from mixedprec.cli.pipeline import RECORD_FORMAT, record_path
 from mixedprec.reporting import Reference, model_report
 
@@ -16,6 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", default=None, metavar="C,H,W",
                         help="shape of one input example, for BOPs (default: from the JSON record written beside "
                              "the file, FILE with .json; required when there is none)")
+    parser.add_argument("--model", default=None, metavar="SPEC",
+                        help="build the model to load the file into: module:function or path/to/file.py:function "
+                             "(for files of models of your own classes; default: rebuild it from the file)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument for the --model function, repeatable (VALUE a Python literal or a string)")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the file's recorded model factory run when it is not mixedprec's or torchvision's "
+                             "(it runs that code: only for files you trust)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model is loaded and the shape-finding forward pass runs (default: cpu)")
@@ -28,7 +38,14 @@ def run(args: argparse.Namespace) -> dict:
     if not args.file.is_file():
         raise UsageError(f"{args.file}: file not found")
     given_shape = None if args.input_shape is None else _parse_shape(args.input_shape)
-    model = mixedprec.load(args.file, map_location=device)  # a ValueError names what is wrong with the file
+    skeleton = None
+    if args.model is not None:
+        try:
+            skeleton = factory.build(factory.name_of(args.model), parse_model_args(args.model_arg))
+        except ValueError as exc:
+            raise UsageError(f"--model {exc}") from None
+    # a ValueError names what is wrong with the file, or why the model cannot be rebuilt from it
+    model = mixedprec.load(args.file, model=skeleton, trust_code=args.trust_code, map_location=device)
     record = _record(args.file)
     input_shape = given_shape or _recorded_shape(record, args.file)
     reference = record.get("reference")

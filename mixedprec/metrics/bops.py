@@ -3,7 +3,9 @@
 Layer BOPs = k_h * k_w * C_in/groups * C_out * H_out * W_out * b_w * b_a (a linear layer:
 k = 1 and H_out * W_out = the number of output positions per example, 1 for (N, C) inputs).
 Plain float layers count at 32/32 bits; SBS layers at their current hard bits and kept
-channels, or, for the loss, with bits and channel counts written through the gates.
+channels, or, for the loss, with bits and channel counts written through the gates. An SBS layer
+is recognized by what it reports (``bits()``, kept channel counts, its quantizers' bits), so that
+this module stays below the methods.
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from mixedprec.metrics import examples
+from mixedprec.metrics.compression import FLOAT_BITS
 from mixedprec.metrics.examples import Example
-from mixedprec.sbs.layers import SBSLayer
-from mixedprec.sbs.quantizer import FLOAT_BITS
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class LayerBops:
 COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def _searched(m: nn.Module) -> bool:
+    """An SBS layer: bits and kept channels of its own (mixedprec.sbs.layers.SBSLayer)."""
+    return hasattr(m, "w_quant") and hasattr(m, "kept_out_channels")
+
+
 def output_positions(model: nn.Module, example: Example) -> dict[str, int]:
     """Output positions per example (H_out * W_out of a conv, positions of a linear) of every
     conv/linear layer, from one float forward of ``example`` (a shape of one example, or
@@ -51,15 +57,16 @@ def layer_bops(m: nn.Module, positions: int, *, weight_grad: bool = False, act_g
     """BOPs of one conv/linear layer per example. The *_grad switches write the SBS layer's
     weight bits, activation bits and kept channel counts through its gates (differentiable)."""
     kernel = math.prod(m.kernel_size) if hasattr(m, "kernel_size") else 1
-    if not isinstance(m, SBSLayer):
+    if not _searched(m):
         return kernel * m.weight.shape[1] * m.weight.shape[0] * positions * FLOAT_BITS * FLOAT_BITS
     return (kernel * m.kept_in_channels_per_group(channel_grad) * m.kept_out_channels(channel_grad) * positions
             * m.w_quant.effective_bits(weight_grad) * m.a_quant.effective_bits(act_grad))
 
 
-def count_bops(model: nn.Module, example: Example) -> int:
+def count_bops(model: nn.Module, example: Example | dict[str, int]) -> int:
     """Total BOPs of the model per example: ``example`` is the shape of one input (no batch dim)
-    or example tensors with a batch dim (token ids, several inputs; ``metrics.examples``)."""
+    or example tensors with a batch dim (token ids, several inputs; ``metrics.examples``), or
+    the ``output_positions`` measured on one."""
     return sum(row.bops for row in bops_table(model, example))
 
 
@@ -77,16 +84,18 @@ def differentiable_bops(model: nn.Module, positions: dict[str, int], *, weights:
     return total
 
 
-def bops_table(model: nn.Module, example: Example) -> list[LayerBops]:
+def bops_table(model: nn.Module, example: Example | dict[str, int]) -> list[LayerBops]:
     """Per-layer BOPs at the current hard choice: name, shape, bits, kept channels, share. Every
-    conv/linear layer has a row; one the example's forward does not call counts 0 BOPs."""
-    positions = output_positions(model, example)
+    conv/linear layer has a row; one the example's forward does not call counts 0 BOPs.
+    ``example`` may also be the ``output_positions`` already measured (shapes do not change
+    while a model trains)."""
+    positions = example if isinstance(example, dict) else output_positions(model, example)
     rows = []
     for name, m in model.named_modules():
         if not isinstance(m, COUNTED):
             continue
-        w_bits, a_bits = m.bits() if isinstance(m, SBSLayer) else (FLOAT_BITS, FLOAT_BITS)
-        kept = m.kept_out_channels() if isinstance(m, SBSLayer) else m.weight.shape[0]
+        w_bits, a_bits = m.bits() if _searched(m) else (FLOAT_BITS, FLOAT_BITS)
+        kept = m.kept_out_channels() if _searched(m) else m.weight.shape[0]
         rows.append([name, layer_shape(m), w_bits, a_bits, kept, m.weight.shape[0],
                      int(layer_bops(m, positions.get(name, 0)))])
     total = sum(r[-1] for r in rows)

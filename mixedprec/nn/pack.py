@@ -8,17 +8,22 @@ next 4-bit activation quantizer turns a rounding into a whole step). The layer's
 quantizer is kept as the packed layer's ``input_quant``.
 OPQ: the codes are the nearest-level indices ``codebook_quant`` picks, the codebook and the
 channel scales are the layer's, pruned weights go into the keep bitmap.
-Plain float layers are left as they are.
+Plain float layers are left as they are. A layer the packed kernels cannot run (a conv with
+non-zero padding modes, or "same" padding that is not symmetric) stays as it was finetuned, named
+in one warning. A layer narrowed by ``sbs.export`` keeps its original widths (``pruned_from``), so
+that its file loads into a freshly built model.
 """
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from mixedprec import reference
 from mixedprec.formats import PackedWeight, pack_weight
+from mixedprec.nn.attention import keep_off_fused_paths
 from mixedprec.nn.packed_conv import PackedConv2d
 from mixedprec.nn.packed_linear import PackedLinear
 
@@ -37,28 +42,51 @@ def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise ValueError(f"pack: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
+    unpackable = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             where = f"{parent_name}.{name}" if parent_name else name
+            if not isinstance(child, (OPQLinear, OPQConv2d, SBSLinear, SBSConv2d)):
+                continue
+            if isinstance(child, (SBSLinear, SBSConv2d)) and not child.w_quant.enabled:
+                continue  # a float layer
+            padding = zero_padding(child) if isinstance(child, nn.Conv2d) else None
+            if padding == "unsupported":
+                unpackable.append(f"{where} (padding={child.padding!r}, padding_mode={child.padding_mode!r})")
+                continue
             if isinstance(child, (OPQLinear, OPQConv2d)):
                 packed, input_quant = opq_packed_weight(child), None
-            elif isinstance(child, (SBSLinear, SBSConv2d)):
-                if not child.w_quant.enabled:
-                    continue  # a float layer
-                packed, input_quant = sbs_packed_weight(child, where), _input_quant(child)
             else:
-                continue
-            setattr(parent, name, _packed_layer(child, packed, input_quant, where))
+                packed, input_quant = sbs_packed_weight(child, where), _input_quant(child)
+            setattr(parent, name, _packed_layer(child, packed, input_quant, padding))
+    if unpackable:
+        warnings.warn(f"pack: the packed convolution pads with zeros only; layers {unpackable} stay as they were "
+                      f"finetuned (fake-quantized, float weights)", stacklevel=2)
+    keep_off_fused_paths(model)
     return model
 
 
-def _packed_layer(layer: nn.Module, packed: PackedWeight, input_quant, where: str) -> nn.Module:
+def zero_padding(conv: nn.Conv2d) -> tuple[int, int] | str:
+    """The conv's padding as the packed conv takes it (numbers, zeros), or "unsupported"."""
+    if conv.padding_mode != "zeros":
+        return "unsupported"
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":  # torch pads dilation * (k - 1) in all, the odd one on the right
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        return "unsupported" if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+    return tuple(conv.padding)
+
+
+def _packed_layer(layer: nn.Module, packed: PackedWeight, input_quant, padding) -> nn.Module:
     bias = None if layer.bias is None else layer.bias.detach()
     if isinstance(layer, nn.Linear):
         new = PackedLinear(packed, bias, input_quant)
     else:
-        new = PackedConv2d(packed, bias, input_quant, stride=layer.stride, padding=layer.padding,
+        new = PackedConv2d(packed, bias, input_quant, stride=layer.stride, padding=padding,
                            dilation=layer.dilation, groups=layer.groups)
+    if hasattr(layer, "pruned_from"):
+        new.pruned_from = dict(layer.pruned_from)
     return new.to(layer.weight.device).train(layer.training)
 
 

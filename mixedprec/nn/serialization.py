@@ -1,71 +1,143 @@
-"""save(model, path) / load(path): packed models as safetensors files, no pickle.
+"""save(model, path) / load(path, model=...): a model with packed layers as one safetensors file, no pickle.
 
-The file holds every parameter and persistent buffer (packed codes, codebooks, scales, bitmaps,
-biases, BatchNorm statistics, ...) as tensors, and the module tree as JSON in the metadata:
-per module its class (only classes from torch.nn and mixedprec are written or read back, so
-loading never runs other code), its plain attributes (numbers, strings, tuples, dtypes) and its
-children. Loading rebuilds the tree without calling constructors, then lets packed layers
-validate their buffers and recompute derived tables. File-level checks: mixedprec.formats.
+The architecture comes from code and the weights from the file, as elsewhere in the ecosystem:
+
+- The file holds every parameter and persistent buffer by its state-dict name (tied tensors
+  once, the others named as their aliases). Every subtree whose root is a mixedprec module (a
+  packed layer, an SBS or OPQ layer left unpacked, a ``LinearMultiheadAttention``) is described
+  in the metadata as JSON: its class, plain attributes (numbers, strings, tuples, dtypes) and
+  children. Modules that ``sbs.export`` narrowed keep their original widths (``pruned_from``).
+- ``load(path, model=skeleton)`` takes a freshly built float model (``torchvision.models.resnet50()``,
+  the user's own class), puts each described subtree in place of the module the skeleton has
+  there (built from the description: no constructor runs, only torch.nn and mixedprec classes),
+  narrows the modules export narrowed, and loads every tensor, strictly by default: missing,
+  unexpected and wrongly shaped entries are each named.
+- Without ``model``, ``load`` rebuilds the model itself when it can: a model made only of
+  torch.nn and mixedprec modules is described whole ("tree", as format version 2 did), and a
+  model built by a factory given to ``save`` (``module:function`` or ``file.py:function`` with
+  keyword arguments) is built by calling it (``mixedprec.nn.factory``: code runs only for
+  mixedprec's zoo and torchvision's models, or with ``trust_code=True``).
+File-level checks (versions, checksums, truncation): ``mixedprec.formats``.
 """
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mixedprec import formats
+from mixedprec.nn import factory as factories
+from mixedprec.nn.attention import keep_off_fused_paths
+from mixedprec.nn.pack import zero_padding
 
 _ALLOWED_PREFIXES = ("torch.nn.", "mixedprec.")
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
+_SHOWN = 6  # problems named in one error message
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Writes ``model`` (e.g. the result of ``mixedprec.pack``) to ``path`` atomically."""
+def save(model: nn.Module, path: str | os.PathLike, *, factory: Callable | str | None = None,
+         factory_kwargs: dict | None = None) -> None:
+    """Writes ``model`` (e.g. the result of ``mixedprec.pack``) to ``path`` atomically.
+
+    ``factory``: the function (or its name, ``module:function`` or ``path/to/file.py:function``)
+    that builds the float model with ``factory_kwargs``, recorded so that ``load`` can rebuild a
+    model of user-defined classes without being given one."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"save: model must be an nn.Module, got {type(model).__name__}")
-    tensors: dict[str, torch.Tensor] = {}
-    tree = _describe(model, "", tensors)
-    formats.save_file(path, tensors, {"tree": tree})
+    content: dict = {}
+    if factory is not None:
+        try:
+            content["factory"] = {"name": factories.name_of(factory), "kwargs": _encode_checked(factory_kwargs or {},
+                                                                                              "factory_kwargs")}
+        except ValueError as exc:
+            raise ValueError(f"save: {exc}") from None
+    tensors: dict[str, Tensor] = {}
+    if all(_class_path(type(m)).startswith(_ALLOWED_PREFIXES) for m in model.modules()):
+        content["tree"] = _describe(model, "", tensors)
+    else:
+        content.update(root=_class_path(type(model)), **_describe_parts(model, tensors))
+    aliases = _deduplicate(tensors)
+    if aliases:
+        content["aliases"] = aliases
+    formats.save_file(path, tensors, content)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The model saved at ``path``; a ValueError says what is wrong with a bad file."""
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, strict: bool = True, trust_code: bool = False,
+         map_location: str | torch.device | None = None) -> nn.Module:
+    """The model saved at ``path``; a ValueError says what is wrong with a bad file or a model it does not fit.
+
+    model: a freshly built float model of the saved one's architecture (unpruned: layers narrowed
+        by SBS are narrowed to the saved widths); filled in place and returned. Without it the
+        file must describe its model or name a factory (see the module doc).
+    strict: missing, unexpected and wrongly shaped entries are an error (else they are skipped).
+    trust_code: call a factory the file names even when it is not mixedprec's or torchvision's.
+    map_location: where the result goes (default: the given model's device, else the CPU).
+    """
+    where = os.fspath(path)
     tensors, content = formats.load_file(path)
-    if not isinstance(content, dict) or "tree" not in content:
-        raise ValueError(f"{os.fspath(path)}: no module tree in the file's metadata")
-    used: set[str] = set()
-    model = _build(content["tree"], "", tensors, used)
-    if used != set(tensors):
-        raise ValueError(f"{os.fspath(path)}: tensors {sorted(set(tensors) - used)} belong to no module")
-    for name, module in model.named_modules():
-        if hasattr(module, "rebuild_derived"):
-            try:
-                module.rebuild_derived()
-            except ValueError as exc:
-                raise ValueError(f"{os.fspath(path)}: layer {name!r} is inconsistent: {exc}") from None
-    return model.to(map_location)
+    if not isinstance(content, dict) or not ("tree" in content or "modules" in content):
+        raise ValueError(f"{where}: no model description in the file's metadata")
+    for alias, name in content.get("aliases", {}).items():
+        tensors[alias] = tensors[name]
+    if model is None and "tree" in content:
+        model = _rebuild(content["tree"], tensors, where)
+    else:
+        if model is None:
+            model = _build_from_factory(content, trust_code, where)
+        elif not isinstance(model, nn.Module):
+            raise ValueError(f"load: model must be an nn.Module (a freshly built one), got {type(model).__name__}")
+        _install(model, content, tensors, strict, where)
+    keep_off_fused_paths(model)
+    return model if map_location is None else model.to(map_location)
 
+
+# ------------------------------------------------------------------------------------ writing
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _is_mixedprec(module: nn.Module) -> bool:
+    return _class_path(type(module)).startswith("mixedprec.")
+
+
+def _describe_parts(model: nn.Module, tensors: dict) -> dict:
+    """A model with modules of other classes: its mixedprec subtrees, narrowed modules, other state."""
+    described: dict[str, dict] = {}
+    narrowed: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in map(_prefix, described)):
+            continue  # inside a described subtree
+        if _is_mixedprec(module) and name:
+            described[name] = _describe(module, _prefix(name), tensors)
+        elif hasattr(module, "pruned_from"):
+            narrowed[name] = {"from": module.pruned_from, "to": {k: getattr(module, k) for k in module.pruned_from}}
+    extra_state = {}
+    for key, value in model.state_dict().items():
+        if any(key.startswith(_prefix(name)) for name in described):
+            continue
+        if isinstance(value, Tensor):
+            tensors[key] = value
+        else:
+            extra_state[key] = _encode_checked(value, f"state {key!r}")
+    parts = {"modules": described, "narrowed": narrowed, "extra_state": extra_state}
+    return {k: v for k, v in parts.items() if v or k == "modules"}
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
 def _describe(module: nn.Module, prefix: str, tensors: dict) -> dict:
     path = _class_path(type(module))
     if not path.startswith(_ALLOWED_PREFIXES):
-        raise ValueError(f"save: module {prefix.rstrip('.') or '<root>'!r} is a {path}; only torch.nn and mixedprec "
-                         f"modules can be saved")
-    attrs = {}
-    for key, value in vars(module).items():
-        if key in _MODULE_INTERNALS:
-            continue
-        try:
-            attrs[key] = _encode(value)
-        except TypeError:
-            raise ValueError(f"save: attribute {key!r} of module {prefix.rstrip('.') or '<root>'!r} ({path}) is a "
-                             f"{type(value).__name__}, which the packed file cannot hold") from None
+        raise ValueError(f"save: module {prefix.rstrip('.') or '<root>'!r} is a {path} inside a mixedprec module; "
+                         f"only torch.nn and mixedprec modules can be described there")
+    attrs = {key: _encode_checked(value, f"attribute {key!r} of module {prefix.rstrip('.') or '<root>'!r} ({path})")
+             for key, value in vars(module).items() if key not in _MODULE_INTERNALS}
     params, buffers = {}, {}
     for name, p in module._parameters.items():
         params[name] = None if p is None else p.requires_grad
@@ -83,42 +155,34 @@ def _describe(module: nn.Module, prefix: str, tensors: dict) -> dict:
             "non_persistent": sorted(module._non_persistent_buffers_set)}
 
 
-def _build(spec: dict, prefix: str, tensors: dict, used: set) -> nn.Module:
-    where = prefix.rstrip(".") or "<root>"
+def _deduplicate(tensors: dict[str, Tensor]) -> dict[str, str]:
+    """Stores tied tensors (the same view of the same memory) once: removes the repeats from
+    ``tensors`` and returns them as alias -> stored name. A tensor that shares memory with
+    another in some other way is stored as a copy (safetensors holds no overlapping tensors)."""
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    aliases = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        if key in seen:
+            aliases[name] = seen[key]
+            del tensors[name]
+        elif key[0] in storages:
+            tensors[name] = t.clone()
+        else:
+            seen[key] = name
+            storages.add(key[0])
+    return aliases
+
+
+def _encode_checked(value, what: str):
     try:
-        path = spec["class"]
-        if not path.startswith(_ALLOWED_PREFIXES):
-            raise ValueError(f"class {path} is not a torch.nn or mixedprec module")
-        module_name, _, qualname = path.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), qualname)
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise ValueError(f"{path} is not an nn.Module class")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        for key, value in spec["attrs"].items():
-            object.__setattr__(module, key, _decode(value))
-        for name, requires_grad in spec["params"].items():
-            module._parameters[name] = None if requires_grad is None else \
-                nn.Parameter(_take(tensors, prefix + name, used), requires_grad=requires_grad)
-        for name, present in spec["buffers"].items():
-            module._buffers[name] = _take(tensors, prefix + name, used) if present else None
-        for name in spec.get("non_persistent", []):
-            module._buffers.setdefault(name, None)
-            module._non_persistent_buffers_set.add(name)
-        for name, child in spec["children"].items():
-            module._modules[name] = None if child is None else _build(child, f"{prefix}{name}.", tensors, used)
-    except (KeyError, TypeError, AttributeError, ImportError) as exc:
-        raise ValueError(f"packed file: module {where!r} is malformed: {type(exc).__name__}: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"packed file: module {where!r}: {exc}") from None
-    return module
-
-
-def _take(tensors: dict, name: str, used: set) -> torch.Tensor:
-    if name not in tensors:
-        raise ValueError(f"tensor {name!r} is missing")
-    used.add(name)
-    return tensors[name]
+        return _encode(value)
+    except TypeError:
+        raise ValueError(f"save: {what} is a {type(value).__name__}, which the packed file cannot hold") from None
 
 
 def _encode(value):
@@ -134,6 +198,8 @@ def _encode(value):
     raise TypeError(type(value).__name__)
 
 
+# ------------------------------------------------------------------------------------ reading
+
 def _decode(value):
     if isinstance(value, list):
         return [_decode(v) for v in value]
@@ -147,3 +213,219 @@ def _decode(value):
             return tuple(_decode(v) for v in value["__tuple__"])
         return {k: _decode(v) for k, v in value["__dict__"].items()}
     return value
+
+
+def _rebuild(tree: dict, tensors: dict, where: str) -> nn.Module:
+    """The whole model from its description (no constructor runs)."""
+    used: set[str] = set()
+    model = _build(tree, "", tensors, used, {})
+    unused = set(tensors) - used
+    if unused:
+        raise ValueError(f"{where}: tensors {sorted(unused)} belong to no module")
+    _validate_packed(model, "", where)
+    return model
+
+
+def _build(spec: dict, prefix: str, tensors: dict, used: set, made: dict) -> nn.Module:
+    """A module from its description; ``made`` maps tensor names to the tensors already made, so
+    that tied parameters come back as one Parameter."""
+    where = prefix.rstrip(".") or "<root>"
+    try:
+        path = spec["class"]
+        if not path.startswith(_ALLOWED_PREFIXES):
+            raise ValueError(f"class {path} is not a torch.nn or mixedprec module")
+        module_name, _, qualname = path.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), qualname)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ValueError(f"{path} is not an nn.Module class")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        for key, value in spec["attrs"].items():
+            object.__setattr__(module, key, _decode(value))
+        for name, requires_grad in spec["params"].items():
+            module._parameters[name] = None if requires_grad is None else \
+                _take(tensors, prefix + name, used, made, requires_grad)
+        for name, present in spec["buffers"].items():
+            module._buffers[name] = _take(tensors, prefix + name, used, made) if present else None
+        for name in spec.get("non_persistent", []):
+            module._buffers.setdefault(name, None)
+            module._non_persistent_buffers_set.add(name)
+        for name, child in spec["children"].items():
+            module._modules[name] = None if child is None else _build(child, f"{prefix}{name}.", tensors, used, made)
+    except (KeyError, TypeError, AttributeError, ImportError) as exc:
+        raise ValueError(f"packed file: module {where!r} is malformed: {type(exc).__name__}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"packed file: module {where!r}: {exc}") from None
+    return module
+
+
+def _take(tensors: dict, name: str, used: set, made: dict, requires_grad: bool | None = None) -> Tensor:
+    if name not in tensors:
+        raise ValueError(f"tensor {name!r} is missing")
+    used.add(name)
+    key = id(tensors[name])  # aliases of one stored tensor share it
+    if key not in made:
+        t = tensors[name]
+        made[key] = t if requires_grad is None else nn.Parameter(t, requires_grad=requires_grad)
+    return made[key]
+
+
+def _validate_packed(model: nn.Module, prefix: str, where: str) -> None:
+    """Packed layers check their buffers and rebuild their derived tables."""
+    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
+        if hasattr(module, "rebuild_derived"):
+            try:
+                module.rebuild_derived()
+            except ValueError as exc:
+                raise ValueError(f"{where}: layer {name!r} is inconsistent: {exc}") from None
+
+
+def _build_from_factory(content: dict, trust_code: bool, where: str) -> nn.Module:
+    recorded = content.get("factory")
+    if recorded is None:
+        raise ValueError(f"{where}: the saved model is a {content.get('root', 'model')} whose architecture comes from "
+                         f"code: pass a freshly built one, mixedprec.load(path, model=...) (or save it with "
+                         f"factory=... so that load can build it)")
+    name = recorded["name"]
+    if not (trust_code or factories.is_trusted(name)):
+        raise ValueError(f"{where}: the model is built by {name!r}, which load calls only with trust_code=True "
+                         f"(it runs that code); or pass a freshly built model, mixedprec.load(path, model=...)")
+    try:
+        return factories.build(name, _decode(recorded["kwargs"]))
+    except ValueError as exc:
+        raise ValueError(f"{where}: rebuilding the model failed: {exc}") from None
+
+
+def _parts(content: dict) -> tuple[dict[str, dict], dict[str, dict], dict]:
+    """(described mixedprec subtrees, narrowed modules, extra state) of either description."""
+    if "tree" not in content:
+        return content["modules"], content.get("narrowed", {}), content.get("extra_state", {})
+    described, narrowed = {}, {}
+
+    def walk(spec: dict, name: str) -> None:
+        if spec["class"].startswith("mixedprec.") and name:
+            described[name] = spec
+            return
+        original = spec["attrs"].get("pruned_from")
+        if original is not None:
+            original = _decode(original)
+            narrowed[name] = {"from": original, "to": {k: _decode(spec["attrs"][k]) for k in original}}
+        for child, child_spec in spec["children"].items():
+            if child_spec is not None:
+                walk(child_spec, f"{_prefix(name)}{child}")
+
+    walk(content["tree"], "")
+    return described, narrowed, {}
+
+
+def _install(model: nn.Module, content: dict, tensors: dict, strict: bool, where: str) -> None:
+    """Fills a freshly built ``model`` in place from the file's parts."""
+    described, narrowed, extra_state = _parts(content)
+    problems: list[str] = []
+    modules = dict(model.named_modules())
+    for name, widths in narrowed.items():
+        _narrow(modules, name, widths, tensors, problems)
+    used: set[str] = set()
+    made: dict = {}
+    for name, spec in described.items():
+        target = modules.get(name)
+        if target is None:
+            problems.append(f"the model has no module {name!r}, where the file holds a "
+                            f"{spec['class'].rpartition('.')[2]}")
+            continue
+        new = _build(spec, _prefix(name), tensors, used, made)
+        mismatch = _mismatch(target, new)
+        if mismatch:
+            problems.append(f"{name!r}: {mismatch}")
+            continue
+        _validate_packed(new, name, where)
+        anchor = next(iter((*target.parameters(), *target.buffers())), None)
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent], attr, new if anchor is None or anchor.is_meta else new.to(anchor.device))
+    state = {k: v for k, v in tensors.items() if k not in used}
+    state.update({k: _decode(v) for k, v in extra_state.items()})
+    expected = {k: v for k, v in model.state_dict().items()
+                if not any(k.startswith(_prefix(name)) for name in described)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if isinstance(state[k], Tensor)
+                   and isinstance(expected[k], Tensor) and state[k].shape != expected[k].shape)
+    for label, keys in (("missing from the file", missing), ("unexpected (not in the model)", unexpected)):
+        if keys:
+            problems.append(f"{len(keys)} entries {label}: {_few(keys)}")
+    if wrong:
+        problems.append(f"{len(wrong)} entries of another shape: " + _few(
+            [f"{k} {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model" for k in wrong]))
+    if problems and strict:
+        raise ValueError(f"{where}: the file does not fit the model ({len(problems)} problem"
+                         f"{'s' if len(problems) > 1 else ''}): "
+                         + "; ".join(problems[:_SHOWN]) + (" ..." if len(problems) > _SHOWN else ""))
+    for k in wrong + unexpected:
+        del state[k]
+    meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    model.load_state_dict(state, strict=False, assign=meta)
+
+
+def _narrow(modules: dict, name: str, widths: dict, tensors: dict, problems: list) -> None:
+    """Gives a module of the freshly built model the width SBS's export left it with."""
+    module = modules.get(name)
+    if module is None:
+        problems.append(f"the model has no module {name!r}, which the file holds narrowed")
+        return
+    original = {k: getattr(module, k, None) for k in widths["from"]}
+    if original != widths["from"]:
+        problems.append(f"{name!r} has {_widths(original)}, the file was saved from a model with "
+                        f"{_widths(widths['from'])}")
+        return
+    for key, value in widths["to"].items():
+        setattr(module, key, value)
+    for slot in (module._parameters, module._buffers):
+        for attr, t in slot.items():
+            stored = tensors.get(_prefix(name) + attr)
+            if t is not None and stored is not None and t.shape != stored.shape:
+                new = torch.empty(stored.shape, dtype=t.dtype, device=t.device)
+                slot[attr] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+    module.pruned_from = dict(widths["from"])
+
+
+def _signature(m: nn.Module) -> tuple[str, dict] | None:
+    """What a layer and its packed twin must agree on (conv, linear or attention geometry)."""
+    if hasattr(m, "kernel_size") and hasattr(m, "out_channels"):
+        padding = zero_padding(m) if isinstance(m, nn.Conv2d) else m.padding
+        pair = nn.modules.utils._pair
+        return "conv", {"in_channels": m.in_channels, "out_channels": m.out_channels,
+                        "kernel_size": tuple(m.kernel_size), "stride": pair(m.stride), "padding": padding if
+                        isinstance(padding, str) else pair(padding), "dilation": pair(m.dilation),
+                        "groups": m.groups, "bias": m.bias is not None}
+    if hasattr(m, "in_features") and hasattr(m, "out_features"):
+        return "linear", {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+    if hasattr(m, "embed_dim") and hasattr(m, "num_heads"):
+        return "attention", {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "kdim": m.kdim, "vdim": m.vdim,
+                             "batch_first": m.batch_first, "bias": m.in_proj_bias is not None}
+    return None
+
+
+def _mismatch(target: nn.Module, new: nn.Module) -> str | None:
+    """Why the file's module cannot stand where the model has ``target``, or None."""
+    theirs, ours = _signature(target), _signature(new)
+    if theirs is None or ours is None:
+        if type(target) is type(new):
+            return None
+        return f"the model has a {type(target).__name__}, the file a {type(new).__name__}"
+    ours[1].update(getattr(new, "pruned_from", {}))
+    if theirs[0] != ours[0]:
+        return f"the model has a {type(target).__name__}, the file a {type(new).__name__} ({ours[0]})"
+    differ = {k: (theirs[1][k], v) for k, v in ours[1].items() if k in theirs[1] and theirs[1][k] != v}
+    if differ:
+        return (f"the model's {type(target).__name__} has " + ", ".join(f"{k}={a}" for k, (a, _) in differ.items())
+                + f"; the file's {type(new).__name__} was made from one with "
+                + ", ".join(f"{k}={b}" for k, (_, b) in differ.items()))
+    return None
+
+
+def _widths(widths: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in widths.items())
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

@@ -42,10 +42,12 @@ def export(model: nn.Module) -> Exported:
         if group is None or set(group.members) != linked_members or set(group.consumers) != linked_consumers:
             raise ValueError(f"export: the data flow from {name!r} no longer matches the pruning set up by convert")
         keep = producer.prune_gate.keep.nonzero().flatten()
-        for out_name in [name, *group.members, *group.norms]:
+        narrowed = len(keep) < producer.weight.shape[0]
+        for out_name in [name, *group.members, *group.norms] if narrowed else []:
             _keep_outputs(modules[out_name], keep)
         for in_name in group.consumers:
-            _keep_inputs(modules[in_name], keep)
+            if narrowed:
+                _keep_inputs(modules[in_name], keep)
             modules[in_name].input_source = None
         for member in group.members:
             modules[member].channel_source = None
@@ -60,26 +62,36 @@ def _select(t: Tensor | None, dim: int, index: Tensor) -> nn.Parameter | Tensor 
     return nn.Parameter(kept, t.requires_grad) if isinstance(t, nn.Parameter) else kept
 
 
+def _narrow(m: nn.Module, **widths: int) -> None:
+    """Sets width attributes (out_channels=..., num_features=...), remembering the original ones in
+    ``m.pruned_from``: a saved model then loads into a freshly built, full-width one of its kind
+    (``mixedprec.load``), which it narrows to these widths."""
+    original = getattr(m, "pruned_from", {})
+    m.pruned_from = {**{k: getattr(m, k) for k in widths}, **original}
+    for k, v in widths.items():
+        setattr(m, k, v)
+
+
 def _keep_outputs(m: nn.Module, keep: Tensor) -> None:
     """Keep only output channels ``keep`` of a conv/linear (a depthwise conv: also its
     inputs) or the entries ``keep`` of a BatchNorm."""
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         for attr in ("weight", "bias", "running_mean", "running_var"):
             setattr(m, attr, _select(getattr(m, attr), 0, keep))
-        m.num_features = len(keep)
+        _narrow(m, num_features=len(keep))
         return
     m.weight, m.bias = _select(m.weight, 0, keep), _select(m.bias, 0, keep)
     if isinstance(m, nn.Linear):
-        m.out_features = len(keep)
+        _narrow(m, out_features=len(keep))
     elif m.groups > 1:  # depthwise: one input channel per output channel
-        m.in_channels = m.out_channels = m.groups = len(keep)
+        _narrow(m, in_channels=len(keep), out_channels=len(keep), groups=len(keep))
     else:
-        m.out_channels = len(keep)
+        _narrow(m, out_channels=len(keep))
 
 
 def _keep_inputs(m: nn.Module, keep: Tensor) -> None:
     m.weight = _select(m.weight, 1, keep)
     if isinstance(m, nn.Linear):
-        m.in_features = len(keep)
+        _narrow(m, in_features=len(keep))
     else:
-        m.in_channels = len(keep)
+        _narrow(m, in_channels=len(keep))

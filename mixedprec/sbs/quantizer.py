@@ -23,9 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from mixedprec import ops
+from mixedprec.metrics.compression import FLOAT_BITS
 from mixedprec.reference import ste_gate
-
-FLOAT_BITS = 32
 
 # The backend every quantizer passes to the op; None lets the op pick the fastest one.
 _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("sbs_backend", default=None)

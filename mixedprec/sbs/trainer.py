@@ -97,7 +97,7 @@ def _train(model: nn.Module, train_set: Dataset, phase: str, *, epochs: int, bop
                 log = _train_epoch(net, train_set, phase, epoch, steps_per_epoch, optimizer, scheduler,
                                    positions=positions, bops_weight=bops_weight, batch_size=batch_size, seed=seed,
                                    device=device, quiet=quiet)
-                log["bops"] = bops_metrics.count_bops(model, example)
+                log["bops"] = bops_metrics.count_bops(model, positions)
                 if eval_set is not None:  # every rank evaluates the whole set: no collectives
                     log["eval_acc"] = evaluate(model, make_loader(eval_set, 256, shuffle=False), device)
                 history.append(log)
