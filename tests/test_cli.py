@@ -94,6 +94,20 @@ def wrong_input():
 
 def mlp(hidden=16):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+class Residual(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(x + self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+def residual(width=4):
+    return Residual(width)
 '''
 
 
@@ -232,6 +246,67 @@ def test_compress_sbs_user_model_with_weights(scratch, tmp_path):
     bits = [(layer["weight_bits"], layer["act_bits"]) for layer in record["report"]["layers"]]
     assert bits[0] == (8, 8) and bits[-1] == (8, 8)  # first and last layer stay at 8 bits
     assert "search" in result.stderr  # progress bars without --quiet
+
+
+def test_compress_of_a_user_class_ends_in_a_file_that_report_and_load_read(scratch, tmp_path):
+    model = f"{scratch / 'usermodels.py'}:residual"
+    result = mixedprec("compress", "opq", "--model", model, "--model-arg", "width=6", *TINY_TRAINING, "--rate", "4",
+                       "--out", "run", "-q", cwd=tmp_path)
+    assert_ok(result)
+    assert "trust_code=True" in result.stdout  # how to load it
+    assert_one_line_error(mixedprec("report", "run/packed.safetensors", cwd=tmp_path), "--trust-code", "--model")
+    trusted = mixedprec("report", "run/packed.safetensors", "--trust-code", "--json", cwd=tmp_path)
+    built = mixedprec("report", "run/packed.safetensors", "--model", model, "--model-arg", "width=6", "--json",
+                      cwd=tmp_path)
+    assert_ok(trusted)
+    assert_ok(built)
+    assert json.loads(trusted.stdout)["bops"] == json.loads(built.stdout)["bops"] > 0
+    sys.path.insert(0, str(scratch))
+    try:
+        import usermodels
+    finally:
+        sys.path.remove(str(scratch))
+    import mixedprec as library
+    loaded = library.load(tmp_path / "run" / "packed.safetensors", model=usermodels.residual(width=6))
+    assert isinstance(loaded.conv2, library.nn.PackedConv2d)
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.pt")}
+
+
+def test_a_failed_save_names_the_kept_model_and_resume_does_not_train_again(tmp_path):
+    args = ("compress", "sbs", *TINY_MODEL, *TINY_TRAINING, "--search-epochs", "1", "--out", "run")
+    (tmp_path / "run" / "packed.safetensors").mkdir(parents=True)  # saving there fails
+    failed = mixedprec(*args, cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr
+    message = failed.stderr.strip().splitlines()[-1]
+    assert "failed" in message and "checkpoints/compressed.pt" in message and "--resume" in message
+    kept = _mtimes(tmp_path / "run" / "checkpoints")
+    assert set(kept) == {"float.pt", "search.pt", "finetune.pt", "compressed.pt"}
+    assert_one_line_error(mixedprec(*args, cwd=tmp_path), "unfinished run", "--resume")
+    assert_one_line_error(mixedprec(*args, "--resume", "--lr", "0.5", cwd=tmp_path), "--resume", "--lr")
+    (tmp_path / "run" / "packed.safetensors").rmdir()
+    resumed = mixedprec(*args, "--resume", cwd=tmp_path)
+    assert_ok(resumed)
+    assert "no training" in resumed.stdout and _mtimes(tmp_path / "run" / "checkpoints") == kept
+    assert json.loads((tmp_path / "run" / "packed.json").read_text())["method"] == "SBS"
+
+
+def test_a_run_killed_after_training_resumes_without_training(tmp_path):
+    args = ["compress", "opq", *TINY_MODEL, *TINY_TRAINING, "--rate", "8", "--out", "run"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    with subprocess.Popen([sys.executable, "-m", "mixedprec", *args], cwd=tmp_path, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        for line in proc.stdout:
+            if line.startswith("finetuned model kept in"):
+                proc.kill()
+                break
+    assert proc.returncode != 0 and not (tmp_path / "run" / "packed.json").exists()
+    kept = _mtimes(tmp_path / "run" / "checkpoints")
+    resumed = mixedprec(*args, "--resume", cwd=tmp_path)
+    assert_ok(resumed)
+    assert "no training" in resumed.stdout and _mtimes(tmp_path / "run" / "checkpoints") == kept
 
 
 def test_compress_on_an_image_folder(tmp_path):

@@ -44,8 +44,11 @@ def run(args: argparse.Namespace) -> dict:
             skeleton = factory.build(factory.name_of(args.model), parse_model_args(args.model_arg))
         except ValueError as exc:
             raise UsageError(f"--model {exc}") from None
-    # a ValueError names what is wrong with the file, or why the model cannot be rebuilt from it
-    model = mixedprec.load(args.file, model=skeleton, trust_code=args.trust_code, map_location=device)
+    try:  # a ValueError names what is wrong with the file, or why the model cannot be rebuilt from it
+        model = mixedprec.load(args.file, model=skeleton, trust_code=args.trust_code, map_location=device)
+    except factory.UntrustedFactory as exc:
+        raise UsageError(f"{args.file}: the model is built by {exc.name!r}; pass --trust-code to let it run, or "
+                         f"--model SPEC to build the model yourself") from None
     record = _record(args.file)
     input_shape = given_shape or _recorded_shape(record, args.file)
     reference = record.get("reference")

@@ -19,6 +19,14 @@ from torch import nn
 TRUSTED_PACKAGES = ("mixedprec.models", "torchvision.models")
 
 
+class UntrustedFactory(ValueError):
+    """A file names a factory that ``load`` calls only when told to trust it."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
 def name_of(factory: Callable | str) -> str:
     """The name ``resolve`` finds ``factory`` by: a function or class gives ``module:qualname``
     (it must be importable), a ``file.py:function`` name gets the file's absolute path."""

@@ -288,8 +288,9 @@ def _build_from_factory(content: dict, trust_code: bool, where: str) -> nn.Modul
                          f"factory=... so that load can build it)")
     name = recorded["name"]
     if not (trust_code or factories.is_trusted(name)):
-        raise ValueError(f"{where}: the model is built by {name!r}, which load calls only with trust_code=True "
-                         f"(it runs that code); or pass a freshly built model, mixedprec.load(path, model=...)")
+        raise factories.UntrustedFactory(f"{where}: the model is built by {name!r}, which load calls only with "
+                                         f"trust_code=True (it runs that code); or pass a freshly built model, "
+                                         f"mixedprec.load(path, model=...)", name)
     try:
         return factories.build(name, _decode(recorded["kwargs"]))
     except ValueError as exc:
