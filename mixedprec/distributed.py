@@ -91,6 +91,12 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Waits for every rank (e.g. while rank 0 prepares files the others read); nothing alone."""
+    if is_active():
+        dist.barrier()
+
+
 def data_parallel(model: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:
     """The module to train: ``model`` wrapped in DistributedDataParallel when a process group is
     active (parameters and buffers start from rank 0's; gradients are averaged), else ``model``.

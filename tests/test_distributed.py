@@ -50,11 +50,18 @@ def _state_equal(a: dict, b: dict) -> bool:
 
 
 def _assert_state_close(actual: dict, expected: dict) -> None:
-    """Equal up to float summation order (a gradient averaged over ranks vs one batch mean)."""
+    """Equal up to float summation order: a gradient averaged over ranks rounds differently from one
+    batch mean, and where a fake-quantized weight or activation sits at a rounding boundary that
+    difference becomes a whole quantization step in one step's gradient (seen on AVX2 builds: 1.5e-6
+    on a weight that training moved by 4.7e-3). So a tensor may differ by 0.1% of how far training
+    moved it from the float model (a rank on the wrong shard, or one step lost of the 16, moves it by
+    percents), and by the float32 tolerance where nothing moved it."""
     assert actual.keys() == expected.keys()
+    initial = worker.float_model().state_dict()
     for k, v in expected.items():
         if isinstance(v, torch.Tensor):
-            torch.testing.assert_close(actual[k], v, rtol=1e-5, atol=1e-6, msg=k)
+            moved = (v - initial[k]).abs().max().item() if k in initial and v.is_floating_point() else 0.0
+            torch.testing.assert_close(actual[k], v, rtol=1e-5, atol=max(1e-6, 1e-3 * moved), msg=k)
 
 
 @pytest.fixture(scope="module")

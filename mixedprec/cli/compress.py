@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.method == "opq":
         pipeline.check_opq_rate(model, args.rate, cost=args.cost, levels=args.levels, option="--rate")
     out = make_out_dir(args.out)
-    run = Run(out, args, quiet=quiet, main=distributed.is_main())
+    run = Run(out, args, quiet=quiet)
     record = {"model": args.model, "factory": factory, "model_args": model_args, "data": data.name,
               "weights": None if args.weights is None else str(args.weights), "command": f"compress {args.method}"}
     start = time.perf_counter()

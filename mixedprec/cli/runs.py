@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from mixedprec import distributed
 from mixedprec.atomic import write_atomically
 from mixedprec.cli.common import RunFailed, UsageError, say
 
@@ -23,12 +24,13 @@ _FREE_OPTIONS = {"resume", "quiet", "device", "out", "func", "command"}
 class Run:
     """The checkpoint folder of one run; checks a resumed run's options against the stored ones."""
 
-    def __init__(self, out: Path, args: argparse.Namespace, *, quiet: bool, main: bool = True):
+    def __init__(self, out: Path, args: argparse.Namespace, *, quiet: bool):
         self.folder = out / "checkpoints"
         self.record = self.folder / "run.json"
         options = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
                    if k not in _FREE_OPTIONS}
         stored = self._stored()
+        distributed.barrier()  # under torchrun every rank has read the folder before rank 0 changes it
         if stored is not None and args.resume:
             differ = sorted(k for k in set(options) | set(stored["options"])
                             if options.get(k) != stored["options"].get(k))
@@ -40,12 +42,13 @@ class Run:
         elif stored is not None and not stored["completed"]:
             raise UsageError(f"--out {out}: {self.folder} holds an unfinished run; pass --resume to continue it, "
                              f"or choose another --out")
-        elif main:  # a new run (replacing a finished one, whose checkpoints would not fit it)
+        elif distributed.is_main():  # a new run (replacing a finished one, whose checkpoints would not fit it)
             if args.resume:
                 say(quiet, f"--resume: no run in {self.folder} to resume; starting one")
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
             self._write(options, completed=False)
+        distributed.barrier()  # and every rank sees the folder rank 0 prepared
         self.options = options
 
     def _stored(self) -> dict | None:
