@@ -35,6 +35,13 @@ def assert_same(actual: Tensor, expected: Tensor) -> None:
                                    f"{actual[tuple(mismatch[0])].item()!r} != {expected[tuple(mismatch[0])].item()!r}")
 
 
+def assert_bfloat16_ties(values: Tensor) -> None:
+    """Every float32 value lies exactly halfway between two bfloat16 numbers (its low 16 bits are
+    0x8000), so storing it as bfloat16 tests the rounding rule for ties."""
+    assert values.dtype == torch.float32
+    assert ((values.contiguous().view(torch.int32) & 0xFFFF) == 0x8000).all(), values
+
+
 def assert_equal_nan(actual: Tensor, expected: Tensor, what: str = "output") -> None:
     """Equal values (+0 equals -0) with NaN at the same positions."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what

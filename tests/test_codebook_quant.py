@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mixedprec import ops, reference
-from backend_checks import codebook_check
+from backend_checks import assert_bfloat16_ties, codebook_check
 from conftest import KERNEL_BACKENDS, require_backend
 
 
@@ -209,6 +209,22 @@ def test_every_backend_breaks_ties_like_the_reference(kernel_backend, dtype, lev
     y = codebook_check(backend, device, weight, codebook, scale, mask, grad=False)
     on_midpoint = y[:, : levels - 1].float() / scale[:, None]
     assert torch.equal(on_midpoint, codebook[:-1].expand_as(on_midpoint))  # the lower level
+
+
+def test_every_backend_rounds_bfloat16_ties_to_even(kernel_backend):
+    """Outputs halfway between two bfloat16 numbers: levels 1 + 2^-8 and 1 + 3 * 2^-8 of both signs
+    times power-of-two scales. To even they store as 1 and 1 + 2^-6 (times the scale); rounding
+    half up would give 1 + 2^-7 for the first, half down 1 + 2^-7 for the second."""
+    backend, device = kernel_backend
+    _codebook_backend_device(backend)
+    codebook = torch.tensor([-1 - 3 * 2.0**-8, -1 - 2.0**-8, 1 + 2.0**-8, 1 + 3 * 2.0**-8])
+    scale = torch.tensor([1.0, 0.5, 4.0])
+    nearest = torch.tensor([-1 - 2.0**-6, -1.0, 1.0, 1 + 2.0**-6])  # bfloat16 numbers nearest to each level
+    weight = (nearest * scale[:, None]).to(torch.bfloat16)
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    assert_bfloat16_ties(reference.codebook_quant(weight.float(), codebook, scale, mask))
+    y = codebook_check(backend, device, weight, codebook, scale, mask, grad=False)
+    assert torch.equal(y.float(), nearest * scale[:, None])
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under Triton's interpreter
