@@ -126,19 +126,18 @@ def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signe
 # codebook_quant
 
 def codebook_check(backend, device, weight, codebook, scale, mask, grad=True):
-    """The backend's output (and gradient) on ``device`` against the reference on the CPU."""
-    grad_y = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight.dtype)
-    out = []
-    for b, dev in (("reference", "cpu"), (backend, device)):
-        w = weight.detach().to(dev).requires_grad_(grad)
-        y = ops.codebook_quant(w, codebook.to(dev), scale.to(dev), mask.to(dev), backend=b)
-        if grad:
-            y.backward(grad_y.to(dev))
-        out.append((y.detach().cpu(), w.grad.cpu() if grad else None))
-    assert_same(out[1][0], out[0][0])
+    """The backend's output on ``device`` against the reference's on the CPU, bit for bit; returns
+    the backend's. ``grad``: also the gradient, straight-through at kept weights and +0 at pruned
+    ones. No kernel computes it (every backend shares the op's one select in Python): this checks
+    that the backend's route keeps the op's autograd registration."""
+    w = weight.detach().to(device).requires_grad_(grad)
+    y = ops.codebook_quant(w, codebook.to(device), scale.to(device), mask.to(device), backend=backend)
+    assert_same(y.detach().cpu(), reference.codebook_quant(weight, codebook, scale, mask))
     if grad:
-        assert_same(out[1][1], out[0][1])
-    return out[1][0]
+        grad_y = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight.dtype)
+        y.backward(grad_y.to(device))
+        assert_same(w.grad.cpu(), torch.where(mask, grad_y, torch.zeros((), dtype=grad_y.dtype)))
+    return y.detach().cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,12 +155,26 @@ _G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dty
 _AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
 
 
+def _cpu_has_avx512() -> bool:
+    """Whether this CPU has the AVX-512 subsets that the CPU kernels' SIMD code decode and Winograd
+    path are compiled for (csrc/cpu/code_decode.h, MP_DECODE_AVX512)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags)
+
+
+CPU_HAS_AVX512 = _cpu_has_avx512()
+
+
 def takes_winograd(backend: str, weight_shape, conv: dict) -> bool:
     """Whether the CPU kernel computes this convolution through Winograd F(2x2, 3x3)
-    (csrc/cpu/winograd_conv3x3.h, winograd_conv3x3_applies)."""
+    (csrc/cpu/winograd_conv3x3.h, winograd_conv3x3_applies; AVX-512 builds only)."""
     c_out, c_in, kh, kw = weight_shape
     pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
-    return (backend == "cpu" and (kh, kw) == (3, 3) and pair(conv.get("stride", 1)) == (1, 1)
+    return (backend == "cpu" and CPU_HAS_AVX512 and (kh, kw) == (3, 3) and pair(conv.get("stride", 1)) == (1, 1)
             and pair(conv.get("dilation", 1)) == (1, 1) and conv.get("groups", 1) == 1 and 8 <= c_in <= 2048
             and c_out >= 8)
 

@@ -22,13 +22,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from backend_checks import CPU_HAS_AVX512  # noqa: E402
 from mixedprec import _extension, ops  # noqa: E402
 
 KERNEL_BACKENDS = ("cpu", "simt", "triton", "cuda")
 # Property tests give these fewer and smaller examples: the CUDA sources under SIMT emulation,
 # and Triton's interpreter where there is no GPU. The others run at native speed.
 EMULATED_BACKENDS = ("simt",) if torch.cuda.is_available() else ("simt", "triton")
-NATIVE_BACKENDS = tuple(b for b in ("reference",) + KERNEL_BACKENDS if b not in EMULATED_BACKENDS)
+NATIVE_KERNEL_BACKENDS = tuple(b for b in KERNEL_BACKENDS if b not in EMULATED_BACKENDS)
 
 # "ci" (the default): the same examples on every run (derandomized, no example database), sized so
 # that tests/test_properties.py takes half a minute on an idle 2-core machine (two on a busy one).
@@ -127,3 +128,9 @@ def require_backend(backend: str, kernels_built: dict[str, bool] | None = None) 
 def kernel_backend(request):
     """(backend, device) for every kernel backend that can run on this machine."""
     return request.param, require_backend(request.param)
+
+
+# The build is -march=native (unless MIXEDPREC_CPU_ARCH says otherwise): without AVX-512 it has only
+# the scalar code decode (set_cpu_simd(True) runs it too) and no Winograd path (lut_conv2d goes direct).
+needs_avx512 = pytest.mark.skipif(not CPU_HAS_AVX512, reason="this CPU has no AVX-512 (avx512f/bw/dq/vl): the "
+                                  "build has neither the CPU kernels' SIMD code decode nor their Winograd path")

@@ -68,12 +68,23 @@ def test_gradient_is_straight_through_at_kept_and_zero_at_pruned():
     assert codebook.grad is None and scale.grad is None  # frozen: no gradient reaches them
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_dtypes_compute_in_float32_or_float64(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_compute_in_float32(dtype):
     weight, codebook, scale, mask = make_case(dtype=dtype)
     y = ops.codebook_quant(weight, codebook, scale, mask)
-    expected = ops.codebook_quant(weight.to(torch.promote_types(dtype, torch.float32)), codebook, scale, mask)
-    assert y.dtype == dtype and torch.equal(y, expected.to(dtype))
+    assert y.dtype == dtype and torch.equal(y, ops.codebook_quant(weight.float(), codebook, scale, mask).to(dtype))
+
+
+def test_float64_weights_compute_in_float64():
+    """Weights 2^-40 either side of the midpoint 0.5 and a scale of 1 + 2^-40: float64 tells them
+    apart and keeps the scale; float32 would round both weights onto the midpoint (the lower
+    level) and the scale to 1."""
+    weight = torch.tensor([[0.5 + 2.0**-40, 0.5 - 2.0**-40]], dtype=torch.float64)
+    codebook, scale = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([1 + 2.0**-40], dtype=torch.float64)
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    y = ops.codebook_quant(weight, codebook, scale, mask)
+    assert y.dtype == torch.float64 and y.tolist() == [[1 + 2.0**-40, 0.0]]
+    assert ops.codebook_quant(weight.float(), codebook, scale, mask).tolist() == [[0.0, 0.0]]
 
 
 @settings(max_examples=60, deadline=None)
