@@ -127,19 +127,20 @@ def test_bad_arguments_name_the_argument(name, mutate):
 
 
 def _codebook_backend_device(backend):
-    device = require_backend(backend)  # skips when the backend cannot run here at all
-    if not ops._CODEBOOK_KERNEL_BUILT[backend]:
-        pytest.skip(f"backend {backend!r} has no codebook_quant kernel in this build")
-    return device
+    return require_backend(backend, ops._CODEBOOK_KERNEL_BUILT)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_backend_without_a_codebook_kernel_is_refused_not_replaced(backend):
-    if ops._CODEBOOK_KERNEL_BUILT[backend]:
-        pytest.skip(f"backend {backend!r} has a codebook_quant kernel")
-    weight, codebook, scale, mask = make_case()
-    with pytest.raises(RuntimeError, match=backend):
+def test_backend_without_a_codebook_kernel_is_refused_not_replaced(kernel_backend, monkeypatch):
+    """As in a build that lacks the op's kernel for this backend: asked for, it is an error naming
+    the backend; not asked for, the op falls back to the reference."""
+    backend, device = kernel_backend
+    monkeypatch.setitem(ops._CODEBOOK_KERNEL_BUILT, backend, False)
+    weight, codebook, scale, mask = make_case(device=device)
+    with pytest.raises(RuntimeError, match=f"codebook_quant: backend '{backend}' has no codebook_quant kernel"):
         ops.codebook_quant(weight, codebook, scale, mask, backend=backend)
+    if ops.resolve_backend("codebook_quant", None, weight) == backend:  # the default here
+        assert torch.equal(ops.codebook_quant(weight, codebook, scale, mask).cpu(),
+                           reference.codebook_quant(*(t.cpu() for t in (weight, codebook, scale, mask))))
 
 
 # Small shapes: the SIMT emulation starts a host thread per CUDA thread, the Triton interpreter
