@@ -48,10 +48,11 @@ def examples(ci_count: int) -> int:
 
 def pytest_sessionstart(session):
     if not _extension.poison_outputs():
+        value = os.environ["MIXEDPREC_POISON_OUTPUTS"]
         raise pytest.UsageError(
-            f"MIXEDPREC_POISON_OUTPUTS={os.environ['MIXEDPREC_POISON_OUTPUTS']!r} is set in the environment; the tests "
-            "need it to be 1 (every kernel output starts as NaN, so an element a kernel does not write cannot "
-            "pass as correct): unset it")
+            f"kernel outputs are not NaN-poisoned (MIXEDPREC_POISON_OUTPUTS={value!r}): "
+            "the tests need it to be 1, so that an element a kernel does not write cannot pass as correct; "
+            "unset it where it is set in the environment")
 
 
 def pytest_terminal_summary(terminalreporter):
