@@ -31,3 +31,4 @@ bench: setup
 
 test: setup
 	$(PY) -m pytest
+	$(PY) tests/mutants/run.py

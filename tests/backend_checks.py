@@ -2,13 +2,17 @@
 set: shared by the per-op tests and the property tests (tests/test_properties.py).
 
 Elementwise ops (bit_sharing_quant, codebook_quant) spell their arithmetic like the reference and
-must agree bit for bit. Dot-product ops (lowbit_linear, lut_conv2d) accumulate in float32 against
-a float64 reference: rtol = atol = 1e-4 for float32 (2e-2 for float16/bfloat16), atol measured in
+must agree bit for bit; bit_sharing_quant's clip and threshold gradients are sums over the tensor,
+allowed float32 summation's error (float32_sum_tolerance). Dot-product ops (lowbit_linear,
+lut_conv2d) accumulate in float32 against a float64 reference: rtol = atol = 1e-4 for float32,
+plus one unit in the last place of float16 and bfloat16 outputs (dot_tolerance), atol measured in
 units of ``scale`` (inputs scaled by a power of two scale the exact result by it), plus, where
 inputs mix wildly different magnitudes, float32 accumulation's worst-case error bound (for the
 CPU kernel's Winograd convolutions, that algorithm's bound: winograd_bound).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -16,6 +20,7 @@ from torch import Tensor
 from mixedprec import ops, reference
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_U32, _ETA32 = 2.0 ** -24, 2.0 ** -149  # float32 unit roundoff, smallest subnormal
 
 
 def assert_same(actual: Tensor, expected: Tensor) -> None:
@@ -28,6 +33,13 @@ def assert_same(actual: Tensor, expected: Tensor) -> None:
     mismatch = torch.nonzero(a != e)
     assert mismatch.numel() == 0, (f"{len(mismatch)} elements differ, first at {mismatch[0].tolist()}: "
                                    f"{actual[tuple(mismatch[0])].item()!r} != {expected[tuple(mismatch[0])].item()!r}")
+
+
+def assert_bfloat16_ties(values: Tensor) -> None:
+    """Every float32 value lies exactly halfway between two bfloat16 numbers (its low 16 bits are
+    0x8000), so storing it as bfloat16 tests the rounding rule for ties."""
+    assert values.dtype == torch.float32
+    assert ((values.contiguous().view(torch.int32) & 0xFFFF) == 0x8000).all(), values
 
 
 def assert_equal_nan(actual: Tensor, expected: Tensor, what: str = "output") -> None:
@@ -54,6 +66,40 @@ def bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed):
     return y.detach(), residual_mean, grads
 
 
+def bit_sharing_term_magnitudes(x, clip, thresholds, grad_y, bits, signed) -> tuple[Tensor, Tensor]:
+    """Per element, a bound on each term of the sums behind dL/dv and dL/d alpha_j (float64, on the
+    CPU): for dL/dv, |grad_y| (|y| / v + |x / v| inside the clip range), the two parts the reference
+    adds up separately and the kernels as one difference (d y / d v = y / v - x / v inside); for
+    dL/d alpha_j (shape (K-1, *x.shape)), the reference's own terms: thresholds given per element
+    (expanded to x's shape) take the same gates forward and keep each element's gradient apart."""
+    x, clip, grad_y = x.detach().cpu().float(), clip.detach().cpu().float(), grad_y.cpu().float()
+    per_element = thresholds.detach().cpu().float().reshape(-1, *[1] * x.dim()).expand(-1, *x.shape)
+    per_element = per_element.clone().requires_grad_()
+    y, _ = reference.bit_sharing_quant(x, clip, per_element, bits, signed)
+    # (one bitwidth: no thresholds, y does not depend on them)
+    threshold_terms = torch.autograd.grad(y, per_element, grad_y)[0] if y.requires_grad else per_element.detach()
+    t = x * (1.0 / clip)  # as every backend computes x / v
+    inside = (t > (-1.0 if signed else 0.0)) & (t < 1.0)
+    clip_terms = grad_y.abs() * (y.abs() / clip + torch.where(inside, t.abs(), 0.0))
+    return clip_terms.double(), threshold_terms.double().abs()
+
+
+def float32_sum_tolerance(magnitudes: Tensor, sums: int) -> float:
+    """How far apart ``sums`` float32 sums of the same N terms (|term_i| <= magnitudes_i), each
+    adding them up in its own order (a kernel's chunks, lanes and trees; torch's cascade), may
+    lie. Each addition rounds its partial sum s_k by a factor 1 + delta_k, |delta_k| <= u: a sum's
+    error is sum_k delta_k s_k over its N - 1 additions. The terms carry grad_y's random signs
+    (randn, independent of the order), so E[s_k^2] <= sum_i magnitudes_i^2, and with independent
+    roundings (Higham and Mary's probabilistic model) the error's standard deviation is at most
+    u sqrt(N / 3) ||magnitudes||_2. Allowed: 6 u sqrt(N) ||magnitudes||_2 per sum (ten standard
+    deviations; for N <= 7 also the worst case, whatever the signs), plus 16 u sum(magnitudes)
+    for the terms themselves (each rounded up to 8 times, differently, in a kernel and in the
+    reference). It grows like sqrt(N) times the terms, as the sums themselves do; a bound linear
+    in N let a wrong gradient of a large tensor pass."""
+    m = magnitudes[torch.isfinite(magnitudes)].double()  # a non-finite term makes every sum NaN
+    return sums * 6 * _U32 * math.sqrt(m.numel()) * m.norm().item() + 16 * _U32 * m.sum().item()
+
+
 def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signed):
     y, residual_mean, (gx, gclip, gthr) = bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed)
     cpu = [t.cpu() for t in (x, clip, thresholds, grad_y)]
@@ -63,11 +109,16 @@ def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signe
     torch.testing.assert_close(residual_mean.cpu(), rmean, rtol=1e-5, atol=1e-7, equal_nan=True)
     # grad_x is grad_y inside the clip range (the reference multiplies by v * (1/v) ~ 1 + ulp).
     torch.testing.assert_close(gx.cpu(), rgx, equal_nan=True)
-    # Sums over the tensor: fp32 accumulation in a different order; every term is at most
-    # |grad_y| (times 2v for the thresholds' epilogue).
-    reduce_tol = 2e-6 * grad_y.float().abs().sum().item() * max(1.0, 2 * clip.item())
-    torch.testing.assert_close(gclip.cpu(), rgclip, rtol=1e-5, atol=reduce_tol, equal_nan=True)
-    torch.testing.assert_close(gthr.cpu(), rgthr, rtol=1e-5, atol=reduce_tol, equal_nan=True)
+    # Sums over the tensor in float32, in another order than the reference's: dL/dv is one sum in
+    # the kernels and two in the reference; dL/d alpha_j one in each. rtol: the residual means
+    # (a_j <= 1/2, equal to 1e-5 and 1e-7 above) enter alpha_j's factor sigmoid'(a_j - alpha_j),
+    # whose relative change is at most |da_j| < 1e-5.
+    clip_terms, threshold_terms = bit_sharing_term_magnitudes(*cpu, bits, signed)
+    torch.testing.assert_close(gclip.cpu(), rgclip, rtol=0, atol=float32_sum_tolerance(clip_terms, 3),
+                               equal_nan=True, msg=lambda m: f"{backend} grad clip: {m}")
+    for j, terms in enumerate(threshold_terms):
+        torch.testing.assert_close(gthr[j].cpu(), rgthr[j], rtol=1e-5, atol=float32_sum_tolerance(terms, 2),
+                                   equal_nan=True, msg=lambda m: f"{backend} grad thresholds[{j}]: {m}")
     return ry
 
 
@@ -75,26 +126,22 @@ def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signe
 # codebook_quant
 
 def codebook_check(backend, device, weight, codebook, scale, mask, grad=True):
-    """The backend's output (and gradient) on ``device`` against the reference on the CPU."""
-    grad_y = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight.dtype)
-    out = []
-    for b, dev in (("reference", "cpu"), (backend, device)):
-        w = weight.detach().to(dev).requires_grad_(grad)
-        y = ops.codebook_quant(w, codebook.to(dev), scale.to(dev), mask.to(dev), backend=b)
-        if grad:
-            y.backward(grad_y.to(dev))
-        out.append((y.detach().cpu(), w.grad.cpu() if grad else None))
-    assert_same(out[1][0], out[0][0])
+    """The backend's output on ``device`` against the reference's on the CPU, bit for bit; returns
+    the backend's. ``grad``: also the gradient, straight-through at kept weights and +0 at pruned
+    ones. No kernel computes it (every backend shares the op's one select in Python): this checks
+    that the backend's route keeps the op's autograd registration."""
+    w = weight.detach().to(device).requires_grad_(grad)
+    y = ops.codebook_quant(w, codebook.to(device), scale.to(device), mask.to(device), backend=backend)
+    assert_same(y.detach().cpu(), reference.codebook_quant(weight, codebook, scale, mask))
     if grad:
-        assert_same(out[1][1], out[0][1])
-    return out[1][0]
+        grad_y = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)).to(weight.dtype)
+        y.backward(grad_y.to(device))
+        assert_same(w.grad.cpu(), torch.where(mask, grad_y, torch.zeros((), dtype=grad_y.dtype)))
+    return y.detach().cpu()
 
 
 # ---------------------------------------------------------------------------------------------
 # lowbit_linear and lut_conv2d: float32-accumulated dot products
-
-_U32, _ETA32 = 2.0 ** -24, 2.0 ** -149  # float32 unit roundoff, smallest subnormal
-
 
 def accumulation_bound(terms: int, abs_products: Tensor) -> Tensor:
     """Worst-case error of a float32 sum of ``terms`` products, each of a weight decoded in float32
@@ -108,12 +155,26 @@ _G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dty
 _AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
 
 
+def _cpu_has_avx512() -> bool:
+    """Whether this CPU has the AVX-512 subsets that the CPU kernels' SIMD code decode and Winograd
+    path are compiled for (csrc/cpu/code_decode.h, MP_DECODE_AVX512)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= set(flags)
+
+
+CPU_HAS_AVX512 = _cpu_has_avx512()
+
+
 def takes_winograd(backend: str, weight_shape, conv: dict) -> bool:
     """Whether the CPU kernel computes this convolution through Winograd F(2x2, 3x3)
-    (csrc/cpu/winograd_conv3x3.h, winograd_conv3x3_applies)."""
+    (csrc/cpu/winograd_conv3x3.h, winograd_conv3x3_applies; AVX-512 builds only)."""
     c_out, c_in, kh, kw = weight_shape
     pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
-    return (backend == "cpu" and (kh, kw) == (3, 3) and pair(conv.get("stride", 1)) == (1, 1)
+    return (backend == "cpu" and CPU_HAS_AVX512 and (kh, kw) == (3, 3) and pair(conv.get("stride", 1)) == (1, 1)
             and pair(conv.get("dilation", 1)) == (1, 1) and conv.get("groups", 1) == 1 and 8 <= c_in <= 2048
             and c_out >= 8)
 
@@ -141,7 +202,12 @@ def winograd_bound(x: Tensor, weight: Tensor, padding) -> Tensor:
 
 
 def dot_tolerance(x_dtype: torch.dtype) -> float:
-    return 1e-4 if x_dtype == torch.float32 else 2e-2
+    """rtol = atol (in units of scale) of a dot product's output in ``x_dtype``: 1e-4 for the float32
+    accumulation, plus, where the output is narrower than float32, its rounding: the kernel rounds
+    its float32 result, the reference its float64 one, each by at most half a unit in the last
+    place, so they differ by at most eps |y| more (eps = 2^-10 for float16, 2^-7 for bfloat16;
+    float16's subnormal spacing 2^-24 is eps * 2^-14, and float16 cases keep scale >= 2^-14)."""
+    return 1e-4 + (0.0 if x_dtype == torch.float32 else torch.finfo(x_dtype).eps)
 
 
 def assert_dot_close(actual: Tensor, expected: Tensor, what: str, tol: float, scale: float = 1.0,

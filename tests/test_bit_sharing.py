@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixedprec import ops, reference
-from backend_checks import assert_bit_sharing_matches, bit_sharing_run
+from backend_checks import assert_bfloat16_ties, assert_bit_sharing_matches, bit_sharing_run
 from conftest import require_backend
 
 BIT_SETS = [(2, 4, 8), (1,), (3, 5), (1, 2, 3, 4, 5, 6, 7, 8)]
@@ -76,6 +76,22 @@ def test_backends_keep_bfloat16_subnormals(kernel_backend):
     ref = assert_bit_sharing_matches(backend, x.to(device), torch.tensor(tiny, device=device), thresholds.to(device),
                                      torch.ones(4, dtype=torch.bfloat16, device=device), (2, 4, 8), True)
     assert (ref != ops.bit_sharing_quant(torch.zeros_like(x), torch.tensor(tiny), thresholds).output).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_backends_round_bfloat16_ties_to_even(kernel_backend, signed):
+    """x beyond the clip range comes out as +-v (0 below an activation's range). v = 1 + 2^-8 and
+    1 + 3 * 2^-8 lie halfway between two bfloat16 numbers: to even they store as 1 and 1 + 2^-6;
+    rounding half up would give 1 + 2^-7 for the first, half down 1 + 2^-7 for the second."""
+    backend, device = kernel_backend
+    x = torch.tensor([-math.inf, -3.0, 2.0, math.inf], dtype=torch.bfloat16)
+    for clip, stored in ((1 + 2.0**-8, 1.0), (1 + 3 * 2.0**-8, 1 + 2.0**-6)):
+        clip = torch.tensor(clip)
+        y32 = reference.bit_sharing_quant(x.float(), clip, torch.zeros(2), (2, 4, 8), signed)[0]
+        assert_bfloat16_ties(y32[y32 != 0])
+        y = assert_bit_sharing_matches(backend, x.to(device), clip.to(device), torch.zeros(2, device=device),
+                                       torch.ones(4, dtype=torch.bfloat16, device=device), (2, 4, 8), signed)
+        assert y.tolist() == [-stored, -stored, stored, stored] if signed else [0, 0, stored, stored]
 
 
 def test_empty_tensor(kernel_backend):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from mixedprec import ops, reference
-from backend_checks import codebook_check
+from backend_checks import assert_bfloat16_ties, codebook_check
 from conftest import KERNEL_BACKENDS, require_backend
 
 
@@ -68,12 +68,23 @@ def test_gradient_is_straight_through_at_kept_and_zero_at_pruned():
     assert codebook.grad is None and scale.grad is None  # frozen: no gradient reaches them
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_dtypes_compute_in_float32_or_float64(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_compute_in_float32(dtype):
     weight, codebook, scale, mask = make_case(dtype=dtype)
     y = ops.codebook_quant(weight, codebook, scale, mask)
-    expected = ops.codebook_quant(weight.to(torch.promote_types(dtype, torch.float32)), codebook, scale, mask)
-    assert y.dtype == dtype and torch.equal(y, expected.to(dtype))
+    assert y.dtype == dtype and torch.equal(y, ops.codebook_quant(weight.float(), codebook, scale, mask).to(dtype))
+
+
+def test_float64_weights_compute_in_float64():
+    """Weights 2^-40 either side of the midpoint 0.5 and a scale of 1 + 2^-40: float64 tells them
+    apart and keeps the scale; float32 would round both weights onto the midpoint (the lower
+    level) and the scale to 1."""
+    weight = torch.tensor([[0.5 + 2.0**-40, 0.5 - 2.0**-40]], dtype=torch.float64)
+    codebook, scale = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([1 + 2.0**-40], dtype=torch.float64)
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    y = ops.codebook_quant(weight, codebook, scale, mask)
+    assert y.dtype == torch.float64 and y.tolist() == [[1 + 2.0**-40, 0.0]]
+    assert ops.codebook_quant(weight.float(), codebook, scale, mask).tolist() == [[0.0, 0.0]]
 
 
 @settings(max_examples=60, deadline=None)
@@ -116,19 +127,20 @@ def test_bad_arguments_name_the_argument(name, mutate):
 
 
 def _codebook_backend_device(backend):
-    device = require_backend(backend)  # skips when the backend cannot run here at all
-    if not ops._CODEBOOK_KERNEL_BUILT[backend]:
-        pytest.skip(f"backend {backend!r} has no codebook_quant kernel in this build")
-    return device
+    return require_backend(backend, ops._CODEBOOK_KERNEL_BUILT)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_backend_without_a_codebook_kernel_is_refused_not_replaced(backend):
-    if ops._CODEBOOK_KERNEL_BUILT[backend]:
-        pytest.skip(f"backend {backend!r} has a codebook_quant kernel")
-    weight, codebook, scale, mask = make_case()
-    with pytest.raises(RuntimeError, match=backend):
+def test_backend_without_a_codebook_kernel_is_refused_not_replaced(kernel_backend, monkeypatch):
+    """As in a build that lacks the op's kernel for this backend: asked for, it is an error naming
+    the backend; not asked for, the op falls back to the reference."""
+    backend, device = kernel_backend
+    monkeypatch.setitem(ops._CODEBOOK_KERNEL_BUILT, backend, False)
+    weight, codebook, scale, mask = make_case(device=device)
+    with pytest.raises(RuntimeError, match=f"codebook_quant: backend '{backend}' has no codebook_quant kernel"):
         ops.codebook_quant(weight, codebook, scale, mask, backend=backend)
+    if ops.resolve_backend("codebook_quant", None, weight) == backend:  # the default here
+        assert torch.equal(ops.codebook_quant(weight, codebook, scale, mask).cpu(),
+                           reference.codebook_quant(*(t.cpu() for t in (weight, codebook, scale, mask))))
 
 
 # Small shapes: the SIMT emulation starts a host thread per CUDA thread, the Triton interpreter
@@ -209,6 +221,22 @@ def test_every_backend_breaks_ties_like_the_reference(kernel_backend, dtype, lev
     y = codebook_check(backend, device, weight, codebook, scale, mask, grad=False)
     on_midpoint = y[:, : levels - 1].float() / scale[:, None]
     assert torch.equal(on_midpoint, codebook[:-1].expand_as(on_midpoint))  # the lower level
+
+
+def test_every_backend_rounds_bfloat16_ties_to_even(kernel_backend):
+    """Outputs halfway between two bfloat16 numbers: levels 1 + 2^-8 and 1 + 3 * 2^-8 of both signs
+    times power-of-two scales. To even they store as 1 and 1 + 2^-6 (times the scale); rounding
+    half up would give 1 + 2^-7 for the first, half down 1 + 2^-7 for the second."""
+    backend, device = kernel_backend
+    _codebook_backend_device(backend)
+    codebook = torch.tensor([-1 - 3 * 2.0**-8, -1 - 2.0**-8, 1 + 2.0**-8, 1 + 3 * 2.0**-8])
+    scale = torch.tensor([1.0, 0.5, 4.0])
+    nearest = torch.tensor([-1 - 2.0**-6, -1.0, 1.0, 1 + 2.0**-6])  # bfloat16 numbers nearest to each level
+    weight = (nearest * scale[:, None]).to(torch.bfloat16)
+    mask = torch.ones_like(weight, dtype=torch.bool)
+    assert_bfloat16_ties(reference.codebook_quant(weight.float(), codebook, scale, mask))
+    y = codebook_check(backend, device, weight, codebook, scale, mask, grad=False)
+    assert torch.equal(y.float(), nearest * scale[:, None])
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under Triton's interpreter

@@ -9,7 +9,7 @@ import torch
 from mixedprec import ops, reference
 from mixedprec.formats import pack_weight
 from backend_checks import lowbit_check
-from conftest import require_backend
+from conftest import needs_avx512, require_backend
 
 SLOW = ("simt", "triton")  # emulated: small shapes only
 
@@ -58,6 +58,7 @@ def test_half_types_and_strided_x(kernel_backend, dtype):
     lowbit_check(backend, device, packed, x, torch.randn(9).to(dtype))
 
 
+@needs_avx512
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
 @pytest.mark.parametrize("in_features", [333, 336, 600])

@@ -1,9 +1,11 @@
-"""Property tests (hypothesis): every op on every backend that runs here against the reference,
-with the comparisons and tolerances of tests/backend_checks.py, on random shapes (empty and size-1
-dims), bit sets, codebooks, sparsity and extreme values (huge and tiny magnitudes, all-equal
-tensors, subnormals, NaN and +-inf, which must come out where the reference's do); invalid clip,
-threshold, scale and codebook values are refused with an error naming them; the packed format
-round-trips bit for bit through pack/unpack and save/load.
+"""Property tests (hypothesis): every op on every kernel backend that runs here against the
+reference, with the comparisons and tolerances of tests/backend_checks.py, on random shapes (empty
+and size-1 dims), bit sets, codebooks, sparsity and extreme values (huge and tiny magnitudes,
+all-equal tensors, subnormals, NaN and +-inf, which must come out where the reference's do); the
+reference itself, the oracle, against its contract only (test_reference_*_keeps_its_contract:
+where NaN, zeros and infinities come out); invalid clip, threshold, scale and codebook values are
+refused with an error naming them; the packed format round-trips bit for bit through pack/unpack
+and save/load.
 
 Example counts: ``examples(n)`` (tests/conftest.py) is n under the ci profile, ten times n under
 HYPOTHESIS_PROFILE=long. Emulated backends (SIMT, Triton's interpreter) get fewer, smaller cases.
@@ -20,39 +22,41 @@ from hypothesis import given, settings, strategies as st
 
 import cases
 from backend_checks import assert_bit_sharing_matches, codebook_check, lowbit_check, lut_conv2d_check
-from conftest import EMULATED_BACKENDS, NATIVE_BACKENDS, examples, require_backend
-from mixedprec import formats, ops
+from conftest import EMULATED_BACKENDS, NATIVE_KERNEL_BACKENDS, examples, needs_avx512, require_backend
+from mixedprec import formats, ops, reference
 from mixedprec.formats import pack_weight
 
-ALL_BACKENDS = NATIVE_BACKENDS + EMULATED_BACKENDS
+ALL_BACKENDS = ("reference",) + NATIVE_KERNEL_BACKENDS + EMULATED_BACKENDS
 # numpy's warnings about NaN and inf arithmetic under Triton's interpreter: such inputs are the point
 pytestmark = pytest.mark.filterwarnings("ignore:.* encountered in:RuntimeWarning")
-
-
-def op_device(backend: str, kernels_built: dict[str, bool] | None = None) -> torch.device:
-    """The device to run ``backend`` on; skips when it cannot run here or lacks the op's kernel."""
-    device = require_backend(backend)
-    if kernels_built is not None and not kernels_built[backend]:
-        pytest.skip(f"backend {backend!r} has no kernel for this op in this build")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------
 # bit_sharing_quant
 
-def check_bit_sharing(backend: str, case: cases.BitSharingCase) -> None:
-    device = op_device(backend)
-    x, clip, thresholds, grad_y = case.tensors()
-    y = assert_bit_sharing_matches(backend, *(t.to(device) for t in (x, clip, thresholds, grad_y)), case.bits,
-                                   case.signed)
-    # The reference's contract: NaN exactly where x is NaN, +-inf clipped like any large value,
-    # so |y| <= clip.
+def assert_bit_sharing_contract(x: torch.Tensor, clip: torch.Tensor, y: torch.Tensor) -> None:
+    """NaN exactly where x is NaN, +-inf clipped like any large value, so |y| <= clip."""
     assert torch.equal(torch.isnan(y), torch.isnan(x))
     bound = clip.to(y.dtype).double() * (1 + 4 * torch.finfo(y.dtype).eps)
     assert (y[~torch.isnan(y)].double().abs() <= bound).all()
 
 
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def check_bit_sharing(backend: str, case: cases.BitSharingCase) -> None:
+    device = require_backend(backend)
+    x, clip, thresholds, grad_y = case.tensors()
+    y = assert_bit_sharing_matches(backend, *(t.to(device) for t in (x, clip, thresholds, grad_y)), case.bits,
+                                   case.signed)
+    assert_bit_sharing_contract(x, clip, y)
+
+
+@settings(max_examples=examples(200))
+@given(case=cases.bit_sharing_cases(max_numel=1 << 17))
+def test_reference_bit_sharing_quant_keeps_its_contract(case):
+    x, clip, thresholds, _ = case.tensors()
+    assert_bit_sharing_contract(x, clip, reference.bit_sharing_quant(x, clip, thresholds, case.bits, case.signed)[0])
+
+
+@pytest.mark.parametrize("backend", NATIVE_KERNEL_BACKENDS)
 @settings(max_examples=examples(200))
 @given(case=cases.bit_sharing_cases(max_numel=1 << 17))
 def test_bit_sharing_quant(backend, case):
@@ -78,7 +82,7 @@ subnormal = st.floats(min_value=0.0, max_value=torch.finfo(torch.float32).smalle
 @given(clip=st.one_of(not_positive, subnormal), threshold=st.one_of(st.floats(-2.0, 2.0), not_finite),
        signed=st.booleans())
 def test_bit_sharing_quant_refuses_invalid_clip_and_thresholds(backend, clip, threshold, signed):
-    device = op_device(backend)
+    device = require_backend(backend)
     x, thresholds = torch.randn(7, device=device), torch.tensor([0.1, threshold], device=device)
     with pytest.raises(ValueError, match="bit_sharing_quant: clip must be finite and > 0"):
         ops.bit_sharing_quant(x, torch.tensor(clip, device=device), torch.zeros(2, device=device), signed=signed,
@@ -91,16 +95,26 @@ def test_bit_sharing_quant_refuses_invalid_clip_and_thresholds(backend, clip, th
 # ---------------------------------------------------------------------------------------------
 # codebook_quant
 
-def check_codebook(backend: str, case: cases.CodebookCase) -> None:
-    device = op_device(backend, ops._CODEBOOK_KERNEL_BUILT)
-    weight, codebook, scale, mask = case.tensors()
-    y = codebook_check(backend, device, weight, codebook, scale, mask)
-    # The contract: 0 where pruned whatever the weight, NaN for a kept NaN or +-inf weight.
+def assert_codebook_contract(weight: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> None:
+    """0 where pruned whatever the weight, NaN for a kept NaN or +-inf weight."""
     assert (y[~mask] == 0).all()
     assert torch.isnan(y[mask & ~torch.isfinite(weight)]).all()
 
 
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def check_codebook(backend: str, case: cases.CodebookCase) -> None:
+    device = require_backend(backend, ops._CODEBOOK_KERNEL_BUILT)
+    weight, codebook, scale, mask = case.tensors()
+    assert_codebook_contract(weight, mask, codebook_check(backend, device, weight, codebook, scale, mask))
+
+
+@settings(max_examples=examples(200))
+@given(case=cases.codebook_cases(max_numel=1 << 16))
+def test_reference_codebook_quant_keeps_its_contract(case):
+    weight, codebook, scale, mask = case.tensors()
+    assert_codebook_contract(weight, mask, reference.codebook_quant(weight, codebook, scale, mask))
+
+
+@pytest.mark.parametrize("backend", NATIVE_KERNEL_BACKENDS)
 @settings(max_examples=examples(200))
 @given(case=cases.codebook_cases(max_numel=1 << 16))
 def test_codebook_quant(backend, case):
@@ -118,7 +132,7 @@ def test_codebook_quant_emulated(backend, case):
 @settings(max_examples=examples(10))
 @given(bad=not_positive, channels=st.integers(1, 6), data=st.data())
 def test_codebook_quant_refuses_invalid_scales(backend, bad, channels, data):
-    device = op_device(backend, ops._CODEBOOK_KERNEL_BUILT)
+    device = require_backend(backend, ops._CODEBOOK_KERNEL_BUILT)
     at = data.draw(st.integers(0, channels - 1))
     scale = torch.ones(channels, device=device)
     scale[at] = bad
@@ -138,14 +152,25 @@ def assert_non_finite_where_reached(y: torch.Tensor, reached: torch.Tensor) -> N
     assert torch.equal(~torch.isfinite(y.cpu()), reached)
 
 
-def check_lowbit(backend: str, case: cases.LinearCase) -> None:
-    device = op_device(backend, ops._LOWBIT_KERNEL_BUILT)
-    x, packed, bias, grad_y = case.tensors()
-    y = lowbit_check(backend, device, packed, x, bias, grad_y, scales=case.scales, mixed=case.x.mixes_magnitudes)
+def assert_lowbit_contract(x: torch.Tensor, y: torch.Tensor) -> None:
     assert_non_finite_where_reached(y, (~torch.isfinite(x)).any(-1, keepdim=True).expand(y.shape))
 
 
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def check_lowbit(backend: str, case: cases.LinearCase) -> None:
+    device = require_backend(backend, ops._LOWBIT_KERNEL_BUILT)
+    x, packed, bias, grad_y = case.tensors()
+    assert_lowbit_contract(x, lowbit_check(backend, device, packed, x, bias, grad_y, scales=case.scales,
+                                           mixed=case.x.mixes_magnitudes))
+
+
+@settings(max_examples=examples(150))
+@given(case=cases.linear_cases(max_features=150, max_batch_numel=80))
+def test_reference_lowbit_linear_keeps_its_contract(case):
+    x, packed, bias, _ = case.tensors()
+    assert_lowbit_contract(x, reference.lowbit_linear(x, packed, bias))
+
+
+@pytest.mark.parametrize("backend", NATIVE_KERNEL_BACKENDS)
 @settings(max_examples=examples(150))
 @given(case=cases.linear_cases(max_features=150, max_batch_numel=80))
 def test_lowbit_linear(backend, case):
@@ -159,17 +184,27 @@ def test_lowbit_linear_emulated(backend, case):
     check_lowbit(backend, case)
 
 
-def check_conv(backend: str, case: cases.ConvCase) -> None:
-    device = op_device(backend, ops._LUT_CONV2D_KERNEL_BUILT)
-    x, packed, bias, grad_y = case.tensors()
-    y = lut_conv2d_check(backend, device, x, packed, bias, grad_y, case.conv, scales=case.scales,
-                         mixed=case.x.mixes_magnitudes)
+def assert_conv_contract(x: torch.Tensor, packed, conv: dict, y: torch.Tensor) -> None:
     window = torch.ones(packed.shape, dtype=torch.float64)
-    reached = torch.nn.functional.conv2d((~torch.isfinite(x)).double(), window, **case.conv) > 0
+    reached = torch.nn.functional.conv2d((~torch.isfinite(x)).double(), window, **conv) > 0
     assert_non_finite_where_reached(y, reached)
 
 
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def check_conv(backend: str, case: cases.ConvCase) -> None:
+    device = require_backend(backend, ops._LUT_CONV2D_KERNEL_BUILT)
+    x, packed, bias, grad_y = case.tensors()
+    assert_conv_contract(x, packed, case.conv, lut_conv2d_check(backend, device, x, packed, bias, grad_y, case.conv,
+                                                                scales=case.scales, mixed=case.x.mixes_magnitudes))
+
+
+@settings(max_examples=examples(120))
+@given(case=cases.conv_cases(max_channels=12, max_extent=14))
+def test_reference_lut_conv2d_keeps_its_contract(case):
+    x, packed, bias, _ = case.tensors()
+    assert_conv_contract(x, packed, case.conv, reference.lut_conv2d(x, packed, bias, **case.conv))
+
+
+@pytest.mark.parametrize("backend", NATIVE_KERNEL_BACKENDS)
 @settings(max_examples=examples(120))
 @given(case=cases.conv_cases(max_channels=12, max_extent=14))
 def test_lut_conv2d(backend, case):
@@ -183,6 +218,7 @@ def test_lut_conv2d_emulated(backend, case):
     check_conv(backend, case)
 
 
+@needs_avx512
 @settings(max_examples=examples(80))
 @given(case=cases.conv_cases(max_channels=20, max_extent=14, winograd=True))
 def test_lut_conv2d_cpu_winograd(case):
