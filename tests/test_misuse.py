@@ -31,6 +31,7 @@ import mixedprec
 from mixedprec import _extension, formats, opq, ops, sbs
 from mixedprec.cli import main as cli_main
 from mixedprec.formats import PackedWeight, pack_weight
+from mixedprec.metrics import count_bops
 from mixedprec.nn import PackedConv2d, PackedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,9 +321,18 @@ ROWS: dict[str, Row] = {
     # ------------------------------------------------------------------ save / load
     "files: save of a non-module": Row(
         lambda w: mixedprec.save(3, w.dir / "x.safetensors"), ValueError, r"save: model must be an nn.Module, got int"),
-    "files: save of a module from outside torch.nn and mixedprec": Row(
-        lambda w: mixedprec.save(nn.Sequential(Custom()), w.dir / "x.safetensors"), ValueError,
-        r"module '0' is a test_misuse.Custom; only torch.nn and mixedprec modules can be saved"),
+    "files: load of a model of other classes without a freshly built one": Row(
+        lambda w: (mixedprec.save(nn.Sequential(Custom()), w.dir / "x.safetensors"),
+                   mixedprec.load(w.dir / "x.safetensors")), ValueError,
+        r"x\.safetensors: the saved model is a torch.nn.modules.container.Sequential whose architecture comes from "
+        r"code: pass a freshly built one, mixedprec.load\(path, model=...\)"),
+    "files: load into a model of another width": Row(
+        lambda w: (mixedprec.save(nn.Sequential(Custom(), nn.Linear(3, 4)), w.dir / "y.safetensors"),
+                   mixedprec.load(w.dir / "y.safetensors", model=nn.Sequential(Custom(), nn.Linear(3, 5)))),
+        ValueError, r"does not fit the model .*1\.weight \(4, 3\) in the file, \(5, 3\) in the model"),
+    "files: token ids given as a bare shape": Row(
+        lambda w: count_bops(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), (7,)), ValueError,
+        r"output_positions: the model does not run on example inputs .*token ids"),
     "files: load of a missing file": Row(
         lambda w: mixedprec.load(w.dir / "absent.safetensors"), FileNotFoundError, r"absent\.safetensors"),
     "files: load of a truncated file": Row(
@@ -333,7 +343,8 @@ ROWS: dict[str, Row] = {
         lambda w: mixedprec.load(w.files["flipped"]), ValueError, r"tensor '.*' is corrupted \(CRC32 mismatch\)"),
     "files: load of a file from a newer format version": Row(
         lambda w: mixedprec.load(w.files["newer"]), ValueError,
-        r"written by packed format version 3, this mixedprec reads versions up to 2; upgrade mixedprec"),
+        fr"written by packed format version {formats.FORMAT_VERSION + 1}, this mixedprec reads versions up to "
+        fr"{formats.FORMAT_VERSION}; upgrade mixedprec"),
     "files: load of a safetensors file from elsewhere": Row(
         lambda w: mixedprec.load(w.files["foreign"]), ValueError, r"not a mixedprec packed model"),
     "files: load of a conv layer with too few codes": Row(
@@ -356,7 +367,7 @@ ROWS: dict[str, Row] = {
         r"^exit 2: mixedprec report: error: .*truncated\.safetensors: not a readable safetensors file"),
     "cli: report of a file from a newer format version": Row(
         lambda w: cli("report", w.files["newer"], "--input-shape", "3,4,4"), CommandFailed,
-        r"^exit 2: mixedprec report: error: .*written by packed format version 3"),
+        fr"^exit 2: mixedprec report: error: .*written by packed format version {formats.FORMAT_VERSION + 1}"),
     "cli: report of a file naming a foreign class": Row(
         lambda w: cli("report", w.files["foreign_class"], "--input-shape", "3,4,4"), CommandFailed,
         r"^exit 2: mixedprec report: error: .*class os.system is not a torch.nn or mixedprec module"),
