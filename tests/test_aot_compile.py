@@ -21,15 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 AOT = ROOT / "tests" / "triton_aot.py"
 
 
-def _environment() -> dict[str, str]:
-    """A GPU process's: no TRITON_INTERPRET; this checkout's mixedprec."""
-    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PYTHONPATH": str(ROOT)}
-
-
 def _compile(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """tests/triton_aot.py as a GPU process runs (no TRITON_INTERPRET), on this checkout's mixedprec."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, str(AOT), "--json", str(out), *args], cwd=ROOT,
-                          env={**_environment(), "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")},
+    proc = subprocess.run([sys.executable, str(AOT), "--json", str(out), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc, json.loads(out.read_text())
@@ -60,17 +57,15 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_spills(compiled):
 
 
 def test_the_gpu_values_of_the_launchers_are_compiled(compiled):
-    """A GPU process's BLOCK and num_warps (mixedprec/triton/common.py), not this process's
+    """A GPU process's BLOCK and launch options (mixedprec/triton/common.py), not this process's
     (Triton's interpreter gets a larger BLOCK and no launch options)."""
     from mixedprec.triton import common
 
-    gpu = subprocess.run([sys.executable, "-c", "from mixedprec.triton import common; "
-                          "print(common.BLOCK, common.LAUNCH_OPTIONS['num_warps'])"],
-                         cwd=ROOT, env=_environment(), capture_output=True, text=True, check=True).stdout.split()
-    assert common.BLOCK != int(gpu[0])
     _, report = compiled
+    gpu = report["gpu_constants"]
+    assert common.BLOCK != gpu["BLOCK"] and common.LAUNCH_OPTIONS != gpu["LAUNCH_OPTIONS"]
     config = next(r["config"] for r in report["rows"] if r["kernel"] == "bit_sharing._apply_kernel")
-    assert f"BLOCK={gpu[0]} " in config and f"warps={gpu[1]} " in config, config
+    assert f"BLOCK={gpu['BLOCK']} " in config and f"warps={gpu['LAUNCH_OPTIONS']['num_warps']} " in config, config
 
 
 def test_planted_spills_and_oversized_shared_memory_are_reported(tmp_path):

@@ -58,6 +58,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from mixedprec import _extension, ops  # noqa: E402
 from mixedprec.formats import pack_weight  # noqa: E402
+from mixedprec.triton import common  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -185,7 +186,8 @@ class Specialized:
 
     def config(self) -> str:
         """The launch's configuration: its first pointer's element type (the op's input), every
-        constexpr, integers Triton specialized as divisible by 16, warps and pipeline stages."""
+        constexpr, integers Triton specialized as divisible by 16, warps, pipeline stages and
+        the register cap when one is set."""
         names = self.launch.kernel.arg_names
         pointers = [t for t in self.signature.values() if t.startswith("*")]
         constexprs = " ".join(f"{names[k[0]]}={v}" for k, v in sorted(self.constexprs.items()))
@@ -193,7 +195,8 @@ class Specialized:
                      if v and not self.signature[names[k[0]]].startswith("*")]
         return " ".join(filter(None, [pointers[0].removeprefix("*") if pointers else "", constexprs,
                                       f"%16:{','.join(divisible)}" if divisible else "",
-                                      f"warps={self.options.num_warps} stages={self.options.num_stages}"]))
+                                      f"warps={self.options.num_warps} stages={self.options.num_stages}",
+                                      f"maxnreg={self.options.maxnreg}" if self.options.maxnreg else ""]))
 
     def key(self) -> tuple:
         return self.launch.name, self.arch, self.config()
@@ -367,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in unlaunched:
         print(f"PROBLEM {name}: no workload launches it (add one to WORKLOADS)")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "unlaunched": unlaunched, "seconds": seconds}, indent=1))
+        gpu_constants = {"BLOCK": common.BLOCK, "LAUNCH_OPTIONS": common.LAUNCH_OPTIONS}  # as a GPU process has them
+        args.json.write_text(json.dumps({"rows": rows, "unlaunched": unlaunched, "seconds": seconds,
+                                         "gpu_constants": gpu_constants}, indent=1))
     return 1 if unlaunched or any(r["problems"] for r in rows) else 0
 
 

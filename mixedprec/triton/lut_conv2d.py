@@ -21,7 +21,7 @@ from mixedprec.triton.common import LAUNCH_OPTIONS, new_output, to_float32, to_s
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 16
 # Left to itself, ptxas aims at 64-128 registers for these 8-warp programs and spills a few;
-# allowed 255 it uses up to ~246 and spills none (tests/triton_aot.py compiles every launch).
+# allowed 255 it uses up to ~245 and spills none (tests/triton_aot.py compiles every launch).
 MAX_REGISTERS = 255
 
 
