@@ -3,9 +3,10 @@ H100/H200-class GPU):
 
     python benchmarks/gpu_check.py [--out out/gpu_check] [--repeats 20] [--rounds 10] [--skip-tests]
 
-1. tests: the pytest subset of the cuda and triton backends (Triton compiling for this GPU), and
-   with two or more GPUs the data-parallel tests on nccl (tests/test_distributed.py with
-   MIXEDPREC_TEST_DEVICE=cuda);
+1. tests: the pytest subset of the cuda and triton backends (Triton compiling for this GPU), each
+   test function in its own process, several at once, the property tests at a fifth of CI's
+   examples (benchmarks/gpu_check_plugin.py), and with two or more GPUs the data-parallel tests
+   on nccl (tests/test_distributed.py with MIXEDPREC_TEST_DEVICE=cuda);
 2. tables, each against baselines measured in the same run (the benchmarks/bench_*.py scripts on
    the GPU): bit-sharing fake-quant vs torch's learnable fake-quant, lowbit_linear vs torch's
    _weight_int4pack_mm and fp16/bf16/fp32 matmul at batch 1 and 16, lut_conv2d vs cuDNN on
@@ -30,6 +31,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +62,8 @@ def kernel_backends(device: torch.device) -> list[str]:
 @dataclass
 class PytestRun:
     name: str
-    args: list[str]  # pytest's arguments
+    paths: list[str]  # files, folders or test functions
+    keyword: str  # pytest -k
     env: dict[str, str] = field(default_factory=dict)
     skip: str | None = None  # why it cannot run here
 
@@ -69,34 +72,63 @@ def pytest_runs(backends: list[str], gpus: int, paths: list[str]) -> list[Pytest
     """The kernel tests of ``backends`` (every test whose id names one of them) and, on GPUs,
     the data-parallel tests on nccl (without the lost-rank tests, whose hang detection is gloo's,
     and the command-line run, which trains on the CPU)."""
-    runs = [PytestRun(f"tests of the {' and '.join(backends)} backends", [*paths, "-k", " or ".join(backends)])]
+    runs = [PytestRun(f"tests of the {' and '.join(backends)} backends", paths, " or ".join(backends))]
     if "cuda" in backends:
-        runs.append(PytestRun("data-parallel tests, 2 ranks on nccl",
-                            ["tests/test_distributed.py", "-k", "not lost_rank and not cli"],
-                            {"MIXEDPREC_TEST_DEVICE": "cuda"},
-                            None if gpus >= 2 else f"needs 2 GPUs, found {gpus}"))
+        runs.append(PytestRun("data-parallel tests, 2 ranks on nccl", ["tests/test_distributed.py"],
+                              "not lost_rank and not cli", {"MIXEDPREC_TEST_DEVICE": "cuda"},
+                              None if gpus >= 2 else f"needs 2 GPUs, found {gpus}"))
     return runs
+
+
+def _pytest(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    # the plugin cuts the property tests' examples to fit the time (benchmarks/gpu_check_plugin.py)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check_plugin",
+                           *args], cwd=ROOT, env={**os.environ, **env}, **kwargs)
+
+
+def selected_tests(run: PytestRun) -> list[str]:
+    """The ids of the tests the run selects, in collection order."""
+    proc = _pytest(["--collect-only", "-q", *run.paths, "-k", run.keyword], run.env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"collecting {run.name} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return [line for line in proc.stdout.splitlines() if "::" in line]
 
 
 def junit_counts(xml_path: Path) -> dict[str, int]:
     suites = list(ET.parse(xml_path).getroot().iter("testsuite"))
-    counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
-    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return counts
+    return {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
 
 
-def run_tests(run: PytestRun, xml: Path) -> dict:
-    """Runs one pytest subset in a subprocess (its output goes to ours); the counts from the
-    JUnit XML it writes to ``xml``."""
-    result = {"name": run.name, "pytest_args": run.args, "env": run.env}
+def run_tests(run: PytestRun, out: Path, jobs: int) -> dict:
+    """Runs each selected test function in its own pytest process, ``jobs`` at a time (on a GPU
+    the tests mostly wait for Triton compiling kernels, one core each); one line per function,
+    the tail of its log when it fails; counts from the processes' JUnit XML."""
+    result = {"name": run.name, "paths": run.paths, "keyword": run.keyword, "env": run.env}
     if run.skip:
         return {**result, "not_run": run.skip}
-    xml.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    code = subprocess.call([sys.executable, "-m", "pytest", *run.args, "-q", "-p", "no:cacheprovider",
-                            "--durations=10", f"--junitxml={xml}"], cwd=ROOT, env={**os.environ, **run.env})
-    result.update(exit_status=code, seconds=round(time.perf_counter() - start, 1))
-    return {**result, **junit_counts(xml)} if xml.exists() else result
+
+    def one(i_function: tuple[int, str]) -> tuple[int, dict]:
+        i, function = i_function
+        xml, log = out / f"{i}.xml", out / f"{i}.log"
+        began = time.perf_counter()
+        with log.open("w") as f:
+            code = _pytest([function, "-k", run.keyword, "-q", f"--junitxml={xml}"], run.env, stdout=f,
+                           stderr=subprocess.STDOUT).returncode
+        print(f"  {'ok' if code == 0 else 'FAILED':6s} {function} ({time.perf_counter() - began:.0f} s)", flush=True)
+        if code != 0:
+            print("".join(log.read_text().splitlines(keepends=True)[-40:]), flush=True)
+        return code, junit_counts(xml) if xml.exists() else {"errors": 1}
+
+    functions = list(dict.fromkeys(test.split("[")[0] for test in selected_tests(run)))  # file::function
+    print(f"{run.name}: {len(functions)} test functions, {jobs} at a time", flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        done = list(pool.map(one, enumerate(functions)))
+    counts = {key: sum(c.get(key, 0) for _, c in done) for key in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {**result, **counts, "functions": len(functions), "exit_status": max((code for code, _ in done), default=5),
+            "seconds": round(time.perf_counter() - start, 1), "logs": str(out)}
 
 
 def tests_failed(result: dict) -> bool:
@@ -209,7 +241,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def run(device: torch.device | str = "cuda", out: Path = ROOT / "out" / "gpu_check", repeats: int = 20,
-        rounds: int = 10, test_paths: tuple[str, ...] = ("tests",), skip_tests: bool = False) -> dict:
+        rounds: int = 10, test_paths: tuple[str, ...] = ("tests",), skip_tests: bool = False,
+        test_jobs: int = max(1, min(8, (os.cpu_count() or 2) // 2))) -> dict:
     """Every phase on ``device``; returns the report and writes OUT/gpu_check.{json,txt}. A phase
     that raises is recorded under "errors" and the others still run."""
     device = torch.device(device)
@@ -230,7 +263,7 @@ def run(device: torch.device | str = "cuda", out: Path = ROOT / "out" / "gpu_che
 
     def tests():
         for i, r in enumerate(pytest_runs(backends, report["gpu"]["gpus"], list(test_paths))):
-            report["tests"].append(run_tests(r, out / f"junit-{i}.xml"))
+            report["tests"].append(run_tests(r, out / f"tests-{i}", test_jobs))
 
     def bit_sharing():
         times = report["tables"]["bit_sharing"] = bench_bit_sharing.measure(device, repeats)
@@ -270,8 +303,8 @@ def render(report: dict) -> str:
              f"triton {gpu['triton']}, {report['seconds']['total']:.0f} s", "", "tests"]
     for t in report["tests"]:
         status = (f"not run: {t['not_run']}" if "not_run" in t else
-                  f"passed {t.get('passed', '?')}  failed {t.get('failures', '?')}  errors {t.get('errors', '?')}  "
-                  f"skipped {t.get('skipped', '?')}  exit {t['exit_status']}  {t['seconds']:.0f} s")
+                  f"passed {t['passed']}  failed {t['failures']}  errors {t['errors']}  skipped {t['skipped']}  "
+                  f"({t['functions']} test functions, {t['seconds']:.0f} s, logs in {t['logs']})")
         lines.append(f"  {t['name']:46s} {status}")
     lines += ["", "ratios (kernel tables: baseline time / ours, > 1: ours faster; QAT: step time / float step)"]
     width = max((len(n) for n in report["ratios"]), default=0)

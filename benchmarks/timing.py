@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from mixedprec import ops
 
@@ -50,14 +52,13 @@ def device_ms(fn: Callable[[], object], repeats: int = 20, device: torch.device 
     """Time a CUDA device spends running kernels per call of ``fn`` (summed by the profiler), in
     milliseconds: what a kernel's achieved bandwidth is computed from, without the host's
     launch overhead between kernels. ``fn`` is warmed up once first."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     fn()
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize(device)
-    kernel_us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
+    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if kernel_us <= 0:
+        raise RuntimeError("device_ms: the profiler recorded no CUDA kernel (is CUPTI available?)")
     return kernel_us / repeats / 1e3

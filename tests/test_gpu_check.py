@@ -38,43 +38,38 @@ def test_bad_arguments_are_refused():
     assert proc.returncode == 2 and "--repeats and --rounds must be at least 1" in proc.stderr
 
 
-def _collected(args: list[str], **env: str) -> list[str]:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
-                          cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [line for line in proc.stdout.splitlines() if "::" in line]
-
-
 def test_gpu_selections_collect_the_kernel_and_nccl_tests():
     kernels, ddp = gpu_check.pytest_runs(["cuda", "triton"], 1, ["tests"])
     assert ddp.skip == "needs 2 GPUs, found 1"
     kernels, ddp = gpu_check.pytest_runs(["cuda", "triton"], 2, ["tests"])
     assert ddp.skip is None and ddp.env == {"MIXEDPREC_TEST_DEVICE": "cuda"}
-    ids = _collected(kernels.args)
+    ids = gpu_check.selected_tests(kernels)
     assert all("cuda" in i.lower() or "triton" in i.lower() for i in ids)  # -k ignores case
     for test in ("test_bit_sharing.py::test_backends_match_reference_sizes", "test_lut_conv2d.py::test_geometries",
                  "test_lowbit_linear.py::test_backends_match_reference", "test_properties.py::test_lut_conv2d"):
         for backend in ("cuda", "triton"):
             assert any(test in i and backend in i for i in ids), (test, backend)
-    ddp_ids = _collected(ddp.args, **ddp.env)
+    ddp_ids = gpu_check.selected_tests(ddp)
     assert len(ddp_ids) == 4 and not any("lost_rank" in i or "cli" in i for i in ddp_ids), ddp_ids
 
 
 def test_cpu_selection_has_no_gpu_runs():
     (kernels,) = gpu_check.pytest_runs(["cpu"], 0, ["tests/test_codebook_quant.py"])
-    assert kernels.args == ["tests/test_codebook_quant.py", "-k", "cpu"] and kernels.skip is None
+    assert (kernels.paths, kernels.keyword, kernels.skip) == (["tests/test_codebook_quant.py"], "cpu", None)
 
 
 @pytest.fixture(scope="module")
 def cpu_report(tmp_path_factory):
-    """One run on the CPU kernels: one timed call each, the tests of one file, and ResNet-20's
+    """One run on the CPU kernels: one timed call each, two test functions, and ResNet-20's
     float and SBS steps (not those forced to the reference) on 8 images instead of 64: the
     driver is under test here, not the CPU's speed."""
     out = tmp_path_factory.mktemp("gpu_check")
+    functions = ("tests/test_codebook_quant.py::test_every_backend_matches_the_reference",
+                 "tests/test_codebook_quant.py::test_every_backend_masks_like_the_reference")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench_qat_step, "BATCH", 8)
         patch.setattr(bench_qat_step, "CASES", [case for case in bench_qat_step.CASES if case[1] != "reference"])
-        return gpu_check.run("cpu", out, repeats=1, rounds=1, test_paths=("tests/test_codebook_quant.py",)), out
+        return gpu_check.run("cpu", out, repeats=1, rounds=1, test_paths=functions, test_jobs=2), out
 
 
 def test_cpu_run_tests_tables_and_report(cpu_report):
@@ -82,7 +77,8 @@ def test_cpu_run_tests_tables_and_report(cpu_report):
     assert report["errors"] == {}, "\n".join(report["errors"].values())
     assert report["backends"] == ["cpu"] and report["gpu"]["name"] == "CPU"
     (tests,) = report["tests"]
-    assert tests["exit_status"] == 0 and tests["passed"] > 0 and tests["failures"] == tests["errors"] == 0
+    assert tests["exit_status"] == 0 and tests["functions"] == 2 and tests["passed"] > 0
+    assert tests["failures"] == tests["errors"] == 0 and len(list(Path(tests["logs"]).glob("*.log"))) == 2
     assert not gpu_check.tests_failed(tests)
 
     ratios = report["ratios"]
