@@ -33,9 +33,10 @@ def test_without_a_gpu_one_line_and_exit_status_3():
                                         "nothing was checked"]
 
 
-def test_bad_arguments_are_refused():
-    proc = _run_script("--repeats", "0")
-    assert proc.returncode == 2 and "--repeats and --rounds must be at least 1" in proc.stderr
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--repeats", "0"])
+    assert exit_.value.code == 2 and "--repeats and --rounds must be at least 1" in capsys.readouterr().err
 
 
 def test_gpu_selections_collect_the_kernel_and_nccl_tests():
