@@ -65,7 +65,7 @@ def cpu_report(tmp_path_factory):
     float and SBS steps (not those forced to the reference) on 8 images instead of 64: the
     driver is under test here, not the CPU's speed."""
     out = tmp_path_factory.mktemp("gpu_check")
-    functions = ("tests/test_codebook_quant.py::test_every_backend_matches_the_reference",
+    functions = ("tests/test_codebook_quant.py::test_every_backend_breaks_ties_like_the_reference",
                  "tests/test_codebook_quant.py::test_every_backend_masks_like_the_reference")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench_qat_step, "BATCH", 8)
