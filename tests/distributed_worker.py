@@ -25,9 +25,16 @@ from mixedprec.data.digits import load_digits
 
 from crashing import CrashingDataset  # this directory: tests/
 
+# cpu: ranks on gloo. MIXEDPREC_TEST_DEVICE=cuda (benchmarks/gpu_check.py): one GPU per rank on
+# nccl, cuDNN deterministic and without TF32, so that two ranks and one process differ only in
+# summation order, as on the CPU.
+DEVICE = os.environ.get("MIXEDPREC_TEST_DEVICE", "cpu")
+if DEVICE == "cuda":
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = True, False
+
 EXAMPLES, BATCH = 256, 32  # 8 global batches per epoch: 16 examples per rank at world size 2
-SEARCH = dict(epochs=2, bops_weight=0.5, lr=0.05, batch_size=BATCH, seed=0, quiet=True)
-FINETUNE = dict(epochs=1, lr=0.05, batch_size=BATCH, seed=0, quiet=True)
+SEARCH = dict(epochs=2, bops_weight=0.5, lr=0.05, batch_size=BATCH, seed=0, quiet=True, device=DEVICE)
+FINETUNE = dict(epochs=1, lr=0.05, batch_size=BATCH, seed=0, quiet=True, device=DEVICE)
 POLICY = sbs.SBSPolicy(first_last_bits=None)  # every layer searched, signs decided from the first batch
 
 
@@ -78,7 +85,7 @@ def main(scenario: str, out: str) -> None:
     from mixedprec import distributed
 
     torch.set_num_threads(1)
-    distributed.setup("cpu")
+    distributed.setup(DEVICE)
     rank = distributed.rank()
     data = train_set()
     if scenario in ("die", "hang"):

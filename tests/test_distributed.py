@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun: 2 CPU ranks with gloo on loopback against one process.
+"""Data-parallel training under torchrun: 2 CPU ranks with gloo on loopback against one process
+(MIXEDPREC_TEST_DEVICE=cuda: 2 GPUs with nccl, as benchmarks/gpu_check.py runs them).
 
 The runs are tiny (a small CNN, 256 digits, 8 global batches per epoch) and each launch is bounded
 by a timeout; the ranks themselves live in tests/distributed_worker.py.
@@ -21,8 +22,11 @@ import distributed_worker as worker
 from crashing import CrashingDataset
 from mixedprec import opq, sbs
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+PG_BACKEND = "nccl" if worker.DEVICE == "cuda" else "gloo"  # MIXEDPREC_TEST_DEVICE=cuda: one GPU per rank
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_backend_available(PG_BACKEND)
+    or (PG_BACKEND == "nccl" and torch.cuda.device_count() < 2),
+    reason=f"needs torch.distributed with {PG_BACKEND}" + (" and 2 GPUs" if PG_BACKEND == "nccl" else ""))
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(worker.__file__)
@@ -60,8 +64,9 @@ def _assert_state_close(actual: dict, expected: dict) -> None:
     initial = worker.float_model().state_dict()
     for k, v in expected.items():
         if isinstance(v, torch.Tensor):
+            v = v.cpu()
             moved = (v - initial[k]).abs().max().item() if k in initial and v.is_floating_point() else 0.0
-            torch.testing.assert_close(actual[k], v, rtol=1e-5, atol=max(1e-6, 1e-3 * moved), msg=k)
+            torch.testing.assert_close(actual[k].cpu(), v, rtol=1e-5, atol=max(1e-6, 1e-3 * moved), msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,7 @@ def runs(tmp_path_factory):
                    **worker.SEARCH)
     proc = _torchrun([str(WORKER), "train", str(out)], timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in (0, 1)]
 
     searched = sbs.convert(worker.float_model(), worker.POLICY)
     history = sbs.search(searched, data, **worker.SEARCH)

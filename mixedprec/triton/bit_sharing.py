@@ -77,8 +77,7 @@ def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, levels_ptr, residual_
     x = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0))
     z = _normalize(x * tl.load(inv_clip_ptr), SIGNED)
     tail = tl.zeros_like(z)
-    for i in tl.static_range(NUM_BITS - 1):
-        j: tl.constexpr = NUM_BITS - 1 - i
+    for j in tl.static_range(NUM_BITS - 1, 0, -1):
         e = _offset(z, levels_ptr, j)
         if j == NUM_BITS - 1:
             tail = e
@@ -109,8 +108,7 @@ def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, levels_ptr,
     tl.store(grad_x_ptr + offs, to_storage(tl.where(inside, g, 0.0), grad_x_ptr), mask=mask)
     z = _normalize(t, SIGNED)
     tail = tl.zeros_like(z)
-    for i in tl.static_range(NUM_BITS - 1):
-        j: tl.constexpr = NUM_BITS - 1 - i
+    for j in tl.static_range(NUM_BITS - 1, 0, -1):
         e = _offset(z, levels_ptr, j)
         if j == NUM_BITS - 1:
             tail = e

@@ -34,7 +34,7 @@ def _codebook_quant_kernel(weight_ptr, keep_ptr, y_ptr, n, inner, scale_ptr, inv
     # unless its last one is >= z; a z on a midpoint stays at the lower level, a NaN z runs on.
     index = tl.zeros([BLOCK], dtype=tl.int32)
     for s in tl.static_range(STEPS):
-        step: tl.constexpr = 1 << (STEPS - 1 - s)
+        step = 1 << (STEPS - 1 - s)
         m = tl.load(midpoints_ptr + (step - 1) + index)
         index = tl.where(m >= z, index, index + step)
     level = tl.load(codebook_ptr + tl.minimum(index, last_level))

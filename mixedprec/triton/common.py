@@ -12,7 +12,9 @@ from mixedprec._extension import TRITON_INTERPRETED, poison_outputs
 # Programs are costly under the interpreter; on a GPU 1024 elements per program keep it busy.
 BLOCK = 8192 if TRITON_INTERPRETED else 1024
 # FMA contraction would change float32 results in the last bit against the other backends.
-LAUNCH_OPTIONS = {} if TRITON_INTERPRETED else {"enable_fp_fusion": False}
+# 8 warps: with 4, ptxas spilled registers in the elementwise kernels (8 elements per thread)
+# and the 64 x 64 convolution tiles (tests/triton_aot.py compiles every launch for sm_80/sm_90).
+LAUNCH_OPTIONS = {} if TRITON_INTERPRETED else {"enable_fp_fusion": False, "num_warps": 8}
 
 
 @triton.jit

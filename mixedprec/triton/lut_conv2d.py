@@ -19,7 +19,10 @@ from torch import Tensor
 
 from mixedprec.triton.common import LAUNCH_OPTIONS, new_output, to_float32, to_storage
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 16
+# Left to itself, ptxas aims at 64-128 registers for these 8-warp programs and spills a few;
+# allowed 255 it uses up to ~245 and spills none (tests/triton_aot.py compiles every launch).
+MAX_REGISTERS = 255
 
 
 @triton.jit
@@ -77,24 +80,27 @@ def _lut_gemm_kernel(src_ptr, dst_ptr, bias_ptr, codes_ptr, levels_ptr, scale_pt
     else:
         plane_h, plane_w = OH, OW
     img = offs_n // (plane_h * plane_w)
-    row = offs_n % (plane_h * plane_w) // plane_w
-    col = offs_n % plane_w
+    pixel = (offs_n % (plane_h * plane_w)).to(tl.int32)  # in-plane indices fit int32: less address arithmetic
+    row = pixel // plane_w
+    col = pixel % plane_w
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # int32: K = C/groups kh kw
         k_ok = offs_k < K
-        kh = offs_k % (KH * KW) // KW
-        kw = offs_k % KW
+        k_channel = offs_k // (KH * KW)
+        tap = offs_k % (KH * KW)
+        kh = tap // KW
+        kw = tap % KW
         a_mask = m_ok[:, None] & k_ok[None, :]
         if BACKWARD:
-            c = group * cout_g + offs_k[None, :] // (KH * KW)
-            f = c * R + offs_m[:, None] * (KH * KW) + (offs_k % (KH * KW))[None, :]
+            c = group * cout_g + k_channel[None, :]
+            f = c * R + offs_m[:, None] * (KH * KW) + tap[None, :]
             th = row[None, :] + PH - kh[:, None] * DH
             tw = col[None, :] + PW - kw[:, None] * DW
             oh, ow = th // SH, tw // SW
             b_mask = (k_ok[:, None] & n_ok[None, :] & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
                       & (oh < OH) & (ow < OW))
-            channel = group * cout_g + offs_k[:, None] // (KH * KW)
+            channel = group * cout_g + k_channel[:, None]
             b_ptrs = src_ptr + ((img[None, :] * C_OUT + channel) * OH + oh) * OW + ow
         else:
             c = group * cout_g + offs_m[:, None]
@@ -102,7 +108,7 @@ def _lut_gemm_kernel(src_ptr, dst_ptr, bias_ptr, codes_ptr, levels_ptr, scale_pt
             ih = row[None, :] * SH - PH + kh[:, None] * DH
             iw = col[None, :] * SW - PW + kw[:, None] * DW
             b_mask = k_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            channel = group * cin_g + offs_k[:, None] // (KH * KW)
+            channel = group * cin_g + k_channel[:, None]
             b_ptrs = src_ptr + ((img[None, :] * C_IN + channel) * H + ih) * W + iw
         a = _weight(codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, word_ptr, c + 0 * f, f, a_mask, BITS, SPARSE)
         b = to_float32(tl.load(b_ptrs, mask=b_mask, other=0.0))
@@ -142,7 +148,7 @@ def _launch(src, dst, bias, codes, codebook, channel_scale, keep_bitmap, bits, w
         keep_bitmap if sparse else codes, words, n, c_in, h, w, c_out, oh, ow, groups,
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         BITS=bits, SPARSE=sparse, HAS_BIAS=bias is not None, BACKWARD=backward,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **LAUNCH_OPTIONS)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, maxnreg=MAX_REGISTERS, **LAUNCH_OPTIONS)
     return dst
 
 
