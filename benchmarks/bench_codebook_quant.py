@@ -54,7 +54,7 @@ def contenders(device: torch.device | str = "cpu") -> dict[str, Callable]:
     """Name -> maker of a step from make_inputs()."""
     found = {}
     for backend in table_backends(device):
-        if ops._CODEBOOK_KERNEL_BUILT[backend]:
+        if ops.KERNELS_BUILT["codebook_quant"][backend]:
             found[f"codebook_quant[{backend}] fwd+bwd"] = lambda *a, b=backend: codebook_step(b, *a)
             found[f"codebook_quant[{backend}] fwd"] = lambda *a, b=backend: forward_step(b, *a)
     found["where(keep_mask, w, 0) (bandwidth probe)"] = masked_clone_step

@@ -49,7 +49,7 @@ def make_step(kind: str, backend: str | None, device: torch.device | str = "cpu"
     parity = iter(range(1 << 62))
 
     def step() -> None:
-        with sbs.force_backend(backend):
+        with ops.use_backend(backend):
             if kind == "float":
                 loss = nn.functional.cross_entropy(model(images), labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -66,7 +66,8 @@ def make_step(kind: str, backend: str | None, device: torch.device | str = "cpu"
 
 
 def backend_used(backend: str | None, device: torch.device | str = "cpu") -> str:
-    return backend or ops.resolve_backend("bit_sharing_quant", None, torch.empty(1, device=device))
+    return backend or ops.resolve("bit_sharing_quant", None, torch.empty(1, device=device),
+                                  ops.KERNELS_BUILT["bit_sharing_quant"]).value
 
 
 @pytest.mark.parametrize("kind,backend", CASES,

@@ -195,7 +195,7 @@ def _row(name: str, m: nn.Module, positions: int, packed_types: tuple[type, ...]
         if w_bits >= FLOAT_BITS:
             return LayerRow(name, "sbs", layer_shape(m), w_bits, a_bits, weights, weights, positions, bops,
                             weights * FLOAT_BYTES, weights * FLOAT_BITS)
-        from mixedprec.nn.pack import SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE  # as pack stores it (lazy: import cycle)
+        from mixedprec.sbs.packing import SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE  # as pack stores it (lazy: import cycle)
 
         compressed = LayerCompression.compressed(name, CompressedWeight(weights, out, weights, w_bits, SBS_SCALE_DTYPE,
                                                                         SBS_CODEBOOK_DTYPE))

@@ -17,7 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from mixedprec import ops, reference
+from mixedprec import ops
+from mixedprec.backends import reference
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 _U32, _ETA32 = 2.0 ** -24, 2.0 ** -149  # float32 unit roundoff, smallest subnormal

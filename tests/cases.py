@@ -15,7 +15,7 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
-from mixedprec import reference
+from mixedprec.backends import reference
 from mixedprec.formats import PackedWeight, pack_weight
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

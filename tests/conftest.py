@@ -24,6 +24,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from backend_checks import CPU_HAS_AVX512  # noqa: E402
 from mixedprec import _extension, ops  # noqa: E402
+from mixedprec.ops import library  # noqa: E402
+from mixedprec.ops.backend import NAMESPACES  # noqa: E402
 
 KERNEL_BACKENDS = ("cpu", "simt", "triton", "cuda")
 # Property tests give these fewer and smaller examples: the CUDA sources under SIMT emulation,
@@ -102,9 +104,19 @@ def backend_device(backend: str) -> torch.device:
     return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
 
 
+def custom_op(backend: str, name: str):
+    """The custom op ``name`` that ``backend``'s ops call (mixedprec/ops/library.py)."""
+    return library.custom_op(ops.Backend(backend), name)
+
+
+def kernel_op(backend: str, name: str):
+    """A C++ kernel op of the compiled backend ``backend`` ("cpu", "cuda" or "simt")."""
+    return getattr(getattr(torch.ops, NAMESPACES[ops.Backend(backend)]), name)
+
+
 def require_backend(backend: str, kernels_built: dict[str, bool] | None = None) -> torch.device:
-    """The device to test ``backend`` on (with the op's kernel, when given the op's
-    ``ops._*_KERNEL_BUILT``). Skips where the backend needs hardware or a tool this machine lacks;
+    """The device to test ``backend`` on (with the op's kernel, when given the op's entry of
+    ``ops.KERNELS_BUILT``). Skips where the backend needs hardware or a tool this machine lacks;
     fails where it should run here but cannot (a broken build, a GPU that torch does not see,
     TRITON_INTERPRET set against the machine), rather than pass by skipping."""
     device = backend_device(backend)

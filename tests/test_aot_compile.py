@@ -59,9 +59,9 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_spills(compiled):
 
 
 def test_the_gpu_values_of_the_launchers_are_compiled(compiled):
-    """A GPU process's BLOCK and launch options (mixedprec/triton/common.py), not this process's
+    """A GPU process's BLOCK and launch options (mixedprec/backends/triton/common.py), not this process's
     (Triton's interpreter gets a larger BLOCK and no launch options)."""
-    from mixedprec.triton import common
+    from mixedprec.backends.triton import common
 
     _, report = compiled
     gpu = report["gpu_constants"]

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from mixedprec import ops, reference
+from mixedprec import ops
+from mixedprec.backends import reference
 from backend_checks import assert_bfloat16_ties, assert_bit_sharing_matches, bit_sharing_run
-from conftest import require_backend
+from conftest import custom_op, kernel_op, require_backend
 
 BIT_SETS = [(2, 4, 8), (1,), (3, 5), (1, 2, 3, 4, 5, 6, 7, 8)]
 SIZES = [1, 7, 1023, (1 << 20) + 3]
@@ -297,12 +298,12 @@ def test_opcheck(backend):
     x, clip, thresholds, _ = make_case((33, 5), (2, 4, 8), True)
     x.requires_grad_()
     clip.requires_grad_(), thresholds.requires_grad_()
-    torch.library.opcheck(torch.ops.mixedprec.bit_sharing_quant.default, (x, clip, thresholds, [2, 4, 8], True, backend))
+    op = custom_op(backend, "bit_sharing_quant").default
+    torch.library.opcheck(op, (x, clip, thresholds, [2, 4, 8], True))
     given_mean = torch.tensor([0.1, 0.001])  # the gates of reduced statistics
-    torch.library.opcheck(torch.ops.mixedprec.bit_sharing_quant.default,
-                          (x, clip, thresholds, [2, 4, 8], True, backend, given_mean))
-    torch.library.opcheck(torch.ops.mixedprec.bit_sharing_residual_sums.default,
-                          (x.detach(), clip.detach(), [2, 4, 8], True, backend))
+    torch.library.opcheck(op, (x, clip, thresholds, [2, 4, 8], True, given_mean))
+    torch.library.opcheck(custom_op(backend, "bit_sharing_residual_sums").default,
+                          (x.detach(), clip.detach(), [2, 4, 8], True))
 
 
 @pytest.mark.parametrize("reduced", [False, True], ids=["local", "reduced"])
@@ -368,11 +369,11 @@ def test_unavailable_or_unknown_backend():
         ops.bit_sharing_quant(**_args(x=torch.randn(4, dtype=torch.float64)), backend="cpu")
 
 
-@pytest.mark.parametrize("op", ["bit_sharing_quant_fwd", "simt_bit_sharing_quant_fwd"])
-def test_kernel_ops_check_arguments_in_cpp(op):
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_kernel_ops_check_arguments_in_cpp(backend):
     """Direct torch.ops calls bypass the Python checks; TORCH_CHECK names the argument."""
-    require_backend("simt" if op.startswith("simt") else "cpu")
-    kernel = getattr(torch.ops.mixedprec, op)
+    require_backend(backend)
+    kernel = kernel_op(backend, "bit_sharing_quant_fwd")
     x, clip, thr = torch.randn(8), torch.tensor(1.0), torch.zeros(2)
     with pytest.raises(RuntimeError, match="bits must be strictly ascending"):
         kernel(x, clip, thr, [4, 2, 8], True)
@@ -386,7 +387,7 @@ def test_kernel_ops_check_arguments_in_cpp(op):
         kernel(x, clip, thr, [2, 4, 8], True, torch.zeros(3))
     with pytest.raises(RuntimeError, match="residual_mean must be float32"):
         kernel(x, clip, thr, [2, 4, 8], True, torch.zeros(2, dtype=torch.float64))
-    stats = getattr(torch.ops.mixedprec, op.replace("_fwd", "_stats"))
+    stats = kernel_op(backend, "bit_sharing_quant_stats")
     with pytest.raises(RuntimeError, match="bits must be strictly ascending"):
         stats(x, clip, [4, 2, 8], True)
     with pytest.raises(RuntimeError, match="clip must be float32"):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from mixedprec import ops, reference
+from mixedprec import ops
+from mixedprec.backends import reference
 from backend_checks import assert_bfloat16_ties, codebook_check
-from conftest import KERNEL_BACKENDS, require_backend
+from conftest import KERNEL_BACKENDS, custom_op, kernel_op, require_backend
 
 
 def make_case(shape=(6, 4, 3, 3), levels=8, seed=0, keep=0.6, dtype=torch.float32, device="cpu"):
@@ -127,18 +128,19 @@ def test_bad_arguments_name_the_argument(name, mutate):
 
 
 def _codebook_backend_device(backend):
-    return require_backend(backend, ops._CODEBOOK_KERNEL_BUILT)
+    return require_backend(backend, ops.KERNELS_BUILT["codebook_quant"])
 
 
 def test_backend_without_a_codebook_kernel_is_refused_not_replaced(kernel_backend, monkeypatch):
     """As in a build that lacks the op's kernel for this backend: asked for, it is an error naming
     the backend; not asked for, the op falls back to the reference."""
     backend, device = kernel_backend
-    monkeypatch.setitem(ops._CODEBOOK_KERNEL_BUILT, backend, False)
+    built = ops.KERNELS_BUILT["codebook_quant"]
+    monkeypatch.setitem(built, backend, False)
     weight, codebook, scale, mask = make_case(device=device)
     with pytest.raises(RuntimeError, match=f"codebook_quant: backend '{backend}' has no codebook_quant kernel"):
         ops.codebook_quant(weight, codebook, scale, mask, backend=backend)
-    if ops.resolve_backend("codebook_quant", None, weight) == backend:  # the default here
+    if ops.resolve("codebook_quant", None, weight, {**built, backend: True}) == backend:  # the default here
         assert torch.equal(ops.codebook_quant(weight, codebook, scale, mask).cpu(),
                            reference.codebook_quant(*(t.cpu() for t in (weight, codebook, scale, mask))))
 
@@ -271,11 +273,12 @@ def test_kernels_match_the_reference_on_random_cases(backend, levels, channels, 
                   *make_case((channels, per_channel), levels, seed=seed, keep=keep), grad=False)
 
 
-@pytest.mark.parametrize("op", ["codebook_quant_fwd", "simt_codebook_quant_fwd"])
-def test_kernel_ops_check_arguments_in_cpp(op):
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_kernel_ops_check_arguments_in_cpp(backend):
     """Direct torch.ops calls bypass the Python checks; TORCH_CHECK names the argument."""
-    _codebook_backend_device("simt" if op.startswith("simt") else "cpu")
-    kernel = getattr(torch.ops.mixedprec, op)
+    _codebook_backend_device(backend)
+    kernel = kernel_op(backend, "codebook_quant_fwd")
+    op = "codebook_quant_fwd"
     w, c, s, m = make_case((4, 6))
     bad = [
         ("weight must be float32, float16 or bfloat16", (w.double(), c, s, m)),
@@ -302,26 +305,8 @@ def test_kernel_backends_pass_opcheck(backend):
     device = _codebook_backend_device(backend)
     for seed, shape in enumerate([(4, 3, 3, 3), (5, 7)]):
         weight, codebook, scale, mask = make_case(shape, seed=seed, device=device)
-        torch.library.opcheck(torch.ops.mixedprec.codebook_quant.default,
-                              (weight.requires_grad_(), codebook, scale, mask, backend))
-
-
-def test_custom_op_registration_passes_opcheck():
-    # The "reference" route of the custom op is the slot kernels fill: fake, autograd and
-    # schema are checked here before any kernel exists.
-    for seed, shape in enumerate([(4, 3, 3, 3), (5, 7)]):
-        weight, codebook, scale, mask = make_case(shape, seed=seed)
-        torch.library.opcheck(torch.ops.mixedprec.codebook_quant.default,
-                              (weight.requires_grad_(), codebook, scale, mask, "reference"))
-
-
-def test_custom_op_reference_route_equals_the_composite():
-    weight, codebook, scale, mask = make_case()
-    weight.requires_grad_()
-    y = torch.ops.mixedprec.codebook_quant(weight, codebook, scale, mask, "reference")
-    y.sum().backward()
-    assert torch.equal(y, reference.codebook_quant(weight, codebook, scale, mask))
-    assert torch.equal(weight.grad, mask.float())
+        torch.library.opcheck(custom_op(backend, "codebook_quant").default,
+                              (weight.requires_grad_(), codebook, scale, mask))
 
 
 def test_torch_compile_fullgraph_equals_eager():

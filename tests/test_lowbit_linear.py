@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixedprec import ops, reference
+from mixedprec import ops
+from mixedprec.backends import reference
 from mixedprec.formats import pack_weight
+from mixedprec.ops import packed_args
 from backend_checks import lowbit_check
-from conftest import needs_avx512, require_backend
+from conftest import custom_op, needs_avx512, require_backend
 
 SLOW = ("simt", "triton")  # emulated: small shapes only
 
@@ -93,9 +95,8 @@ def test_no_gradient_to_packed_tensors():
     assert packed.codebook.grad is None and packed.channel_scale.grad is None
 
 
-def _op_args(packed, x, backend):
-    return (x, packed.codebook, packed.channel_scale, packed.codes, packed.keep_bitmap, packed.row_code_offsets,
-            packed.group_code_offsets, packed.shape[1], packed.bits, backend)
+def _op_args(packed, x):
+    return (x, *packed_args.kernel_args(packed))
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
@@ -103,7 +104,7 @@ def test_opcheck(kernel_backend, sparsity):
     backend, device = kernel_backend
     packed = make_packed(6, 40, 3, sparsity, device)
     x = torch.randn(3, 40, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.mixedprec.lowbit_linear, _op_args(packed, x, backend))
+    torch.library.opcheck(custom_op(backend, "lowbit_linear").default, _op_args(packed, x))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])  # the emulated backends share this op plumbing

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixedprec import ops, reference
+from mixedprec import ops
+from mixedprec.backends import reference
 from mixedprec.formats import pack_weight
 from mixedprec.nn import PackedConv2d
+from mixedprec.ops import packed_args
 from backend_checks import accumulation_bound, lut_conv2d_check, winograd_bound
-from conftest import needs_avx512, require_backend
+from conftest import custom_op, needs_avx512, require_backend
 
 
 def make_packed(weight_shape, bits, sparsity=0.0, seed=0, scale_dtype=torch.float32, device="cpu",
@@ -258,9 +260,8 @@ def test_opcheck(backend, sparse):
     packed = make_packed((4, 3, 3, 3), 3, 0.5 if sparse else 0.0)
     x = torch.randn(2, 3, 6, 5, requires_grad=True)
     bias = torch.randn(4, requires_grad=True)
-    torch.library.opcheck(torch.ops.mixedprec.lut_conv2d.default,
-                          (x, packed.codes, packed.codebook, packed.channel_scale, packed.keep_bitmap, packed.bits,
-                           list(packed.shape), bias, [1, 2], [1, 0], [1, 1], 1, backend))
+    torch.library.opcheck(custom_op(backend, "lut_conv2d").default,
+                          (x, *packed_args.kernel_args(packed), bias, [1, 2], [1, 0], [1, 1], 1))
 
 
 def test_torch_compile_fullgraph_matches_eager():

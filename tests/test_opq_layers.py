@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from mixedprec import reference
+from mixedprec.backends import reference
 from mixedprec.metrics import compression_report
 from mixedprec.opq import OPQConv2d, OPQLinear, allocate, convert, finetune
 

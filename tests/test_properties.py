@@ -23,7 +23,8 @@ from hypothesis import given, settings, strategies as st
 import cases
 from backend_checks import assert_bit_sharing_matches, codebook_check, lowbit_check, lut_conv2d_check
 from conftest import EMULATED_BACKENDS, NATIVE_KERNEL_BACKENDS, examples, needs_avx512, require_backend
-from mixedprec import formats, ops, reference
+from mixedprec import formats, ops
+from mixedprec.backends import reference
 from mixedprec.formats import pack_weight
 
 ALL_BACKENDS = ("reference",) + NATIVE_KERNEL_BACKENDS + EMULATED_BACKENDS
@@ -102,7 +103,7 @@ def assert_codebook_contract(weight: torch.Tensor, mask: torch.Tensor, y: torch.
 
 
 def check_codebook(backend: str, case: cases.CodebookCase) -> None:
-    device = require_backend(backend, ops._CODEBOOK_KERNEL_BUILT)
+    device = require_backend(backend, ops.KERNELS_BUILT["codebook_quant"])
     weight, codebook, scale, mask = case.tensors()
     assert_codebook_contract(weight, mask, codebook_check(backend, device, weight, codebook, scale, mask))
 
@@ -132,7 +133,7 @@ def test_codebook_quant_emulated(backend, case):
 @settings(max_examples=examples(10))
 @given(bad=not_positive, channels=st.integers(1, 6), data=st.data())
 def test_codebook_quant_refuses_invalid_scales(backend, bad, channels, data):
-    device = require_backend(backend, ops._CODEBOOK_KERNEL_BUILT)
+    device = require_backend(backend, ops.KERNELS_BUILT["codebook_quant"])
     at = data.draw(st.integers(0, channels - 1))
     scale = torch.ones(channels, device=device)
     scale[at] = bad
@@ -157,7 +158,7 @@ def assert_lowbit_contract(x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def check_lowbit(backend: str, case: cases.LinearCase) -> None:
-    device = require_backend(backend, ops._LOWBIT_KERNEL_BUILT)
+    device = require_backend(backend, ops.KERNELS_BUILT["lowbit_linear"])
     x, packed, bias, grad_y = case.tensors()
     assert_lowbit_contract(x, lowbit_check(backend, device, packed, x, bias, grad_y, scales=case.scales,
                                            mixed=case.x.mixes_magnitudes))
@@ -191,7 +192,7 @@ def assert_conv_contract(x: torch.Tensor, packed, conv: dict, y: torch.Tensor) -
 
 
 def check_conv(backend: str, case: cases.ConvCase) -> None:
-    device = require_backend(backend, ops._LUT_CONV2D_KERNEL_BUILT)
+    device = require_backend(backend, ops.KERNELS_BUILT["lut_conv2d"])
     x, packed, bias, grad_y = case.tensors()
     assert_conv_contract(x, packed, case.conv, lut_conv2d_check(backend, device, x, packed, bias, grad_y, case.conv,
                                                                 scales=case.scales, mixed=case.x.mixes_magnitudes))

@@ -12,7 +12,7 @@ by Triton's own binder for the target (argument types, 16-byte alignment, intege
 or divisible by 16, as its runtime does for a GPU launch) and compiled by ``triton.compile``.
 
 Run it in a process without TRITON_INTERPRET, as a GPU process runs: only then are the kernels
-JITFunctions, and the launchers pick their GPU constants (mixedprec/triton/common.py chooses
+JITFunctions, and the launchers pick their GPU constants (mixedprec/backends/triton/common.py chooses
 BLOCK and LAUNCH_OPTIONS from TRITON_INTERPRET when it is imported).
 
     python tests/triton_aot.py [--arch 80 90] [--jobs N] [--json FILE] [--planted]
@@ -58,7 +58,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from mixedprec import _extension, ops  # noqa: E402
 from mixedprec.formats import pack_weight  # noqa: E402
-from mixedprec.triton import common  # noqa: E402
+from mixedprec.backends.triton import common  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -318,7 +318,7 @@ def _module_constants(module, **values):
 def planted_launches() -> list[Launch]:
     """lut_conv2d's forward twice: allowed 32 registers per thread (it needs ~200: spills), and
     with 64 x 64 x 128 tiles (~230 KB of shared memory, more than sm_80's 163 KB)."""
-    from mixedprec.triton import lut_conv2d
+    from mixedprec.backends.triton import lut_conv2d
 
     def forward():
         ops.lut_conv2d(torch.randn(2, 64, 16, 16), _packed((64, 64, 3, 3), 4), padding=1, backend="triton")
@@ -330,12 +330,12 @@ def planted_launches() -> list[Launch]:
 
 
 def defined_kernels() -> set[str]:
-    """Every kernel in mixedprec/triton: the @triton.jit functions that read their program id
+    """Every kernel in mixedprec/backends/triton: the @triton.jit functions that read their program id
     (the others are helpers inlined into them)."""
-    import mixedprec.triton
+    import mixedprec.backends.triton
     found = set()
-    for info in pkgutil.iter_modules(mixedprec.triton.__path__):
-        module = importlib.import_module(f"mixedprec.triton.{info.name}")
+    for info in pkgutil.iter_modules(mixedprec.backends.triton.__path__):
+        module = importlib.import_module(f"mixedprec.backends.triton.{info.name}")
         found |= {f"{info.name}.{name}" for name, obj in vars(module).items()
                   if isinstance(obj, JITFunction) and obj.__module__ == module.__name__ and "tl.program_id(" in obj.src}
     return found

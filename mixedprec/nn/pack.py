@@ -1,13 +1,8 @@
-"""pack(model): SBS- or OPQ-finetuned layers -> packed inference layers with the same outputs.
+"""pack(model): finetuned layers -> packed inference layers with the same outputs.
 
-SBS (after ``mixedprec.sbs.export``: pruned channels removed, bits fixed): W_q = mean + std *
-v (2 k / n - 1) per weight, so the codes are k and the codebook holds the 2^b levels in float32
-with unit (float16) channel scales: the packed weight decodes to the finetuned W_q bit for bit
-(float16 levels, rounded to 11 bits, moved the outputs of W4A4 models by up to ~0.3 logits: the
-next 4-bit activation quantizer turns a rounding into a whole step). The layer's activation
-quantizer is kept as the packed layer's ``input_quant``.
-OPQ: the codes are the nearest-level indices ``codebook_quant`` picks, the codebook and the
-channel scales are the layer's, pruned weights go into the keep bitmap.
+Each method registers a packer for its layer classes (``register_packer``; mixedprec/sbs/packing.py,
+mixedprec/opq/packing.py): it gives the layer's PackedWeight and the activation quantizer the
+packed layer applies first, or None to leave the layer as it is (a float layer).
 Plain float layers are left as they are. A layer the packed kernels cannot run (a conv with
 non-zero padding modes, or "same" padding that is not symmetric) stays as it was finetuned, named
 in one warning. A layer narrowed by ``sbs.export`` keeps its original widths (``pruned_from``), so
@@ -21,23 +16,34 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from mixedprec import reference
-from mixedprec.formats import PackedWeight, pack_weight
+from collections.abc import Callable
+
+from mixedprec.formats import PackedWeight
 from mixedprec.nn.attention import keep_off_fused_paths
 from mixedprec.nn.packed_conv import PackedConv2d
 from mixedprec.nn.packed_linear import PackedLinear
 
-# How an SBS layer's weight is stored: its levels exact in float32, unit channel scales in float16
-SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE = torch.float32, torch.float16
+# packer(layer, where) -> (its PackedWeight, the input quantizer or None), or None to keep the layer
+Packer = Callable[[nn.Module, str], "tuple[PackedWeight, nn.Module | None] | None"]
+_PACKERS: dict[type, Packer] = {}
+
+
+def register_packer(layer_type: type, packer: Packer) -> None:
+    """Makes ``pack`` replace layers of ``layer_type`` (an nn.Linear or nn.Conv2d subclass, or a
+    subclass of theirs) by packed layers built from ``packer``'s result."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, (nn.Linear, nn.Conv2d))):
+        raise ValueError(f"register_packer: layer_type must be an nn.Linear or nn.Conv2d subclass, got {layer_type!r}")
+    _PACKERS[layer_type] = packer
+
+
+def packer_of(layer: nn.Module) -> Packer | None:
+    return next((_PACKERS[t] for t in type(layer).__mro__ if t in _PACKERS), None)
 
 
 @torch.no_grad()
 def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """The model with every SBS/OPQ linear and conv layer replaced by its packed twin
+    """The model with every layer that has a packer (SBS, OPQ) replaced by its packed twin
     (PackedLinear, PackedConv2d). Buffers/parameters of other modules are kept."""
-    from mixedprec.opq.layers import OPQConv2d, OPQLinear
-    from mixedprec.sbs.layers import SBSConv2d, SBSLinear
-
     if not isinstance(model, nn.Module):
         raise ValueError(f"pack: model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
@@ -46,19 +52,15 @@ def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             where = f"{parent_name}.{name}" if parent_name else name
-            if not isinstance(child, (OPQLinear, OPQConv2d, SBSLinear, SBSConv2d)):
+            packer = packer_of(child)
+            result = None if packer is None else packer(child, where)
+            if result is None:
                 continue
-            if isinstance(child, (SBSLinear, SBSConv2d)) and not child.w_quant.enabled:
-                continue  # a float layer
             padding = zero_padding(child) if isinstance(child, nn.Conv2d) else None
             if padding == "unsupported":
                 unpackable.append(f"{where} (padding={child.padding!r}, padding_mode={child.padding_mode!r})")
                 continue
-            if isinstance(child, (OPQLinear, OPQConv2d)):
-                packed, input_quant = opq_packed_weight(child), None
-            else:
-                packed, input_quant = sbs_packed_weight(child, where), _input_quant(child)
-            setattr(parent, name, _packed_layer(child, packed, input_quant, padding))
+            setattr(parent, name, _packed_layer(child, *result, padding))
     if unpackable:
         warnings.warn(f"pack: the packed convolution pads with zeros only; layers {unpackable} stay as they were "
                       f"finetuned (fake-quantized, float weights)", stacklevel=2)
@@ -88,37 +90,3 @@ def _packed_layer(layer: nn.Module, packed: PackedWeight, input_quant, padding) 
     if hasattr(layer, "pruned_from"):
         new.pruned_from = dict(layer.pruned_from)
     return new.to(layer.weight.device).train(layer.training)
-
-
-def _input_quant(layer) -> nn.Module | None:
-    return copy.deepcopy(layer.a_quant) if layer.a_quant.enabled else None
-
-
-def sbs_packed_weight(layer, where: str = "layer") -> PackedWeight:
-    """The packed weight of an exported (fixed-bit, pruning removed) SBS layer."""
-    bits = layer.w_quant.fixed_bits
-    if bits is None or layer.prune_gate is not None or layer.input_gate() is not None:
-        raise ValueError(f"pack: SBS layer {where!r} is not exported; run mixedprec.sbs.export first "
-                         f"(fixed bits, pruned channels removed)")
-    if bits > 8:
-        raise ValueError(f"pack: SBS layer {where!r} uses {bits}-bit weights; the packed format holds 1..8")
-    mean, std = layer.weight_standardization()
-    clip = layer.w_quant.clip.detach().float()
-    n = reference.levels(bits)
-    z = reference.normalize((layer.weight.detach().float() - mean) / std, clip, signed=True)
-    codes = torch.round(z * n).to(torch.int64)
-    k = torch.arange(n + 1, dtype=torch.float32, device=codes.device)
-    levels = (clip * (2.0 * (k * (1.0 / n)) - 1.0)) * std + mean  # spelled as quantized_weight computes it
-    ones = torch.ones(codes.shape[0], dtype=SBS_SCALE_DTYPE, device=codes.device)
-    return pack_weight(codes, levels, ones, bits, codebook_dtype=SBS_CODEBOOK_DTYPE)
-
-
-def opq_packed_weight(layer) -> PackedWeight:
-    """The packed weight of an OPQ layer: its codebook, channel scales and keep mask."""
-    w = layer.weight.detach().float()
-    channel_shape = (-1,) + (1,) * (w.dim() - 1)
-    codebook = layer.codebook.detach().float()
-    z = w * (1.0 / layer.channel_scale.float()).reshape(channel_shape)
-    codes = torch.searchsorted((codebook[:-1] + codebook[1:]) * 0.5, z.contiguous(), side="left")
-    return pack_weight(codes, codebook, layer.channel_scale.detach().to(layer.scale_dtype), layer.bits,
-                       layer.keep_mask)

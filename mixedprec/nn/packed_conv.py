@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.formats import PackedWeight
-from mixedprec.nn.packed_module import PACKED_BUFFERS, PackedModule
+from mixedprec.nn.packed_module import PackedModule
+from mixedprec.ops.checks import conv_pair
 
 
 class PackedConv2d(PackedModule):
@@ -15,7 +16,8 @@ class PackedConv2d(PackedModule):
 
     The packed tensors are buffers (saved in the state dict, moved by ``.to()``), not parameters:
     they are constant, and asking for their gradient is an error. ``bias`` is an ordinary float
-    Parameter and trains. ``backend`` is passed to ``ops.lut_conv2d`` (None: the fastest available).
+    Parameter and trains. ``backend`` is passed to ``ops.lut_conv2d`` (None: ``ops.use_backend``'s
+    choice, else the fastest available).
     """
 
     def __init__(self, packed: PackedWeight, bias: Tensor | None = None, input_quant: nn.Module | None = None,
@@ -25,17 +27,14 @@ class PackedConv2d(PackedModule):
             raise ValueError(f"PackedConv2d: packed must be a PackedWeight of a conv weight (C_out, C_in/groups, kh, kw), "
                              f"got {getattr(packed, 'shape', type(packed).__name__)}")
         for name, value, minimum in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
-            ops._conv_pair("PackedConv2d", name, value, minimum)  # fail here rather than at the first forward
+            conv_pair("PackedConv2d", name, value, minimum)  # fail here rather than at the first forward
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or packed.shape[0] % groups:
             raise ValueError(f"PackedConv2d: groups must be an int >= 1 dividing C_out = {packed.shape[0]}, got {groups!r}")
-        self.weight_shape = tuple(int(s) for s in packed.shape)
-        self.bits = packed.bits
+        self._set_packed(packed)
         self.in_channels, self.out_channels = self.weight_shape[1] * groups, self.weight_shape[0]
         self.kernel_size = self.weight_shape[2:]
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.backend = backend
-        for name in PACKED_BUFFERS:
-            self.register_buffer(name, getattr(packed, name))
         if bias is not None and tuple(bias.shape) != (self.out_channels,):
             raise ValueError(f"PackedConv2d: bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
@@ -55,20 +54,11 @@ class PackedConv2d(PackedModule):
         return cls(packed.to(conv.weight.device), conv.bias, None, conv.stride, conv.padding, conv.dilation,
                    conv.groups, backend=backend)
 
-    def packed_weight(self) -> PackedWeight:
-        return PackedWeight(self.weight_shape, self.bits, self.codebook, self.channel_scale, self.codes, self.keep_bitmap)
-
-    def rebuild_derived(self) -> None:
-        """Validates the packed buffers (after loading; a conv derives no tables from them): the
-        CUDA kernel trusts their sizes."""
-        self.packed_weight()
-
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quant is not None:  # SBS models quantize layer inputs
             x = self.input_quant(x)
-        return ops.lut_conv2d_buffers(x, self.codes, self.codebook, self.channel_scale, self.keep_bitmap, self.bits,
-                                      self.weight_shape, self.bias, self.stride, self.padding, self.dilation,
-                                      self.groups, backend=self.backend)
+        return ops.lut_conv2d(x, self.packed_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups,
+                              backend=self.backend)
 
     def extra_repr(self) -> str:
         sparse = "" if self.keep_bitmap is None else ", sparse"

@@ -1,14 +1,11 @@
 """PackedLinear: an inference linear layer whose weight lives only in the packed format."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.formats import PackedWeight
-from mixedprec.nn.packed_module import PACKED_BUFFERS, PackedModule
-
-DERIVED_BUFFERS = ("row_code_offsets", "group_code_offsets")
+from mixedprec.nn.packed_module import PackedModule
 
 
 class PackedLinear(PackedModule):
@@ -17,10 +14,9 @@ class PackedLinear(PackedModule):
     The packed tensors are buffers (they move and save with the module, no optimizer sees them)
     and are frozen: assigning a Parameter to them, or running with one that requires grad,
     raises. ``bias`` stays a float Parameter (trainable). ``input_quant`` is an optional
-    activation quantizer applied first (SBS models quantize layer inputs).
+    activation quantizer applied first (SBS models quantize layer inputs). ``backend`` is passed
+    to the op (None: ``ops.use_backend``'s choice, else the fastest available).
     """
-
-    derived_buffers = DERIVED_BUFFERS
 
     def __init__(self, packed: PackedWeight, bias: Tensor | None = None, input_quant: nn.Module | None = None, *,
                  backend: str | None = None):
@@ -28,50 +24,24 @@ class PackedLinear(PackedModule):
         if not isinstance(packed, PackedWeight) or len(packed.shape) != 2:
             raise ValueError(f"PackedLinear: packed must be a 2-D PackedWeight, got "
                              f"{getattr(packed, 'shape', type(packed).__name__)}")
-        self.out_features, self.in_features = packed.shape
-        self.bits = packed.bits
-        self.backend = backend
         self._set_packed(packed)
+        self.out_features, self.in_features = self.weight_shape
+        self.backend = backend
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"PackedLinear: bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float())
         self.input_quant = input_quant
-
-    def _set_packed(self, packed: PackedWeight) -> None:
-        for name in PACKED_BUFFERS:
-            self.register_buffer(name, getattr(packed, name))
-        for name in DERIVED_BUFFERS:  # recomputed from the others on load, never saved
-            self.register_buffer(name, getattr(packed, name), persistent=False)
-
-    def packed_weight(self) -> PackedWeight:
-        return PackedWeight((self.out_features, self.in_features), self.bits, self.codebook, self.channel_scale,
-                            self.codes, self.keep_bitmap)
 
     @property
     def packed(self) -> PackedWeight:
         """The weight as a (validated) PackedWeight."""
         return self.packed_weight()
 
-    def rebuild_derived(self) -> None:
-        self._set_packed(self.packed_weight())
-
-    def __setattr__(self, name, value):
-        if name in PACKED_BUFFERS + DERIVED_BUFFERS and isinstance(value, nn.Parameter):
-            raise ValueError(f"PackedLinear: {name} is a frozen packed buffer and cannot become a Parameter")
-        super().__setattr__(name, value)
-
     def forward(self, x: Tensor) -> Tensor:
-        frozen = [name for name in PACKED_BUFFERS if getattr(self, name) is not None and getattr(self, name).requires_grad]
-        if frozen:
-            raise ValueError(f"PackedLinear: packed buffers {frozen} must not require grad (they are frozen; "
-                             f"train the bias or other float layers instead)")
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return ops.packed_linear(x, self.codebook, self.channel_scale, self.codes, self.keep_bitmap,
-                                 self.row_code_offsets, self.group_code_offsets, (self.out_features, self.in_features),
-                                 self.bits, self.bias, backend=self.backend)
+        return ops.lowbit_linear(x, self.packed_weight(), self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        sparsity = 1.0 - int(self.row_code_offsets[-1]) / (self.out_features * self.in_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"sparsity={sparsity:.3f}, bias={self.bias is not None}")
+                f"sparsity={self.sparsity():.3f}, bias={self.bias is not None}")

@@ -5,37 +5,56 @@ from torch import nn
 
 from mixedprec.formats import PackedWeight
 
-PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")
+PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")  # PackedWeight's order
 
 
 class PackedModule(nn.Module):
-    """A layer whose weight is a PackedWeight held in buffers (``PACKED_BUFFERS``, plus tables
-    derived from them that a subclass lists in ``derived_buffers``).
+    """A layer whose weight is a PackedWeight of shape ``weight_shape`` with ``bits``-bit codes.
 
-    The buffers move with the module (``.to(device)``, ``.cuda()``), but a cast of the module
-    (``.to(torch.float64)``, ``.half()``, ``.double()``) leaves their dtypes as the format fixes
-    them: a cast would break the format (float16 or float32 codebook, uint8 codes) and, for float32 scales,
-    lose bits. ``load_state_dict`` validates the loaded buffers and rebuilds the derived tables.
+    Its tensors are buffers (``PACKED_BUFFERS``): they move with the module (``.to(device)``,
+    ``.cuda()``), save with it, and no optimizer sees them. A cast of the module
+    (``.to(torch.float64)``, ``.half()``) leaves their dtypes as the format fixes them: a cast would
+    break the format (float16 or float32 codebook, uint8 codes) and, for float32 scales, lose
+    bits. The PackedWeight over the buffers (validated, with the index the kernels read) is built
+    once, and again whenever the buffers change: a device move, ``load_state_dict``, an assignment.
     """
 
-    derived_buffers: tuple[str, ...] = ()
+    weight_shape: tuple[int, ...]
+    bits: int
+
+    def _set_packed(self, packed: PackedWeight) -> None:
+        self.weight_shape, self.bits = tuple(int(s) for s in packed.shape), packed.bits
+        for name in PACKED_BUFFERS:
+            self.register_buffer(name, getattr(packed, name))
+        self._packed = packed
 
     def packed_weight(self) -> PackedWeight:
-        """The weight as a (validated) PackedWeight."""
-        raise NotImplementedError
+        """The weight as a validated PackedWeight over this layer's buffers."""
+        if self._packed is None:
+            self._packed = PackedWeight(self.weight_shape, self.bits, *(getattr(self, n) for n in PACKED_BUFFERS))
+        return self._packed
 
     def rebuild_derived(self) -> None:
-        """Validates the packed buffers and recomputes the derived tables (after loading)."""
+        """Validates the packed buffers and rebuilds the PackedWeight over them (after loading)."""
+        self._packed = None
         self.packed_weight()
 
+    def __setattr__(self, name, value):
+        if name in PACKED_BUFFERS:
+            if isinstance(value, nn.Parameter):
+                raise ValueError(f"{type(self).__name__}: {name} is a frozen packed buffer and cannot become a Parameter")
+            self.__dict__["_packed"] = None  # rebuilt over the new tensor when next used
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse=True):
-        stored = {name: self._buffers[name] for name in PACKED_BUFFERS + self.derived_buffers
-                  if self._buffers.get(name) is not None}
+        stored = {name: self._buffers[name] for name in PACKED_BUFFERS if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, before in stored.items():
             after = self._buffers[name]
             if after.dtype != before.dtype:  # a cast: keep the format's dtype, follow the device
                 self._buffers[name] = before.to(after.device)
+        if stored:
+            self.rebuild_derived()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -49,3 +68,7 @@ class PackedModule(nn.Module):
                 self.rebuild_derived()
             except ValueError as exc:
                 error_msgs.append(f"{type(self).__name__} {prefix.rstrip('.') or '<root>'!r}: {exc}")
+
+    def sparsity(self) -> float:
+        packed = self.packed_weight()
+        return 1.0 - packed.kept / packed.numel

@@ -11,6 +11,7 @@ from mixedprec.opq.allocation import COST_KINDS, allocate, allocate_uniform
 from mixedprec.opq.codebooks import LEVEL_KINDS, layer_codebook, magnitude_levels, quantization_error
 from mixedprec.opq.finetune import finetune
 from mixedprec.opq.layers import OPQConv2d, OPQLinear, convert
+from mixedprec.opq import packing  # noqa: F401  (registers the OPQ packer with mixedprec.nn.pack)
 from mixedprec.opq.plan import LayerPlan, Plan
 
 __all__ = [

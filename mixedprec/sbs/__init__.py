@@ -8,12 +8,13 @@ from mixedprec.sbs.config import LayerReport, apply_config, describe, load_confi
 from mixedprec.sbs.convert import (convert, fix_configuration, project_, sbs_layers, set_batch_statistics,
                                    unconvert)
 from mixedprec.sbs.export import Exported, export
+from mixedprec.sbs import packing  # noqa: F401  (registers the SBS packer with mixedprec.nn.pack)
 from mixedprec.sbs.layers import SBSConv2d, SBSLayer, SBSLinear
 from mixedprec.sbs.policy import SBSPolicy
-from mixedprec.sbs.quantizer import BatchStatistics, BitSharingQuantizer, force_backend
+from mixedprec.sbs.quantizer import BatchStatistics, BitSharingQuantizer
 from mixedprec.sbs.trainer import finetune, search
 
 __all__ = ["BatchStatistics", "BitSharingQuantizer", "Exported", "LayerReport", "SBSConv2d", "SBSLayer", "SBSLinear",
            "SBSPolicy", "apply_config", "convert", "describe", "export", "finetune", "fix_configuration",
-           "force_backend", "load_config", "project_", "save_config", "sbs_layers", "search", "set_batch_statistics",
+           "load_config", "project_", "save_config", "sbs_layers", "search", "set_batch_statistics",
            "unconvert"]

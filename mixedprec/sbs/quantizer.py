@@ -14,9 +14,7 @@ is decided from the whole batch over every process, so every process decides the
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -24,23 +22,7 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.metrics.compression import FLOAT_BITS
-from mixedprec.reference import ste_gate
-
-# The backend every quantizer passes to the op; None lets the op pick the fastest one.
-_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("sbs_backend", default=None)
-
-
-@contextlib.contextmanager
-def force_backend(backend: str | None) -> Iterator[None]:
-    """Run SBS layers with a given op backend (e.g. "reference" for benchmarks); None = default."""
-    if backend is not None and backend not in ops.BACKENDS:
-        raise ValueError(f"force_backend: backend must be one of {ops.BACKENDS} or None, got {backend!r}")
-    token = _forced_backend.set(backend)
-    try:
-        yield
-    finally:
-        _forced_backend.reset(token)
-
+from mixedprec.backends.reference.quant import ste_gate
 
 def check_candidate_bits(name: str, bits: Sequence[int]) -> tuple[int, ...]:
     """Ascending bitwidths in 1..8 where each divides the next (nested grids, DESIGN.md)."""
@@ -121,7 +103,7 @@ class BitSharingQuantizer(nn.Module):
         if not self.clip_ready:
             self._init_from(x)
         signed = bool(self.signed)
-        options = {} if _forced_backend.get() is None else {"backend": _forced_backend.get()}
+        options = {}  # the backend: ops.use_backend's choice, else the fastest available
         if self.searching and self.training:
             if self.batch_statistics is not None:  # one all-reduce of len(bits) numbers
                 options["reduce_residual_sums"] = self.batch_statistics.sum

@@ -36,22 +36,22 @@ class Mutant:
 
 
 MUTANTS = [
-    Mutant("last threshold gradient zero", "mixedprec/ops.py",
+    Mutant("last threshold gradient zero", "mixedprec/ops/bit_sharing_quant.py",
            "    return (-s * (1 - s) * dy_dzhat * outer_gates * tail_sums).to(thresholds.dtype)",
            "    grad = (-s * (1 - s) * dy_dzhat * outer_gates * tail_sums).to(thresholds.dtype)\n"
            "    return torch.cat([grad[:-1], torch.zeros_like(grad[-1:])])",
            ("tests/test_bit_sharing.py", "-k", "sizes and 1048579")),
-    Mutant("Triton bfloat16 ties round half up", "mixedprec/triton/common.py",
+    Mutant("Triton bfloat16 ties round half up", "mixedprec/backends/triton/common.py",
            "rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16",
            "rounded = (bits + 0x8000) >> 16",
            ("tests/test_bit_sharing.py", "tests/test_codebook_quant.py", "-k", "bfloat16_ties and triton")),
-    Mutant("float64 codebook_quant computed in float32", "mixedprec/reference.py",
+    Mutant("float64 codebook_quant computed in float32", "mixedprec/backends/reference/codebook_quant.py",
            "    dtype = compute_dtype(weight.dtype)\n",
            "    dtype = torch.float32\n",
            ("tests/test_codebook_quant.py", "-k", "float64")),
-    Mutant("an explicit backend lacking the op's kernel replaced by the reference", "mixedprec/ops.py",
-           "    if backend is None:\n        return \"reference\"\n    raise RuntimeError(",
-           "    return \"reference\"\n    raise RuntimeError(",
+    Mutant("an explicit backend lacking the op's kernel replaced by the reference", "mixedprec/ops/backend.py",
+           "    if not built[asked.value]:\n        raise RuntimeError(",
+           "    if not built[asked.value]:\n        return Backend.REFERENCE\n        raise RuntimeError(",
            ("tests/test_codebook_quant.py", "-k", "refused_not_replaced")),
     Mutant("Triton outputs not NaN-poisoned", "mixedprec/_extension.py",
            'return os.environ.get("MIXEDPREC_POISON_OUTPUTS", "0") == "1"',
@@ -64,7 +64,7 @@ def copy_repository(dest: Path) -> None:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for relative in [f for f in listed if f and (ROOT / f).is_file()] + \
-            [str(p.relative_to(ROOT)) for p in ROOT.glob("mixedprec/_C*.so")]:
+            [str(p.relative_to(ROOT)) for p in ROOT.glob("mixedprec/_*.so")]:
         (dest / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relative, dest / relative)
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec.triton.common import LAUNCH_OPTIONS, new_output, to_float32, to_storage
+from mixedprec.backends.triton.common import LAUNCH_OPTIONS, new_output, to_float32, to_storage
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 16
 # Left to itself, ptxas aims at 64-128 registers for these 8-warp programs and spills a few;

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec.triton.common import BLOCK, LAUNCH_OPTIONS, grid, output_like, to_float32, to_storage
+from mixedprec.backends.triton.common import BLOCK, LAUNCH_OPTIONS, grid, output_like, to_float32, to_storage
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec.triton.common import new_output
+from mixedprec.backends.triton.common import new_output
 
 GROUP = 32
 BLOCK_M = 16

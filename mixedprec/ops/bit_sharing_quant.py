@@ -1,0 +1,167 @@
+"""bit_sharing_quant: SBS's bit-sharing fake-quant (DESIGN.md "SBS math"): the public function,
+its custom ops, fakes and autograd. Kernels: csrc/ops/bit_sharing_quant/,
+mixedprec/backends/triton/bit_sharing_quant.py; the oracle: mixedprec/backends/reference/."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from mixedprec.backends import reference
+from mixedprec.ops import checks
+from mixedprec.ops.backend import Backend, kernel, kernels_built, resolve
+from mixedprec.ops.library import custom_op, define, register_autograd
+
+OP = "bit_sharing_quant"
+KERNELS_BUILT = kernels_built(OP)
+
+
+class BitSharingResult(NamedTuple):
+    output: Tensor         # y, same shape and dtype as x
+    residual_mean: Tensor  # a_2..a_K = mean|r_j| over the tensor, float32 (K-1,), no grad
+    gates: Tensor          # hard gates 1[a_j > alpha_j], float32 (K-1,), no grad
+
+
+# Gets float64 [sum|r_2|, ..., sum|r_K|, element count] of this call's x and returns the same
+# layout summed over every participant (e.g. an all_reduce over the ranks of a data-parallel job).
+ResidualSumsReducer = Callable[[Tensor], Tensor]
+
+
+def bit_sharing_quant(
+    x: Tensor,
+    clip: Tensor,
+    thresholds: Tensor,
+    bits: Sequence[int] = (2, 4, 8),
+    signed: bool = True,
+    *,
+    backend: str | Backend | None = None,
+    reduce_residual_sums: ResidualSumsReducer | None = None,
+) -> BitSharingResult:
+    """SBS bit-sharing fake-quant (DESIGN.md): lowest-bit base plus gated re-assignment offsets.
+
+    x: float tensor of any shape (weights: signed=True; activations after ReLU: signed=False).
+    clip: 0-dim float tensor v > 0 (finite, at least float32's smallest normal), learnable.
+    thresholds: (len(bits)-1,) finite gate thresholds alpha.
+    Gradients: straight-through to x inside [-v, v] (or [0, v]), LSQ-style to clip, and the
+    sigmoid straight-through estimate to every threshold.
+
+    reduce_residual_sums: makes the gates global over a batch split across processes. The op
+    then runs in two passes: the residual sums of x with its element count go through this
+    callable (one call, a float64 tensor of len(bits) values; see ``ResidualSumsReducer``), and
+    y is computed with the gates of the reduced means, which ``residual_mean`` returns and the
+    thresholds' gradient uses. Not called when len(bits) == 1 (there are no gates).
+    Non-finite x: +-inf is clipped like any large value; a NaN gives NaN at its position only
+    (the residual means, and so the gradients of clip and thresholds, are NaN; the gates are off).
+    """
+    op = "bit_sharing_quant"
+    checks.tensor(op, "x", x)
+    checks.tensor(op, "clip", clip, x.device)
+    checks.tensor(op, "thresholds", thresholds, x.device)
+    bits = checks.bits(op, bits)
+    if clip.dim() != 0:
+        raise ValueError(f"{op}: clip must be a 0-dim tensor, got shape {tuple(clip.shape)}")
+    if tuple(thresholds.shape) != (len(bits) - 1,):
+        raise ValueError(f"{op}: thresholds must have shape ({len(bits) - 1},) for bits={bits}, "
+                         f"got {tuple(thresholds.shape)}")
+    if not isinstance(signed, bool):
+        raise ValueError(f"{op}: signed must be a bool, got {signed!r}")
+    if reduce_residual_sums is not None and not callable(reduce_residual_sums):
+        raise ValueError(f"{op}: reduce_residual_sums must be callable or None, got {reduce_residual_sums!r}")
+    backend = resolve(op, backend, x, KERNELS_BUILT)
+    if backend is Backend.REFERENCE and not torch.compiler.is_compiling():
+        _check_values(clip, thresholds)
+    residual_mean = None
+    if reduce_residual_sums is not None and len(bits) > 1:
+        residual_mean = _reduced_residual_mean(x, clip, bits, signed, backend, reduce_residual_sums)
+    if backend is Backend.REFERENCE:  # a differentiable composite: torch's autograd is its backward
+        y, residual_mean = reference.bit_sharing_quant(x, clip, thresholds, bits, signed, residual_mean=residual_mean)
+    else:  # kernels take float32 parameters; the cast is differentiable
+        y, residual_mean = custom_op(backend, "bit_sharing_quant")(
+            x, clip.float(), thresholds.float(), list(bits), signed, residual_mean)
+    gates = (residual_mean > thresholds.detach()).float()
+    return BitSharingResult(y, residual_mean, gates)
+
+
+def _reduced_residual_mean(x: Tensor, clip: Tensor, bits: tuple[int, ...], signed: bool, backend: Backend,
+                           reduce: ResidualSumsReducer) -> Tensor:
+    """float32 (K-1,) residual means over everything ``reduce`` adds up (no autograd: the
+    gates' statistic carries no gradient)."""
+    x, clip = x.detach(), clip.detach()
+    if backend is Backend.REFERENCE:
+        sums = reference.bit_sharing_residual_sums(x, clip, bits, signed)
+    else:
+        sums = custom_op(backend, "bit_sharing_residual_sums")(x, clip.float(), list(bits), signed)
+    local = torch.cat([sums, sums.new_full((1,), x.numel())])
+    total = reduce(local)
+    if not isinstance(total, Tensor) or total.shape != local.shape:
+        raise ValueError(f"bit_sharing_quant: reduce_residual_sums must return a tensor of shape "
+                         f"{tuple(local.shape)}, got {total if not isinstance(total, Tensor) else tuple(total.shape)}")
+    return (total[:-1] / total[-1]).float()
+
+
+def _check_values(clip: Tensor, thresholds: Tensor) -> None:
+    checks.clip("bit_sharing_quant", clip)
+    checks.finite("bit_sharing_quant", "thresholds", thresholds)
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom ops, one per kernel family (mixedprec/ops/library.py)
+
+def _forward(family: Backend, x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool,
+             residual_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    _check_values(clip, thresholds)
+    return kernel(family, OP, "forward")(x.contiguous(), clip, thresholds, bits, signed, residual_mean)
+
+
+def _residual_sums(family: Backend, x: Tensor, clip: Tensor, bits: list[int], signed: bool) -> Tensor:
+    # clip is checked by the forward that follows (one host read per call, not two)
+    return kernel(family, OP, "stats")(x.contiguous(), clip, bits, signed)
+
+
+def _backward(family: Backend, grad_y: Tensor, x: Tensor, clip: Tensor, thresholds: Tensor, residual_mean: Tensor,
+              bits: list[int], signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    gates = (residual_mean > thresholds).float()
+    grad_x, sums = kernel(family, OP, "backward")(grad_y.contiguous(), x.contiguous(), clip, gates, bits, signed)
+    return grad_x, sums[0].to(clip.dtype), _threshold_grad(sums[1:], residual_mean, thresholds, gates, clip, signed)
+
+
+def _threshold_grad(tail_sums: Tensor, residual_mean: Tensor, thresholds: Tensor, gates: Tensor,
+                    clip: Tensor, signed: bool) -> Tensor:
+    """dL/d alpha_j = -sigmoid'(a_j - alpha_j) * dy/dz_hat * prod_{i<j} g_i * sum(grad_y * T_j).
+
+    T_j = e_j + g_{j+1} T_{j+1} is the gated tail that gate j switches on; the kernels return
+    sum(grad_y * T_j) so that this epilogue (K-1 scalars) is written once for every backend.
+    """
+    s = torch.sigmoid(residual_mean - thresholds)
+    outer_gates = torch.cat([gates.new_ones(1), gates[:-1]]).cumprod(0)
+    dy_dzhat = 2.0 * clip if signed else clip
+    return (-s * (1 - s) * dy_dzhat * outer_gates * tail_sums).to(thresholds.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, clip, thresholds, bits, signed, _given_mean = inputs
+    ctx.save_for_backward(x, clip, thresholds, output[1])
+    ctx.bits, ctx.signed = bits, signed
+
+
+def _autograd(family: Backend, ctx, grad_y, _grad_residual_mean):
+    x, clip, thresholds, residual_mean = ctx.saved_tensors
+    grad_x, grad_clip, grad_thresholds = custom_op(family, "bit_sharing_quant_backward")(
+        grad_y, x, clip, thresholds, residual_mean, ctx.bits, ctx.signed)
+    return grad_x, grad_clip, grad_thresholds, None, None, None
+
+
+# kernels return contiguous outputs
+define(OP, "(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, Tensor? residual_mean=None) "
+       "-> (Tensor, Tensor)", _forward,
+       lambda x, clip, thresholds, bits, signed, residual_mean=None: (
+           x.new_empty(x.shape), x.new_empty(len(bits) - 1, dtype=torch.float32)))
+define("bit_sharing_residual_sums", "(Tensor x, Tensor clip, int[] bits, bool signed) -> Tensor", _residual_sums,
+       lambda x, clip, bits, signed: x.new_empty(len(bits) - 1, dtype=torch.float64))
+define("bit_sharing_quant_backward", "(Tensor grad_y, Tensor x, Tensor clip, Tensor thresholds, Tensor residual_mean, "
+       "int[] bits, bool signed) -> (Tensor, Tensor, Tensor)", _backward,
+       lambda grad_y, x, clip, thresholds, residual_mean, bits, signed: (
+           x.new_empty(x.shape), torch.empty_like(clip), torch.empty_like(thresholds)))
+register_autograd(OP, _autograd, _setup_context)

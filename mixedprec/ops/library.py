@@ -1,0 +1,52 @@
+"""Defines an op's custom ops once for every kernel family (mixedprec/ops/backend.py).
+
+An op module writes its custom op as one implementation ``impl(family, *args)`` that runs the
+family's kernels (``backend.kernel(family, op, role)``), one fake and one autograd formula;
+``define`` registers them as ``mixedprec::<name>``, ``mixedprec_triton::<name>`` and
+``mixedprec_simt::<name>``, and ``custom_op`` picks the one of a resolved backend.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mixedprec.ops.backend import NAMESPACES, Backend
+
+# One backend per torch library: CPU stands for `mixedprec`, whose kernels the dispatcher picks
+# by device (CPU or CUDA).
+FAMILIES = (Backend.CPU, Backend.TRITON, Backend.SIMT)
+
+
+def family(backend: Backend) -> Backend:
+    return Backend.CPU if backend is Backend.CUDA else backend
+
+
+def define(name: str, schema: str, impl: Callable, fake: Callable) -> None:
+    """Registers ``<namespace>::<name>`` for each kernel family, all with ``schema`` and ``fake``."""
+    for f in FAMILIES:
+        op = torch.library.custom_op(f"{NAMESPACES[f]}::{name}", functools.partial(impl, f), mutates_args=(),
+                                     schema=schema)
+        op.register_fake(fake)
+
+
+def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
+    """Registers ``backward(family, ctx, *grads)`` as the autograd of every family's ``name``."""
+    for f in FAMILIES:
+        torch.library.register_autograd(f"{NAMESPACES[f]}::{name}", functools.partial(backward, f),
+                                        setup_context=setup_context)
+
+
+def custom_op(backend: Backend, name: str):
+    """The custom op ``name`` of ``backend``'s family (an OpOverloadPacket)."""
+    return getattr(getattr(torch.ops, NAMESPACES[family(backend)]), name)
+
+
+def through_autograd(*tensors: Tensor | None) -> bool:
+    """Whether an inference op (lowbit_linear, lut_conv2d) must go through its custom op: under
+    torch.compile, which traces it, or when a gradient can flow. Otherwise its implementation is
+    called directly: the custom op's Python dispatch costs ~40 us a call, 10% of a 4096^2 GEMV."""
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))

@@ -1,0 +1,72 @@
+"""lowbit_linear: a linear layer through a packed low-bit weight (mixedprec/formats/): the public
+function, its custom ops, fakes and autograd. Kernels: csrc/ops/lowbit_linear/,
+mixedprec/backends/triton/lowbit_linear.py; the oracle: mixedprec/backends/reference/."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mixedprec.backends import reference
+from mixedprec.ops import checks, packed_args
+from mixedprec.ops.backend import Backend, kernel, kernels_built, resolve
+from mixedprec.ops.library import custom_op, define, register_autograd, through_autograd
+
+OP = "lowbit_linear"
+KERNELS_BUILT = kernels_built(OP)
+
+
+def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str | Backend | None = None) -> Tensor:
+    """y = x W^T + bias with W (out, in) decoded from ``packed`` inside the kernel,
+    never materialized.
+
+    x: float tensor (..., in), float32/float16/bfloat16 (float64 with backend='reference'), any
+    strides. packed: a 2-D ``formats.PackedWeight`` on x's device. bias: None or a float (out,).
+    Kernels compute in float32 (W[c, i] = float(channel_scale[c]) * float(codebook[code])) and
+    return x's dtype. Gradients reach x (grad_y W, through the codebook, no materialized W) and
+    bias; none reach the packed tensors. A NaN or inf in a row of x makes that row's outputs NaN or
+    inf (pruned and zero weights multiply too: inf * 0 = NaN), as in x @ W.T.
+    """
+    checks.tensor(OP, "x", x)
+    checks.packed_weight(OP, x, packed, 2, "2-D (out, in)")
+    out_features, in_features = packed.shape
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{OP}: x must have last dim {in_features} (the weight's in features), got shape {tuple(x.shape)}")
+    if bias is not None:
+        checks.tensor(OP, "bias", bias, x.device)
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"{OP}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    backend = resolve(OP, backend, x, KERNELS_BUILT)
+    if backend is Backend.REFERENCE:
+        return reference.lowbit_linear(x, packed, bias)
+    args = (x, *packed_args.kernel_args(packed))
+    y = custom_op(backend, OP)(*args) if through_autograd(x) else _forward(backend, *args)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _flat_call(family: Backend, role: str, t: Tensor, args: tuple, features: int) -> Tensor:
+    """Runs a kernel on t flattened to (M, its features) float32, back in t's shape and dtype."""
+    flat = t.reshape(-1, t.shape[-1]).to(torch.float32).contiguous()
+    return kernel(family, OP, role)(flat, *args).reshape(*t.shape[:-1], features).to(t.dtype)
+
+
+def _forward(family: Backend, x: Tensor, *args) -> Tensor:
+    return _flat_call(family, "forward", x, args, args[5][0])
+
+
+def _backward(family: Backend, grad_y: Tensor, *args) -> Tensor:
+    return _flat_call(family, "backward", grad_y, args, args[5][1])
+
+
+def _setup_context(ctx, inputs, output):
+    packed_args.save(ctx, inputs[1:])  # x is not needed for grad_x
+
+
+def _autograd(family: Backend, ctx, grad_y):
+    return (custom_op(family, f"{OP}_backward")(grad_y, *packed_args.saved(ctx)),) + (None,) * 7
+
+
+define(OP, f"(Tensor x, {packed_args.PACKED_SCHEMA}) -> Tensor", _forward,
+       lambda x, *args: x.new_empty(*x.shape[:-1], args[5][0]))
+define(f"{OP}_backward", f"(Tensor grad_y, {packed_args.PACKED_SCHEMA}) -> Tensor", _backward,
+       lambda grad_y, *args: grad_y.new_empty(*grad_y.shape[:-1], args[5][1]))
+register_autograd(OP, _autograd, _setup_context)
