@@ -14,7 +14,7 @@ import copy
 import warnings
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from collections.abc import Callable
 

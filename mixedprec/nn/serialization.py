@@ -21,7 +21,6 @@ File-level checks (versions, checksums, truncation): ``mixedprec.formats``.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 
@@ -31,10 +30,10 @@ from torch import Tensor, nn
 from mixedprec import formats
 from mixedprec.nn import factory as factories
 from mixedprec.nn.attention import keep_off_fused_paths
+from mixedprec.nn.module_tree import (ALLOWED_PREFIXES, build, child_prefix, class_path, decode, deduplicate, describe,
+                                      describe_parts, encode_checked, rebuild, validate_packed)
 from mixedprec.nn.pack import zero_padding
 
-_ALLOWED_PREFIXES = ("torch.nn.", "mixedprec.")
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _SHOWN = 6  # problems named in one error message
 
 
@@ -50,16 +49,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: Callable | str |
     content: dict = {}
     if factory is not None:
         try:
-            content["factory"] = {"name": factories.name_of(factory), "kwargs": _encode_checked(factory_kwargs or {},
+            content["factory"] = {"name": factories.name_of(factory), "kwargs": encode_checked(factory_kwargs or {},
                                                                                               "factory_kwargs")}
         except ValueError as exc:
             raise ValueError(f"save: {exc}") from None
     tensors: dict[str, Tensor] = {}
-    if all(_class_path(type(m)).startswith(_ALLOWED_PREFIXES) for m in model.modules()):
-        content["tree"] = _describe(model, "", tensors)
+    if all(class_path(type(m)).startswith(ALLOWED_PREFIXES) for m in model.modules()):
+        content["tree"] = describe(model, "", tensors)
     else:
-        content.update(root=_class_path(type(model)), **_describe_parts(model, tensors))
-    aliases = _deduplicate(tensors)
+        content.update(root=class_path(type(model)), **describe_parts(model, tensors))
+    aliases = deduplicate(tensors)
     if aliases:
         content["aliases"] = aliases
     formats.save_file(path, tensors, content)
@@ -83,7 +82,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, strict: boo
     for alias, name in content.get("aliases", {}).items():
         tensors[alias] = tensors[name]
     if model is None and "tree" in content:
-        model = _rebuild(content["tree"], tensors, where)
+        model = rebuild(content["tree"], tensors, where)
     else:
         if model is None:
             model = _build_from_factory(content, trust_code, where)
@@ -95,189 +94,6 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, strict: boo
 
 
 # ------------------------------------------------------------------------------------ writing
-
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _is_mixedprec(module: nn.Module) -> bool:
-    return _class_path(type(module)).startswith("mixedprec.")
-
-
-def _describe_parts(model: nn.Module, tensors: dict) -> dict:
-    """A model with modules of other classes: its mixedprec subtrees, narrowed modules, other state."""
-    described: dict[str, dict] = {}
-    narrowed: dict[str, dict] = {}
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in map(_prefix, described)):
-            continue  # inside a described subtree
-        if _is_mixedprec(module) and name:
-            described[name] = _describe(module, _prefix(name), tensors)
-        elif hasattr(module, "pruned_from"):
-            narrowed[name] = {"from": module.pruned_from, "to": {k: getattr(module, k) for k in module.pruned_from}}
-    extra_state = {}
-    for key, value in model.state_dict().items():
-        if any(key.startswith(_prefix(name)) for name in described):
-            continue
-        if isinstance(value, Tensor):
-            tensors[key] = value
-        else:
-            extra_state[key] = _encode_checked(value, f"state {key!r}")
-    parts = {"modules": described, "narrowed": narrowed, "extra_state": extra_state}
-    return {k: v for k, v in parts.items() if v or k == "modules"}
-
-
-def _prefix(name: str) -> str:
-    return f"{name}." if name else ""
-
-
-def _describe(module: nn.Module, prefix: str, tensors: dict) -> dict:
-    path = _class_path(type(module))
-    if not path.startswith(_ALLOWED_PREFIXES):
-        raise ValueError(f"save: module {prefix.rstrip('.') or '<root>'!r} is a {path} inside a mixedprec module; "
-                         f"only torch.nn and mixedprec modules can be described there")
-    attrs = {key: _encode_checked(value, f"attribute {key!r} of module {prefix.rstrip('.') or '<root>'!r} ({path})")
-             for key, value in vars(module).items() if key not in _MODULE_INTERNALS}
-    params, buffers = {}, {}
-    for name, p in module._parameters.items():
-        params[name] = None if p is None else p.requires_grad
-        if p is not None:
-            tensors[prefix + name] = p.detach()
-    for name, b in module._buffers.items():
-        if name in module._non_persistent_buffers_set:
-            continue
-        buffers[name] = b is not None
-        if b is not None:
-            tensors[prefix + name] = b
-    children = {name: None if child is None else _describe(child, f"{prefix}{name}.", tensors)
-                for name, child in module._modules.items()}  # a None child (an unset slot) stays None
-    return {"class": path, "attrs": attrs, "params": params, "buffers": buffers, "children": children,
-            "non_persistent": sorted(module._non_persistent_buffers_set)}
-
-
-def _deduplicate(tensors: dict[str, Tensor]) -> dict[str, str]:
-    """Stores tied tensors (the same view of the same memory) once: removes the repeats from
-    ``tensors`` and returns them as alias -> stored name. A tensor that shares memory with
-    another in some other way is stored as a copy (safetensors holds no overlapping tensors)."""
-    seen: dict[tuple, str] = {}
-    storages: set[int] = set()
-    aliases = {}
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.numel() == 0:
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
-        if key in seen:
-            aliases[name] = seen[key]
-            del tensors[name]
-        elif key[0] in storages:
-            tensors[name] = t.clone()
-        else:
-            seen[key] = name
-            storages.add(key[0])
-    return aliases
-
-
-def _encode_checked(value, what: str):
-    try:
-        return _encode(value)
-    except TypeError:
-        raise ValueError(f"save: {what} is a {type(value).__name__}, which the packed file cannot hold") from None
-
-
-def _encode(value):
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, torch.dtype):
-        return {"__dtype__": str(value).removeprefix("torch.")}
-    if isinstance(value, (tuple, list)):
-        items = [_encode(v) for v in value]
-        return {"__tuple__": items} if isinstance(value, tuple) else items
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {"__dict__": {k: _encode(v) for k, v in value.items()}}
-    raise TypeError(type(value).__name__)
-
-
-# ------------------------------------------------------------------------------------ reading
-
-def _decode(value):
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    if isinstance(value, dict):
-        if "__dtype__" in value:
-            dtype = getattr(torch, value["__dtype__"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"unknown dtype {value['__dtype__']!r}")
-            return dtype
-        if "__tuple__" in value:
-            return tuple(_decode(v) for v in value["__tuple__"])
-        return {k: _decode(v) for k, v in value["__dict__"].items()}
-    return value
-
-
-def _rebuild(tree: dict, tensors: dict, where: str) -> nn.Module:
-    """The whole model from its description (no constructor runs)."""
-    used: set[str] = set()
-    model = _build(tree, "", tensors, used, {})
-    unused = set(tensors) - used
-    if unused:
-        raise ValueError(f"{where}: tensors {sorted(unused)} belong to no module")
-    _validate_packed(model, "", where)
-    return model
-
-
-def _build(spec: dict, prefix: str, tensors: dict, used: set, made: dict) -> nn.Module:
-    """A module from its description; ``made`` maps tensor names to the tensors already made, so
-    that tied parameters come back as one Parameter."""
-    where = prefix.rstrip(".") or "<root>"
-    try:
-        path = spec["class"]
-        if not path.startswith(_ALLOWED_PREFIXES):
-            raise ValueError(f"class {path} is not a torch.nn or mixedprec module")
-        module_name, _, qualname = path.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), qualname)
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise ValueError(f"{path} is not an nn.Module class")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        for key, value in spec["attrs"].items():
-            object.__setattr__(module, key, _decode(value))
-        for name, requires_grad in spec["params"].items():
-            module._parameters[name] = None if requires_grad is None else \
-                _take(tensors, prefix + name, used, made, requires_grad)
-        for name, present in spec["buffers"].items():
-            module._buffers[name] = _take(tensors, prefix + name, used, made) if present else None
-        for name in spec.get("non_persistent", []):
-            module._buffers.setdefault(name, None)
-            module._non_persistent_buffers_set.add(name)
-        for name, child in spec["children"].items():
-            module._modules[name] = None if child is None else _build(child, f"{prefix}{name}.", tensors, used, made)
-    except (KeyError, TypeError, AttributeError, ImportError) as exc:
-        raise ValueError(f"packed file: module {where!r} is malformed: {type(exc).__name__}: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"packed file: module {where!r}: {exc}") from None
-    return module
-
-
-def _take(tensors: dict, name: str, used: set, made: dict, requires_grad: bool | None = None) -> Tensor:
-    if name not in tensors:
-        raise ValueError(f"tensor {name!r} is missing")
-    used.add(name)
-    key = id(tensors[name])  # aliases of one stored tensor share it
-    if key not in made:
-        t = tensors[name]
-        made[key] = t if requires_grad is None else nn.Parameter(t, requires_grad=requires_grad)
-    return made[key]
-
-
-def _validate_packed(model: nn.Module, prefix: str, where: str) -> None:
-    """Packed layers check their buffers and rebuild their derived tables."""
-    for name, module in model.named_modules(prefix=prefix.rstrip(".")):
-        if hasattr(module, "rebuild_derived"):
-            try:
-                module.rebuild_derived()
-            except ValueError as exc:
-                raise ValueError(f"{where}: layer {name!r} is inconsistent: {exc}") from None
 
 
 def _build_from_factory(content: dict, trust_code: bool, where: str) -> nn.Module:
@@ -292,7 +108,7 @@ def _build_from_factory(content: dict, trust_code: bool, where: str) -> nn.Modul
                                          f"trust_code=True (it runs that code); or pass a freshly built model, "
                                          f"mixedprec.load(path, model=...)", name)
     try:
-        return factories.build(name, _decode(recorded["kwargs"]))
+        return factories.build(name, decode(recorded["kwargs"]))
     except ValueError as exc:
         raise ValueError(f"{where}: rebuilding the model failed: {exc}") from None
 
@@ -309,11 +125,11 @@ def _parts(content: dict) -> tuple[dict[str, dict], dict[str, dict], dict]:
             return
         original = spec["attrs"].get("pruned_from")
         if original is not None:
-            original = _decode(original)
-            narrowed[name] = {"from": original, "to": {k: _decode(spec["attrs"][k]) for k in original}}
+            original = decode(original)
+            narrowed[name] = {"from": original, "to": {k: decode(spec["attrs"][k]) for k in original}}
         for child, child_spec in spec["children"].items():
             if child_spec is not None:
-                walk(child_spec, f"{_prefix(name)}{child}")
+                walk(child_spec, f"{child_prefix(name)}{child}")
 
     walk(content["tree"], "")
     return described, narrowed, {}
@@ -334,19 +150,19 @@ def _install(model: nn.Module, content: dict, tensors: dict, strict: bool, where
             problems.append(f"the model has no module {name!r}, where the file holds a "
                             f"{spec['class'].rpartition('.')[2]}")
             continue
-        new = _build(spec, _prefix(name), tensors, used, made)
+        new = build(spec, child_prefix(name), tensors, used, made)
         mismatch = _mismatch(target, new)
         if mismatch:
             problems.append(f"{name!r}: {mismatch}")
             continue
-        _validate_packed(new, name, where)
+        validate_packed(new, name, where)
         anchor = next(iter((*target.parameters(), *target.buffers())), None)
         parent, _, attr = name.rpartition(".")
         setattr(modules[parent], attr, new if anchor is None or anchor.is_meta else new.to(anchor.device))
     state = {k: v for k, v in tensors.items() if k not in used}
-    state.update({k: _decode(v) for k, v in extra_state.items()})
+    state.update({k: decode(v) for k, v in extra_state.items()})
     expected = {k: v for k, v in model.state_dict().items()
-                if not any(k.startswith(_prefix(name)) for name in described)}
+                if not any(k.startswith(child_prefix(name)) for name in described)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if isinstance(state[k], Tensor)
@@ -382,7 +198,7 @@ def _narrow(modules: dict, name: str, widths: dict, tensors: dict, problems: lis
         setattr(module, key, value)
     for slot in (module._parameters, module._buffers):
         for attr, t in slot.items():
-            stored = tensors.get(_prefix(name) + attr)
+            stored = tensors.get(child_prefix(name) + attr)
             if t is not None and stored is not None and t.shape != stored.shape:
                 new = torch.empty(stored.shape, dtype=t.dtype, device=t.device)
                 slot[attr] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
