@@ -48,18 +48,19 @@ class SBSLayer:
     bias: Tensor | None
 
     def _init_sbs(self, weight_bits: Sequence[int], act_bits: Sequence[int], act_signed: bool | None,
-                  weight_clip_init: float, quantize: bool) -> None:
+                  weight_clip_init: float, quantize: bool, act_grid: str) -> None:
         device = self.weight.device
         self.w_quant = BitSharingQuantizer(weight_bits, True, weight_clip_init, quantize).to(device)
-        self.a_quant = BitSharingQuantizer(act_bits, act_signed, None, quantize).to(device)
+        self.a_quant = BitSharingQuantizer(act_bits, act_signed, None, quantize, act_grid).to(device)
         self.prune_gate: FilterGroupGate | None = None
         self.input_source: LayerRef | None = None    # producer whose mask this layer's input gets
         self.channel_source: LayerRef | None = None  # producer whose gate selects these channels
 
     # --- pruning roles (set by convert) ----------------------------------------------------
 
-    def enable_pruning(self, group_size: int, max_prune_ratio: float) -> None:
-        self.prune_gate = FilterGroupGate(self.weight.shape[0], group_size, max_prune_ratio).to(self.weight.device)
+    def enable_pruning(self, group_size: int, max_prune_ratio: float, per_group_thresholds: bool = False) -> None:
+        self.prune_gate = FilterGroupGate(self.weight.shape[0], group_size, max_prune_ratio,
+                                          per_group_thresholds).to(self.weight.device)
 
     def output_gate(self) -> FilterGroupGate | None:
         """The gate that selects this layer's output channels (its own, or its producer's)."""
@@ -136,10 +137,11 @@ class SBSConv2d(SBSLayer, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  weight_bits: Sequence[int] = (2, 4, 8), act_bits: Sequence[int] = (2, 4, 8),
-                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True):
+                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True,
+                 act_grid: str = "signed"):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            bias, padding_mode, device, dtype)
-        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize)
+        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize, act_grid)
 
     @property
     def is_depthwise(self) -> bool:
@@ -174,9 +176,10 @@ class SBSLinear(SBSLayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  weight_bits: Sequence[int] = (2, 4, 8), act_bits: Sequence[int] = (2, 4, 8),
-                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True):
+                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True,
+                 act_grid: str = "signed"):
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize)
+        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize, act_grid)
 
     def forward(self, x: Tensor) -> Tensor:
         if in_float_forward():
