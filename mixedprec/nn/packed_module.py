@@ -4,6 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from mixedprec.formats import PackedWeight
+from mixedprec.metrics.compression import FLOAT_BITS
+from mixedprec.metrics.report import LayerWeight
 
 PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")
 
@@ -19,10 +21,19 @@ class PackedModule(nn.Module):
     """
 
     derived_buffers: tuple[str, ...] = ()
+    input_quant: nn.Module | None  # set by the subclass: quantizes the layer's inputs (SBS), or None
 
     def packed_weight(self) -> PackedWeight:
         """The weight as a (validated) PackedWeight."""
         raise NotImplementedError
+
+    def report_weight(self) -> LayerWeight:
+        """For reports (``mixedprec.metrics.report``). The float layer's size is not known here: a
+        packed SBS layer's pruned channels are gone; reports take it from a float reference."""
+        packed = self.packed_weight()
+        a_bits = FLOAT_BITS if self.input_quant is None else self.input_quant.current_bits()
+        return LayerWeight("packed", packed.numel, packed.kept, packed.out_channels, packed.bits, a_bits, None,
+                           packed.channel_scale.dtype, packed.codebook.dtype)
 
     def rebuild_derived(self) -> None:
         """Validates the packed buffers and recomputes the derived tables (after loading)."""

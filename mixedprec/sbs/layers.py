@@ -23,12 +23,14 @@ classifier). See docs/sbs.md.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixedprec.metrics.examples import in_float_forward
+from mixedprec.metrics.report import LayerWeight
 from mixedprec.sbs.pruning import FilterGroupGate
 from mixedprec.sbs.quantizer import BitSharingQuantizer
 
@@ -53,6 +55,8 @@ class SBSLayer:
         self.w_quant = BitSharingQuantizer(weight_bits, True, weight_clip_init, quantize).to(device)
         self.a_quant = BitSharingQuantizer(act_bits, act_signed, None, quantize, act_grid).to(device)
         self.prune_gate: FilterGroupGate | None = None
+        # weights of the float layer, kept through export (which removes pruned channels): the reference of reports
+        self.float_weights = self.weight.numel()
         self.input_source: LayerRef | None = None    # producer whose mask this layer's input gets
         self.channel_source: LayerRef | None = None  # producer whose gate selects these channels
 
@@ -115,6 +119,16 @@ class SBSLayer:
     def bits(self) -> tuple[int, int]:
         """The current hard choice (weight bits, activation bits); 32 where quantization is off."""
         return self.w_quant.current_bits(), self.a_quant.current_bits()
+
+    def report_weight(self) -> LayerWeight:
+        """For reports: kept channels at the current hard bits, packed as ``mixedprec.pack`` stores them."""
+        from mixedprec.nn.pack import SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE  # lazy: nn.pack imports sbs
+
+        w_bits, a_bits = self.bits()
+        out = self.kept_out_channels()
+        weights = out * self.kept_in_channels_per_group() * math.prod(self.weight.shape[2:])
+        return LayerWeight("sbs", weights, weights, out, w_bits, a_bits, self.float_weights, SBS_SCALE_DTYPE,
+                           SBS_CODEBOOK_DTYPE)
 
     def fix(self, weight_bits: int | None = None, act_bits: int | None = None) -> None:
         """Fixed mode: quantize directly at the given (default: current) bits, freeze the gate."""
