@@ -46,12 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--opq-rate", type=positive_float, default=20.0,
                    help="OPQ: target compression of the weights in real packed bytes (default: 20)")
     g.add_argument("--batch-size", type=positive_int, default=64, help="training batch size (default: 64)")
+    g.add_argument("--preset", choices=sbs.SBSPolicy.PRESET_NAMES, default=None,
+                   help="SBS: the settings of a preset (docs/sbs.md) instead of the default policy")
 
 
 def run(args: argparse.Namespace) -> dict:
     """Runs the demo; returns the JSON record it wrote."""
     if distributed.launched_by_torchrun():  # it writes files between its trainings: one process
         raise UsageError("the demo runs in a single process; under torchrun use `mixedprec compress`")
+    if args.preset is not None:  # refused before any training
+        try:
+            sbs.check_act_grid(sbs.SBSPolicy.preset(args.preset).act_grid)
+        except NotImplementedError as exc:
+            raise UsageError(f"--preset {args.preset}: {exc}") from None
     device, out, quiet = resolve_device(args.device), make_out_dir(args.out), args.quiet
     start = time.perf_counter()
     data = load_data("digits", None, image_size=8, seed=args.seed)
@@ -80,7 +87,8 @@ def run(args: argparse.Namespace) -> dict:
 
     say(quiet, f"[3/{STAGES}] SBS: {args.search_epochs} search epochs (lambda={args.bops_weight:g}), "
                f"{args.finetune_epochs} finetune epochs, export, pack")
-    searched = pipeline.compress_sbs(model, data, policy=sbs.SBSPolicy(), search_epochs=args.search_epochs,
+    policy = sbs.SBSPolicy() if args.preset is None else sbs.SBSPolicy.preset(args.preset)
+    searched = pipeline.compress_sbs(model, data, policy=policy, search_epochs=args.search_epochs,
                                      finetune_epochs=args.finetune_epochs, bops_weight=args.bops_weight, **common)
     sbs_result = pipeline.deploy(searched, out / "sbs.safetensors", data, device=device, reference=reference, record=record)
 

@@ -2,6 +2,7 @@
 
     mixedprec demo                     the end-to-end run on the embedded digits data
     mixedprec compress sbs|opq ...     compress a zoo or user model on digits, CIFAR or an image folder
+    mixedprec reproduce RECIPE ...     an SBS paper's CIFAR-100 experiment, next to the paper's row
     mixedprec report FILE              per-layer table and totals of a saved model
     mixedprec bench [NAME ...]         the kernel benchmark tables
 
@@ -21,6 +22,8 @@ COMMANDS = {
     "demo": ("mixedprec.demo", "the end-to-end demo on the embedded digits data: float, uniform 4-bit, SBS and OPQ, "
                                "packed, saved, reloaded; table, JSON and plot"),
     "compress": ("mixedprec.cli.compress", "compress a model with SBS or OPQ, finetune, pack, save and evaluate it"),
+    "reproduce": ("mixedprec.cli.reproduce", "run one of the SBS papers' CIFAR-100 experiments on a local copy and "
+                                             "print the paper's row next to the measured one"),
     "report": ("mixedprec.cli.report", "per-layer bits, sparsity, BOPs, bytes and compression of a saved model file"),
     "bench": ("mixedprec.cli.bench", "run the kernel benchmarks in benchmarks/ and print their tables"),
 }

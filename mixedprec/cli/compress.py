@@ -44,11 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bops-weight", type=non_negative_float, default=0.1,
                    help="lambda in CE + lambda * log(BOPs): larger gives fewer BOPs (default: 0.1)")
     g.add_argument("--search-epochs", type=non_negative_int, default=10, help="search epochs (default: 10)")
-    g.add_argument("--weight-bits", type=positive_int, nargs="+", default=[2, 4, 8],
+    g.add_argument("--preset", choices=sbs.SBSPolicy.PRESET_NAMES, default=None,
+                   help="the SBS authors' settings for a family of networks (group size, thresholds per group, "
+                        "first/last bits, activation grid; docs/sbs.md lists each with its source); the options "
+                        "below override it (default: no preset, the defaults below)")
+    g.add_argument("--weight-bits", type=positive_int, nargs="+", default=None,
                    help="candidate weight bitwidths, ascending, each dividing the next (default: 2 4 8)")
-    g.add_argument("--act-bits", type=positive_int, nargs="+", default=[2, 4, 8],
+    g.add_argument("--act-bits", type=positive_int, nargs="+", default=None,
                    help="candidate activation bitwidths (default: 2 4 8)")
-    g.add_argument("--group-size", type=positive_int, default=4, help="filters per pruning group (default: 4)")
+    g.add_argument("--group-size", type=positive_int, default=None,
+                   help="filters per pruning group (default: the preset's, else 4)")
+    g.add_argument("--act-grid", choices=("unsigned", "signed", "asymmetric"), default=None,
+                   help="grid of activations that hold negative values: signed (no zero level), unsigned (negative "
+                        "values clipped), asymmetric (not supported yet) (default: the preset's, else signed)")
     g.add_argument("--no-prune", action="store_true", help="search bits only, no filter pruning")
     opq_parser = methods.add_parser(
         "opq", help="OPQ: allocate pruning and codebooks analytically for a compression rate, finetune",
@@ -154,9 +162,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _policy(args: argparse.Namespace) -> sbs.SBSPolicy:
+    given = {"weight_bits": args.weight_bits, "act_bits": args.act_bits, "group_size": args.group_size,
+             "act_grid": args.act_grid}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+    overrides["prune"] = not args.no_prune
     try:
-        return sbs.SBSPolicy(weight_bits=tuple(args.weight_bits), act_bits=tuple(args.act_bits), prune=not args.no_prune,
-                             group_size=args.group_size)
+        policy = (sbs.SBSPolicy(**overrides) if args.preset is None else sbs.SBSPolicy.preset(args.preset, **overrides))
+        sbs.check_act_grid(policy.act_grid, policy.quantize)
+        return policy
+    except NotImplementedError as exc:
+        raise UsageError(f"{'--act-grid' if args.act_grid else '--preset ' + str(args.preset)}: {exc}") from None
     except ValueError as exc:
         raise UsageError(str(exc).replace("SBSPolicy: weight_bits", "--weight-bits")
                          .replace("SBSPolicy: act_bits", "--act-bits")) from None

@@ -1,4 +1,5 @@
-"""Datasets that ship with the package's dependencies (no downloads at run time)."""
+"""Data sets: the embedded digits, and a reader for a local copy of CIFAR-100 (nothing is downloaded)."""
+from mixedprec.data.cifar import Cifar100
 from mixedprec.data.digits import DigitsSplit, load_digits
 
-__all__ = ["DigitsSplit", "load_digits"]
+__all__ = ["Cifar100", "DigitsSplit", "load_digits"]

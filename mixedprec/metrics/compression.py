@@ -2,7 +2,7 @@
 
 Counted: the weight tensor of every Conv/Linear layer; compressed layers at their packed size,
 the others at float32 size. Not counted: biases, BatchNorm and other parameters (kept in float;
-``CompressionReport.other_float_bytes`` of a model lists them).
+``ModelReport.other_float_bytes`` of a model lists them; the report model: ``metrics.report``).
 
 - paper rate = 32 bits * weights / (sum of b-bit codes of kept weights; 32 bits per weight of
   float layers) -- the convention of the pruning+quantization papers (no masks, codebooks, scales).
@@ -19,17 +19,12 @@ the others at float32 size. Not counted: biases, BatchNorm and other parameters 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
 
-__all__ = [
-    "CompressedWeight", "CompressionReport", "LayerCompression", "PackedLayerBytes",
-    "compression_report", "packed_layer_bytes", "paper_layer_bits",
-]
+__all__ = ["PackedLayerBytes", "packed_layer_bytes", "paper_layer_bits"]
 
 FLOAT_BITS = 32
 HEADER_BYTES = 64
@@ -85,103 +80,3 @@ def packed_layer_bytes(numel: int, out_channels: int, kept, bits, scale_dtype: t
 def paper_layer_bits(kept, bits):
     """The papers' count: b bits for each kept weight's code, nothing else."""
     return np.asarray(kept, dtype=np.int64) * np.asarray(bits, dtype=np.int64)
-
-
-class CompressedWeight(NamedTuple):
-    """What a compressed layer reports about its weight (``module.compressed_weight()``)."""
-    numel: int
-    out_channels: int
-    kept: int
-    bits: int
-    scale_dtype: torch.dtype
-    codebook_dtype: torch.dtype = torch.float16
-
-
-@dataclass(frozen=True)
-class LayerCompression:
-    name: str
-    numel: int
-    kept: int
-    bits: int | None      # None: stored as float32
-    packed_bytes: int
-    paper_bits: int
-
-    @classmethod
-    def compressed(cls, name: str, weight: CompressedWeight) -> LayerCompression:
-        packed = packed_layer_bytes(weight.numel, weight.out_channels, weight.kept, weight.bits, weight.scale_dtype,
-                                    weight.codebook_dtype)
-        return cls(name, weight.numel, weight.kept, weight.bits, packed.total, int(paper_layer_bits(weight.kept, weight.bits)))
-
-    @classmethod
-    def float32(cls, name: str, numel: int) -> LayerCompression:
-        return cls(name, numel, numel, None, numel * FLOAT_BITS // 8, numel * FLOAT_BITS)
-
-    @property
-    def float_bytes(self) -> int:
-        return self.numel * FLOAT_BITS // 8
-
-    @property
-    def real_rate(self) -> float:
-        return self.float_bytes / self.packed_bytes
-
-    @property
-    def paper_rate(self) -> float:
-        return self.numel * FLOAT_BITS / max(self.paper_bits, 1)
-
-
-@dataclass(frozen=True)
-class CompressionReport:
-    layers: tuple[LayerCompression, ...]
-    other_float_bytes: int = 0  # biases, BatchNorm, ...: outside the rates
-
-    @property
-    def float_bytes(self) -> int:
-        return sum(layer.float_bytes for layer in self.layers)
-
-    @property
-    def packed_bytes(self) -> int:
-        return sum(layer.packed_bytes for layer in self.layers)
-
-    @property
-    def paper_bits(self) -> int:
-        return sum(layer.paper_bits for layer in self.layers)
-
-    @property
-    def real_rate(self) -> float:
-        return self.float_bytes / self.packed_bytes
-
-    @property
-    def paper_rate(self) -> float:
-        return self.float_bytes * 8 / max(self.paper_bits, 1)
-
-    def table(self) -> str:
-        rows = [f"{'layer':<28}{'weights':>10}{'kept':>9}{'bits':>5}{'packed B':>10}{'real x':>8}{'paper x':>9}"]
-        for layer in self.layers:
-            bits = "fp32" if layer.bits is None else str(layer.bits)
-            rows.append(f"{layer.name:<28}{layer.numel:>10}{layer.kept:>9}{bits:>5}{layer.packed_bytes:>10}"
-                        f"{layer.real_rate:>8.2f}{layer.paper_rate:>9.2f}")
-        rows.append(f"{'total':<28}{sum(l.numel for l in self.layers):>10}{sum(l.kept for l in self.layers):>9}"
-                    f"{'':>5}{self.packed_bytes:>10}{self.real_rate:>8.2f}{self.paper_rate:>9.2f}")
-        if self.other_float_bytes:
-            rows.append(f"(other float parameters and buffers, not in the rates: {self.other_float_bytes} bytes)")
-        return "\n".join(rows)
-
-
-def compression_report(model: nn.Module) -> CompressionReport:
-    """Per-layer and total rates of a model: modules with ``compressed_weight()`` count packed,
-    other Conv/Linear layers at float32 size."""
-    layers, counted = [], set()
-    for name, module in model.named_modules():
-        if hasattr(module, "compressed_weight"):
-            layers.append(LayerCompression.compressed(name, module.compressed_weight()))
-            counted.update(id(t) for t in module.buffers(recurse=False))  # its codebook, scales, mask
-        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            layers.append(LayerCompression.float32(name, module.weight.numel()))
-        else:
-            continue
-        counted.add(id(module.weight))
-    if not layers:
-        raise ValueError("compression_report: model has no Conv or Linear layer")
-    other = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
-                if id(t) not in counted and t.dtype.is_floating_point)
-    return CompressionReport(tuple(layers), other)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from mixedprec.formats import PackedWeight
+from mixedprec.metrics.compression import FLOAT_BITS
+from mixedprec.metrics.report import LayerWeight
 
 PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")  # PackedWeight's order
 
@@ -27,12 +29,21 @@ class PackedModule(nn.Module):
         for name in PACKED_BUFFERS:
             self.register_buffer(name, getattr(packed, name))
         self._packed = packed
+    input_quant: nn.Module | None  # set by the subclass: quantizes the layer's inputs (SBS), or None
 
     def packed_weight(self) -> PackedWeight:
         """The weight as a validated PackedWeight over this layer's buffers."""
         if self._packed is None:
             self._packed = PackedWeight(self.weight_shape, self.bits, *(getattr(self, n) for n in PACKED_BUFFERS))
         return self._packed
+
+    def report_weight(self) -> LayerWeight:
+        """For reports (``mixedprec.metrics.report``). The float layer's size is not known here: a
+        packed SBS layer's pruned channels are gone; reports take it from a float reference."""
+        packed = self.packed_weight()
+        a_bits = FLOAT_BITS if self.input_quant is None else self.input_quant.current_bits()
+        return LayerWeight("packed", packed.numel, packed.kept, packed.out_channels, packed.bits, a_bits, None,
+                           packed.channel_scale.dtype, packed.codebook.dtype)
 
     def rebuild_derived(self) -> None:
         """Validates the packed buffers and rebuilds the PackedWeight over them (after loading)."""

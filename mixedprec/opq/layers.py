@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mixedprec import ops
-from mixedprec.metrics.compression import CompressedWeight
+from mixedprec.metrics.compression import FLOAT_BITS
+from mixedprec.metrics.report import LayerWeight
 from mixedprec.nn.attention import keep_off_fused_paths, unfuse_attention
 from mixedprec.nn.targets import COMPRESSIBLE
 from mixedprec.opq.channels import keep_mask, normalized_magnitude
@@ -52,9 +53,11 @@ class _OPQWeight:
     def quantized_weight(self) -> Tensor:
         return ops.codebook_quant(self.weight, self.codebook, self.channel_scale, self.keep_mask)
 
-    def compressed_weight(self) -> CompressedWeight:
-        return CompressedWeight(self.weight.numel(), self.weight.shape[0], int(self.keep_mask.sum()), self.bits,
-                                self.scale_dtype)
+    def report_weight(self) -> LayerWeight:
+        """For reports: codes for kept weights only, float inputs (OPQ quantizes no activation)."""
+        n = self.weight.numel()
+        return LayerWeight("opq", n, int(self.keep_mask.sum()), self.weight.shape[0], self.bits, FLOAT_BITS, n,
+                           self.scale_dtype)
 
     def extra_repr(self) -> str:
         sparsity = 1.0 - int(self.keep_mask.sum()) / self.keep_mask.numel()

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from mixedprec.atomic import write_atomically
-from mixedprec.metrics.compression import CompressedWeight, CompressionReport, LayerCompression
+from mixedprec.metrics.compression import FLOAT_BITS
+from mixedprec.metrics.report import LayerRow, LayerWeight, ModelReport
 
 PLAN_VERSION = 1
 
@@ -47,8 +48,9 @@ class LayerPlan:
     def measured_error(self) -> float:
         return self.measured_prune_error + self.measured_quant_error
 
-    def compressed_weight(self) -> CompressedWeight:
-        return CompressedWeight(self.numel, self.shape[0], self.kept, self.bits, getattr(torch, self.scale_dtype))
+    def report_weight(self) -> LayerWeight:
+        return LayerWeight("opq", self.numel, self.kept, self.shape[0], self.bits, FLOAT_BITS, self.numel,
+                           getattr(torch, self.scale_dtype))
 
 
 @dataclass
@@ -70,10 +72,12 @@ class Plan:
         raise KeyError(f"plan has no compressed layer {name!r}")
 
     @property
-    def report(self) -> CompressionReport:
-        return CompressionReport(
-            tuple(LayerCompression.compressed(l.name, l.compressed_weight()) for l in self.layers)
-            + tuple(LayerCompression.float32(name, numel) for name, numel in self.excluded.items()))
+    def report(self) -> ModelReport:
+        """Bytes and rates the plan gives (no BOPs: no example is run); excluded layers in float32."""
+        floats = (LayerWeight("float", n, n, 1, FLOAT_BITS, FLOAT_BITS, n) for n in self.excluded.values())
+        return ModelReport(tuple(LayerRow.of(l.name, "x".join(map(str, l.shape)), l.report_weight(), None)
+                                 for l in self.layers)
+                           + tuple(LayerRow.of(name, "", w, None) for name, w in zip(self.excluded, floats)))
 
     @property
     def real_rate(self) -> float:

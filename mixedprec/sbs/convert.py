@@ -11,7 +11,7 @@ from mixedprec.nn.targets import split_layers
 from mixedprec.sbs import graph
 from mixedprec.sbs.layers import LayerRef, SBSConv2d, SBSLayer, SBSLinear
 from mixedprec.sbs.policy import SBSPolicy
-from mixedprec.sbs.quantizer import BatchStatistics
+from mixedprec.sbs.quantizer import BatchStatistics, check_act_grid
 
 _SBS_TYPES = {nn.Conv2d: SBSConv2d, nn.Linear: SBSLinear}
 
@@ -46,8 +46,7 @@ def convert(model: nn.Module, policy: SBSPolicy | None = None, *, inplace: bool 
     missing = set(policy.exclude) - set(modules)
     if missing:
         raise ValueError(f"convert: policy.exclude names modules the model does not have: {sorted(missing)}")
-    excluded = {name for name in modules for top in policy.exclude if name == top or name.startswith(top + ".")}
-    targets = list(split_layers(model, "sbs.convert", excluded))
+    targets = list(split_layers(model, "sbs.convert", _excluded(modules, policy)))
     if not targets:
         raise ValueError("convert: the model has no nn.Conv2d or nn.Linear to convert")
 
@@ -60,6 +59,7 @@ def convert(model: nn.Module, policy: SBSPolicy | None = None, *, inplace: bool 
                           f"no layer will be pruned, quantization is searched as usual", stacklevel=2)
     order = [n for n in graph.execution_order(flow) if n in targets] if flow is not None else targets
     ends = {order[0], order[-1]} if policy.first_last_bits is not None else set()
+    check_act_grid(policy.act_grid, policy.quantize)  # refused before any model surgery
 
     for name in targets:
         bits = {}
@@ -68,20 +68,39 @@ def convert(model: nn.Module, policy: SBSPolicy | None = None, *, inplace: bool 
         layer = _SBS_TYPES[type(modules[name])].from_float(
             modules[name], weight_bits=bits.get("weight_bits", policy.weight_bits),
             act_bits=bits.get("act_bits", policy.act_bits), act_signed=policy.act_signed,
-            weight_clip_init=policy.weight_clip_init, quantize=policy.quantize)
+            weight_clip_init=policy.weight_clip_init, quantize=policy.quantize,
+            act_grid="signed" if name == order[0] else policy.act_grid)  # the model's input: see SBSPolicy
         _set_module(model, name, layer)
         modules[name] = layer
 
     if policy.prune and flow is not None:
         for group in graph.find_prune_groups(flow, modules, set(targets), policy.group_size, policy.max_prune_ratio):
             producer = modules[group.producer]
-            producer.enable_pruning(policy.group_size, policy.max_prune_ratio)
+            producer.enable_pruning(policy.group_size, policy.max_prune_ratio, policy.per_group_thresholds)
             for name in group.members:
                 modules[name].channel_source = LayerRef(producer)
             for name in group.consumers:
                 modules[name].input_source = LayerRef(producer)
     keep_off_fused_paths(model)
     return model
+
+
+def pruning_groups(model: nn.Module, policy: SBSPolicy | None = None) -> dict[str, tuple[int, int]]:
+    """What ``convert(model, policy)`` would prune, without converting: producer name ->
+    (number of filter groups, number of learnable thresholds). Empty when nothing is pruned."""
+    policy = SBSPolicy() if policy is None else policy
+    if not policy.prune:
+        return {}
+    modules = dict(model.named_modules())
+    targets = set(split_layers(model, "sbs.pruning_groups", _excluded(modules, policy)))
+    groups = graph.find_prune_groups(graph.trace(model), modules, targets, policy.group_size, policy.max_prune_ratio)
+    n_groups = {g.producer: modules[g.producer].weight.shape[0] // policy.group_size for g in groups}
+    return {name: (n, n if policy.per_group_thresholds else 1) for name, n in n_groups.items()}
+
+
+def _excluded(modules: dict[str, nn.Module], policy: SBSPolicy) -> set[str]:
+    """The modules ``policy.exclude`` names, and everything under them."""
+    return {name for name in modules for top in policy.exclude if name == top or name.startswith(top + ".")}
 
 
 def unconvert(model: nn.Module, *, inplace: bool = False) -> nn.Module:

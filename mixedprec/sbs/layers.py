@@ -23,13 +23,20 @@ classifier). See docs/sbs.md.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mixedprec.metrics.examples import in_float_forward
+from mixedprec.metrics.report import LayerWeight
 from mixedprec.sbs.pruning import FilterGroupGate
+
+# How a packed SBS layer's weight is stored (mixedprec/sbs/packing.py): its levels exact in
+# float32, unit channel scales in float16
+SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE = torch.float32, torch.float16
 from mixedprec.sbs.quantizer import BitSharingQuantizer
 
 class LayerRef:
@@ -48,18 +55,21 @@ class SBSLayer:
     bias: Tensor | None
 
     def _init_sbs(self, weight_bits: Sequence[int], act_bits: Sequence[int], act_signed: bool | None,
-                  weight_clip_init: float, quantize: bool) -> None:
+                  weight_clip_init: float, quantize: bool, act_grid: str) -> None:
         device = self.weight.device
         self.w_quant = BitSharingQuantizer(weight_bits, True, weight_clip_init, quantize).to(device)
-        self.a_quant = BitSharingQuantizer(act_bits, act_signed, None, quantize).to(device)
+        self.a_quant = BitSharingQuantizer(act_bits, act_signed, None, quantize, act_grid).to(device)
         self.prune_gate: FilterGroupGate | None = None
+        # weights of the float layer, kept through export (which removes pruned channels): the reference of reports
+        self.float_weights = self.weight.numel()
         self.input_source: LayerRef | None = None    # producer whose mask this layer's input gets
         self.channel_source: LayerRef | None = None  # producer whose gate selects these channels
 
     # --- pruning roles (set by convert) ----------------------------------------------------
 
-    def enable_pruning(self, group_size: int, max_prune_ratio: float) -> None:
-        self.prune_gate = FilterGroupGate(self.weight.shape[0], group_size, max_prune_ratio).to(self.weight.device)
+    def enable_pruning(self, group_size: int, max_prune_ratio: float, per_group_thresholds: bool = False) -> None:
+        self.prune_gate = FilterGroupGate(self.weight.shape[0], group_size, max_prune_ratio,
+                                          per_group_thresholds).to(self.weight.device)
 
     def output_gate(self) -> FilterGroupGate | None:
         """The gate that selects this layer's output channels (its own, or its producer's)."""
@@ -115,6 +125,14 @@ class SBSLayer:
         """The current hard choice (weight bits, activation bits); 32 where quantization is off."""
         return self.w_quant.current_bits(), self.a_quant.current_bits()
 
+    def report_weight(self) -> LayerWeight:
+        """For reports: kept channels at the current hard bits, packed as ``mixedprec.pack`` stores them."""
+        w_bits, a_bits = self.bits()
+        out = self.kept_out_channels()
+        weights = out * self.kept_in_channels_per_group() * math.prod(self.weight.shape[2:])
+        return LayerWeight("sbs", weights, weights, out, w_bits, a_bits, self.float_weights, SBS_SCALE_DTYPE,
+                           SBS_CODEBOOK_DTYPE)
+
     def fix(self, weight_bits: int | None = None, act_bits: int | None = None) -> None:
         """Fixed mode: quantize directly at the given (default: current) bits, freeze the gate."""
         self.w_quant.fix(weight_bits)
@@ -136,10 +154,11 @@ class SBSConv2d(SBSLayer, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  weight_bits: Sequence[int] = (2, 4, 8), act_bits: Sequence[int] = (2, 4, 8),
-                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True):
+                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True,
+                 act_grid: str = "signed"):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            bias, padding_mode, device, dtype)
-        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize)
+        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize, act_grid)
 
     @property
     def is_depthwise(self) -> bool:
@@ -174,9 +193,10 @@ class SBSLinear(SBSLayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  weight_bits: Sequence[int] = (2, 4, 8), act_bits: Sequence[int] = (2, 4, 8),
-                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True):
+                 act_signed: bool | None = False, weight_clip_init: float = 3.0, quantize: bool = True,
+                 act_grid: str = "signed"):
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize)
+        self._init_sbs(weight_bits, act_bits, act_signed, weight_clip_init, quantize, act_grid)
 
     def forward(self, x: Tensor) -> Tensor:
         if in_float_forward():

@@ -18,10 +18,7 @@ from torch import nn
 from mixedprec.backends.reference.quant import levels, normalize
 from mixedprec.formats import PackedWeight, pack_weight
 from mixedprec.nn.pack import register_packer
-from mixedprec.sbs.layers import SBSConv2d, SBSLinear
-
-# How an SBS layer's weight is stored: its levels exact in float32, unit channel scales in float16
-SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE = torch.float32, torch.float16
+from mixedprec.sbs.layers import SBS_CODEBOOK_DTYPE, SBS_SCALE_DTYPE, SBSConv2d, SBSLinear
 
 
 def sbs_packed_weight(layer, where: str = "layer") -> PackedWeight:

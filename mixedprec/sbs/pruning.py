@@ -1,6 +1,8 @@
 """Pruning as 0-bit: a learnable keep/prune gate per group of B output filters.
 
-Group c of a layer's filters is kept iff mean|w_c| / max|w| > alpha_p (DESIGN.md). The hard
+Group c of a layer's filters is kept iff mean|w_c| / max|w| > alpha_p (DESIGN.md), with one
+learnable alpha_p per layer (default) or one per group (``per_group_thresholds``, as the SBS
+authors' reference code does on ImageNet ResNets). The hard
 decision is used forward and the sigmoid's gradient backward, like the bit gates; as in the
 paper's code the group norms are not detached, so the BOPs term also pulls on the weights of
 weak groups. The mask is applied where the pruned channels are consumed (see layers.py).
@@ -22,10 +24,12 @@ class FilterGroupGate(nn.Module):
     """Keep/prune gates for the output filters of one layer, in groups of ``group_size``.
 
     At most ``floor(n_groups * max_prune_ratio)`` groups are pruned: ``project_`` caps the
-    threshold at that group's norm after each optimizer step, as the paper's trainer does.
+    threshold (each group's threshold, with ``per_group_thresholds``) at that group's norm after
+    each optimizer step, as the paper's trainer does: a group stronger than the cap is kept.
     """
 
-    def __init__(self, out_channels: int, group_size: int, max_prune_ratio: float):
+    def __init__(self, out_channels: int, group_size: int, max_prune_ratio: float,
+                 per_group_thresholds: bool = False):
         super().__init__()
         if group_size < 1 or out_channels % group_size:
             raise ValueError(f"FilterGroupGate: group_size must be >= 1 and divide out_channels="
@@ -38,7 +42,10 @@ class FilterGroupGate(nn.Module):
         if self.max_pruned < 1:
             raise ValueError(f"FilterGroupGate: {self.n_groups} groups with max_prune_ratio="
                              f"{max_prune_ratio} allow no group to be pruned")
-        self.threshold = nn.Parameter(torch.zeros(()))
+        if not isinstance(per_group_thresholds, bool):
+            raise ValueError(f"FilterGroupGate: per_group_thresholds must be a bool, got {per_group_thresholds!r}")
+        self.per_group_thresholds = per_group_thresholds
+        self.threshold = nn.Parameter(torch.zeros((self.n_groups,) if per_group_thresholds else ()))
         self.register_buffer("keep", torch.ones(out_channels, dtype=torch.bool))
         self.fixed = False
         self.group_gates: Tensor | None = None  # differentiable gates of the last search forward
@@ -68,9 +75,13 @@ class FilterGroupGate(nn.Module):
         self.fixed = True
         self.group_gates = None
 
+    @property
+    def n_thresholds(self) -> int:
+        return self.threshold.numel()
+
     @torch.no_grad()
     def project_(self, weight: Tensor) -> None:
-        """Threshold into [0, norm of the max_pruned-th weakest group]."""
+        """Threshold(s) into [0, norm of the max_pruned-th weakest group]."""
         norms = group_norms(weight.detach(), self.group_size)
         cap = norms.kthvalue(self.max_pruned).values
         self.threshold.copy_(self.threshold.clamp(min=0.0).minimum(cap))
@@ -88,4 +99,5 @@ class FilterGroupGate(nn.Module):
         return {**self.__dict__, "group_gates": None}
 
     def extra_repr(self) -> str:
-        return f"groups={self.n_groups}x{self.group_size}, max_pruned={self.max_pruned}, fixed={self.fixed}"
+        return (f"groups={self.n_groups}x{self.group_size}, thresholds={self.n_thresholds}, "
+                f"max_pruned={self.max_pruned}, fixed={self.fixed}")

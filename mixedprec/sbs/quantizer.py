@@ -24,6 +24,9 @@ from mixedprec import ops
 from mixedprec.metrics.compression import FLOAT_BITS
 from mixedprec.backends.reference.quant import ste_gate
 
+# Grids for inputs that hold negative values (SBSPolicy.act_grid).
+ACT_GRIDS = ("unsigned", "signed", "asymmetric")
+
 def check_candidate_bits(name: str, bits: Sequence[int]) -> tuple[int, ...]:
     """Ascending bitwidths in 1..8 where each divides the next (nested grids, DESIGN.md)."""
     try:
@@ -36,6 +39,18 @@ def check_candidate_bits(name: str, bits: Sequence[int]) -> tuple[int, ...]:
         raise ValueError(f"{name} must be strictly ascending with each bitwidth dividing the next "
                          f"(so that a higher grid contains the lower ones), got {bits!r}")
     return bits
+
+
+def check_act_grid(grid: str, enabled: bool = True) -> None:
+    """A known grid name; the asymmetric grid (learnable offset, exact zero level) needs an offset
+    in ``ops.bit_sharing_quant``, which it does not have yet: refused, not approximated."""
+    if grid not in ACT_GRIDS:
+        raise ValueError(f"act_grid must be one of {ACT_GRIDS}, got {grid!r}")
+    if grid == "asymmetric" and enabled:
+        raise NotImplementedError(
+            "act_grid='asymmetric' (an activation grid with a learnable offset and an exact zero level) is not "
+            "supported yet: ops.bit_sharing_quant takes no offset. Use act_grid='unsigned' or 'signed' "
+            "(e.g. SBSPolicy.preset(name, act_grid='signed')).")
 
 
 class BatchStatistics(Protocol):
@@ -71,14 +86,18 @@ class BitSharingQuantizer(nn.Module):
     bits: candidate bitwidths (ascending, each dividing the next). signed: True for weights,
     False for activations after ReLU, None to decide from the first batch (signed iff it holds
     a negative value). clip_init: a start value, or None to take it from the first batch.
+    negative_grid: the grid when ``signed`` is None and the first batch holds a negative value:
+    "signed", or "unsigned" (negative values clipped to 0); "asymmetric" is not supported yet.
     """
 
     def __init__(self, bits: Sequence[int] = (2, 4, 8), signed: bool | None = True,
-                 clip_init: float | None = 1.0, enabled: bool = True):
+                 clip_init: float | None = 1.0, enabled: bool = True, negative_grid: str = "signed"):
         super().__init__()
         self.bits = check_candidate_bits("bits", bits)
         if signed is not None and not isinstance(signed, bool):
             raise ValueError(f"BitSharingQuantizer: signed must be a bool or None, got {signed!r}")
+        check_act_grid(negative_grid, enabled)
+        self.negative_grid = negative_grid
         if clip_init is not None and not clip_init > 0:
             raise ValueError(f"BitSharingQuantizer: clip_init must be > 0 or None, got {clip_init!r}")
         self.enabled = enabled
@@ -120,7 +139,8 @@ class BitSharingQuantizer(nn.Module):
         stats = self.batch_statistics
         if self.signed is None:
             negative = (x < 0).any().reshape(1).double()
-            self.signed = bool((negative if stats is None else stats.sum(negative)) > 0)
+            has_negative = bool((negative if stats is None else stats.sum(negative)) > 0)
+            self.signed = has_negative and self.negative_grid == "signed"
         sample = magnitude_sample(x)
         self.clip.copy_(initial_clip(sample if stats is None else stats.gather(sample)))
         self.clip_ready = True
