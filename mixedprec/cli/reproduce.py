@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 from mixedprec import sbs
 from mixedprec.cli.common import (UsageError, add_run_options, make_out_dir, non_negative_int, positive_int,
