@@ -1,4 +1,6 @@
-"""Loads the compiled library ``mixedprec._C`` and says which kernel backends exist.
+"""Loads the compiled libraries ``mixedprec._C`` (the kernel ops, namespace ``mixedprec``) and,
+test-only, ``mixedprec._simt`` (the CUDA sources under SIMT emulation, namespace
+``mixedprec_simt``), and says which kernel backends exist.
 
 A missing or broken build is not fatal: the reference backend keeps working, and asking for a
 compiled backend raises an error that carries the original import failure.
@@ -16,6 +18,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
+try:
+    from mixedprec import _simt  # noqa: F401  (registers torch.ops.mixedprec_simt.*)
+
+    SIMT_LOAD_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    SIMT_LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
 
 def poison_outputs() -> bool:
     """MIXEDPREC_POISON_OUTPUTS=1 (set by the tests): kernels' outputs start as NaN, so an
@@ -23,10 +32,10 @@ def poison_outputs() -> bool:
     return os.environ.get("MIXEDPREC_POISON_OUTPUTS", "0") == "1"
 
 
-def _has_kernel(op_name: str, dispatch_key: str) -> bool:
-    if LOAD_ERROR is not None:
+def _has_kernel(op_name: str, dispatch_key: str, namespace: str = "mixedprec") -> bool:
+    if (SIMT_LOAD_ERROR if namespace == "mixedprec_simt" else LOAD_ERROR) is not None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"mixedprec::{op_name}", dispatch_key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{op_name}", dispatch_key)
 
 
 def _triton_importable() -> bool:
@@ -40,7 +49,7 @@ def _triton_importable() -> bool:
 # Decided once at import, as plain bools, so that torch.compile sees constants.
 CPU_BUILT = _has_kernel("bit_sharing_quant_fwd", "CPU")
 CUDA_BUILT = _has_kernel("bit_sharing_quant_fwd", "CUDA")
-SIMT_BUILT = _has_kernel("simt_bit_sharing_quant_fwd", "CPU")
+SIMT_BUILT = _has_kernel("bit_sharing_quant_fwd", "CPU", namespace="mixedprec_simt")
 TRITON_IMPORTABLE = _triton_importable()
 # Triton kernels run on CPU tensors only under its interpreter, which must be chosen before
 # the kernels are defined (TRITON_INTERPRET=1 before mixedprec is imported).
@@ -64,6 +73,9 @@ def missing_reason(backend: str, device: torch.device) -> str:
     if backend == "triton":
         return ("backend 'triton' needs triton and a CUDA tensor, or a CPU tensor with "
                 f"TRITON_INTERPRET=1 set before mixedprec is imported (got a tensor on {device})")
+    if backend == "simt" and SIMT_LOAD_ERROR is not None:
+        return (f"the test-only library mixedprec._simt failed to load ({SIMT_LOAD_ERROR}); rebuild with "
+                "`pip install -e .`")
     if LOAD_ERROR is not None:
         return f"the compiled library mixedprec._C failed to load ({LOAD_ERROR}); rebuild with `pip install -e .`"
     return f"mixedprec._C was built without the {backend!r} kernels"

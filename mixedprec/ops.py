@@ -7,12 +7,13 @@ Flow of one call, e.g. ``bit_sharing_quant``:
     -> torch.ops.mixedprec.bit_sharing_quant      other backends: custom op with fake impl and one
                                                   autograd registration, routing on `backend` to
        torch.ops.mixedprec.*_fwd/_bwd             C++ kernel ops (CPU or CUDA by the tensor's device),
-       torch.ops.mixedprec.simt_*                 the CUDA sources run under SIMT emulation, or
+       torch.ops.mixedprec_simt.*_fwd/_bwd        the CUDA sources run under SIMT emulation (the
+                                                  test-only library mixedprec._simt), or
        mixedprec.triton.*                         the Triton kernels.
 
 The routing custom ops are defined here (not in C++) so that the package imports and the
 reference backend works when the compiled library is missing; the kernel ops' schemas live in
-csrc/ops.cpp next to their kernels.
+csrc/ops/<op>/<op>_glue.cpp next to their kernels.
 """
 from __future__ import annotations
 
@@ -70,10 +71,14 @@ def resolve_backend(op: str, backend: str | None, x: Tensor) -> str:
 
 def kernels_built(kernel_ops: dict[str, tuple[str, str]]) -> dict[str, bool]:
     """Per backend, whether this build registered an op's kernel: ``kernel_ops`` maps "cpu",
-    "cuda", "simt" to (kernel op name, dispatch key); reference and triton always exist.
-    Computed once at import, so that torch.compile sees constants."""
-    return {b: b not in kernel_ops or (hasattr(torch.ops.mixedprec, kernel_ops[b][0])
-                                       and _extension._has_kernel(*kernel_ops[b])) for b in BACKENDS}
+    "cuda", "simt" to (kernel op name, dispatch key); reference and triton always exist. The simt
+    kernels are the same op names in namespace mixedprec_simt. Computed once at import, so that
+    torch.compile sees constants."""
+    def built(b):
+        namespace = "mixedprec_simt" if b == "simt" else "mixedprec"
+        return (hasattr(getattr(torch.ops, namespace), kernel_ops[b][0])
+                and _extension._has_kernel(*kernel_ops[b], namespace=namespace))
+    return {b: b not in kernel_ops or built(b) for b in BACKENDS}
 
 
 def resolve_op_backend(op: str, backend: str | None, x: Tensor, built: dict[str, bool]) -> str:
@@ -239,7 +244,8 @@ def _bit_sharing_kernels(backend: str) -> _Kernels:
     if backend in ("cpu", "cuda"):  # one op, dispatched on the tensors' device
         return _Kernels(mp.bit_sharing_quant_fwd, mp.bit_sharing_quant_bwd, mp.bit_sharing_quant_stats)
     if backend == "simt":
-        return _Kernels(mp.simt_bit_sharing_quant_fwd, mp.simt_bit_sharing_quant_bwd, mp.simt_bit_sharing_quant_stats)
+        simt = torch.ops.mixedprec_simt
+        return _Kernels(simt.bit_sharing_quant_fwd, simt.bit_sharing_quant_bwd, simt.bit_sharing_quant_stats)
     if backend == "triton":
         from mixedprec.triton import bit_sharing
         return _Kernels(bit_sharing.forward, bit_sharing.backward, bit_sharing.residual_sums)
@@ -323,7 +329,7 @@ MAX_CODEBOOK_SIZE = 256  # 8-bit codes
 _CODEBOOK_KERNEL_OPS = {
     "cpu": ("codebook_quant_fwd", "CPU"),
     "cuda": ("codebook_quant_fwd", "CUDA"),
-    "simt": ("simt_codebook_quant_fwd", "CPU"),
+    "simt": ("codebook_quant_fwd", "CPU"),
 }
 _CODEBOOK_KERNEL_BUILT = kernels_built(_CODEBOOK_KERNEL_OPS)
 
@@ -448,7 +454,7 @@ _codebook_quant.register_autograd(_codebook_backward, setup_context=_codebook_se
 _LOWBIT_KERNEL_OPS = {
     "cpu": ("lowbit_linear_fwd", "CPU"),
     "cuda": ("lowbit_linear_fwd", "CUDA"),
-    "simt": ("simt_lowbit_linear_fwd", "CPU"),
+    "simt": ("lowbit_linear_fwd", "CPU"),
 }
 _LOWBIT_KERNEL_BUILT = kernels_built(_LOWBIT_KERNEL_OPS)
 
@@ -472,12 +478,12 @@ def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str
     if len(packed.shape) != 2:
         raise ValueError(f"{op}: packed must hold a 2-D (out, in) weight, got shape {packed.shape}")
     return packed_linear(x, packed.codebook, packed.channel_scale, packed.codes, packed.keep_bitmap,
-                         packed.row_code_offsets, packed.group_code_offsets, packed.shape, packed.bits, bias,
+                         packed.code_offsets, packed.shape, packed.bits, bias,
                          backend=backend)
 
 
 def packed_linear(x: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Tensor, keep_bitmap: Tensor | None,
-                  row_code_offsets: Tensor, group_code_offsets: Tensor | None, shape: Sequence[int], bits: int,
+                  code_offsets: Tensor | None, shape: Sequence[int], bits: int,
                   bias: Tensor | None = None, *, backend: str | None = None) -> Tensor:
     """lowbit_linear on a PackedWeight's tensors (already validated, e.g. the buffers of
     ``mixedprec.nn.PackedLinear``): skips rebuilding the PackedWeight on every call."""
@@ -497,8 +503,7 @@ def packed_linear(x: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Ten
         return reference.lowbit_linear(x, PackedWeight(tuple(shape), bits, codebook, channel_scale, codes, keep_bitmap),
                                        bias)
     op_fn = torch.ops.mixedprec.lowbit_linear if _through_autograd(x) else _lowbit_linear_forward
-    y = op_fn(x, codebook, channel_scale, codes, keep_bitmap, row_code_offsets, group_code_offsets, in_features, bits,
-              backend)
+    y = op_fn(x, codebook, channel_scale, codes, keep_bitmap, code_offsets, in_features, bits, backend)
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -507,23 +512,23 @@ def _lowbit_kernels(backend: str) -> _Kernels:
         from mixedprec.triton import lowbit_linear
         return _Kernels(lowbit_linear.forward, lowbit_linear.backward)
     if backend == "simt":
-        return _Kernels(torch.ops.mixedprec.simt_lowbit_linear_fwd, torch.ops.mixedprec.simt_lowbit_linear_bwd)
+        return _Kernels(torch.ops.mixedprec_simt.lowbit_linear_fwd, torch.ops.mixedprec_simt.lowbit_linear_bwd)
     return _Kernels(torch.ops.mixedprec.lowbit_linear_fwd, torch.ops.mixedprec.lowbit_linear_bwd)
 
 
-def _lowbit_call(kernel: Callable, t: Tensor, codebook, channel_scale, codes, keep_bitmap, row_code_offsets,
-                 group_code_offsets, in_features: int, bits: int) -> Tensor:
+def _lowbit_call(kernel: Callable, t: Tensor, codebook, channel_scale, codes, keep_bitmap, code_offsets,
+                 in_features: int, bits: int) -> Tensor:
     """Runs a kernel on t flattened to (M, features) float32; kernels take float32 tables."""
     flat = t.reshape(-1, t.shape[-1]).to(torch.float32).contiguous()
-    return kernel(flat, codebook.to(torch.float32), channel_scale.to(torch.float32), codes, keep_bitmap,
-                  row_code_offsets, group_code_offsets, in_features, bits)
+    return kernel(flat, codes, codebook.to(torch.float32), channel_scale.to(torch.float32), keep_bitmap, code_offsets,
+                  [channel_scale.shape[0], in_features], bits)
 
 
 def _lowbit_linear_forward(x: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Tensor,
-                           keep_bitmap: Tensor | None, row_code_offsets: Tensor, group_code_offsets: Tensor | None,
+                           keep_bitmap: Tensor | None, code_offsets: Tensor | None,
                            in_features: int, bits: int, backend: str) -> Tensor:
     y = _lowbit_call(_lowbit_kernels(backend).forward, x, codebook, channel_scale, codes, keep_bitmap,
-                     row_code_offsets, group_code_offsets, in_features, bits)
+                     code_offsets, in_features, bits)
     return y.reshape(*x.shape[:-1], channel_scale.shape[0]).to(x.dtype)
 
 
@@ -531,22 +536,21 @@ _lowbit_linear = torch.library.custom_op("mixedprec::lowbit_linear", mutates_arg
 
 
 @_lowbit_linear.register_fake
-def _(x, codebook, channel_scale, codes, keep_bitmap, row_code_offsets, group_code_offsets, in_features, bits, backend):
+def _(x, codebook, channel_scale, codes, keep_bitmap, code_offsets, in_features, bits, backend):
     return x.new_empty(*x.shape[:-1], channel_scale.shape[0])
 
 
 @torch.library.custom_op("mixedprec::lowbit_linear_backward", mutates_args=())
 def _lowbit_linear_backward(grad_y: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Tensor,
-                            keep_bitmap: Tensor | None, row_code_offsets: Tensor, group_code_offsets: Tensor | None,
+                            keep_bitmap: Tensor | None, code_offsets: Tensor | None,
                             in_features: int, bits: int, backend: str) -> Tensor:
     grad_x = _lowbit_call(_lowbit_kernels(backend).backward, grad_y, codebook, channel_scale, codes, keep_bitmap,
-                          row_code_offsets, group_code_offsets, in_features, bits)
+                          code_offsets, in_features, bits)
     return grad_x.reshape(*grad_y.shape[:-1], in_features).to(grad_y.dtype)
 
 
 @_lowbit_linear_backward.register_fake
-def _(grad_y, codebook, channel_scale, codes, keep_bitmap, row_code_offsets, group_code_offsets, in_features, bits,
-      backend):
+def _(grad_y, codebook, channel_scale, codes, keep_bitmap, code_offsets, in_features, bits, backend):
     return grad_y.new_empty(*grad_y.shape[:-1], in_features)
 
 
@@ -558,7 +562,7 @@ def _lowbit_setup_context(ctx, inputs, output):
 
 def _lowbit_backward(ctx, grad_y):
     grad_x = torch.ops.mixedprec.lowbit_linear_backward(grad_y, *ctx.saved_tensors, ctx.in_features, ctx.bits, ctx.backend)
-    return (grad_x,) + (None,) * 9
+    return (grad_x,) + (None,) * 8
 
 
 _lowbit_linear.register_autograd(_lowbit_backward, setup_context=_lowbit_setup_context)
@@ -583,7 +587,7 @@ def set_cpu_winograd(enabled: bool) -> bool:
 # lut_conv2d: convolution through a packed codebook weight (mixedprec.formats.PackedWeight)
 
 _LUT_CONV2D_KERNEL_OPS = {"cpu": ("lut_conv2d_fwd", "CPU"), "cuda": ("lut_conv2d_fwd", "CUDA"),
-                          "simt": ("simt_lut_conv2d_fwd", "CPU")}
+                          "simt": ("lut_conv2d_fwd", "CPU")}
 _LUT_CONV2D_KERNEL_BUILT = kernels_built(_LUT_CONV2D_KERNEL_OPS)
 
 
@@ -622,12 +626,13 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     if len(packed.shape) != 4:
         raise ValueError(f"{op}: packed must hold a conv weight (C_out, C_in/groups, kh, kw), got shape {packed.shape}")
     return lut_conv2d_buffers(x, packed.codes, packed.codebook, packed.channel_scale, packed.keep_bitmap,
-                              packed.bits, packed.shape, bias, stride, padding, dilation, groups, backend=backend,
+                              packed.code_offsets, packed.bits, packed.shape, bias, stride, padding, dilation, groups, backend=backend,
                               packed=packed)
 
 
 def lut_conv2d_buffers(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor,
-                       keep_bitmap: Tensor | None, bits: int, weight_shape: Sequence[int], bias: Tensor | None = None,
+                       keep_bitmap: Tensor | None, code_offsets: Tensor | None, bits: int, weight_shape: Sequence[int],
+                       bias: Tensor | None = None,
                        stride=1, padding=0, dilation=1, groups: int = 1, *, backend: str | None = None,
                        packed=None) -> Tensor:
     """``lut_conv2d`` on the tensors of a packed weight (as a module holds them in buffers);
@@ -665,15 +670,15 @@ def lut_conv2d_buffers(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale
             packed = PackedWeight(tuple(int(s) for s in weight_shape), bits, codebook, channel_scale, codes, keep_bitmap)
         return reference.lut_conv2d(x, packed, bias, stride, padding, dilation, groups)
     op_fn = torch.ops.mixedprec.lut_conv2d if _through_autograd(x, bias) else _lut_conv2d_forward
-    return op_fn(x, codes, codebook, channel_scale, keep_bitmap, int(bits), [c_out, c_in_per_group, kh, kw], bias,
-                 stride, padding, dilation, groups, backend)
+    return op_fn(x, codes, codebook, channel_scale, keep_bitmap, code_offsets, int(bits), [c_out, c_in_per_group, kh, kw],
+                 bias, stride, padding, dilation, groups, backend)
 
 
 def _lut_conv2d_kernels(backend: str) -> _Kernels:
     if backend in ("cpu", "cuda"):
         return _Kernels(torch.ops.mixedprec.lut_conv2d_fwd, torch.ops.mixedprec.lut_conv2d_bwd)
     if backend == "simt":
-        return _Kernels(torch.ops.mixedprec.simt_lut_conv2d_fwd, torch.ops.mixedprec.simt_lut_conv2d_bwd)
+        return _Kernels(torch.ops.mixedprec_simt.lut_conv2d_fwd, torch.ops.mixedprec_simt.lut_conv2d_bwd)
     if backend == "triton":
         from mixedprec.triton import lut_conv2d
         return _Kernels(lut_conv2d.forward, lut_conv2d.backward)
@@ -687,56 +692,60 @@ def _conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> list
 
 
 def _lut_conv2d_forward(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor, keep_bitmap: Tensor | None,
-                        bits: int, weight_shape: list[int], bias: Tensor | None, stride: list[int],
-                        padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
-    # the kernels take the codebook in float32 (the format stores float16 or float32 levels)
-    return _lut_conv2d_kernels(backend).forward(x.contiguous(), codes, codebook.float(), channel_scale, keep_bitmap,
-                                                bits, weight_shape, bias, stride, padding, dilation, groups)
+                        code_offsets: Tensor | None, bits: int, weight_shape: list[int], bias: Tensor | None,
+                        stride: list[int], padding: list[int], dilation: list[int], groups: int, backend: str) -> Tensor:
+    # the kernels take codebook and channel_scale in float32 (the format stores float16 or float32)
+    return _lut_conv2d_kernels(backend).forward(x.contiguous(), codes, codebook.float(), channel_scale.float(),
+                                                keep_bitmap, code_offsets, weight_shape, bits, bias, stride, padding,
+                                                dilation, groups)
 
 
 _lut_conv2d = torch.library.custom_op("mixedprec::lut_conv2d", mutates_args=())(_lut_conv2d_forward)
 
 
 @_lut_conv2d.register_fake
-def _(x, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, bias, stride, padding, dilation, groups,
-      backend):
+def _(x, codes, codebook, channel_scale, keep_bitmap, code_offsets, bits, weight_shape, bias, stride, padding, dilation,
+      groups, backend):
     return x.new_empty(_conv_output_shape(x.shape, weight_shape, stride, padding, dilation))
 
 
 @torch.library.custom_op("mixedprec::lut_conv2d_backward", mutates_args=())
 def _lut_conv2d_backward(grad_y: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor,
-                         keep_bitmap: Tensor | None, bits: int, weight_shape: list[int], input_shape: list[int],
+                         keep_bitmap: Tensor | None, code_offsets: Tensor | None, bits: int, weight_shape: list[int],
+                         input_shape: list[int],
                          stride: list[int], padding: list[int], dilation: list[int], groups: int,
                          backend: str) -> tuple[Tensor, Tensor]:
     """(grad_x, grad_bias = sum of grad_y over batch and pixels, in float32)."""
     grad_y = grad_y.contiguous()
-    grad_x = _lut_conv2d_kernels(backend).backward(grad_y, codes, codebook.float(), channel_scale, keep_bitmap, bits,
-                                                   weight_shape, input_shape, stride, padding, dilation, groups)
+    grad_x = _lut_conv2d_kernels(backend).backward(grad_y, codes, codebook.float(), channel_scale.float(), keep_bitmap,
+                                                   code_offsets, weight_shape, bits, input_shape, stride, padding,
+                                                   dilation, groups)
     return grad_x, grad_y.sum((0, 2, 3), dtype=torch.float32)
 
 
 @_lut_conv2d_backward.register_fake
-def _(grad_y, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, input_shape, stride, padding,
-      dilation, groups, backend):
+def _(grad_y, codes, codebook, channel_scale, keep_bitmap, code_offsets, bits, weight_shape, input_shape, stride,
+      padding, dilation, groups, backend):
     return grad_y.new_empty(input_shape), grad_y.new_empty(weight_shape[0], dtype=torch.float32)
 
 
 def _lut_conv2d_setup_context(ctx, inputs, output):
-    x, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, bias, stride, padding, dilation, groups, backend = inputs
-    ctx.save_for_backward(codes, codebook, channel_scale, keep_bitmap)
+    (x, codes, codebook, channel_scale, keep_bitmap, code_offsets, bits, weight_shape, bias, stride, padding, dilation,
+     groups, backend) = inputs
+    ctx.save_for_backward(codes, codebook, channel_scale, keep_bitmap, code_offsets)
     ctx.input_shape = list(x.shape)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.args = (bits, weight_shape, stride, padding, dilation, groups, backend)
 
 
 def _lut_conv2d_autograd(ctx, grad_y):
-    codes, codebook, channel_scale, keep_bitmap = ctx.saved_tensors
+    codes, codebook, channel_scale, keep_bitmap, code_offsets = ctx.saved_tensors
     bits, weight_shape, stride, padding, dilation, groups, backend = ctx.args
     grad_x, grad_bias = torch.ops.mixedprec.lut_conv2d_backward(
-        grad_y, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, ctx.input_shape, stride, padding,
-        dilation, groups, backend)
+        grad_y, codes, codebook, channel_scale, keep_bitmap, code_offsets, bits, weight_shape, ctx.input_shape, stride,
+        padding, dilation, groups, backend)
     grad_bias = None if ctx.bias_dtype is None else grad_bias.to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, None, None, grad_bias, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None, grad_bias, None, None, None, None, None
 
 
 _lut_conv2d.register_autograd(_lut_conv2d_autograd, setup_context=_lut_conv2d_setup_context)

@@ -368,11 +368,11 @@ def test_unavailable_or_unknown_backend():
         ops.bit_sharing_quant(**_args(x=torch.randn(4, dtype=torch.float64)), backend="cpu")
 
 
-@pytest.mark.parametrize("op", ["bit_sharing_quant_fwd", "simt_bit_sharing_quant_fwd"])
-def test_kernel_ops_check_arguments_in_cpp(op):
+@pytest.mark.parametrize("namespace", ["mixedprec", "mixedprec_simt"])
+def test_kernel_ops_check_arguments_in_cpp(namespace):
     """Direct torch.ops calls bypass the Python checks; TORCH_CHECK names the argument."""
-    require_backend("simt" if op.startswith("simt") else "cpu")
-    kernel = getattr(torch.ops.mixedprec, op)
+    require_backend("simt" if namespace == "mixedprec_simt" else "cpu")
+    kernel = getattr(torch.ops, namespace).bit_sharing_quant_fwd
     x, clip, thr = torch.randn(8), torch.tensor(1.0), torch.zeros(2)
     with pytest.raises(RuntimeError, match="bits must be strictly ascending"):
         kernel(x, clip, thr, [4, 2, 8], True)
@@ -386,7 +386,7 @@ def test_kernel_ops_check_arguments_in_cpp(op):
         kernel(x, clip, thr, [2, 4, 8], True, torch.zeros(3))
     with pytest.raises(RuntimeError, match="residual_mean must be float32"):
         kernel(x, clip, thr, [2, 4, 8], True, torch.zeros(2, dtype=torch.float64))
-    stats = getattr(torch.ops.mixedprec, op.replace("_fwd", "_stats"))
+    stats = getattr(torch.ops, namespace).bit_sharing_quant_stats
     with pytest.raises(RuntimeError, match="bits must be strictly ascending"):
         stats(x, clip, [4, 2, 8], True)
     with pytest.raises(RuntimeError, match="clip must be float32"):

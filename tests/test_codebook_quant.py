@@ -271,11 +271,12 @@ def test_kernels_match_the_reference_on_random_cases(backend, levels, channels, 
                   *make_case((channels, per_channel), levels, seed=seed, keep=keep), grad=False)
 
 
-@pytest.mark.parametrize("op", ["codebook_quant_fwd", "simt_codebook_quant_fwd"])
-def test_kernel_ops_check_arguments_in_cpp(op):
+@pytest.mark.parametrize("namespace", ["mixedprec", "mixedprec_simt"])
+def test_kernel_ops_check_arguments_in_cpp(namespace):
     """Direct torch.ops calls bypass the Python checks; TORCH_CHECK names the argument."""
-    _codebook_backend_device("simt" if op.startswith("simt") else "cpu")
-    kernel = getattr(torch.ops.mixedprec, op)
+    _codebook_backend_device("simt" if namespace == "mixedprec_simt" else "cpu")
+    op = "codebook_quant_fwd"
+    kernel = getattr(getattr(torch.ops, namespace), op)
     w, c, s, m = make_case((4, 6))
     bad = [
         ("weight must be float32, float16 or bfloat16", (w.double(), c, s, m)),

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.formats import PackedWeight
-from mixedprec.nn.packed_module import PACKED_BUFFERS, PackedModule
+from mixedprec.nn.packed_module import PackedModule
 
 
 class PackedConv2d(PackedModule):
@@ -34,8 +34,7 @@ class PackedConv2d(PackedModule):
         self.kernel_size = self.weight_shape[2:]
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.backend = backend
-        for name in PACKED_BUFFERS:
-            self.register_buffer(name, getattr(packed, name))
+        self._set_packed(packed)
         if bias is not None and tuple(bias.shape) != (self.out_channels,):
             raise ValueError(f"PackedConv2d: bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
@@ -58,16 +57,11 @@ class PackedConv2d(PackedModule):
     def packed_weight(self) -> PackedWeight:
         return PackedWeight(self.weight_shape, self.bits, self.codebook, self.channel_scale, self.codes, self.keep_bitmap)
 
-    def rebuild_derived(self) -> None:
-        """Validates the packed buffers (after loading; a conv derives no tables from them): the
-        CUDA kernel trusts their sizes."""
-        self.packed_weight()
-
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quant is not None:  # SBS models quantize layer inputs
             x = self.input_quant(x)
-        return ops.lut_conv2d_buffers(x, self.codes, self.codebook, self.channel_scale, self.keep_bitmap, self.bits,
-                                      self.weight_shape, self.bias, self.stride, self.padding, self.dilation,
+        return ops.lut_conv2d_buffers(x, self.codes, self.codebook, self.channel_scale, self.keep_bitmap,
+                                      self.code_offsets, self.bits, self.weight_shape, self.bias, self.stride, self.padding, self.dilation,
                                       self.groups, backend=self.backend)
 
     def extra_repr(self) -> str:

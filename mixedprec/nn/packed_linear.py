@@ -6,9 +6,7 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.formats import PackedWeight
-from mixedprec.nn.packed_module import PACKED_BUFFERS, PackedModule
-
-DERIVED_BUFFERS = ("row_code_offsets", "group_code_offsets")
+from mixedprec.nn.packed_module import DERIVED_BUFFERS, PACKED_BUFFERS, PackedModule
 
 
 class PackedLinear(PackedModule):
@@ -19,8 +17,6 @@ class PackedLinear(PackedModule):
     raises. ``bias`` stays a float Parameter (trainable). ``input_quant`` is an optional
     activation quantizer applied first (SBS models quantize layer inputs).
     """
-
-    derived_buffers = DERIVED_BUFFERS
 
     def __init__(self, packed: PackedWeight, bias: Tensor | None = None, input_quant: nn.Module | None = None, *,
                  backend: str | None = None):
@@ -37,12 +33,6 @@ class PackedLinear(PackedModule):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float())
         self.input_quant = input_quant
 
-    def _set_packed(self, packed: PackedWeight) -> None:
-        for name in PACKED_BUFFERS:
-            self.register_buffer(name, getattr(packed, name))
-        for name in DERIVED_BUFFERS:  # recomputed from the others on load, never saved
-            self.register_buffer(name, getattr(packed, name), persistent=False)
-
     def packed_weight(self) -> PackedWeight:
         return PackedWeight((self.out_features, self.in_features), self.bits, self.codebook, self.channel_scale,
                             self.codes, self.keep_bitmap)
@@ -51,9 +41,6 @@ class PackedLinear(PackedModule):
     def packed(self) -> PackedWeight:
         """The weight as a (validated) PackedWeight."""
         return self.packed_weight()
-
-    def rebuild_derived(self) -> None:
-        self._set_packed(self.packed_weight())
 
     def __setattr__(self, name, value):
         if name in PACKED_BUFFERS + DERIVED_BUFFERS and isinstance(value, nn.Parameter):
@@ -68,10 +55,10 @@ class PackedLinear(PackedModule):
         if self.input_quant is not None:
             x = self.input_quant(x)
         return ops.packed_linear(x, self.codebook, self.channel_scale, self.codes, self.keep_bitmap,
-                                 self.row_code_offsets, self.group_code_offsets, (self.out_features, self.in_features),
+                                 self.code_offsets, (self.out_features, self.in_features),
                                  self.bits, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        sparsity = 1.0 - int(self.row_code_offsets[-1]) / (self.out_features * self.in_features)
+        sparsity = 1.0 - self.packed_weight().kept / (self.out_features * self.in_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"sparsity={sparsity:.3f}, bias={self.bias is not None}")

@@ -6,6 +6,7 @@ from torch import nn
 from mixedprec.formats import PackedWeight
 
 PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")
+DERIVED_BUFFERS = ("code_offsets",)  # formats.PackedWeight's index, rebuilt on load, never saved
 
 
 class PackedModule(nn.Module):
@@ -18,15 +19,22 @@ class PackedModule(nn.Module):
     lose bits. ``load_state_dict`` validates the loaded buffers and rebuilds the derived tables.
     """
 
-    derived_buffers: tuple[str, ...] = ()
+    derived_buffers: tuple[str, ...] = DERIVED_BUFFERS
 
     def packed_weight(self) -> PackedWeight:
         """The weight as a (validated) PackedWeight."""
         raise NotImplementedError
 
+    def _set_packed(self, packed: PackedWeight) -> None:
+        for name in PACKED_BUFFERS:
+            self.register_buffer(name, getattr(packed, name))
+        for name in self.derived_buffers:  # recomputed from the others on load, never saved
+            self.register_buffer(name, getattr(packed, name), persistent=False)
+
     def rebuild_derived(self) -> None:
-        """Validates the packed buffers and recomputes the derived tables (after loading)."""
-        self.packed_weight()
+        """Validates the packed buffers and recomputes the derived tables (after loading): the
+        kernels trust their sizes."""
+        self._set_packed(self.packed_weight())
 
     def _apply(self, fn, recurse=True):
         stored = {name: self._buffers[name] for name in PACKED_BUFFERS + self.derived_buffers

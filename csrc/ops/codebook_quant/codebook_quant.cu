@@ -9,7 +9,6 @@
 
 #include "mixedprec/kernel_launch.h"
 #include "mixedprec/codebook.h"
-#include "mixedprec/launchers.h"
 
 namespace mixedprec {
 namespace MP_KERNEL_NS {

@@ -1,20 +1,21 @@
 // lowbit_linear on the GPU (portable SIMT kernels; they also run under the SIMT emulation):
-// W is decoded per element from the packed format (include/mixedprec/lowbit.h) into registers,
+// W is decoded per element from the packed format (include/mixedprec/packed_weight.h) into registers,
 // with the codebook staged in shared memory; no float copy of W exists.
 //
 // forward:  one warp per output channel c and tile of kBatchTile batch rows; lanes stride the
 //           row, decode W[c, i] once and use it for every row of the tile; warp-shuffle sum.
 //           Reads the codes once per batch tile (bits/8 B per weight) and x from cache.
 // backward: one thread per input column i and batch tile, looping over output channels: the
-//           transposed product grad_x = grad_y W. group_code_offsets locate a sparse weight's
-//           code with one popcount, so no thread walks a row. No atomics: deterministic.
+//           transposed product grad_x = grad_y W. code_offsets locate a sparse weight's code
+//           with popcounts within its 64-weight block, so no thread walks a row. No atomics:
+//           deterministic.
+// Entry points (raw pointers; declared by the glue, lowbit_linear_glue.cpp) return nullptr or an error.
 // A tensor-core variant (decoded tiles into mma) is not written yet; these are its portable twin.
 #include <algorithm>
 
-#include "mixedprec/kernel_launch.h"
 #include "mixedprec/block_reduce.cuh"
-#include "mixedprec/launchers.h"
-#include "mixedprec/lowbit.h"
+#include "mixedprec/kernel_launch.h"
+#include "mixedprec/packed_weight.h"
 
 namespace mixedprec {
 namespace MP_KERNEL_NS {
@@ -40,10 +41,10 @@ forward_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t m_row
   const int64_t m0 = int64_t(blockIdx.y) * kBatchTile;
   if (c >= w.out) return;  // after the block's only __syncthreads
   float acc[kBatchTile] = {};
-  for (int64_t i = lane; i < w.in; i += 32) {
-    const float level = packed_level(w, c, i);
+  for (int64_t i = lane; i < w.row_length; i += 32) {
+    const float level = level_at(w, w.codebook, c * w.row_length + i);
     MP_UNROLL for (int t = 0; t < kBatchTile; ++t)
-      if (m0 + t < m_rows) acc[t] += x[(m0 + t) * w.in + i] * level;
+      if (m0 + t < m_rows) acc[t] += x[(m0 + t) * w.row_length + i] * level;
   }
   const float scale = w.channel_scale[c];
   MP_UNROLL for (int t = 0; t < kBatchTile; ++t) {
@@ -58,15 +59,15 @@ backward_kernel(const float* __restrict__ grad_y, float* __restrict__ grad_x, in
   stage_codebook(w, levels);
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t m0 = int64_t(blockIdx.y) * kBatchTile;
-  if (i >= w.in) return;
+  if (i >= w.row_length) return;
   float acc[kBatchTile] = {};
   for (int64_t c = 0; c < w.out; ++c) {
-    const float weight = packed_level(w, c, i) * w.channel_scale[c];
+    const float weight = level_at(w, w.codebook, c * w.row_length + i) * w.channel_scale[c];
     MP_UNROLL for (int t = 0; t < kBatchTile; ++t)
       if (m0 + t < m_rows) acc[t] += grad_y[(m0 + t) * w.out + c] * weight;
   }
   MP_UNROLL for (int t = 0; t < kBatchTile; ++t)
-    if (m0 + t < m_rows) grad_x[(m0 + t) * w.in + i] = acc[t];
+    if (m0 + t < m_rows) grad_x[(m0 + t) * w.row_length + i] = acc[t];
 }
 
 unsigned batch_tiles(int64_t m_rows) { return unsigned(std::max<int64_t>(1, (m_rows + kBatchTile - 1) / kBatchTile)); }
@@ -84,7 +85,7 @@ const char* lowbit_linear_forward(const float* x, float* y, int64_t m_rows, cons
 const char* lowbit_linear_backward(const float* grad_y, float* grad_x, int64_t m_rows, const PackedView& w,
                                    void* stream) {
   if (m_rows == 0) return nullptr;
-  const dim3 grid(unsigned((w.in + kThreads - 1) / kThreads), batch_tiles(m_rows));
+  const dim3 grid(unsigned((w.row_length + kThreads - 1) / kThreads), batch_tiles(m_rows));
   MP_LAUNCH(backward_kernel, grid, dim3(kThreads), 0, stream, grad_y, grad_x, m_rows, w);
   MP_LAUNCH_RESULT();
   return nullptr;

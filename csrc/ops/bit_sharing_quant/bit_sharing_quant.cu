@@ -15,7 +15,6 @@
 #include "mixedprec/kernel_launch.h"
 #include "mixedprec/bit_sharing.h"
 #include "mixedprec/block_reduce.cuh"
-#include "mixedprec/launchers.h"
 
 namespace mixedprec {
 namespace MP_KERNEL_NS {
