@@ -259,7 +259,7 @@ def test_opcheck(backend, sparse):
     x = torch.randn(2, 3, 6, 5, requires_grad=True)
     bias = torch.randn(4, requires_grad=True)
     torch.library.opcheck(torch.ops.mixedprec.lut_conv2d.default,
-                          (x, packed.codes, packed.codebook, packed.channel_scale, packed.keep_bitmap, packed.bits,
+                          (x, packed.codes, packed.codebook, packed.channel_scale, packed.keep_bitmap, packed.code_offsets, packed.bits,
                            list(packed.shape), bias, [1, 2], [1, 0], [1, 1], 1, backend))
 
 

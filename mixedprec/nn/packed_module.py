@@ -7,6 +7,8 @@ from mixedprec.formats import PackedWeight
 
 PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")
 DERIVED_BUFFERS = ("code_offsets",)  # formats.PackedWeight's index, rebuilt on load, never saved
+# Derived tables of earlier versions, named in the module trees of files they saved: dropped on load.
+_FORMER_DERIVED_BUFFERS = ("row_code_offsets", "group_code_offsets")
 
 
 class PackedModule(nn.Module):
@@ -30,6 +32,9 @@ class PackedModule(nn.Module):
             self.register_buffer(name, getattr(packed, name))
         for name in self.derived_buffers:  # recomputed from the others on load, never saved
             self.register_buffer(name, getattr(packed, name), persistent=False)
+        for name in _FORMER_DERIVED_BUFFERS:
+            self._buffers.pop(name, None)
+            self._non_persistent_buffers_set.discard(name)
 
     def rebuild_derived(self) -> None:
         """Validates the packed buffers and recomputes the derived tables (after loading): the
