@@ -8,6 +8,10 @@
 #include "mixedprec/packed_weight.h"
 #include "register/op.h"
 
+// The seven arguments in schema form, written once for both ops.
+#define MP_PACKED_WEIGHT_ARGS \
+  "Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, Tensor? code_offsets, int[] weight_shape, int bits"
+
 namespace mixedprec {
 
 inline const char* dtype_name(at::ScalarType t) {

@@ -144,11 +144,10 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
 }  // namespace mixedprec
 
 TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
-  using namespace mixedprec;
   MP_OP(m, bit_sharing_quant_fwd, "(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, "
-        "Tensor? residual_mean=None) -> (Tensor, Tensor)", forward<false>, forward<true>);
+        "Tensor? residual_mean=None) -> (Tensor, Tensor)", mixedprec::forward<false>, mixedprec::forward<true>);
   MP_OP(m, bit_sharing_quant_bwd, "(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> "
-        "(Tensor, Tensor)", backward<false>, backward<true>);
-  MP_OP(m, bit_sharing_quant_stats, "(Tensor x, Tensor clip, int[] bits, bool signed) -> Tensor", stats<false>,
-        stats<true>);
+        "(Tensor, Tensor)", mixedprec::backward<false>, mixedprec::backward<true>);
+  MP_OP(m, bit_sharing_quant_stats, "(Tensor x, Tensor clip, int[] bits, bool signed) -> Tensor",
+        mixedprec::stats<false>, mixedprec::stats<true>);
 }

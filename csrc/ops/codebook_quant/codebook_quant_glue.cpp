@@ -68,7 +68,6 @@ at::Tensor forward(const at::Tensor& weight, const at::Tensor& codebook, const a
 }  // namespace mixedprec
 
 TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
-  using namespace mixedprec;
   MP_OP(m, codebook_quant_fwd, "(Tensor weight, Tensor codebook, Tensor channel_scale, Tensor keep_mask) -> Tensor",
-        forward<false>, forward<true>);
+        mixedprec::forward<false>, mixedprec::forward<true>);
 }

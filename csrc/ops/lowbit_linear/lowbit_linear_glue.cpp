@@ -76,9 +76,8 @@ at::Tensor backward(const at::Tensor& grad_y, const at::Tensor& codes, const at:
 }  // namespace mixedprec
 
 TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
-  using namespace mixedprec;
-  MP_OP(m, lowbit_linear_fwd, "(Tensor x, Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, "
-        "Tensor? code_offsets, int[] weight_shape, int bits) -> Tensor", forward<false>, forward<true>);
-  MP_OP(m, lowbit_linear_bwd, "(Tensor grad_y, Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, "
-        "Tensor? code_offsets, int[] weight_shape, int bits) -> Tensor", backward<false>, backward<true>);
+  MP_OP(m, lowbit_linear_fwd, "(Tensor x, " MP_PACKED_WEIGHT_ARGS ") -> Tensor", mixedprec::forward<false>,
+        mixedprec::forward<true>);
+  MP_OP(m, lowbit_linear_bwd, "(Tensor grad_y, " MP_PACKED_WEIGHT_ARGS ") -> Tensor", mixedprec::backward<false>,
+        mixedprec::backward<true>);
 }

@@ -125,11 +125,8 @@ at::Tensor backward(const at::Tensor& grad_y, const at::Tensor& codes, const at:
 }  // namespace mixedprec
 
 TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
-  using namespace mixedprec;
-  MP_OP(m, lut_conv2d_fwd, "(Tensor x, Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, "
-        "Tensor? code_offsets, int[] weight_shape, int bits, Tensor? bias, int[] stride, int[] padding, "
-        "int[] dilation, int groups) -> Tensor", forward<false>, forward<true>);
-  MP_OP(m, lut_conv2d_bwd, "(Tensor grad_y, Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, "
-        "Tensor? code_offsets, int[] weight_shape, int bits, int[] input_shape, int[] stride, int[] padding, "
-        "int[] dilation, int groups) -> Tensor", backward<false>, backward<true>);
+  MP_OP(m, lut_conv2d_fwd, "(Tensor x, " MP_PACKED_WEIGHT_ARGS ", Tensor? bias, int[] stride, int[] padding, "
+        "int[] dilation, int groups) -> Tensor", mixedprec::forward<false>, mixedprec::forward<true>);
+  MP_OP(m, lut_conv2d_bwd, "(Tensor grad_y, " MP_PACKED_WEIGHT_ARGS ", int[] input_shape, int[] stride, "
+        "int[] padding, int[] dilation, int groups) -> Tensor", mixedprec::backward<false>, mixedprec::backward<true>);
 }
