@@ -20,6 +20,7 @@
 namespace mixedprec {
 namespace MP_KERNEL_NS {
 namespace {
+namespace lowbit_linear_impl {  // named: tests/csrc/simt_kernel_tests.cpp compiles every .cu in one unit
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -72,9 +73,11 @@ backward_kernel(const float* __restrict__ grad_y, float* __restrict__ grad_x, in
 
 unsigned batch_tiles(int64_t m_rows) { return unsigned(std::max<int64_t>(1, (m_rows + kBatchTile - 1) / kBatchTile)); }
 
+}  // namespace lowbit_linear_impl
 }  // namespace
 
 const char* lowbit_linear_forward(const float* x, float* y, int64_t m_rows, const PackedView& w, void* stream) {
+  using namespace lowbit_linear_impl;
   if (m_rows == 0) return nullptr;
   const dim3 grid(unsigned((w.out + kWarps - 1) / kWarps), batch_tiles(m_rows));
   MP_LAUNCH(forward_kernel, grid, dim3(kThreads), 0, stream, x, y, m_rows, w);
@@ -84,6 +87,7 @@ const char* lowbit_linear_forward(const float* x, float* y, int64_t m_rows, cons
 
 const char* lowbit_linear_backward(const float* grad_y, float* grad_x, int64_t m_rows, const PackedView& w,
                                    void* stream) {
+  using namespace lowbit_linear_impl;
   if (m_rows == 0) return nullptr;
   const dim3 grid(unsigned((w.row_length + kThreads - 1) / kThreads), batch_tiles(m_rows));
   MP_LAUNCH(backward_kernel, grid, dim3(kThreads), 0, stream, grad_y, grad_x, m_rows, w);

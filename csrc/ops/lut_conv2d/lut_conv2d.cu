@@ -22,6 +22,7 @@
 namespace mixedprec {
 namespace MP_KERNEL_NS {
 namespace {
+namespace lut_conv2d_impl {  // named: tests/csrc/simt_kernel_tests.cpp compiles every .cu in one unit
 
 constexpr int kBM = 64, kBN = 64, kBK = 16, kTM = 4, kTN = 4;
 constexpr int kThreads = (kBM / kTM) * (kBN / kTN);  // 256
@@ -143,10 +144,12 @@ const char* backward_typed(const void* grad_y, void* grad_x, const PackedView& w
   return launch(BackwardProblem<T>{w, g, static_cast<const T*>(grad_y), static_cast<T*>(grad_x)}, g.groups, stream);
 }
 
+}  // namespace lut_conv2d_impl
 }  // namespace
 
 const char* lut_conv2d_forward(DType dtype, const void* x, const float* bias, void* y, const PackedView& w,
                                const Conv2dGeometry& g, void* stream) {
+  using namespace lut_conv2d_impl;
   switch (dtype) {
     case DType::f32: return forward_typed<float>(x, bias, y, w, g, stream);
     case DType::f16: return forward_typed<Half16>(x, bias, y, w, g, stream);
@@ -157,6 +160,7 @@ const char* lut_conv2d_forward(DType dtype, const void* x, const float* bias, vo
 
 const char* lut_conv2d_backward(DType dtype, const void* grad_y, void* grad_x, const PackedView& w,
                                 const Conv2dGeometry& g, void* stream) {
+  using namespace lut_conv2d_impl;
   switch (dtype) {
     case DType::f32: return backward_typed<float>(grad_y, grad_x, w, g, stream);
     case DType::f16: return backward_typed<Half16>(grad_y, grad_x, w, g, stream);
