@@ -71,28 +71,31 @@ backward_kernel(const float* __restrict__ grad_y, float* __restrict__ grad_x, in
     if (m0 + t < m_rows) grad_x[(m0 + t) * w.row_length + i] = acc[t];
 }
 
-unsigned batch_tiles(int64_t m_rows) { return unsigned(std::max<int64_t>(1, (m_rows + kBatchTile - 1) / kBatchTile)); }
+// One thread block per `per_block` of the kernel's `units` (output channels or input columns)
+// and tile of kBatchTile batch rows.
+template <class Kernel>
+const char* launch(Kernel* kernel, int64_t units, int64_t per_block, const float* in, float* out, int64_t m_rows,
+                   const PackedView& w, void* stream) {
+  if (m_rows == 0) return nullptr;
+  const dim3 grid(unsigned((units + per_block - 1) / per_block),
+                  unsigned(std::max<int64_t>(1, (m_rows + kBatchTile - 1) / kBatchTile)));
+  MP_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, in, out, m_rows, w);
+  MP_LAUNCH_RESULT();
+  return nullptr;
+}
 
 }  // namespace lowbit_linear_impl
 }  // namespace
 
 const char* lowbit_linear_forward(const float* x, float* y, int64_t m_rows, const PackedView& w, void* stream) {
   using namespace lowbit_linear_impl;
-  if (m_rows == 0) return nullptr;
-  const dim3 grid(unsigned((w.out + kWarps - 1) / kWarps), batch_tiles(m_rows));
-  MP_LAUNCH(forward_kernel, grid, dim3(kThreads), 0, stream, x, y, m_rows, w);
-  MP_LAUNCH_RESULT();
-  return nullptr;
+  return launch(&forward_kernel, w.out, kWarps, x, y, m_rows, w, stream);  // a warp per output channel
 }
 
 const char* lowbit_linear_backward(const float* grad_y, float* grad_x, int64_t m_rows, const PackedView& w,
                                    void* stream) {
   using namespace lowbit_linear_impl;
-  if (m_rows == 0) return nullptr;
-  const dim3 grid(unsigned((w.row_length + kThreads - 1) / kThreads), batch_tiles(m_rows));
-  MP_LAUNCH(backward_kernel, grid, dim3(kThreads), 0, stream, grad_y, grad_x, m_rows, w);
-  MP_LAUNCH_RESULT();
-  return nullptr;
+  return launch(&backward_kernel, w.row_length, kThreads, grad_y, grad_x, m_rows, w, stream);  // a thread per column
 }
 
 }  // namespace MP_KERNEL_NS
