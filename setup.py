@@ -1,6 +1,6 @@
-"""Builds mixedprec._C from csrc/ (see csrc/README.md): the CPU kernels always, the SIMT-emulated
-CUDA kernels always, and the real CUDA kernels (sm_80, sm_90) when torch is a CUDA build and nvcc
-is found. Set MIXEDPREC_NO_CUDA=1 to skip the CUDA kernels."""
+"""Builds two extensions from csrc/ (see csrc/README.md): mixedprec._C, the CPU kernels always and
+the CUDA kernels (sm_80, sm_90) when torch is a CUDA build and nvcc is found (MIXEDPREC_NO_CUDA=1
+skips them), and the test-only mixedprec._simt, the CUDA kernel sources run under SIMT emulation."""
 from __future__ import annotations
 
 import os
@@ -28,29 +28,37 @@ from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 
-def read_sources() -> dict[str, list[str]]:
-    """csrc/sources.txt grouped by kind, as paths relative to the repository root."""
-    groups: dict[str, list[str]] = {"torch": [], "kernel": [], "cuda": []}
-    for line in (CSRC / "sources.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            kind, path = line.split()
-            groups[kind].append(f"csrc/{path}")
-    return groups
+def sources() -> dict[str, list[str]]:
+    """csrc/ by role (csrc/README.md), found by globbing: adding an op adds a folder csrc/ops/<op>/
+    and edits no list. Paths relative to the repository root."""
+    def rel(paths):
+        return sorted(str(p.relative_to(ROOT)) for p in paths)
+    ops = sorted(p for p in (CSRC / "ops").iterdir() if p.is_dir())
+    return {
+        "glue": rel(op / f"{op.name}_glue.cpp" for op in ops),  # schemas, checks, registration
+        "cpu": rel(p for op in ops for p in op.glob("*_cpu.cpp")) + rel([CSRC / "cpu" / "switches.cpp"]),
+        "kernel": rel(p for op in ops for p in op.glob("*.cu")),  # raw-pointer kernels (no torch)
+        "module": rel([CSRC / "register" / "module.cpp"]),
+    }
 
 
-def simt_wrappers(kernels: list[str]) -> list[str]:
-    """One generated C++ file per .cu: the SIMT header, then the kernel source."""
+def generated(name: str, text: str) -> str:
+    """A generated source under build/simt_src/ (rewritten only when it changes)."""
     out_dir = ROOT / "build" / "simt_src"
     out_dir.mkdir(parents=True, exist_ok=True)
-    wrappers = []
-    for cu in kernels:
-        wrapper = out_dir / f"simt_{Path(cu).stem}.cpp"
-        text = f'#include "mixedprec/simt.h"\n#include "{ROOT / cu}"\n'
-        if not wrapper.exists() or wrapper.read_text() != text:
-            wrapper.write_text(text)
-        wrappers.append(str(wrapper.relative_to(ROOT)))
-    return wrappers
+    path = out_dir / name
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return str(path.relative_to(ROOT))
+
+
+def simt_sources(src: dict[str, list[str]]) -> list[str]:
+    """The sources of mixedprec._simt, one generated file each (so that their objects do not
+    collide with _C's): every .cu behind the SIMT header, the glue and the module init."""
+    files = [generated(f"simt_{Path(cu).stem}.cpp", f'#include "simt/simt.h"\n#include "{ROOT / cu}"\n')
+             for cu in src["kernel"]]
+    files += [generated(f"{Path(p).stem}.cpp", f'#include "{ROOT / p}"\n') for p in src["glue"] + src["module"]]
+    return files
 
 
 def cuda_wanted() -> bool:
@@ -68,9 +76,8 @@ def nvidia_wheel_includes() -> list[str]:
     return [str(p) for base in spec.submodule_search_locations for p in Path(base).glob("cu*/include")]
 
 
-def extension():
-    sources = read_sources()
-    files = sources["torch"] + simt_wrappers(sources["kernel"])
+def extensions():
+    src = sources()
     # -fopenmp: at::parallel_for is inline and runs single-threaded in code built without it.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
     if platform.machine() in ("x86_64", "AMD64"):
@@ -79,17 +86,22 @@ def extension():
         # ATen's vector width from what the target enables.
         cxx += [f"-march={os.environ.get('MIXEDPREC_CPU_ARCH', 'native')}"]
     include_dirs = [str(CSRC / "include"), str(CSRC)]
+    common = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
+    # test-only: the .cu sources under SIMT emulation, registered in namespace mixedprec_simt
+    simt = cpp_extension.CppExtension("mixedprec._simt", simt_sources(src),
+                                      extra_compile_args={"cxx": cxx + ["-DMP_SIMT_LIBRARY"]}, **common)
+    c_sources = src["glue"] + src["cpu"] + src["module"]
     if not cuda_wanted():
-        return cpp_extension.CppExtension("mixedprec._C", files, include_dirs=include_dirs,
-                                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        return [cpp_extension.CppExtension("mixedprec._C", c_sources, extra_compile_args={"cxx": cxx}, **common), simt]
     nvcc = ["-O3", "-std=c++20", "-Xptxas", "-v", "-lineinfo",
             "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
-    return cpp_extension.CUDAExtension("mixedprec._C", files + sources["kernel"] + sources["cuda"],
-                                       include_dirs=include_dirs + nvidia_wheel_includes(),
-                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+    common["include_dirs"] = include_dirs + nvidia_wheel_includes()
+    return [cpp_extension.CUDAExtension("mixedprec._C", c_sources + src["kernel"],
+                                        extra_compile_args={"cxx": cxx + ["-DMP_WITH_CUDA"], "nvcc": nvcc}, **common),
+            simt]
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -1,6 +1,6 @@
 """The time each CUDA kernel should reach on an H100 SXM (the roofline of its benchmark shape):
 max(bytes moved / HBM bandwidth, FLOPs / peak). Bytes are what the kernels must read and write
-(csrc/cuda/*.cu, their header comments), counted once; FLOPs count a multiply-add as two.
+(csrc/ops/*/*.cu, their header comments), counted once; FLOPs count a multiply-add as two.
 
     python benchmarks/roofline.py
 

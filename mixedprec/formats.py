@@ -11,11 +11,11 @@ One layer's weight W (C_out, ...) is stored as:
                                                 k*bits .. k*bits + bits - 1)
 
 Its byte size is ``mixedprec.metrics.packed_layer_bytes`` (sections padded to 16 bytes plus a
-64-byte header when saved). ``row_code_offsets`` (where each output channel's codes start) is
-derived on construction, not stored: kernels decode rows in parallel from it, and, for a
-sparse weight, ``group_code_offsets`` (C_out, ceil(row_length / 32)) int32: the kept codes of a
-row before each 32-column group, so that a kernel finds the code of any (row, column) with one
-32-bit popcount (transposed products, column-parallel kernels).
+64-byte header when saved). ``code_offsets`` is derived on construction, not stored: for a sparse
+weight, (ceil(numel / 64),) int64, the kept weights before each 64-weight block of the row-major
+flat weight (None for a dense one, whose weight f has code f). It is the one index every kernel
+reads (csrc/include/mixedprec/packed_weight.h, mixedprec/triton/): the code of weight f is number
+code_offsets[f // 64] + (kept weights of f's block before f), one popcount away.
 
 Files (``save_file`` / ``load_file``): safetensors (no pickle), written atomically (temp file,
 fsync, rename), with a format version and a CRC32 per tensor in the metadata; loading rejects
@@ -35,7 +35,7 @@ from torch import Tensor
 from mixedprec.atomic import write_atomically
 
 MAX_BITS = 8
-GROUP = 32  # columns per group of group_code_offsets (one 32-bit bitmap window)
+CODE_BLOCK = 64  # weights per entry of code_offsets
 FORMAT_NAME = "mixedprec.packed"
 # 2: float32 codebooks allowed (version 1 held float16 only); 3: models of any architecture
 # (mixedprec subtrees described by module path, loaded into a freshly built model; nn/serialization.py)
@@ -50,14 +50,11 @@ class PackedWeight:
     channel_scale: Tensor
     codes: Tensor
     keep_bitmap: Tensor | None = None
-    row_code_offsets: Tensor = field(init=False, repr=False, compare=False)
-    group_code_offsets: Tensor | None = field(init=False, repr=False, compare=False)
+    code_offsets: Tensor | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _validate(self)
-        row_offsets, group_offsets = _code_offsets(self)
-        object.__setattr__(self, "row_code_offsets", row_offsets)
-        object.__setattr__(self, "group_code_offsets", group_offsets)
+        object.__setattr__(self, "code_offsets", _code_offsets(self))
 
     @property
     def out_channels(self) -> int:
@@ -74,7 +71,12 @@ class PackedWeight:
 
     @property
     def kept(self) -> int:
-        return int(self.row_code_offsets[-1])
+        """Kept weights: codes in the stream."""
+        if self.keep_bitmap is None:
+            return self.numel
+        last = self.code_offsets.numel() - 1
+        tail = _unpack_bits(self.keep_bitmap[last * CODE_BLOCK // 8:], 1, self.numel - last * CODE_BLOCK)
+        return int(self.code_offsets[-1]) + int(tail.sum())
 
     @property
     def device(self) -> torch.device:
@@ -153,20 +155,14 @@ def _unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
     return torch.from_numpy(stream.astype(np.int64) @ weights).to(data.device)
 
 
-def _code_offsets(p: PackedWeight) -> tuple[Tensor, Tensor | None]:
-    """(row_code_offsets (C_out + 1,) int64, group_code_offsets (C_out, groups) int32 or None)."""
+def _code_offsets(p: PackedWeight) -> Tensor | None:
+    """(ceil(numel / 64),) int64: the kept weights before each 64-weight block; None when dense."""
     if p.keep_bitmap is None:
-        per_row = torch.full((p.out_channels,), p.row_length, dtype=torch.int64)
-        group_offsets = None
-    else:
-        mask = p.keep_mask().reshape(p.out_channels, -1).cpu()
-        per_row = mask.sum(1)
-        groups = -(-p.row_length // GROUP)
-        padded = torch.nn.functional.pad(mask.to(torch.int32), (0, groups * GROUP - p.row_length))
-        per_group = padded.reshape(p.out_channels, groups, GROUP).sum(2, dtype=torch.int32)
-        group_offsets = (per_group.cumsum(1, dtype=torch.int32) - per_group).to(p.device)
-    row_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), per_row.cumsum(0)]).to(p.device)
-    return row_offsets, group_offsets
+        return None
+    mask = p.keep_mask().reshape(-1).cpu()
+    blocks = -(-p.numel // CODE_BLOCK)
+    per_block = torch.nn.functional.pad(mask.to(torch.int64), (0, blocks * CODE_BLOCK - p.numel)).reshape(blocks, -1).sum(1)
+    return (per_block.cumsum(0) - per_block).to(p.device)
 
 
 def check_entries(op: str, name: str, t: Tensor, positive: bool) -> None:

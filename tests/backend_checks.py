@@ -172,7 +172,7 @@ CPU_HAS_AVX512 = _cpu_has_avx512()
 
 def takes_winograd(backend: str, weight_shape, conv: dict) -> bool:
     """Whether the CPU kernel computes this convolution through Winograd F(2x2, 3x3)
-    (csrc/cpu/winograd_conv3x3.h, winograd_conv3x3_applies; AVX-512 builds only)."""
+    (csrc/ops/lut_conv2d/winograd_conv3x3.h, winograd_conv3x3_applies; AVX-512 builds only)."""
     c_out, c_in, kh, kw = weight_shape
     pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
     return (backend == "cpu" and CPU_HAS_AVX512 and (kh, kw) == (3, 3) and pair(conv.get("stride", 1)) == (1, 1)

@@ -34,12 +34,13 @@ def test_decode_and_offsets(bits, sparsity, codebook_dtype):
     mask = torch.ones_like(codes, dtype=torch.bool) if keep is None else keep
     expected = torch.where(mask, p.channel_scale.float()[:, None] * p.codebook.float()[codes], 0.0)
     torch.testing.assert_close(p.decode(), expected, rtol=0, atol=0)
-    assert p.row_code_offsets.tolist() == [0] + mask.sum(1).cumsum(0).tolist()
     if keep is None:
-        assert p.group_code_offsets is None
-    else:  # kept weights of the row before each 32-column group
-        for g in range(3):
-            assert p.group_code_offsets[:, g].tolist() == mask[:, : 32 * g].sum(1).tolist()
+        assert p.code_offsets is None
+    else:  # kept weights before each 64-weight block of the flat weight
+        flat = mask.reshape(-1)
+        assert p.code_offsets.dtype == torch.int64
+        assert p.code_offsets.tolist() == [int(flat[:64 * b].sum()) for b in range(-(-flat.numel() // 64))]
+    assert p.kept == int(mask.sum())
 
 
 def packed_mlp(sparsity=0.75, bits=4, width=256, codebook_dtype=torch.float16):

@@ -138,14 +138,13 @@ def test_argument_errors():
 def test_kernel_op_checks_name_the_argument():
     require_backend("cpu")
     packed = make_packed(4, 8, 2, 0.5)
-    args = list(_op_args(packed, torch.randn(2, 8), "cpu")[:-1])
-    args[1] = args[1].double()
-    with pytest.raises(RuntimeError, match="lowbit_linear_fwd: codebook must be Float"):
+    args = [torch.randn(2, 8), packed.codes, packed.codebook.double(), packed.channel_scale.float(),
+            packed.keep_bitmap, packed.code_offsets, list(packed.shape), packed.bits]
+    with pytest.raises(RuntimeError, match="lowbit_linear_fwd: codebook must be float32"):
         torch.ops.mixedprec.lowbit_linear_fwd(*args)
-    args = list(_op_args(packed, torch.randn(2, 8), "cpu")[:-1])
-    args[1], args[2] = args[1].float(), args[2].float()
+    args[2] = args[2].float()
     args[5] = args[5][:-1]
-    with pytest.raises(RuntimeError, match="row_code_offsets must have shape"):
+    with pytest.raises(RuntimeError, match="code_offsets must be int64 of shape"):
         torch.ops.mixedprec.lowbit_linear_fwd(*args)
 
 

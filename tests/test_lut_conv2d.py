@@ -333,10 +333,10 @@ def test_bad_arguments(overrides, match):
 def test_kernel_op_checks_arguments():
     require_backend("cpu")
     packed = make_packed((4, 3, 3, 3), 2)
-    args = [torch.randn(1, 3, 5, 5), packed.codes, packed.codebook.float(), packed.channel_scale, None, 2, [4, 3, 3, 3],
-            None, [1, 1], [0, 0], [1, 1], 1]
-    for index, value, match in [(5, 3, "codebook must be float32 of shape"), (2, packed.codebook, "codebook must be float32"), (1, packed.codes[:3], "codes hold 3 bytes"),
-                                (9, [0, -1], "padding must be two ints"), (6, [4, 3, 3], "weight_shape")]:
+    args = [torch.randn(1, 3, 5, 5), packed.codes, packed.codebook.float(), packed.channel_scale.float(), None, None,
+            [4, 3, 3, 3], 2, None, [1, 1], [0, 0], [1, 1], 1]
+    for index, value, match in [(7, 3, "codebook must be float32 of shape"), (2, packed.codebook, "codebook must be float32"), (1, packed.codes[:3], "codes hold 3 bytes"),
+                                (10, [0, -1], "padding must be two ints"), (6, [4, 3, 3], "weight_shape")]:
         bad = list(args)
         bad[index] = value
         with pytest.raises(RuntimeError, match=match):

@@ -395,44 +395,48 @@ def test_meta_tensors_are_not_misuse_they_give_shapes():
 # ---------------------------------------------------------------------------------------------
 # the kernel ops' own checks (C++), called directly: each bad call must raise, not crash
 
-def _lowbit_args(rco_step: int | None = None, codes_short: bool = False, bitmap_alone: bool = False):
-    p = packed((4, 6), 2)
-    offsets = p.row_code_offsets.clone()
-    if rco_step is not None:
-        offsets[1] = rco_step  # row 0 claims rco_step codes
+_LOWBIT = packed((4, 40), 2, sparse=True)  # 160 weights: 3 blocks of code_offsets
+
+
+def _lowbit_args(offset_step: int | None = None, codes_short: bool = False, bitmap_alone: bool = False):
+    p = _LOWBIT
+    offsets = p.code_offsets.clone()
+    if offset_step is not None:
+        offsets[1] = offset_step  # block 0 claims offset_step kept weights
     codes = p.codes[:-1] if codes_short else p.codes
-    bitmap = torch.zeros(3, dtype=torch.uint8) if bitmap_alone else None
-    return (torch.randn(3, 6), p.codebook.float(), p.channel_scale.float(), codes, bitmap, offsets, None, 6, 2)
+    return (torch.randn(3, 40), codes, p.codebook.float(), p.channel_scale.float(), p.keep_bitmap,
+            None if bitmap_alone else offsets, [4, 40], 2)
 
 
 def _lut_conv2d_args(codes_short: bool = False, stride=(1, 1)):
     p = packed((2, 3, 3, 3), 4, seed=2)
     codes = p.codes[:-1] if codes_short else p.codes
-    return (X4, codes, p.codebook.float(), p.channel_scale, None, 4, [2, 3, 3, 3], None, list(stride), [1, 1], [1, 1], 1)
+    return (X4, codes, p.codebook.float(), p.channel_scale.float(), None, None, [2, 3, 3, 3], 4, None, list(stride),
+            [1, 1], [1, 1], 1)
 
 
-def _mixedprec_op(name: str):
-    return getattr(torch.ops.mixedprec, name)
+def _mixedprec_op(name: str, namespace: str = "mixedprec"):
+    return getattr(getattr(torch.ops, namespace), name)
 
 
 KERNEL_ROWS: dict[str, Row] = {
-    "lowbit_linear_fwd: a row offset step beyond in_features": Row(
-        lambda: _mixedprec_op("lowbit_linear_fwd")(*_lowbit_args(rco_step=100)), RuntimeError,
-        r"row_code_offsets must rise by 0\.\.in_features = 6 per row, but row 0 goes from 0 to 100"),
-    "simt_lowbit_linear_fwd: a negative row offset step": Row(
-        lambda: _mixedprec_op("simt_lowbit_linear_fwd")(*_lowbit_args(rco_step=-50)), RuntimeError,
-        r"row_code_offsets must rise by 0\.\.in_features = 6 per row, but row 0 goes from 0 to -50"),
+    "lowbit_linear_fwd: a code offset step beyond 64": Row(
+        lambda: _mixedprec_op("lowbit_linear_fwd")(*_lowbit_args(offset_step=100)), RuntimeError,
+        r"code_offsets must rise by 0\.\.64 per block, but block 0 goes from 0 to 100"),
+    "mixedprec_simt lowbit_linear_fwd: a negative code offset step": Row(
+        lambda: _mixedprec_op("lowbit_linear_fwd", "mixedprec_simt")(*_lowbit_args(offset_step=-50)), RuntimeError,
+        r"code_offsets must rise by 0\.\.64 per block, but block 0 goes from 0 to -50"),
     "lowbit_linear_bwd: one code byte short": Row(
         lambda: _mixedprec_op("lowbit_linear_bwd")(torch.randn(3, 4), *_lowbit_args(codes_short=True)[1:]), RuntimeError,
-        r"codes must hold ceil\(24 \* 2 / 8\) bytes"),
-    "lowbit_linear_fwd: a bitmap without group offsets": Row(
+        rf"codes hold {_LOWBIT.codes.numel() - 1} bytes but {_LOWBIT.kept} kept 2-bit codes need {_LOWBIT.codes.numel()}"),
+    "lowbit_linear_fwd: a bitmap without code offsets": Row(
         lambda: _mixedprec_op("lowbit_linear_fwd")(*_lowbit_args(bitmap_alone=True)), RuntimeError,
-        r"keep_bitmap and group_code_offsets must be given together"),
+        r"keep_bitmap and code_offsets must be given together"),
     "lut_conv2d_fwd: one code byte short": Row(
         lambda: _mixedprec_op("lut_conv2d_fwd")(*_lut_conv2d_args(codes_short=True)), RuntimeError,
         r"codes hold 26 bytes but 54 kept 4-bit codes need 27"),
-    "simt_lut_conv2d_fwd: stride 0": Row(
-        lambda: _mixedprec_op("simt_lut_conv2d_fwd")(*_lut_conv2d_args(stride=(0, 1))), RuntimeError,
+    "mixedprec_simt lut_conv2d_fwd: stride 0": Row(
+        lambda: _mixedprec_op("lut_conv2d_fwd", "mixedprec_simt")(*_lut_conv2d_args(stride=(0, 1))), RuntimeError,
         r"stride must be two ints >= 1, got \[0, 1\]"),
     "bit_sharing_quant_fwd: a 0-bit candidate": Row(
         lambda: _mixedprec_op("bit_sharing_quant_fwd")(torch.ones(3), CLIP, torch.zeros(0), [0], True), RuntimeError,

@@ -2,10 +2,9 @@
 // Fast paths (AVX-512): 4- and 2-bit codes expanded 16 at a time and looked up with one vpermps
 // in a register-resident codebook, 8-bit codes gathered; pruned positions filled with vexpandps
 // under the bitmap. The
-// scalar loops are their twins (the `simd` arguments; ops.set_cpu_simd selects them in tests).
+// scalar loops are their twins (the `simd` arguments; cpu_simd in cpu/switches.h selects them in tests).
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -14,12 +13,9 @@
 #define MP_DECODE_AVX512 1
 #endif
 
-#include "mixedprec/lowbit.h"
+#include "mixedprec/packed_weight.h"
 
 namespace mixedprec {
-
-// Whether the CPU kernels take the AVX-512 decode (the op set_cpu_simd switches it for tests).
-inline std::atomic<bool> cpu_simd{true};
 
 #if defined(MP_DECODE_AVX512)
 // The codebook in a register, looked up by the low 4 bits of a lane: a 2-bit codebook is repeated

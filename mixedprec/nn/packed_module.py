@@ -8,6 +8,8 @@ from mixedprec.metrics.compression import FLOAT_BITS
 from mixedprec.metrics.report import LayerWeight
 
 PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")  # PackedWeight's order
+# Index buffers of earlier versions, named in the module trees of files they saved: dropped on load.
+_FORMER_BUFFERS = ("row_code_offsets", "group_code_offsets")
 
 
 class PackedModule(nn.Module):
@@ -47,6 +49,9 @@ class PackedModule(nn.Module):
 
     def rebuild_derived(self) -> None:
         """Validates the packed buffers and rebuilds the PackedWeight over them (after loading)."""
+        for name in _FORMER_BUFFERS:
+            self._buffers.pop(name, None)
+            self._non_persistent_buffers_set.discard(name)
         self._packed = None
         self.packed_weight()
 

@@ -101,33 +101,35 @@ void run_codebook(const CodebookCase& c) {
   check_codebook(c, data<T>(y), kWho);
 }
 
+// The packed weight's op arguments after x: codes, codebook, channel_scale, keep_bitmap,
+// code_offsets, weight_shape, bits (the vectors must outlive the call).
+using PackedSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   OptTensor, OptTensor, at::IntArrayRef, int64_t);
+std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> sparse_tables(const PackedCodes& p) {
+  if (p.keep_bitmap.empty()) return {};
+  return {view(p.keep_bitmap), view(p.code_offsets)};
+}
+
 void run_lowbit(const LowbitCase& c, const std::string& who) {
-  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, OptTensor,
-                               const at::Tensor&, OptTensor, int64_t, int64_t);
-  static auto forward = op<Signature>("mixedprec::lowbit_linear_fwd");
-  static auto backward = op<Signature>("mixedprec::lowbit_linear_bwd");
-  std::optional<at::Tensor> keep_bitmap, group_code_offsets;
-  if (!c.packed.keep_bitmap.empty()) {
-    keep_bitmap = view(c.packed.keep_bitmap);
-    group_code_offsets = view(c.group_code_offsets, {c.out, c.groups()});
-  }
-  const at::Tensor y = forward.call(view(c.x, {c.m_rows, c.in}), view(c.codebook), view(c.channel_scale),
-                                    view(c.packed.codes), keep_bitmap, view(c.row_code_offsets), group_code_offsets,
-                                    c.in, c.bits);
+  static auto forward = op<PackedSignature>("mixedprec::lowbit_linear_fwd");
+  static auto backward = op<PackedSignature>("mixedprec::lowbit_linear_bwd");
+  const auto [keep_bitmap, code_offsets] = sparse_tables(c.packed);
+  const std::vector<int64_t> weight_shape{c.out, c.in};
+  const at::Tensor y = forward.call(view(c.x, {c.m_rows, c.in}), view(c.packed.codes), view(c.codebook),
+                                    view(c.channel_scale), keep_bitmap, code_offsets, weight_shape, c.bits);
   check_lowbit_forward(c, data<float>(y), who);
-  const at::Tensor grad_x = backward.call(view(c.grad_y, {c.m_rows, c.out}), view(c.codebook), view(c.channel_scale),
-                                          view(c.packed.codes), keep_bitmap, view(c.row_code_offsets),
-                                          group_code_offsets, c.in, c.bits);
+  const at::Tensor grad_x = backward.call(view(c.grad_y, {c.m_rows, c.out}), view(c.packed.codes), view(c.codebook),
+                                          view(c.channel_scale), keep_bitmap, code_offsets, weight_shape, c.bits);
   check_lowbit_backward(c, data<float>(grad_x), who);
 }
 
 template <class T>
 void run_lut_conv2d(const LutConv2dCase& c) {
   static auto forward = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      OptTensor, int64_t, at::IntArrayRef, OptTensor, at::IntArrayRef, at::IntArrayRef,
-                                      at::IntArrayRef, int64_t)>("mixedprec::lut_conv2d_fwd");
+                                      OptTensor, OptTensor, at::IntArrayRef, int64_t, OptTensor, at::IntArrayRef,
+                                      at::IntArrayRef, at::IntArrayRef, int64_t)>("mixedprec::lut_conv2d_fwd");
   static auto backward = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       OptTensor, int64_t, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                       OptTensor, OptTensor, at::IntArrayRef, int64_t, at::IntArrayRef, at::IntArrayRef,
                                        at::IntArrayRef, at::IntArrayRef, int64_t)>("mixedprec::lut_conv2d_bwd");
   const Conv2dGeometry& g = c.g;
   const std::vector<int64_t> input_shape{g.batch, g.in_channels, g.height, g.width};
@@ -135,15 +137,16 @@ void run_lut_conv2d(const LutConv2dCase& c) {
   const std::vector<int64_t> weight_shape{g.out_channels, g.group_in(), g.kernel_h, g.kernel_w};
   const std::vector<int64_t> stride{g.stride_h, g.stride_w}, padding{g.pad_h, g.pad_w}, dilation{g.dil_h, g.dil_w};
   const std::vector<T> x = stored<T>(c.x), grad_y = stored<T>(c.grad_y);
-  std::optional<at::Tensor> keep_bitmap, bias;
-  if (!c.packed.keep_bitmap.empty()) keep_bitmap = view(c.packed.keep_bitmap);
+  const auto [keep_bitmap, code_offsets] = sparse_tables(c.packed);
+  std::optional<at::Tensor> bias;
   if (!c.bias.empty()) bias = view(c.bias);
   const at::Tensor y = forward.call(view(x, input_shape), view(c.packed.codes), view(c.codebook), view(c.channel_scale),
-                                    keep_bitmap, c.bits, weight_shape, bias, stride, padding, dilation, g.groups);
+                                    keep_bitmap, code_offsets, weight_shape, c.bits, bias, stride, padding, dilation,
+                                    g.groups);
   check_lut_conv2d_forward(c, data<T>(y), kWho);
   const at::Tensor grad_x = backward.call(view(grad_y, output_shape), view(c.packed.codes), view(c.codebook),
-                                          view(c.channel_scale), keep_bitmap, c.bits, weight_shape, input_shape, stride,
-                                          padding, dilation, g.groups);
+                                          view(c.channel_scale), keep_bitmap, code_offsets, weight_shape, c.bits,
+                                          input_shape, stride, padding, dilation, g.groups);
   check_lut_conv2d_backward(c, data<T>(grad_x), kWho);
 }
 

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "mixedprec/common.h"
-#include "mixedprec/lut_weight.h"
+#include "mixedprec/conv2d.h"
 
 namespace kernel_cases {
 
@@ -255,10 +255,12 @@ void check_codebook(const CodebookCase& c, const T* y, const std::string& who) {
 
 // ---------------------------------------------------------------------------------------------
 // The packed format (mixedprec/formats.py): bits-bit codes of the kept weights as one LSB-first
-// stream in row-major order, an LSB-first keep bitmap (none when nothing is pruned).
+// stream in row-major order, an LSB-first keep bitmap (none when nothing is pruned) and, with
+// it, code_offsets: the kept weights before each 64-weight block.
 
 struct PackedCodes {
   std::vector<uint8_t> codes, keep_bitmap;  // keep_bitmap empty: dense
+  std::vector<int64_t> code_offsets;        // (ceil(numel / 64),); empty when dense
   std::vector<int32_t> codes_of;            // per weight: its code, or -1 where pruned
   int64_t kept = 0;
 };
@@ -269,6 +271,7 @@ inline PackedCodes pack_random_codes(int64_t numel, int bits, double keep_prob, 
   const bool sparse = keep_prob < 1.0;
   std::vector<uint8_t> codes((numel * bits + 7) / 8, 0), bitmap((numel + 7) / 8, 0);
   for (int64_t f = 0; f < numel; ++f) {
+    if (sparse && f % 64 == 0) p.code_offsets.push_back(p.kept);
     if (sparse && std::uniform_real_distribution<double>(0, 1)(rng) >= keep_prob) {
       p.codes_of.push_back(-1);
       continue;
@@ -284,6 +287,7 @@ inline PackedCodes pack_random_codes(int64_t numel, int bits, double keep_prob, 
   }
   p.codes = std::vector<uint8_t>(codes.begin(), codes.begin() + (p.kept * bits + 7) / 8);
   if (sparse) p.keep_bitmap = exact(bitmap);
+  p.code_offsets = exact(p.code_offsets);
   return p;
 }
 
@@ -297,11 +301,8 @@ struct LowbitCase {
   int bits = 0;
   std::vector<float> codebook, channel_scale;
   PackedCodes packed;
-  std::vector<int64_t> row_code_offsets;    // (out + 1,)
-  std::vector<int32_t> group_code_offsets;  // (out, ceil(in / 32)): kept codes of a row before each group; empty when dense
   std::vector<float> x, grad_y;             // (m_rows, in), (m_rows, out)
   std::vector<float> y, grad_x;             // expected
-  int64_t groups() const { return (in + 31) / 32; }
 };
 
 inline LowbitCase lowbit_case(int64_t out, int64_t in, int64_t m_rows, int bits, double keep_prob, std::mt19937& rng) {
@@ -313,18 +314,8 @@ inline LowbitCase lowbit_case(int64_t out, int64_t in, int64_t m_rows, int bits,
   for (int64_t ch = 0; ch < out; ++ch) c.channel_scale.push_back(float(1 + ch % 3));
   c.packed = pack_random_codes(out * in, bits, keep_prob, rng);
   std::vector<float> dense(out * in, 0.0f);
-  c.row_code_offsets.push_back(0);
-  int64_t kept = 0;
-  for (int64_t ch = 0; ch < out; ++ch) {
-    for (int64_t i = 0; i < in; ++i) {
-      if (i % 32 == 0 && !c.packed.keep_bitmap.empty()) c.group_code_offsets.push_back(int32_t(kept - c.row_code_offsets[ch]));
-      const int32_t code = c.packed.codes_of[ch * in + i];
-      if (code < 0) continue;
-      dense[ch * in + i] = c.channel_scale[ch] * c.codebook[code];
-      ++kept;
-    }
-    c.row_code_offsets.push_back(kept);
-  }
+  for (int64_t f = 0; f < out * in; ++f)
+    if (c.packed.codes_of[f] >= 0) dense[f] = c.channel_scale[f / in] * c.codebook[c.packed.codes_of[f]];
   c.x.resize(m_rows * in);
   c.grad_y.resize(m_rows * out);
   for (auto& v : c.x) v = float(int(rng() % 7) - 3);
@@ -339,8 +330,6 @@ inline LowbitCase lowbit_case(int64_t out, int64_t in, int64_t m_rows, int bits,
       }
   c.codebook = exact(c.codebook);
   c.channel_scale = exact(c.channel_scale);
-  c.row_code_offsets = exact(c.row_code_offsets);
-  c.group_code_offsets = exact(c.group_code_offsets);
   c.x = exact(c.x);
   c.grad_y = exact(c.grad_y);
   return c;
@@ -383,7 +372,6 @@ struct LutConv2dCase {
   std::vector<float> codebook;
   std::vector<float> channel_scale, bias;   // bias empty: none
   PackedCodes packed;
-  std::vector<int64_t> word_code_offsets;   // kept weights before each 32-weight word of the bitmap
   std::vector<float> x, grad_y;             // values of the storage type under test
   std::vector<double> y, grad_x;            // expected
   int64_t weight_numel() const { return g.out_channels * g.row_length(); }
@@ -407,14 +395,8 @@ LutConv2dCase lut_conv2d_case(int bits, bool sparse, bool with_bias, const Conv2
   const int64_t numel = c.weight_numel(), row = g.row_length();
   c.packed = pack_random_codes(numel, bits, sparse ? 2.0 / 3.0 : 1.0, rng);
   std::vector<float> weight(numel, 0.0f);
-  int64_t kept = 0;
-  for (int64_t f = 0; f < numel; ++f) {
-    if (f % 32 == 0 && sparse) c.word_code_offsets.push_back(kept);
-    const int32_t code = c.packed.codes_of[f];
-    if (code < 0) continue;
-    weight[f] = c.channel_scale[f / row] * c.codebook[code];
-    ++kept;
-  }
+  for (int64_t f = 0; f < numel; ++f)
+    if (c.packed.codes_of[f] >= 0) weight[f] = c.channel_scale[f / row] * c.codebook[c.packed.codes_of[f]];
   c.x = normal_values<T>(g.batch * g.in_channels * g.height * g.width, rng);
   c.grad_y = normal_values<T>(g.batch * g.out_channels * g.out_pixels(), rng);
   c.y.assign(c.grad_y.size(), 0.0);
@@ -440,7 +422,6 @@ LutConv2dCase lut_conv2d_case(int bits, bool sparse, bool with_bias, const Conv2
   c.codebook = exact(c.codebook);
   c.channel_scale = exact(c.channel_scale);
   c.bias = exact(c.bias);
-  c.word_code_offsets = exact(c.word_code_offsets);
   c.x = exact(c.x);
   c.grad_y = exact(c.grad_y);
   return c;

@@ -3,7 +3,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "mixedprec/simt.h"
+#include "simt/simt.h"
 
 __global__ void block_sum_without_barrier(const float* x, float* out) {
   __shared__ float slot[64];

@@ -3,7 +3,7 @@
 #include <cstdio>
 #include <vector>
 
-#include "mixedprec/simt.h"
+#include "simt/simt.h"
 
 __global__ void scale_without_bounds_check(const float* x, float* y, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -1,4 +1,4 @@
-// The CUDA kernels (csrc/cuda/*.cu), run on host buffers through the SIMT emulation, against
+// The CUDA kernels (csrc/ops/*/*.cu), run on host buffers through the SIMT emulation, against
 // the plain loops of kernel_cases.h: every kernel, each storage type, sparse and dense packed
 // weights, grouped, depthwise, strided and dilated convolutions, grids of several blocks with
 // partly idle threads. Built plain, under ASan+UBSan and under TSan (CMakeLists.txt); the Python
@@ -7,7 +7,14 @@
 #include <vector>
 
 #include "kernel_cases.h"
-#include "mixedprec/launchers.h"
+
+// The kernel sources, compiled here under the SIMT emulation: their raw-pointer entry points are
+// declared only by the ops' torch glue, which this torch-free program does not include.
+#include "simt/simt.h"
+#include "ops/bit_sharing_quant/bit_sharing_quant.cu"
+#include "ops/codebook_quant/codebook_quant.cu"
+#include "ops/lowbit_linear/lowbit_linear.cu"
+#include "ops/lut_conv2d/lut_conv2d.cu"
 
 using namespace mixedprec;
 using namespace kernel_cases;
@@ -62,12 +69,16 @@ void run_codebook(const CodebookCase& c) {
   check_codebook(c, y.data(), kWho);
 }
 
+// The kernels' view of a packed weight (out x row_length).
+PackedView packed_view(const PackedCodes& p, const std::vector<float>& codebook,
+                       const std::vector<float>& channel_scale, int64_t out, int64_t row_length, int bits) {
+  const bool sparse = !p.keep_bitmap.empty();
+  return PackedView{p.codes.data(), codebook.data(), channel_scale.data(), sparse ? p.keep_bitmap.data() : nullptr,
+                    sparse ? p.code_offsets.data() : nullptr, out, row_length, bits};
+}
+
 void run_lowbit(const LowbitCase& c) {
-  const bool sparse = !c.packed.keep_bitmap.empty();
-  const PackedView w{c.codebook.data(), c.channel_scale.data(), c.packed.codes.data(),
-                     sparse ? c.packed.keep_bitmap.data() : nullptr, int64_t(c.packed.keep_bitmap.size()),
-                     c.row_code_offsets.data(), sparse ? c.group_code_offsets.data() : nullptr,
-                     c.out, c.in, c.groups(), c.bits};
+  const PackedView w = packed_view(c.packed, c.codebook, c.channel_scale, c.out, c.in, c.bits);
   std::vector<float> y(c.y.size(), NAN), grad_x(c.grad_x.size(), NAN);
   expect(simt::lowbit_linear_forward(c.x.data(), y.data(), c.m_rows, w, nullptr) == nullptr, c.name + ": forward launch");
   check_lowbit_forward(c, y.data(), kWho);
@@ -78,10 +89,7 @@ void run_lowbit(const LowbitCase& c) {
 
 template <class T>
 void run_lut_conv2d(const LutConv2dCase& c) {
-  const bool sparse = !c.packed.keep_bitmap.empty();
-  const LutWeight w{c.packed.codes.data(), c.codebook.data(), c.channel_scale.data(),
-                    sparse ? c.packed.keep_bitmap.data() : nullptr, sparse ? c.word_code_offsets.data() : nullptr,
-                    c.bits};
+  const PackedView w = packed_view(c.packed, c.codebook, c.channel_scale, c.g.out_channels, c.g.row_length(), c.bits);
   std::vector<T> x(c.x.size()), grad_y(c.grad_y.size()), y(c.y.size()), grad_x(c.grad_x.size());
   for (size_t i = 0; i < x.size(); ++i) x[i] = from_float<T>(c.x[i]);
   for (size_t i = 0; i < grad_y.size(); ++i) grad_y[i] = from_float<T>(c.grad_y[i]);

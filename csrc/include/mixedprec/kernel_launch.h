@@ -1,5 +1,5 @@
 // What a .cu kernel source needs to compile both under nvcc and under the SIMT emulation
-// (csrc/include/mixedprec/simt.h, force-included first by the generated simt wrappers).
+// (csrc/simt/simt.h, included first by the generated simt wrappers and by tests/csrc/simt_kernel_tests.cpp).
 #pragma once
 
 #if defined(MP_SIMT)

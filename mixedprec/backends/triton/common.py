@@ -1,5 +1,6 @@
-"""What the Triton launchers share: block size and launch options, NaN-poisoned outputs, and
-converting between the storage types and float32 exactly as torch does."""
+"""What the Triton launchers share: block size and launch options, NaN-poisoned outputs,
+converting between the storage types and float32 exactly as torch does, and reading the packed
+weight's one index (formats.PackedWeight.code_offsets)."""
 from __future__ import annotations
 
 import torch
@@ -36,6 +37,30 @@ def to_storage(v, ptr):
         rounded = tl.where(v != v, 0x7FC0, rounded)  # keep NaN a NaN
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _popcount8(v):
+    v = v - ((v >> 1) & 0x55)
+    v = (v & 0x33) + ((v >> 2) & 0x33)
+    return (v + (v >> 4)) & 0x0F
+
+
+@triton.jit
+def packed_code_index(bitmap_ptr, offsets_ptr, f, mask):
+    """(kept, k) for int64 flat weight indices f of a sparse packed weight: whether f is kept, and
+    the number of kept weights before it, code_offsets[f // 64] plus the kept bits of f's 64-weight
+    block before f (as csrc/include/mixedprec/packed_weight.h's kept_before). Reads only bitmap
+    bytes up to f's own."""
+    byte = tl.load(bitmap_ptr + (f >> 3), mask=mask, other=0).to(tl.int32)
+    bit_in_byte = (f & 7).to(tl.int32)
+    kept = mask & (((byte >> bit_in_byte) & 1) != 0)
+    k = tl.load(offsets_ptr + (f >> 6), mask=mask, other=0)
+    for i in tl.static_range(7):  # whole bytes of f's block before f's byte
+        b = ((f >> 6) << 3) + i
+        k += _popcount8(tl.load(bitmap_ptr + b, mask=mask & (b < (f >> 3)), other=0).to(tl.int32)).to(tl.int64)
+    k += _popcount8(byte & ((1 << bit_in_byte) - 1)).to(tl.int64)
+    return kept, k
 
 
 def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -5,9 +5,9 @@ forward  y = x W^T:       program (BLOCK_M rows of x, BLOCK_N output channels); 
                           x_tile @ W_tile^T. Codes read once per BLOCK_M rows of x.
 backward grad_x = g W:    program (BLOCK_M rows, one 32-column group); per BLOCK_N output
                           channels it decodes the (BLOCK_N, 32) tile and adds g_tile @ W_tile.
-Decode (csrc/include/mixedprec/lowbit.h): dense code index c * in + i; sparse: row_code_offsets[c]
-+ group_code_offsets[c, i // 32] + kept bits before i in its group (an exclusive cumsum).
-Tiles are 32 columns wide so that one tile is one group of group_code_offsets.
+Decode (csrc/include/mixedprec/packed_weight.h): dense code index f = c * in + i; sparse: the
+packed weight's one index, code_offsets[f // 64] + kept bits of f's 64-weight block before f
+(mixedprec.triton.common.packed_code_index). Tiles are 32 columns wide.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec.backends.triton.common import new_output
+from mixedprec.backends.triton.common import new_output, packed_code_index
 
 GROUP = 32
 BLOCK_M = 16
@@ -24,20 +24,14 @@ BLOCK_N = 32
 
 
 @triton.jit
-def _decode_tile(codebook, scale, codes, bitmap, row_offsets, group_offsets, rows, group, OUT, IN, GROUPS,
+def _decode_tile(codebook, scale, codes, bitmap, code_offsets, rows, group, OUT, IN,
                  BITS: tl.constexpr, SPARSE: tl.constexpr):
     """W[rows, group*32 : group*32 + 32] as float32 (0 outside W and at pruned weights)."""
     cols = group * 32 + tl.arange(0, 32)
     inside = (rows[:, None] < OUT) & (cols[None, :] < IN)
     pos = rows[:, None].to(tl.int64) * IN + cols[None, :]
     if SPARSE:
-        kept = (tl.load(bitmap + (pos >> 3), mask=inside, other=0).to(tl.int32) >> (pos & 7).to(tl.int32)) & 1
-        kept = tl.where(inside, kept, 0)
-        before = tl.cumsum(kept, axis=1) - kept
-        start = tl.load(row_offsets + rows, mask=rows < OUT, other=0) + \
-            tl.load(group_offsets + rows.to(tl.int64) * GROUPS + group, mask=rows < OUT, other=0)
-        index = start[:, None] + before
-        inside = inside & (kept != 0)
+        inside, index = packed_code_index(bitmap, code_offsets, pos, inside)
     else:
         index = pos
     bit = index * BITS
@@ -51,7 +45,7 @@ def _decode_tile(codebook, scale, codes, bitmap, row_offsets, group_offsets, row
 
 
 @triton.jit
-def _forward_kernel(x, y, codebook, scale, codes, bitmap, row_offsets, group_offsets, M, OUT, IN, GROUPS,
+def _forward_kernel(x, y, codebook, scale, codes, bitmap, code_offsets, M, OUT, IN, GROUPS,
                     BITS: tl.constexpr, SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,14 +54,13 @@ def _forward_kernel(x, y, codebook, scale, codes, bitmap, row_offsets, group_off
         cols = group * 32 + tl.arange(0, 32)
         x_tile = tl.load(x + m[:, None].to(tl.int64) * IN + cols[None, :], mask=(m[:, None] < M) & (cols[None, :] < IN),
                          other=0.0)
-        w_tile = _decode_tile(codebook, scale, codes, bitmap, row_offsets, group_offsets, n, group, OUT, IN, GROUPS,
-                              BITS, SPARSE)
+        w_tile = _decode_tile(codebook, scale, codes, bitmap, code_offsets, n, group, OUT, IN, BITS, SPARSE)
         acc += tl.dot(x_tile, tl.trans(w_tile), input_precision="ieee")
     tl.store(y + m[:, None].to(tl.int64) * OUT + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < OUT))
 
 
 @triton.jit
-def _backward_kernel(g, grad_x, codebook, scale, codes, bitmap, row_offsets, group_offsets, M, OUT, IN, GROUPS,
+def _backward_kernel(g, grad_x, codebook, scale, codes, bitmap, code_offsets, M, OUT, IN, GROUPS,
                      BITS: tl.constexpr, SPARSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
@@ -77,8 +70,7 @@ def _backward_kernel(g, grad_x, codebook, scale, codes, bitmap, row_offsets, gro
         n = n0 + tl.arange(0, BLOCK_N)
         g_tile = tl.load(g + m[:, None].to(tl.int64) * OUT + n[None, :], mask=(m[:, None] < M) & (n[None, :] < OUT),
                          other=0.0)
-        w_tile = _decode_tile(codebook, scale, codes, bitmap, row_offsets, group_offsets, n, group, OUT, IN, GROUPS,
-                              BITS, SPARSE)
+        w_tile = _decode_tile(codebook, scale, codes, bitmap, code_offsets, n, group, OUT, IN, BITS, SPARSE)
         acc += tl.dot(g_tile, w_tile, input_precision="ieee")
     tl.store(grad_x + m[:, None].to(tl.int64) * IN + cols[None, :], acc, mask=(m[:, None] < M) & (cols[None, :] < IN))
 
@@ -87,35 +79,33 @@ def _output(shape, like: Tensor) -> Tensor:
     return new_output(shape, dtype=torch.float32, device=like.device)
 
 
-def _tables(codes, keep_bitmap, group_code_offsets):
+def _tables(codes, keep_bitmap, code_offsets):
     """Kernel arguments for the optional sparse tables (a dense weight passes codes as stand-ins)."""
     sparse = keep_bitmap is not None
-    return (keep_bitmap if sparse else codes), (group_code_offsets if sparse else codes), sparse
+    return (keep_bitmap if sparse else codes), (code_offsets if sparse else codes), sparse
 
 
-def forward(x: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Tensor, keep_bitmap: Tensor | None,
-            row_code_offsets: Tensor, group_code_offsets: Tensor | None, in_features: int, bits: int) -> Tensor:
-    m_rows, out = x.shape[0], channel_scale.shape[0]
+def forward(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor, keep_bitmap: Tensor | None,
+            code_offsets: Tensor | None, weight_shape: list[int], bits: int) -> Tensor:
+    m_rows, (out, in_features) = x.shape[0], weight_shape
     y = _output((m_rows, out), x)
     if m_rows == 0:
         return y
-    bitmap, groups_table, sparse = _tables(codes, keep_bitmap, group_code_offsets)
+    bitmap, offsets, sparse = _tables(codes, keep_bitmap, code_offsets)
     grid = (triton.cdiv(m_rows, BLOCK_M), triton.cdiv(out, BLOCK_N))
-    _forward_kernel[grid](x, y, codebook, channel_scale, codes, bitmap, row_code_offsets, groups_table, m_rows, out,
-                          in_features, triton.cdiv(in_features, GROUP), BITS=bits, SPARSE=sparse, BLOCK_M=BLOCK_M,
-                          BLOCK_N=BLOCK_N)
+    _forward_kernel[grid](x, y, codebook, channel_scale, codes, bitmap, offsets, m_rows, out, in_features,
+                          triton.cdiv(in_features, GROUP), BITS=bits, SPARSE=sparse, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return y
 
 
-def backward(grad_y: Tensor, codebook: Tensor, channel_scale: Tensor, codes: Tensor, keep_bitmap: Tensor | None,
-             row_code_offsets: Tensor, group_code_offsets: Tensor | None, in_features: int, bits: int) -> Tensor:
-    m_rows, out = grad_y.shape
+def backward(grad_y: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor, keep_bitmap: Tensor | None,
+             code_offsets: Tensor | None, weight_shape: list[int], bits: int) -> Tensor:
+    (m_rows, out), in_features = grad_y.shape, weight_shape[1]
     grad_x = _output((m_rows, in_features), grad_y)
     if m_rows == 0:
         return grad_x
-    bitmap, groups_table, sparse = _tables(codes, keep_bitmap, group_code_offsets)
+    bitmap, offsets, sparse = _tables(codes, keep_bitmap, code_offsets)
     grid = (triton.cdiv(m_rows, BLOCK_M), triton.cdiv(in_features, GROUP))
-    _backward_kernel[grid](grad_y, grad_x, codebook, channel_scale, codes, bitmap, row_code_offsets, groups_table,
-                           m_rows, out, in_features, triton.cdiv(in_features, GROUP), BITS=bits, SPARSE=sparse,
-                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    _backward_kernel[grid](grad_y, grad_x, codebook, channel_scale, codes, bitmap, offsets, m_rows, out, in_features,
+                           triton.cdiv(in_features, GROUP), BITS=bits, SPARSE=sparse, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return grad_x

@@ -1,5 +1,5 @@
 """lut_conv2d in Triton: implicit GEMM with tl.dot on tiles decoded through the codebook
-(weight math: csrc/include/mixedprec/lut_weight.h; the CUDA kernel has the same tiling).
+(weight decode: csrc/include/mixedprec/packed_weight.h; the CUDA kernel has the same tiling).
 
 One kernel, C (M x N) = A (M x K) . B (K x N) per group (program_id 2), in two directions:
   forward   M = C_out/G, K = C_in/G kh kw, N = batch OH OW; A = W decoded, B = x gathered
@@ -7,7 +7,7 @@ One kernel, C (M x N) = A (M x K) . B (K x N) per group (program_id 2), in two d
   backward  M = C_in/G, K = C_out/G kh kw, N = batch H W; A[ci, (co, kh, kw)] = W[co, ci, kh, kw],
             B = grad_y at oh = (ih + p - kh d) / s where exact and in range; C -> grad_x
 Each program decodes a BLOCK_M x BLOCK_K weight tile per step (code stream read at bits/8 B per
-weight, the kept index found from per-32-weight offsets plus a popcount) and gathers a
+weight, the kept index found from formats.PackedWeight.code_offsets plus popcounts) and gathers a
 BLOCK_K x BLOCK_N activation tile; tl.dot accumulates in float32 (IEEE, no TF32).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mixedprec.backends.triton.common import LAUNCH_OPTIONS, new_output, to_float32, to_storage
+from mixedprec.backends.triton.common import LAUNCH_OPTIONS, new_output, packed_code_index, to_float32, to_storage
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 16
 # Left to itself, ptxas aims at 64-128 registers for these 8-warp programs and spills a few;
@@ -26,25 +26,11 @@ MAX_REGISTERS = 255
 
 
 @triton.jit
-def _popcount8(v):
-    v = v - ((v >> 1) & 0x55)
-    v = (v & 0x33) + ((v >> 2) & 0x33)
-    return (v + (v >> 4)) & 0x0F
-
-
-@triton.jit
-def _weight(codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, word_ptr, c, f, mask, BITS: tl.constexpr,
+def _weight(codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, offsets_ptr, c, f, mask, BITS: tl.constexpr,
             SPARSE: tl.constexpr):
     """W at flat index f of channel c (int64 tensors of one shape): scale[c] * levels[code], 0 if pruned."""
     if SPARSE:
-        byte = tl.load(bitmap_ptr + (f >> 3), mask=mask, other=0).to(tl.int32)
-        bit_in_byte = (f & 7).to(tl.int32)
-        kept = mask & (((byte >> bit_in_byte) & 1) != 0)
-        k = tl.load(word_ptr + (f >> 5), mask=mask, other=0)
-        for i in tl.static_range(3):  # whole bytes of f's 32-bit word before f's byte
-            b = ((f >> 5) << 2) + i
-            k += _popcount8(tl.load(bitmap_ptr + b, mask=mask & (b < (f >> 3)), other=0).to(tl.int32)).to(tl.int64)
-        k += _popcount8(byte & ((1 << bit_in_byte) - 1)).to(tl.int64)
+        kept, k = packed_code_index(bitmap_ptr, offsets_ptr, f, mask)
     else:
         kept = mask
         k = f
@@ -58,7 +44,7 @@ def _weight(codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, word_ptr, c, f, mask, 
 
 
 @triton.jit
-def _lut_gemm_kernel(src_ptr, dst_ptr, bias_ptr, codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, word_ptr,
+def _lut_gemm_kernel(src_ptr, dst_ptr, bias_ptr, codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, offsets_ptr,
                      N, C_IN, H, W, C_OUT, OH, OW, GROUPS,
                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                      PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
@@ -110,7 +96,7 @@ def _lut_gemm_kernel(src_ptr, dst_ptr, bias_ptr, codes_ptr, levels_ptr, scale_pt
             b_mask = k_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             channel = group * cin_g + k_channel[:, None]
             b_ptrs = src_ptr + ((img[None, :] * C_IN + channel) * H + ih) * W + iw
-        a = _weight(codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, word_ptr, c + 0 * f, f, a_mask, BITS, SPARSE)
+        a = _weight(codes_ptr, levels_ptr, scale_ptr, bitmap_ptr, offsets_ptr, c + 0 * f, f, a_mask, BITS, SPARSE)
         b = to_float32(tl.load(b_ptrs, mask=b_mask, other=0.0))
         acc += tl.dot(a, b, input_precision="ieee")
     if BACKWARD:
@@ -123,16 +109,8 @@ def _lut_gemm_kernel(src_ptr, dst_ptr, bias_ptr, codes_ptr, levels_ptr, scale_pt
     tl.store(dst, to_storage(acc, dst_ptr), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _word_code_offsets(keep_bitmap: Tensor) -> Tensor:
-    """Kept weights before each 32-weight word of the bitmap (derived per call, as in csrc/lut_conv2d_args.h)."""
-    words = -(-keep_bitmap.numel() // 4)
-    padded = torch.nn.functional.pad(keep_bitmap.to(torch.int32), (0, words * 4 - keep_bitmap.numel()))
-    counts = ((padded.unsqueeze(1) >> torch.arange(8, device=padded.device, dtype=torch.int32)) & 1).reshape(words, 32).sum(1)
-    return (counts.cumsum(0) - counts).to(torch.int64)
-
-
-def _launch(src, dst, bias, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, input_shape, stride,
-            padding, dilation, groups, backward):
+def _launch(src, dst, bias, codes, codebook, channel_scale, keep_bitmap, code_offsets, bits, weight_shape, input_shape,
+            stride, padding, dilation, groups, backward):
     n, c_in, h, w = input_shape
     c_out, _, kh, kw = weight_shape
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -141,11 +119,10 @@ def _launch(src, dst, bias, codes, codebook, channel_scale, keep_bitmap, bits, w
     if dst.numel() == 0:
         return dst
     sparse = keep_bitmap is not None
-    words = _word_code_offsets(keep_bitmap) if sparse else codes  # unused when dense
     grid = (triton.cdiv(cols, BLOCK_N), triton.cdiv(rows, BLOCK_M), groups)
     _lut_gemm_kernel[grid](
         src, dst, bias if bias is not None else dst, codes, codebook.float(), channel_scale.float(),
-        keep_bitmap if sparse else codes, words, n, c_in, h, w, c_out, oh, ow, groups,
+        keep_bitmap if sparse else codes, code_offsets if sparse else codes, n, c_in, h, w, c_out, oh, ow, groups,
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         BITS=bits, SPARSE=sparse, HAS_BIAS=bias is not None, BACKWARD=backward,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, maxnreg=MAX_REGISTERS, **LAUNCH_OPTIONS)
@@ -156,18 +133,19 @@ def _output(shape, like: Tensor) -> Tensor:
     return new_output(shape, dtype=like.dtype, device=like.device)
 
 
-def forward(x, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, bias, stride, padding, dilation, groups):
+def forward(x, codes, codebook, channel_scale, keep_bitmap, code_offsets, weight_shape, bits, bias, stride, padding,
+            dilation, groups):
     n, _, h, w = x.shape
     oh = (h + 2 * padding[0] - dilation[0] * (weight_shape[2] - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (weight_shape[3] - 1) - 1) // stride[1] + 1
     y = _output((n, weight_shape[0], oh, ow), x)
     bias = None if bias is None else bias.float().contiguous()
-    return _launch(x.contiguous(), y, bias, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape,
-                   list(x.shape), stride, padding, dilation, groups, backward=False)
+    return _launch(x.contiguous(), y, bias, codes, codebook, channel_scale, keep_bitmap, code_offsets, bits,
+                   weight_shape, list(x.shape), stride, padding, dilation, groups, backward=False)
 
 
-def backward(grad_y, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape, input_shape, stride, padding,
-             dilation, groups):
+def backward(grad_y, codes, codebook, channel_scale, keep_bitmap, code_offsets, weight_shape, bits, input_shape, stride,
+             padding, dilation, groups):
     grad_x = _output(tuple(input_shape), grad_y)
-    return _launch(grad_y.contiguous(), grad_x, None, codes, codebook, channel_scale, keep_bitmap, bits, weight_shape,
-                   input_shape, stride, padding, dilation, groups, backward=True)
+    return _launch(grad_y.contiguous(), grad_x, None, codes, codebook, channel_scale, keep_bitmap, code_offsets, bits,
+                   weight_shape, input_shape, stride, padding, dilation, groups, backward=True)

@@ -1,4 +1,4 @@
-// lut_conv2d on the GPU: implicit GEMM through the codebook (weight math: include/mixedprec/lut_weight.h).
+// lut_conv2d on the GPU: implicit GEMM through the codebook (weight decode: include/mixedprec/packed_weight.h).
 //
 // One tiled GEMM kernel, C (M x N) = A (M x K) . B (K x N) per group (blockIdx.z), serves both
 // directions; a Problem says where A, B and C live:
@@ -14,13 +14,15 @@
 // Traffic per block: kBM K weights decoded from bits/8 B codes (plus 1/8 B of bitmap) and
 // K kBN activations, each reused kBN resp. kBM times from shared memory; the float weight is
 // never written to global memory.
+// Entry points (raw pointers; declared by the glue, lut_conv2d_glue.cpp) return nullptr or an error.
+#include "mixedprec/conv2d.h"
 #include "mixedprec/kernel_launch.h"
-#include "mixedprec/launchers.h"
-#include "mixedprec/lut_weight.h"
+#include "mixedprec/packed_weight.h"
 
 namespace mixedprec {
 namespace MP_KERNEL_NS {
 namespace {
+namespace lut_conv2d_impl {  // named: tests/csrc/simt_kernel_tests.cpp compiles every .cu in one unit
 
 constexpr int kBM = 64, kBN = 64, kBK = 16, kTM = 4, kTN = 4;
 constexpr int kThreads = (kBM / kTM) * (kBN / kTN);  // 256
@@ -28,7 +30,7 @@ constexpr int kMaxLevels = 256;
 
 template <class T>
 struct ForwardProblem {
-  LutWeight w;
+  PackedView w;
   Conv2dGeometry g;
   const T* x;
   const float* bias;
@@ -56,7 +58,7 @@ struct ForwardProblem {
 
 template <class T>
 struct BackwardProblem {
-  LutWeight w;
+  PackedView w;
   Conv2dGeometry g;
   const T* grad_y;
   T* grad_x;
@@ -131,21 +133,23 @@ const char* launch(const Problem& prob, int64_t groups, void* stream) {
 }
 
 template <class T>
-const char* forward_typed(const void* x, const float* bias, void* y, const LutWeight& w, const Conv2dGeometry& g,
+const char* forward_typed(const void* x, const float* bias, void* y, const PackedView& w, const Conv2dGeometry& g,
                           void* stream) {
   return launch(ForwardProblem<T>{w, g, static_cast<const T*>(x), bias, static_cast<T*>(y)}, g.groups, stream);
 }
 
 template <class T>
-const char* backward_typed(const void* grad_y, void* grad_x, const LutWeight& w, const Conv2dGeometry& g,
+const char* backward_typed(const void* grad_y, void* grad_x, const PackedView& w, const Conv2dGeometry& g,
                            void* stream) {
   return launch(BackwardProblem<T>{w, g, static_cast<const T*>(grad_y), static_cast<T*>(grad_x)}, g.groups, stream);
 }
 
+}  // namespace lut_conv2d_impl
 }  // namespace
 
-const char* lut_conv2d_forward(DType dtype, const void* x, const float* bias, void* y, const LutWeight& w,
+const char* lut_conv2d_forward(DType dtype, const void* x, const float* bias, void* y, const PackedView& w,
                                const Conv2dGeometry& g, void* stream) {
+  using namespace lut_conv2d_impl;
   switch (dtype) {
     case DType::f32: return forward_typed<float>(x, bias, y, w, g, stream);
     case DType::f16: return forward_typed<Half16>(x, bias, y, w, g, stream);
@@ -154,8 +158,9 @@ const char* lut_conv2d_forward(DType dtype, const void* x, const float* bias, vo
   return "lut_conv2d_forward: unsupported dtype";
 }
 
-const char* lut_conv2d_backward(DType dtype, const void* grad_y, void* grad_x, const LutWeight& w,
+const char* lut_conv2d_backward(DType dtype, const void* grad_y, void* grad_x, const PackedView& w,
                                 const Conv2dGeometry& g, void* stream) {
+  using namespace lut_conv2d_impl;
   switch (dtype) {
     case DType::f32: return backward_typed<float>(grad_y, grad_x, w, g, stream);
     case DType::f16: return backward_typed<Half16>(grad_y, grad_x, w, g, stream);

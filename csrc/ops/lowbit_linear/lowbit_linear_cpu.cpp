@@ -1,5 +1,6 @@
 // lowbit_linear on the CPU: y = x W^T (forward) and grad_x = grad_y W (backward) with W read
-// from the packed format (include/mixedprec/lowbit.h), never materialized as a whole.
+// from the packed format (include/mixedprec/packed_weight.h), never materialized as a whole.
+// Arguments are checked by the glue (lowbit_linear_glue.cpp).
 //
 // Work unit: a block of kRowBlock output channels. Their rows are decoded into a thread-local
 // float tile (codebook levels; kRowBlock * in floats, L1/L2 resident), then every batch row is
@@ -27,9 +28,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "../lowbit_glue.h"
-#include "code_decode.h"
-#include "vec_ops.h"
+#include "cpu/code_decode.h"
+#include "cpu/switches.h"
+#include "cpu/vec_ops.h"
+#include "mixedprec/packed_weight.h"
+#include "register/op.h"
 
 namespace mixedprec {
 namespace {
@@ -68,7 +71,7 @@ struct Interleave {
 
 // Dense 4-/2-bit rows starting on a byte: the forward runs in the interleaved order.
 bool interleaved(const PackedView& w) {
-  return !w.keep_bitmap && (w.bits == 4 || w.bits == 2) && (w.in * w.bits) % 8 == 0;
+  return !w.keep_bitmap && (w.bits == 4 || w.bits == 2) && (w.row_length * w.bits) % 8 == 0;
 }
 
 // step(t, chain) for t in [0, n), chain = t % kAccumulators as a constant (the accumulators stay
@@ -101,14 +104,14 @@ void interleaved_block(const uint8_t* src, __m512 lut, Step&& step) {
 // Row c of an interleaved weight (see Interleave) into row[0, in).
 template <int kBits>
 void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
-  const Interleave order(kBits, w.in);
+  const Interleave order(kBits, w.row_length);
   const __m512 lut = lut_register(w.codebook, kBits);
-  const uint8_t* src = w.codes + c * w.in * kBits / 8;
+  const uint8_t* src = w.codes + c * w.row_length * kBits / 8;
   int64_t k = 0;
   for (; k < order.end; k += order.block, src += 64)
     interleaved_block<kBits>(src, lut, [&](int64_t s, auto, __m512 levels) { _mm512_storeu_ps(row + k + 16 * s, levels); });
-  k += decode_run16<kBits>(src, w.in - k, lut, row + k);
-  for (; k < w.in; ++k) row[k] = w.codebook[read_code(w.codes, c * w.in + k, kBits)];
+  k += decode_run16<kBits>(src, w.row_length - k, lut, row + k);
+  for (; k < w.row_length; ++k) row[k] = w.codebook[read_code(w.codes, c * w.row_length + k, kBits)];
 }
 
 constexpr int64_t kFusedBatch = 4;
@@ -120,8 +123,8 @@ constexpr int64_t kFusedBatch = 4;
 template <int kBits, int kM>
 void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
   const __m512 lut = lut_register(w.codebook, kBits);
-  const Interleave order(kBits, w.in);
-  const int64_t in = w.in;
+  const Interleave order(kBits, w.row_length);
+  const int64_t in = w.row_length;
   for (int64_t c = c0; c < c1; ++c) {
     const uint8_t* src = w.codes + c * in * kBits / 8;
     Vec acc[kM][kAccumulators];
@@ -158,18 +161,21 @@ void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t 
 // Row c of W / channel_scale[c] (the levels, 0 at pruned positions) into row[0, in), in column
 // order, or in the interleaved order when `interleave` (dense 4-/2-bit rows starting on a byte).
 void decode_row(const PackedView& w, int64_t c, bool interleave, float* row, float* levels) {
-  const int64_t first = w.row_code_offsets[c], count = w.row_code_offsets[c + 1] - first;
+  const int64_t f0 = c * w.row_length, first = kept_before(w, f0);
   const bool simd = cpu_simd.load(std::memory_order_relaxed);
   if (interleave) {
 #if defined(MP_DECODE_AVX512)
     if (simd) return (w.bits == 4 ? decode_row_interleaved_simd<4> : decode_row_interleaved_simd<2>)(w, c, row);
 #endif
-    const Interleave order(w.bits, w.in);
-    for (int64_t i = 0; i < w.in; ++i) row[order.position(i)] = w.codebook[read_code(w.codes, first + i, w.bits)];
+    const Interleave order(w.bits, w.row_length);
+    for (int64_t i = 0; i < w.row_length; ++i) row[order.position(i)] = w.codebook[read_code(w.codes, first + i, w.bits)];
     return;
   }
-  decode_levels(w.codes, w.codebook, w.bits, first, count, w.keep_bitmap ? levels : row, simd);
-  if (w.keep_bitmap) expand_kept(w.keep_bitmap, w.bitmap_bytes, c * w.in, w.in, levels, row, simd);
+  if (!simd) return decode_run(w, w.codebook, f0, f0 + w.row_length, row);  // the scalar twin: the shared decoder
+  if (!w.keep_bitmap) return decode_levels(w.codes, w.codebook, w.bits, first, w.row_length, row, simd);
+  const int64_t count = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, w.row_length);
+  decode_levels(w.codes, w.codebook, w.bits, first, count, levels, simd);
+  expand_kept(w.keep_bitmap, w.bitmap_bytes(), f0, w.row_length, levels, row, simd);
 }
 
 // dots[i][j] = sum_k a[i n + k] b[j n + k] for i < ma, j < mb (at most 2 x 2): every a and b vector
@@ -215,14 +221,12 @@ struct Scratch {  // a task's decode buffers
   explicit Scratch(int64_t rows, int64_t in) : tile(rows * in), levels(in) {}
 };
 
-at::Tensor forward(const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& channel_scale,
-                   const at::Tensor& codes, const std::optional<at::Tensor>& keep_bitmap,
-                   const at::Tensor& row_code_offsets, const std::optional<at::Tensor>& group_code_offsets,
-                   int64_t in_features, int64_t bits) {
-  const char* op = "lowbit_linear_fwd";
-  const PackedView w = check_packed(x, codebook, channel_scale, codes, keep_bitmap, row_code_offsets,
-                                    group_code_offsets, in_features, bits, op);
-  const int64_t m_rows = check_lowbit_input(x, in_features, op, "x"), in = w.in, out = w.out;
+}  // namespace
+
+namespace cpu {
+
+at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
+  const int64_t m_rows = x.size(0), in = w.row_length, out = w.out;
   at::Tensor y = poisoned(at::empty({m_rows, out}, x.options()));
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (out + kRowBlock - 1) / kRowBlock;
@@ -264,14 +268,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& codebook, const at::Te
   return y;
 }
 
-at::Tensor backward(const at::Tensor& grad_y, const at::Tensor& codebook, const at::Tensor& channel_scale,
-                    const at::Tensor& codes, const std::optional<at::Tensor>& keep_bitmap,
-                    const at::Tensor& row_code_offsets, const std::optional<at::Tensor>& group_code_offsets,
-                    int64_t in_features, int64_t bits) {
-  const char* op = "lowbit_linear_bwd";
-  const PackedView w = check_packed(grad_y, codebook, channel_scale, codes, keep_bitmap, row_code_offsets,
-                                    group_code_offsets, in_features, bits, op);
-  const int64_t m_rows = check_lowbit_input(grad_y, w.out, op, "grad_y"), in = w.in, out = w.out;
+at::Tensor lowbit_linear_backward(const at::Tensor& grad_y, const PackedView& w) {
+  const int64_t m_rows = grad_y.size(0), in = w.row_length, out = w.out;
   const float* gp = grad_y.data_ptr<float>();
   const int64_t chunks = m_rows >= kLargeBatch ? 1 : std::min(kMaxChunks, (out + 63) / 64);
   const int64_t m_blocks = m_rows >= kLargeBatch ? (m_rows + 15) / 16 : 1;
@@ -297,10 +295,5 @@ at::Tensor backward(const at::Tensor& grad_y, const at::Tensor& codebook, const 
   return grad_x;
 }
 
-}  // namespace
+}  // namespace cpu
 }  // namespace mixedprec
-
-TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
-  m.impl("lowbit_linear_fwd", &mixedprec::forward);
-  m.impl("lowbit_linear_bwd", &mixedprec::backward);
-}

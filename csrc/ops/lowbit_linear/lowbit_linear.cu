@@ -1,24 +1,26 @@
 // lowbit_linear on the GPU (portable SIMT kernels; they also run under the SIMT emulation):
-// W is decoded per element from the packed format (include/mixedprec/lowbit.h) into registers,
+// W is decoded per element from the packed format (include/mixedprec/packed_weight.h) into registers,
 // with the codebook staged in shared memory; no float copy of W exists.
 //
 // forward:  one warp per output channel c and tile of kBatchTile batch rows; lanes stride the
 //           row, decode W[c, i] once and use it for every row of the tile; warp-shuffle sum.
 //           Reads the codes once per batch tile (bits/8 B per weight) and x from cache.
 // backward: one thread per input column i and batch tile, looping over output channels: the
-//           transposed product grad_x = grad_y W. group_code_offsets locate a sparse weight's
-//           code with one popcount, so no thread walks a row. No atomics: deterministic.
+//           transposed product grad_x = grad_y W. code_offsets locate a sparse weight's code
+//           with popcounts within its 64-weight block, so no thread walks a row. No atomics:
+//           deterministic.
+// Entry points (raw pointers; declared by the glue, lowbit_linear_glue.cpp) return nullptr or an error.
 // A tensor-core variant (decoded tiles into mma) is not written yet; these are its portable twin.
 #include <algorithm>
 
-#include "mixedprec/kernel_launch.h"
 #include "mixedprec/block_reduce.cuh"
-#include "mixedprec/launchers.h"
-#include "mixedprec/lowbit.h"
+#include "mixedprec/kernel_launch.h"
+#include "mixedprec/packed_weight.h"
 
 namespace mixedprec {
 namespace MP_KERNEL_NS {
 namespace {
+namespace lowbit_linear_impl {  // named: tests/csrc/simt_kernel_tests.cpp compiles every .cu in one unit
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -40,10 +42,10 @@ forward_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t m_row
   const int64_t m0 = int64_t(blockIdx.y) * kBatchTile;
   if (c >= w.out) return;  // after the block's only __syncthreads
   float acc[kBatchTile] = {};
-  for (int64_t i = lane; i < w.in; i += 32) {
-    const float level = packed_level(w, c, i);
+  for (int64_t i = lane; i < w.row_length; i += 32) {
+    const float level = level_at(w, w.codebook, c * w.row_length + i);
     MP_UNROLL for (int t = 0; t < kBatchTile; ++t)
-      if (m0 + t < m_rows) acc[t] += x[(m0 + t) * w.in + i] * level;
+      if (m0 + t < m_rows) acc[t] += x[(m0 + t) * w.row_length + i] * level;
   }
   const float scale = w.channel_scale[c];
   MP_UNROLL for (int t = 0; t < kBatchTile; ++t) {
@@ -58,36 +60,42 @@ backward_kernel(const float* __restrict__ grad_y, float* __restrict__ grad_x, in
   stage_codebook(w, levels);
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t m0 = int64_t(blockIdx.y) * kBatchTile;
-  if (i >= w.in) return;
+  if (i >= w.row_length) return;
   float acc[kBatchTile] = {};
   for (int64_t c = 0; c < w.out; ++c) {
-    const float weight = packed_level(w, c, i) * w.channel_scale[c];
+    const float weight = level_at(w, w.codebook, c * w.row_length + i) * w.channel_scale[c];
     MP_UNROLL for (int t = 0; t < kBatchTile; ++t)
       if (m0 + t < m_rows) acc[t] += grad_y[(m0 + t) * w.out + c] * weight;
   }
   MP_UNROLL for (int t = 0; t < kBatchTile; ++t)
-    if (m0 + t < m_rows) grad_x[(m0 + t) * w.in + i] = acc[t];
+    if (m0 + t < m_rows) grad_x[(m0 + t) * w.row_length + i] = acc[t];
 }
 
-unsigned batch_tiles(int64_t m_rows) { return unsigned(std::max<int64_t>(1, (m_rows + kBatchTile - 1) / kBatchTile)); }
+// One thread block per `per_block` of the kernel's `units` (output channels or input columns)
+// and tile of kBatchTile batch rows.
+template <class Kernel>
+const char* launch(Kernel* kernel, int64_t units, int64_t per_block, const float* in, float* out, int64_t m_rows,
+                   const PackedView& w, void* stream) {
+  if (m_rows == 0) return nullptr;
+  const dim3 grid(unsigned((units + per_block - 1) / per_block),
+                  unsigned(std::max<int64_t>(1, (m_rows + kBatchTile - 1) / kBatchTile)));
+  MP_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, in, out, m_rows, w);
+  MP_LAUNCH_RESULT();
+  return nullptr;
+}
 
+}  // namespace lowbit_linear_impl
 }  // namespace
 
 const char* lowbit_linear_forward(const float* x, float* y, int64_t m_rows, const PackedView& w, void* stream) {
-  if (m_rows == 0) return nullptr;
-  const dim3 grid(unsigned((w.out + kWarps - 1) / kWarps), batch_tiles(m_rows));
-  MP_LAUNCH(forward_kernel, grid, dim3(kThreads), 0, stream, x, y, m_rows, w);
-  MP_LAUNCH_RESULT();
-  return nullptr;
+  using namespace lowbit_linear_impl;
+  return launch(&forward_kernel, w.out, kWarps, x, y, m_rows, w, stream);  // a warp per output channel
 }
 
 const char* lowbit_linear_backward(const float* grad_y, float* grad_x, int64_t m_rows, const PackedView& w,
                                    void* stream) {
-  if (m_rows == 0) return nullptr;
-  const dim3 grid(unsigned((w.in + kThreads - 1) / kThreads), batch_tiles(m_rows));
-  MP_LAUNCH(backward_kernel, grid, dim3(kThreads), 0, stream, grad_y, grad_x, m_rows, w);
-  MP_LAUNCH_RESULT();
-  return nullptr;
+  using namespace lowbit_linear_impl;
+  return launch(&backward_kernel, w.row_length, kThreads, grad_y, grad_x, m_rows, w, stream);  // a thread per column
 }
 
 }  // namespace MP_KERNEL_NS

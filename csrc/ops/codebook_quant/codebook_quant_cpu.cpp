@@ -4,14 +4,16 @@
 // chunks of the flat weight (at::parallel_for); within a chunk each output channel's run is
 // vectorized with ATen's Vectorized<float> under that channel's scale. The nearest-level search
 // costs ceil(log2 L) gathers per vector from a 2 KB table (codebook + padded midpoints) built
-// once per call; elementwise, so the result does not depend on the number of threads.
+// once per call; elementwise, so the result does not depend on the number of threads. Arguments
+// are checked by the glue (codebook_quant_glue.cpp).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
-#include "../torch_utils.h"
-#include "vec_ops.h"
+#include "cpu/vec_ops.h"
+#include "mixedprec/codebook.h"
+#include "register/op.h"
 
 namespace mixedprec {
 namespace {
@@ -35,11 +37,13 @@ void forward_range(const T* weight, const bool* keep_mask, T* y, int64_t begin, 
   }
 }
 
-at::Tensor forward_op(const at::Tensor& weight, const at::Tensor& codebook, const at::Tensor& channel_scale,
-                      const at::Tensor& keep_mask) {
-  const char* op = "codebook_quant_fwd";
-  const CodebookQuantShape shape = check_codebook_quant(weight, codebook, channel_scale, keep_mask, op);
-  const CodebookTable table = make_codebook_table(codebook.const_data_ptr<float>(), shape.levels);
+}  // namespace
+
+namespace cpu {
+
+at::Tensor codebook_quant_forward(const at::Tensor& weight, const at::Tensor& codebook,
+                                  const at::Tensor& channel_scale, const at::Tensor& keep_mask, int64_t inner) {
+  const CodebookTable table = make_codebook_table(codebook.const_data_ptr<float>(), int(codebook.numel()));
   at::Tensor y = poisoned(at::empty_like(weight));
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -48,10 +52,10 @@ at::Tensor forward_op(const at::Tensor& weight, const at::Tensor& codebook, cons
     const float* scale = channel_scale.const_data_ptr<float>();
     T* out = y.data_ptr<T>();
     at::parallel_for(0, weight.numel(), kGrain, [&](int64_t b, int64_t e) {
-      forward_range(w, keep, out, b, e, shape.inner, scale, table);
+      forward_range(w, keep, out, b, e, inner, scale, table);
     });
   };
-  switch (kernel_dtype(weight, op, "weight")) {
+  switch (kernel_dtype(weight, "codebook_quant_fwd", "weight")) {
     case DType::f32: run(float{}); break;
     case DType::f16: run(at::Half{}); break;
     case DType::bf16: run(at::BFloat16{}); break;
@@ -59,7 +63,5 @@ at::Tensor forward_op(const at::Tensor& weight, const at::Tensor& codebook, cons
   return y;
 }
 
-}  // namespace
+}  // namespace cpu
 }  // namespace mixedprec
-
-TORCH_LIBRARY_IMPL(mixedprec, CPU, m) { m.impl("codebook_quant_fwd", &mixedprec::forward_op); }

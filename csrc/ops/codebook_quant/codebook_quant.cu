@@ -9,11 +9,11 @@
 
 #include "mixedprec/kernel_launch.h"
 #include "mixedprec/codebook.h"
-#include "mixedprec/launchers.h"
 
 namespace mixedprec {
 namespace MP_KERNEL_NS {
 namespace {
+namespace codebook_quant_impl {  // named: tests/csrc/simt_kernel_tests.cpp compiles every .cu in one unit
 
 constexpr int kThreads = 256;
 #if defined(MP_SIMT)
@@ -53,11 +53,13 @@ const char* forward_typed(const void* weight, const bool* keep_mask, void* y, in
   return nullptr;
 }
 
+}  // namespace codebook_quant_impl
 }  // namespace
 
 const char* codebook_quant_forward(DType dtype, const void* weight, const bool* keep_mask, void* y, int64_t n,
                                    int64_t inner, const float* codebook, int levels, const float* channel_scale,
                                    void* stream) {
+  using namespace codebook_quant_impl;
   if (levels < 1 || levels > kMaxCodebookSize) return "codebook_quant_forward: levels must lie in 1..256";
   switch (dtype) {
     case DType::f32: return forward_typed<float>(weight, keep_mask, y, n, inner, codebook, levels, channel_scale, stream);

@@ -11,7 +11,7 @@
 // backward: one pass reading grad_y and x, writing grad_x, and reducing dL/dv and the K-1 gate
 //           tails (12 B/elem).
 // Reductions go through fixed-size chunks whose partials are summed in chunk order, so results
-// do not depend on the number of threads.
+// do not depend on the number of threads. Arguments are checked by the glue (bit_sharing_quant_glue.cpp).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -19,8 +19,9 @@
 #include <array>
 #include <vector>
 
-#include "../torch_utils.h"
-#include "vec_ops.h"
+#include "cpu/vec_ops.h"
+#include "mixedprec/bit_sharing.h"
+#include "register/op.h"
 
 namespace mixedprec {
 namespace {
@@ -202,18 +203,16 @@ void dispatch(const BitSharingParams& p, DType dtype, const Fn& fn) {
   return with_sign(FixedBitSharingParams<K, false>(p));
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
-                                              at::IntArrayRef bits, bool is_signed,
-                                              const std::optional<at::Tensor>& given_mean) {
-  const char* op = "bit_sharing_quant_fwd";
-  const BitSharingParams p = check_bit_sharing(x, clip, thresholds, bits, is_signed, op, "thresholds");
-  if (given_mean) {
-    check_same_device(*given_mean, x, op, "residual_mean");
-    check_float32(*given_mean, {p.num_bits - 1}, op, "residual_mean");
-  }
+}  // namespace
+
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_forward(const at::Tensor& x, const at::Tensor& clip,
+                                                             const at::Tensor& thresholds, const BitSharingParams& p,
+                                                             const std::optional<at::Tensor>& given_mean) {
   at::Tensor y = poisoned(at::empty_like(x));
   at::Tensor residual_mean = given_mean ? given_mean->clone() : poisoned(at::empty({p.num_bits - 1}, clip.options()));
-  dispatch(p, kernel_dtype(x, op, "x"), [&](const auto& fp, auto tag) {
+  dispatch(p, kernel_dtype(x, "bit_sharing_quant_fwd", "x"), [&](const auto& fp, auto tag) {
     using T = decltype(tag);
     forward(x.const_data_ptr<T>(), y.data_ptr<T>(), x.numel(), clip.item<float>(), thresholds.const_data_ptr<float>(),
             given_mean ? given_mean->const_data_ptr<float>() : nullptr, residual_mean.data_ptr<float>(), fp);
@@ -221,27 +220,24 @@ std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& x, const at::Ten
   return {y, residual_mean};
 }
 
-at::Tensor residual_sums_op(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits, bool is_signed) {
-  const char* op = "bit_sharing_quant_stats";
-  const BitSharingParams p = check_bit_sharing_stats(x, clip, bits, is_signed, op);
+at::Tensor bit_sharing_quant_stats(const at::Tensor& x, const at::Tensor& clip, const BitSharingParams& p) {
   at::Tensor sums = poisoned(at::empty({p.num_bits - 1}, clip.options().dtype(at::kDouble)));
-  dispatch(p, kernel_dtype(x, op, "x"), [&](const auto& fp, auto tag) {
+  dispatch(p, kernel_dtype(x, "bit_sharing_quant_stats", "x"), [&](const auto& fp, auto tag) {
     using T = decltype(tag);
     residual_sums(x.const_data_ptr<T>(), x.numel(), clip.item<float>(), sums.data_ptr<double>(), fp);
   });
   return sums;
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& clip,
-                                               const at::Tensor& gates, at::IntArrayRef bits, bool is_signed) {
-  const char* op = "bit_sharing_quant_bwd";
-  const BitSharingParams p = check_bit_sharing_backward(grad_y, x, clip, gates, bits, is_signed, op);
+std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                              const at::Tensor& clip, const at::Tensor& gates,
+                                                              const BitSharingParams& p) {
   Gates gate_values;
   for (int j = 1; j < p.num_bits; ++j) gate_values.value[j] = gates.const_data_ptr<float>()[j - 1];
   at::Tensor grad_x = poisoned(at::empty_like(x));
   at::Tensor sums = poisoned(at::empty({p.num_bits}, clip.options()));
   const float v = clip.item<float>();
-  dispatch(p, kernel_dtype(x, op, "x"), [&](const auto& fp, auto tag) {
+  dispatch(p, kernel_dtype(x, "bit_sharing_quant_bwd", "x"), [&](const auto& fp, auto tag) {
     using T = decltype(tag);
     const T* gp = grad_y.const_data_ptr<T>();
     const T* xp = x.const_data_ptr<T>();
@@ -254,11 +250,5 @@ std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_y, const a
   return {grad_x, sums};
 }
 
-}  // namespace
+}  // namespace cpu
 }  // namespace mixedprec
-
-TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
-  m.impl("bit_sharing_quant_fwd", &mixedprec::forward_op);
-  m.impl("bit_sharing_quant_bwd", &mixedprec::backward_op);
-  m.impl("bit_sharing_quant_stats", &mixedprec::residual_sums_op);
-}

@@ -22,14 +22,11 @@
 #include <cstdint>
 #include <vector>
 
-#include "code_decode.h"
-#include "mixedprec/lut_weight.h"
+#include "cpu/code_decode.h"
+#include "cpu/switches.h"
+#include "mixedprec/conv2d.h"
 
 namespace mixedprec {
-
-// Whether lut_conv2d's CPU kernel takes this path where it applies (the op set_cpu_winograd
-// switches it: its float32 error follows the tiles' magnitudes, a direct sum's follows |x| |w|).
-inline std::atomic<bool> cpu_winograd{true};
 
 // The geometries this path takes (the rest go through ATen's convolution). Its kernels are AVX-512.
 inline bool winograd_conv3x3_applies(const Conv2dGeometry& g) {

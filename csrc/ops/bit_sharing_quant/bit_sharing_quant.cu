@@ -15,11 +15,11 @@
 #include "mixedprec/kernel_launch.h"
 #include "mixedprec/bit_sharing.h"
 #include "mixedprec/block_reduce.cuh"
-#include "mixedprec/launchers.h"
 
 namespace mixedprec {
 namespace MP_KERNEL_NS {
 namespace {
+namespace bit_sharing_quant_impl {  // named: tests/csrc/simt_kernel_tests.cpp compiles every .cu in one unit
 
 constexpr int kThreads = 256;
 constexpr int kSums = kMaxCandidateBits;  // per-block values: K-1 residuals, or clip + K-1 tails
@@ -163,13 +163,18 @@ const char* backward_typed(const void* grad_y, const void* x, void* grad_x, int6
   return nullptr;
 }
 
+}  // namespace bit_sharing_quant_impl
 }  // namespace
 
-int64_t bit_sharing_workspace_floats(int64_t n) { return grid_size(n) * kSums; }
+int64_t bit_sharing_workspace_floats(int64_t n) {
+  using namespace bit_sharing_quant_impl;
+  return grid_size(n) * kSums;
+}
 
 const char* bit_sharing_forward(DType dtype, const void* x, void* y, int64_t n, const float* clip,
                                 const float* thresholds, float* residual_mean, float* workspace,
                                 const BitSharingParams& p, void* stream) {
+  using namespace bit_sharing_quant_impl;
   switch (dtype) {
     case DType::f32: return forward_typed<float>(x, y, n, clip, thresholds, residual_mean, workspace, p, stream);
     case DType::f16: return forward_typed<Half16>(x, y, n, clip, thresholds, residual_mean, workspace, p, stream);
@@ -181,6 +186,7 @@ const char* bit_sharing_forward(DType dtype, const void* x, void* y, int64_t n, 
 const char* bit_sharing_apply(DType dtype, const void* x, void* y, int64_t n, const float* clip,
                               const float* thresholds, const float* residual_mean, const BitSharingParams& p,
                               void* stream) {
+  using namespace bit_sharing_quant_impl;
   switch (dtype) {
     case DType::f32: return apply_typed<float>(x, y, n, clip, thresholds, residual_mean, p, stream);
     case DType::f16: return apply_typed<Half16>(x, y, n, clip, thresholds, residual_mean, p, stream);
@@ -191,6 +197,7 @@ const char* bit_sharing_apply(DType dtype, const void* x, void* y, int64_t n, co
 
 const char* bit_sharing_residual_sums(DType dtype, const void* x, int64_t n, const float* clip, double* sums,
                                       float* workspace, const BitSharingParams& p, void* stream) {
+  using namespace bit_sharing_quant_impl;
   switch (dtype) {
     case DType::f32: return residual_sums_typed<float>(x, n, clip, sums, workspace, p, stream);
     case DType::f16: return residual_sums_typed<Half16>(x, n, clip, sums, workspace, p, stream);
@@ -202,6 +209,7 @@ const char* bit_sharing_residual_sums(DType dtype, const void* x, int64_t n, con
 const char* bit_sharing_backward(DType dtype, const void* grad_y, const void* x, void* grad_x, int64_t n,
                                  const float* clip, const float* gates, float* sums, float* workspace,
                                  const BitSharingParams& p, void* stream) {
+  using namespace bit_sharing_quant_impl;
   switch (dtype) {
     case DType::f32: return backward_typed<float>(grad_y, x, grad_x, n, clip, gates, sums, workspace, p, stream);
     case DType::f16: return backward_typed<Half16>(grad_y, x, grad_x, n, clip, gates, sums, workspace, p, stream);

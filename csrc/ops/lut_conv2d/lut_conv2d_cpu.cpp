@@ -16,7 +16,8 @@
 // Backward (always direct): grad_x = sum over tiles of conv_transpose(grad_y[:, tile], W[tile])
 // (tiles of whole groups write disjoint channels of grad_x; with one group the tiles add up, in
 // tile order).
-// Inputs in float16/bfloat16 are widened to float32 first; results are rounded back.
+// Inputs in float16/bfloat16 are widened to float32 first; results are rounded back. Arguments
+// are checked by the glue (lut_conv2d_glue.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -24,9 +25,12 @@
 #include <algorithm>
 #include <vector>
 
-#include "../lut_conv2d_args.h"
-#include "code_decode.h"
-#include "winograd_conv3x3.h"
+#include "cpu/code_decode.h"
+#include "cpu/switches.h"
+#include "mixedprec/conv2d.h"
+#include "mixedprec/packed_weight.h"
+#include "ops/lut_conv2d/winograd_conv3x3.h"
+#include "register/op.h"
 
 namespace mixedprec {
 namespace {
@@ -51,26 +55,26 @@ struct Tiles {
 };
 
 struct TileDecoder {
-  const LutWeight w;
+  const PackedView w;
   const Conv2dGeometry& g;
-  int64_t bitmap_bytes;
   bool simd;
 
-  TileDecoder(const LutWeight& weight, const Conv2dGeometry& geometry)
-      : w(weight), g(geometry), bitmap_bytes((g.out_channels * g.row_length() + 7) / 8),
-        simd(cpu_simd.load(std::memory_order_relaxed)) {}
+  TileDecoder(const PackedView& weight, const Conv2dGeometry& geometry)
+      : w(weight), g(geometry), simd(cpu_simd.load(std::memory_order_relaxed)) {}
 
   // W[c, k0 : k0 + count] (scale applied, 0 where pruned), flat over (C_in/G, kh, kw). Codes are
   // looked up in the codebook times the row's scale: scale * level rounded once, as mul_rn.
   void decode_span(int64_t c, int64_t k0, int64_t count, float* out) const {
     float scaled[256];
     for (int i = 0; i < 1 << w.bits; ++i) scaled[i] = mul_rn(w.channel_scale[c], w.codebook[i]);
-    const int64_t f0 = c * g.row_length() + k0, first = kept_before(w, f0);
+    const int64_t f0 = c * g.row_length() + k0;
+    if (!simd) return decode_run(w, scaled, f0, f0 + count, out);  // the scalar twin: the shared decoder
+    const int64_t first = kept_before(w, f0);
     if (!w.keep_bitmap) return decode_levels(w.codes, scaled, w.bits, first, count, out, simd);
     std::vector<float> levels(count);
-    const int64_t kept = count_kept(w.keep_bitmap, bitmap_bytes, f0, count);
+    const int64_t kept = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count);
     decode_levels(w.codes, scaled, w.bits, first, kept, levels.data(), simd);
-    expand_kept(w.keep_bitmap, bitmap_bytes, f0, count, levels.data(), out, simd);
+    expand_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count, levels.data(), out, simd);
   }
 
   // Channels [c0, c1) of W into tile (c1 - c0, C_in/G, kh, kw).
@@ -81,18 +85,15 @@ struct TileDecoder {
   }
 };
 
-at::Tensor lut_conv2d_fwd(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
-                          const at::Tensor& channel_scale, const std::optional<at::Tensor>& keep_bitmap, int64_t bits,
-                          at::IntArrayRef weight_shape, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "lut_conv2d_fwd";
-  kernel_dtype(x, op, "x");
-  const LutConv2dArgs a = check_lut_conv2d(op, x, x.sizes(), codes, codebook, channel_scale, keep_bitmap, bits,
-                                           weight_shape, stride, padding, dilation, groups);
-  const Conv2dGeometry& g = a.geometry;
-  const at::Tensor bias_f = float_bias(op, bias, x, g);
+}  // namespace
+
+namespace cpu {
+
+at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, const PackedView& w,
+                              const Conv2dGeometry& g) {
+  const int64_t stride[2] = {g.stride_h, g.stride_w}, padding[2] = {g.pad_h, g.pad_w}, dilation[2] = {g.dil_h, g.dil_w};
   const at::Tensor x_f = x.to(at::kFloat).contiguous();
-  const TileDecoder decoder(a.weight(), g);
+  const TileDecoder decoder(w, g);
 #if defined(MP_DECODE_AVX512)
   if (winograd_conv3x3_applies(g)) {
     at::Tensor y = poisoned(at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options()));
@@ -120,15 +121,9 @@ at::Tensor lut_conv2d_fwd(const at::Tensor& x, const at::Tensor& codes, const at
   return y.to(x.scalar_type());
 }
 
-at::Tensor lut_conv2d_bwd(const at::Tensor& grad_y, const at::Tensor& codes, const at::Tensor& codebook,
-                          const at::Tensor& channel_scale, const std::optional<at::Tensor>& keep_bitmap, int64_t bits,
-                          at::IntArrayRef weight_shape, at::IntArrayRef input_shape, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "lut_conv2d_bwd";
-  const LutConv2dArgs a = check_lut_conv2d(op, grad_y, input_shape, codes, codebook, channel_scale, keep_bitmap, bits,
-                                           weight_shape, stride, padding, dilation, groups);
-  const Conv2dGeometry& g = a.geometry;
-  check_grad_y(op, grad_y, g);
+at::Tensor lut_conv2d_backward(const at::Tensor& grad_y, const PackedView& w, const Conv2dGeometry& g) {
+  const int64_t stride[2] = {g.stride_h, g.stride_w}, padding[2] = {g.pad_h, g.pad_w}, dilation[2] = {g.dil_h, g.dil_w};
+  const int64_t input_shape[4] = {g.batch, g.in_channels, g.height, g.width};
   const at::Tensor grad_y_f = grad_y.to(at::kFloat).contiguous();
   if (g.batch == 0) return at::zeros(input_shape, grad_y.options());
   // The input rows past the last window (floor in the output size) come back as output padding.
@@ -136,7 +131,7 @@ at::Tensor lut_conv2d_bwd(const at::Tensor& grad_y, const at::Tensor& codes, con
       (g.height + 2 * g.pad_h - g.dil_h * (g.kernel_h - 1) - 1) % g.stride_h,
       (g.width + 2 * g.pad_w - g.dil_w * (g.kernel_w - 1) - 1) % g.stride_w};
   const Tiles tiles(g);
-  const TileDecoder decoder(a.weight(), g);
+  const TileDecoder decoder(w, g);
   at::Tensor tile = at::empty({tiles.per_tile * tiles.unit, g.group_in(), g.kernel_h, g.kernel_w}, grad_y_f.options());
   const auto conv_transpose = [&](int64_t c0, int64_t c1) {
     decoder.decode(c0, c1, tile.data_ptr<float>());
@@ -155,10 +150,5 @@ at::Tensor lut_conv2d_bwd(const at::Tensor& grad_y, const at::Tensor& codes, con
   return grad_x.to(grad_y.scalar_type());
 }
 
-}  // namespace
+}  // namespace cpu
 }  // namespace mixedprec
-
-TORCH_LIBRARY_IMPL(mixedprec, CPU, m) {
-  m.impl("lut_conv2d_fwd", &mixedprec::lut_conv2d_fwd);
-  m.impl("lut_conv2d_bwd", &mixedprec::lut_conv2d_bwd);
-}

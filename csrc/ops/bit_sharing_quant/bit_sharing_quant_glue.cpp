@@ -1,0 +1,153 @@
+// bit_sharing_quant's torch glue (SBS bit-sharing fake-quant; math: include/mixedprec/bit_sharing.h):
+//   _fwd    (y, residual_mean); given a residual_mean (e.g. reduced over ranks from _stats) the
+//           gates come from it instead of from x
+//   _bwd    (grad_x, sums = [dL/dv, sum grad_y T_j ...])
+//   _stats  the float64 sums of |r_j| (j = 2..K) over x
+// Kernels: bit_sharing_quant_cpu.cpp (CPU), bit_sharing_quant.cu (CUDA, SIMT).
+#include <tuple>
+
+#include "mixedprec/bit_sharing.h"
+#include "register/op.h"
+
+namespace mixedprec {
+namespace cpu {  // bit_sharing_quant_cpu.cpp
+std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_forward(const at::Tensor& x, const at::Tensor& clip,
+                                                             const at::Tensor& thresholds, const BitSharingParams& p,
+                                                             const std::optional<at::Tensor>& given_mean);
+at::Tensor bit_sharing_quant_stats(const at::Tensor& x, const at::Tensor& clip, const BitSharingParams& p);
+std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                              const at::Tensor& clip, const at::Tensor& gates,
+                                                              const BitSharingParams& p);
+}  // namespace cpu
+namespace MP_DEVICE_NS {  // bit_sharing_quant.cu
+// floats of scratch the launchers need for n elements
+int64_t bit_sharing_workspace_floats(int64_t n);
+// y = fake-quant(x); residual_mean[j-1] = mean |r_j| (j = 2..K)
+const char* bit_sharing_forward(DType dtype, const void* x, void* y, int64_t n, const float* clip,
+                                const float* thresholds, float* residual_mean, float* workspace,
+                                const BitSharingParams& p, void* stream);
+// y = fake-quant(x) with gates residual_mean[j-1] > thresholds[j-1] (means given)
+const char* bit_sharing_apply(DType dtype, const void* x, void* y, int64_t n, const float* clip,
+                              const float* thresholds, const float* residual_mean, const BitSharingParams& p,
+                              void* stream);
+// sums[j-1] = sum |r_j| (j = 2..K) in double, for a reduction over ranks
+const char* bit_sharing_residual_sums(DType dtype, const void* x, int64_t n, const float* clip, double* sums,
+                                      float* workspace, const BitSharingParams& p, void* stream);
+// grad_x = STE mask * grad_y; sums[0] = sum grad_y dy/dv, sums[j] = sum grad_y T_{j+1}
+const char* bit_sharing_backward(DType dtype, const void* grad_y, const void* x, void* grad_x, int64_t n,
+                                 const float* clip, const float* gates, float* sums, float* workspace,
+                                 const BitSharingParams& p, void* stream);
+}  // namespace MP_DEVICE_NS
+
+namespace {
+
+// x, clip and bits of every bit-sharing op: the kernel parameters.
+BitSharingParams check_stats_args(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits, bool is_signed,
+                                  const char* op) {
+  kernel_dtype(x, op, "x");
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  const int64_t k = int64_t(bits.size());
+  TORCH_CHECK(k >= 1 && k <= kMaxCandidateBits, op, ": bits must hold 1 to ", kMaxCandidateBits,
+              " bitwidths, got ", bits);
+  for (int64_t j = 0; j < k; ++j) {
+    TORCH_CHECK(bits[j] >= 1 && bits[j] <= 16, op, ": bits must lie in 1..16, got ", bits);
+    TORCH_CHECK(j == 0 || bits[j - 1] < bits[j], op, ": bits must be strictly ascending, got ", bits);
+  }
+  check_same_device(clip, x, op, "clip");
+  check_float32(clip, {}, op, "clip");
+  return make_bit_sharing_params(bits.data(), int(k), is_signed);
+}
+
+// ... and a (K-1,) float32 per-gate tensor (thresholds, gates, residual_mean).
+void check_per_gate(const at::Tensor& t, const at::Tensor& x, const BitSharingParams& p, const char* op,
+                    const char* name) {
+  check_same_device(t, x, op, name);
+  check_float32(t, {p.num_bits - 1}, op, name);
+}
+
+template <bool kDevice>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
+                                           at::IntArrayRef bits, bool is_signed,
+                                           const std::optional<at::Tensor>& given_mean) {
+  const char* op = "bit_sharing_quant_fwd";
+  const BitSharingParams p = check_stats_args(x, clip, bits, is_signed, op);
+  check_per_gate(thresholds, x, p, op, "thresholds");
+  if (given_mean) check_per_gate(*given_mean, x, p, op, "residual_mean");
+  if constexpr (!kDevice) {
+    return cpu::bit_sharing_quant_forward(x, clip, thresholds, p, given_mean);
+  } else {
+    const DeviceCall call(x);
+    const DType dtype = kernel_dtype(x, op, "x");
+    at::Tensor y = poisoned(at::empty_like(x));
+    if (given_mean) {  // the gates come from the given means: only the apply kernel runs
+      at::Tensor residual_mean = given_mean->clone();
+      check_launch(MP_DEVICE_NS::bit_sharing_apply(dtype, x.data_ptr(), y.data_ptr(), x.numel(), clip.data_ptr<float>(),
+                                                   thresholds.data_ptr<float>(), residual_mean.data_ptr<float>(), p,
+                                                   call.stream()),
+                   op);
+      return {y, residual_mean};
+    }
+    at::Tensor residual_mean = poisoned(at::empty({p.num_bits - 1}, clip.options()));
+    at::Tensor workspace = at::empty({MP_DEVICE_NS::bit_sharing_workspace_floats(x.numel())}, clip.options());
+    check_launch(MP_DEVICE_NS::bit_sharing_forward(dtype, x.data_ptr(), y.data_ptr(), x.numel(), clip.data_ptr<float>(),
+                                                   thresholds.data_ptr<float>(), residual_mean.data_ptr<float>(),
+                                                   workspace.data_ptr<float>(), p, call.stream()),
+                 op);
+    return {y, residual_mean};
+  }
+}
+
+template <bool kDevice>
+at::Tensor stats(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits, bool is_signed) {
+  const char* op = "bit_sharing_quant_stats";
+  const BitSharingParams p = check_stats_args(x, clip, bits, is_signed, op);
+  if constexpr (!kDevice) {
+    return cpu::bit_sharing_quant_stats(x, clip, p);
+  } else {
+    const DeviceCall call(x);
+    at::Tensor sums = poisoned(at::empty({p.num_bits - 1}, clip.options().dtype(at::kDouble)));
+    at::Tensor workspace = at::empty({MP_DEVICE_NS::bit_sharing_workspace_floats(x.numel())}, clip.options());
+    check_launch(MP_DEVICE_NS::bit_sharing_residual_sums(kernel_dtype(x, op, "x"), x.data_ptr(), x.numel(),
+                                                         clip.data_ptr<float>(), sums.data_ptr<double>(),
+                                                         workspace.data_ptr<float>(), p, call.stream()),
+                 op);
+    return sums;
+  }
+}
+
+template <bool kDevice>
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& clip,
+                                            const at::Tensor& gates, at::IntArrayRef bits, bool is_signed) {
+  const char* op = "bit_sharing_quant_bwd";
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
+              op, ": grad_y must be a contiguous tensor of x's shape and dtype");
+  check_same_device(grad_y, x, op, "grad_y");
+  const BitSharingParams p = check_stats_args(x, clip, bits, is_signed, op);
+  check_per_gate(gates, x, p, op, "gates");
+  if constexpr (!kDevice) {
+    return cpu::bit_sharing_quant_backward(grad_y, x, clip, gates, p);
+  } else {
+    const DeviceCall call(x);
+    at::Tensor grad_x = poisoned(at::empty_like(x));
+    at::Tensor sums = poisoned(at::empty({p.num_bits}, clip.options()));
+    at::Tensor workspace = at::empty({MP_DEVICE_NS::bit_sharing_workspace_floats(x.numel())}, clip.options());
+    check_launch(MP_DEVICE_NS::bit_sharing_backward(kernel_dtype(x, op, "x"), grad_y.data_ptr(), x.data_ptr(),
+                                                    grad_x.data_ptr(), x.numel(), clip.data_ptr<float>(),
+                                                    gates.data_ptr<float>(), sums.data_ptr<float>(),
+                                                    workspace.data_ptr<float>(), p, call.stream()),
+                 op);
+    return {grad_x, sums};
+  }
+}
+
+}  // namespace
+}  // namespace mixedprec
+
+TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
+  MP_OP(m, bit_sharing_quant_fwd, "(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, "
+        "Tensor? residual_mean=None) -> (Tensor, Tensor)", mixedprec::forward<false>, mixedprec::forward<true>);
+  MP_OP(m, bit_sharing_quant_bwd, "(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> "
+        "(Tensor, Tensor)", mixedprec::backward<false>, mixedprec::backward<true>);
+  MP_OP(m, bit_sharing_quant_stats, "(Tensor x, Tensor clip, int[] bits, bool signed) -> Tensor",
+        mixedprec::stats<false>, mixedprec::stats<true>);
+}
