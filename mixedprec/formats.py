@@ -14,7 +14,7 @@ Its byte size is ``mixedprec.metrics.packed_layer_bytes`` (sections padded to 16
 64-byte header when saved). ``code_offsets`` is derived on construction, not stored: for a sparse
 weight, (ceil(numel / 64),) int64, the kept weights before each 64-weight block of the row-major
 flat weight (None for a dense one, whose weight f has code f). It is the one index every kernel
-reads (csrc/include/mixedprec/packed_weight.h, mixedprec/triton/): the code of weight f is number
+reads (csrc/include/mixedprec/packed_weight.h, mixedprec/backends/triton/): the code of weight f is number
 code_offsets[f // 64] + (kept weights of f's block before f), one popcount away.
 
 Files (``save_file`` / ``load_file``): safetensors (no pickle), written atomically (temp file,

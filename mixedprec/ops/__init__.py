@@ -15,14 +15,23 @@ compiled library is missing; the kernel ops' schemas live in C++ next to their k
 (csrc/README.md). ``use_backend`` chooses the backend for a block, ``backend=`` for one call.
 Setting ``mixedprec.ops.checks.check_values = False`` skips the checks that read parameter values
 on the host (one device sync per call on CUDA).
+
+Every module here that names an op (``OP = "<op>"``) is imported, which registers its custom ops,
+and its function ``<op>`` is exported: adding an op adds a module, no line here.
 """
+import importlib
+import pkgutil
+
 from mixedprec.ops.backend import (BACKENDS, KERNEL_DTYPES, KERNELS_BUILT, Backend, available_backends, resolve,
                                    set_cpu_simd, set_cpu_winograd, use_backend)
-from mixedprec.ops.bit_sharing_quant import BitSharingResult, ResidualSumsReducer, bit_sharing_quant
-from mixedprec.ops.codebook_quant import codebook_quant
-from mixedprec.ops.lowbit_linear import lowbit_linear
-from mixedprec.ops.lut_conv2d import lut_conv2d
+from mixedprec.ops.bit_sharing_quant import BitSharingResult, ResidualSumsReducer
 
-__all__ = ["BACKENDS", "KERNEL_DTYPES", "KERNELS_BUILT", "Backend", "BitSharingResult", "ResidualSumsReducer",
-           "available_backends", "bit_sharing_quant", "codebook_quant", "lowbit_linear", "lut_conv2d", "resolve",
-           "set_cpu_simd", "set_cpu_winograd", "use_backend"]
+OPS = []
+for _info in pkgutil.iter_modules(__path__):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    if hasattr(_module, "OP"):
+        OPS.append(_module.OP)
+        globals()[_module.OP] = getattr(_module, _module.OP)
+
+__all__ = ["BACKENDS", "KERNEL_DTYPES", "KERNELS_BUILT", "OPS", "Backend", "BitSharingResult", "ResidualSumsReducer",
+           "available_backends", "resolve", "set_cpu_simd", "set_cpu_winograd", "use_backend", *OPS]

@@ -2,7 +2,7 @@
 // the plain loops of kernel_cases.h: every kernel, each storage type, sparse and dense packed
 // weights, grouped, depthwise, strided and dilated convolutions, grids of several blocks with
 // partly idle threads. Built plain, under ASan+UBSan and under TSan (CMakeLists.txt); the Python
-// suite compares the same kernels with mixedprec/reference.py over many more shapes.
+// suite compares the same kernels with mixedprec/backends/reference/ over many more shapes.
 #include <cmath>
 #include <vector>
 

@@ -7,7 +7,7 @@
 //
 // The functions are templates over a value type F and an Ops policy so that the same source
 // serves a float (CUDA, SIMT, scalar tails) and a SIMD vector (the CPU kernels). Every
-// operation is spelled exactly like mixedprec/reference.py so that results agree bit for bit.
+// operation is spelled exactly like mixedprec/backends/reference/ so that results agree bit for bit.
 #pragma once
 
 #include "mixedprec/common.h"

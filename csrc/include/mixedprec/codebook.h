@@ -6,7 +6,7 @@
 //                                          midpoint takes the LOWER level
 //   y     = keep ? s_c * c_{j*} + (w - w) : 0
 //
-// Every operation is spelled as mixedprec/reference.py spells it, so float32 results agree bit
+// Every operation is spelled as mixedprec/backends/reference/ spells it, so float32 results agree bit
 // for bit. `w - w` is the reference's `w - w.detach()`: 0 for a finite w, NaN for NaN or +-inf.
 // Templates over an Ops policy (scalar_ops.h; cpu/vec_ops.h) serve CUDA, SIMT and the CPU SIMD.
 #pragma once

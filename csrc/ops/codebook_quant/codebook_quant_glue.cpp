@@ -1,5 +1,5 @@
 // codebook_quant's torch glue (OPQ codebook fake-quant; math: include/mixedprec/codebook.h): y
-// (the backward is a select in mixedprec/ops.py). Kernels: codebook_quant_cpu.cpp (CPU),
+// (the backward is a select in mixedprec/ops/codebook_quant.py). Kernels: codebook_quant_cpu.cpp (CPU),
 // codebook_quant.cu (CUDA, SIMT).
 #include <c10/util/accumulate.h>
 
@@ -25,7 +25,7 @@ namespace {
 
 // Types, shapes, layouts and devices; returns `inner`, the weights per output channel. Values
 // (codebook finite and strictly ascending, channel_scale finite and > 0) are checked by
-// mixedprec/ops.py before any backend runs: reading them here would sync the GPU on every call.
+// mixedprec/ops/codebook_quant.py before any backend runs: reading them here would sync the GPU on every call.
 int64_t check_args(const at::Tensor& weight, const at::Tensor& codebook, const at::Tensor& channel_scale,
                    const at::Tensor& keep_mask, const char* op) {
   kernel_dtype(weight, op, "weight");

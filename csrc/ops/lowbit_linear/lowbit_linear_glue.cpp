@@ -1,5 +1,5 @@
 // lowbit_linear's torch glue: y = x W^T (forward) and grad_x = grad_y W (backward) with W (out, in)
-// a packed weight (register/packed_weight.h), all float32 (mixedprec/ops.py widens x, grad_y,
+// a packed weight (register/packed_weight.h), all float32 (mixedprec/ops/lowbit_linear.py widens x, grad_y,
 // codebook and channel_scale). Kernels: lowbit_linear_cpu.cpp (CPU), lowbit_linear.cu (CUDA, SIMT).
 #include "register/op.h"
 #include "register/packed_weight.h"

@@ -1,6 +1,6 @@
 // lut_conv2d's torch glue: conv2d through a packed codebook weight (register/packed_weight.h),
 // y and grad_x (the transposed convolution). x, grad_y: float32, float16 or bfloat16; codebook and
-// channel_scale float32 (mixedprec/ops.py widens them). Kernels: lut_conv2d_cpu.cpp (CPU),
+// channel_scale float32 (mixedprec/ops/packed_args.py widens them). Kernels: lut_conv2d_cpu.cpp (CPU),
 // lut_conv2d.cu (CUDA, SIMT).
 #include "mixedprec/conv2d.h"
 #include "register/op.h"

@@ -11,11 +11,18 @@ Arithmetic is spelled exactly as the kernels spell it (``x * (1 / clip)``, ``rin
 the gated sum folded from the innermost offset outwards) so that a float32 kernel and this
 composite in float32 agree bit for bit; float16/bfloat16 inputs are computed in float32.
 """
-from mixedprec.backends.reference.bit_sharing_quant import bit_sharing_quant, bit_sharing_residual_sums
-from mixedprec.backends.reference.codebook_quant import codebook_quant
-from mixedprec.backends.reference.lowbit_linear import lowbit_linear
-from mixedprec.backends.reference.lut_conv2d import lut_conv2d
+import importlib
+import pkgutil
+
+from mixedprec.backends.reference.bit_sharing_quant import bit_sharing_residual_sums
 from mixedprec.backends.reference.quant import compute_dtype, levels, normalize, ste_gate, ste_round
 
-__all__ = ["bit_sharing_quant", "bit_sharing_residual_sums", "codebook_quant", "compute_dtype", "levels",
-           "lowbit_linear", "lut_conv2d", "normalize", "ste_gate", "ste_round"]
+__all__ = ["bit_sharing_residual_sums", "compute_dtype", "levels", "normalize", "ste_gate", "ste_round"]
+
+# ``reference.<op>`` is the function ``<op>`` of this package's module ``<op>.py``: adding an op
+# adds a module, no line here.
+for _info in pkgutil.iter_modules(__path__):
+    _module = importlib.import_module(f"{__name__}.{_info.name}")
+    if callable(getattr(_module, _info.name, None)):
+        globals()[_info.name] = getattr(_module, _info.name)
+        __all__.append(_info.name)

@@ -5,7 +5,7 @@ them and their keep_mask bytes and writes y (4 + 1 + 4 B/elem in fp32). Element 
 channel i // inner. The nearest level is a branch-free binary lower-bound search over the
 midpoints padded with +inf to 2^STEPS - 1 entries: STEPS = ceil(log2 L) table reads per element.
 
-Arithmetic is spelled as in reference.py and the C++/CUDA kernels: 1 / channel_scale and the
+Arithmetic is spelled as in mixedprec/backends/reference/ and the C++/CUDA kernels: 1 / channel_scale and the
 midpoints come precomputed from the host with torch's float32 ops (Triton's fp32 division is
 approximate on GPUs), FMA contraction is off, and `w - w` carries NaN for non-finite weights.
 """
