@@ -76,7 +76,7 @@ def test_file_size_matches_packed_layer_bytes(tmp_path, sparsity, codebook_dtype
             expected += packed_layer_bytes(p.numel, p.out_channels, p.kept, p.bits, p.channel_scale.dtype,
                                            p.codebook.dtype).total
     expected += sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
-                    if not name.endswith(formats._FIELDS))  # biases and BatchNorm, in float
+                    if not name.endswith(formats.FIELDS))  # biases and BatchNorm, in float
     assert abs(os.path.getsize(path) - expected) <= 0.02 * expected, (os.path.getsize(path), expected)
 
 
@@ -128,7 +128,7 @@ def test_newer_version_and_foreign_file(tmp_path):
     path = _save_small(tmp_path)
     tensors, content = formats.load_file(path)
     header = {"format": formats.FORMAT_NAME, "version": str(formats.FORMAT_VERSION + 1), "content": json.dumps(content),
-              "crc32": json.dumps({k: formats._crc32(v) for k, v in tensors.items()})}
+              "crc32": json.dumps({k: formats.crc32(v) for k, v in tensors.items()})}
     save_file(tensors, str(path), metadata=header)
     newer, current = formats.FORMAT_VERSION + 1, formats.FORMAT_VERSION
     with pytest.raises(ValueError, match=f"version {newer}, this mixedprec reads versions up to {current}"):

@@ -294,7 +294,7 @@ def test_save_load_round_trips_bit_for_bit(case):
         tensors, description = formats.load_file(path)
     loaded = formats.packed_from_tensors(tensors, "layer.", description)
     assert (loaded.shape, loaded.bits) == (packed.shape, packed.bits)
-    for name in formats._FIELDS:
+    for name in formats.FIELDS:
         original, back = getattr(packed, name), getattr(loaded, name)
         assert (original is None) == (back is None), name
         if original is not None:

@@ -206,9 +206,9 @@ def test_packed_linear_load_state_dict_rebuilds_its_code_offsets():
     """The code index is derived from the keep bitmap, not saved: loading another layer's buffers
     of the same size must rebuild it (it used to keep the old one)."""
     source, target = _packed_linear(1), _packed_linear(2)
-    assert not torch.equal(source.code_offsets, target.code_offsets)
+    assert not torch.equal(source.packed_weight().code_offsets, target.packed_weight().code_offsets)
     target.load_state_dict(source.state_dict())
-    assert torch.equal(target.code_offsets, source.code_offsets)
+    assert torch.equal(target.packed_weight().code_offsets, source.packed_weight().code_offsets)
     x = torch.randn(3, 40)
     assert torch.equal(target(x), source(x))
     bad = source.state_dict()

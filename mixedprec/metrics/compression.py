@@ -53,7 +53,7 @@ def packed_layer_bytes(numel: int, out_channels: int, kept, bits, scale_dtype: t
                        codebook_dtype: torch.dtype = torch.float16) -> PackedLayerBytes:
     """Size of one layer in the packed format; ``kept`` and ``bits`` may be numpy int arrays.
 
-    formats.py writes exactly this many bytes per layer; tests check its files against it.
+    mixedprec/formats/ writes exactly this many bytes per layer; tests check its files against it.
     """
     kept, bits = np.asarray(kept, dtype=np.int64), np.asarray(bits, dtype=np.int64)
     if numel < 1 or out_channels < 1 or numel % out_channels:

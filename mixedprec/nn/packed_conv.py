@@ -30,6 +30,7 @@ class PackedConv2d(PackedModule):
             conv_pair("PackedConv2d", name, value, minimum)  # fail here rather than at the first forward
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or packed.shape[0] % groups:
             raise ValueError(f"PackedConv2d: groups must be an int >= 1 dividing C_out = {packed.shape[0]}, got {groups!r}")
+        self.weight_shape = tuple(int(s) for s in packed.shape)
         self._set_packed(packed)
         self.in_channels, self.out_channels = self.weight_shape[1] * groups, self.weight_shape[0]
         self.kernel_size = self.weight_shape[2:]

@@ -24,13 +24,17 @@ class PackedLinear(PackedModule):
         if not isinstance(packed, PackedWeight) or len(packed.shape) != 2:
             raise ValueError(f"PackedLinear: packed must be a 2-D PackedWeight, got "
                              f"{getattr(packed, 'shape', type(packed).__name__)}")
+        self.out_features, self.in_features = packed.shape
         self._set_packed(packed)
-        self.out_features, self.in_features = self.weight_shape
         self.backend = backend
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"PackedLinear: bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().float())
         self.input_quant = input_quant
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
 
     @property
     def packed(self) -> PackedWeight:

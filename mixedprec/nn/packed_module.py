@@ -23,11 +23,12 @@ class PackedModule(nn.Module):
     once, and again whenever the buffers change: a device move, ``load_state_dict``, an assignment.
     """
 
-    weight_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]  # set (or computed) by the subclass from its geometry
     bits: int
+    DERIVED_ATTRIBUTES = ("_packed",)  # rebuilt from the buffers, never saved (nn/module_tree.py)
 
     def _set_packed(self, packed: PackedWeight) -> None:
-        self.weight_shape, self.bits = tuple(int(s) for s in packed.shape), packed.bits
+        self.bits = packed.bits
         for name in PACKED_BUFFERS:
             self.register_buffer(name, getattr(packed, name))
         self._packed = packed

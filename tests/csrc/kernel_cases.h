@@ -254,7 +254,7 @@ void check_codebook(const CodebookCase& c, const T* y, const std::string& who) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The packed format (mixedprec/formats.py): bits-bit codes of the kept weights as one LSB-first
+// The packed format (mixedprec/formats/): bits-bit codes of the kept weights as one LSB-first
 // stream in row-major order, an LSB-first keep bitmap (none when nothing is pruned) and, with
 // it, code_offsets: the kept weights before each 64-weight block.
 

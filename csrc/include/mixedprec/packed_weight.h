@@ -1,4 +1,4 @@
-// The packed low-bit weight (mixedprec/formats.py, docs/packed-format.md) read inside a kernel:
+// The packed low-bit weight (mixedprec/formats/, docs/packed-format.md) read inside a kernel:
 // ONE view and decoder for every kernel that decodes packed weights (lowbit_linear, lut_conv2d)
 // in the CPU, CUDA and SIMT builds. No torch, no CUDA runtime.
 //
