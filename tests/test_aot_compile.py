@@ -66,7 +66,7 @@ def test_the_gpu_values_of_the_launchers_are_compiled(compiled):
     _, report = compiled
     gpu = report["gpu_constants"]
     assert common.BLOCK != gpu["BLOCK"] and common.LAUNCH_OPTIONS != gpu["LAUNCH_OPTIONS"]
-    config = next(r["config"] for r in report["rows"] if r["kernel"] == "bit_sharing._apply_kernel")
+    config = next(r["config"] for r in report["rows"] if r["kernel"] == "bit_sharing_quant._apply_kernel")
     assert f"BLOCK={gpu['BLOCK']} " in config and f"warps={gpu['LAUNCH_OPTIONS']['num_warps']} " in config, config
 
 

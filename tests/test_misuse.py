@@ -98,7 +98,7 @@ def _broken_files(folder: Path, saved: Path, plan: opq.Plan) -> dict[str, Path]:
     files["flipped"].write_bytes(bytes(flipped))
     tensors, content = formats.load_file(saved)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(formats, "FORMAT_VERSION", formats.FORMAT_VERSION + 1)
+        patch.setattr(formats.files, "FORMAT_VERSION", formats.FORMAT_VERSION + 1)
         formats.save_file(files["newer"], tensors, content)
     save_file({"weight": torch.zeros(2)}, str(files["foreign"]))
     short_codes = dict(tensors, **{"0.codes": tensors["0.codes"][:-1]})  # checksums recomputed: only the layer is wrong
