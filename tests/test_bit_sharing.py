@@ -480,13 +480,14 @@ def test_asymmetric_offset_gradcheck_float64():
     thresholds = torch.tensor([0.05, 0.01], dtype=torch.float64)
     offset = torch.tensor(0.41, dtype=torch.float64)
     round_offsets = []
+    snap = reference.quant.zero_point(offset, bits[0], torch.float64) - offset
 
     def record_round(t):
         round_offsets.append((torch.round(t) - t).detach())
         return torch.round(t)
 
     def run(x, clip, offset, round_fn):
-        z0 = offset + (reference.quant.zero_point(offset, bits[0], torch.float64) - offset).detach()  # D as STE
+        z0 = offset + snap  # D straight through: its rounding frozen at the point
         return reference.bit_sharing_quant(x, clip, thresholds, bits, False, zero_point=z0, round_fn=round_fn)[0]
 
     y_real = run(x, clip, offset, record_round)
