@@ -53,7 +53,8 @@ def describe(module: nn.Module, prefix: str, tensors: dict) -> dict:
         raise ValueError(f"save: module {prefix.rstrip('.') or '<root>'!r} is a {path} inside a mixedprec module; "
                          f"only torch.nn and mixedprec modules can be described there")
     attrs = {key: encode_checked(value, f"attribute {key!r} of module {prefix.rstrip('.') or '<root>'!r} ({path})")
-             for key, value in vars(module).items() if key not in MODULE_INTERNALS}
+             for key, value in vars(module).items()
+             if key not in MODULE_INTERNALS and key not in getattr(module, "DERIVED_ATTRS", ())}
     params, buffers = {}, {}
     for name, p in module._parameters.items():
         params[name] = None if p is None else p.requires_grad

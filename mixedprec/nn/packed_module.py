@@ -25,6 +25,7 @@ class PackedModule(nn.Module):
 
     weight_shape: tuple[int, ...]
     bits: int
+    DERIVED_ATTRS = ("_packed",)  # rebuilt over the buffers (rebuild_derived): never saved
 
     def _set_packed(self, packed: PackedWeight) -> None:
         self.weight_shape, self.bits = tuple(int(s) for s in packed.shape), packed.bits
