@@ -54,11 +54,6 @@ def run(args: argparse.Namespace) -> dict:
     """Runs the demo; returns the JSON record it wrote."""
     if distributed.launched_by_torchrun():  # it writes files between its trainings: one process
         raise UsageError("the demo runs in a single process; under torchrun use `mixedprec compress`")
-    if args.preset is not None:  # refused before any training
-        try:
-            sbs.check_act_grid(sbs.SBSPolicy.preset(args.preset).act_grid)
-        except NotImplementedError as exc:
-            raise UsageError(f"--preset {args.preset}: {exc}") from None
     device, out, quiet = resolve_device(args.device), make_out_dir(args.out), args.quiet
     start = time.perf_counter()
     data = load_data("digits", None, image_size=8, seed=args.seed)

@@ -56,18 +56,22 @@ def assert_equal_nan(actual: Tensor, expected: Tensor, what: str = "output") -> 
 # ---------------------------------------------------------------------------------------------
 # bit_sharing_quant
 
-def bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed):
-    """Forward result and gradients (x, clip, thresholds) through the public op."""
-    x, clip, thresholds = (t.detach().requires_grad_() for t in (x, clip, thresholds))
-    fn = reference.bit_sharing_quant if backend == "reference" else (
-        lambda *a: ops.bit_sharing_quant(*a, backend=backend)[:2])
-    y, residual_mean = fn(x, clip, thresholds, bits, signed)
-    grads = torch.autograd.grad(y, (x, clip, thresholds), grad_y, allow_unused=True)
-    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, (x, clip, thresholds))]
+def bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed, offset=None):
+    """Forward result and gradients (x, clip, thresholds, and offset when given) through the
+    public op (the reference composite itself without an offset)."""
+    inputs = [t.detach().requires_grad_() for t in (x, clip, thresholds) + (() if offset is None else (offset,))]
+    if offset is not None:
+        y, residual_mean = ops.bit_sharing_quant(*inputs[:3], bits, signed, backend=backend, offset=inputs[3])[:2]
+    elif backend == "reference":
+        y, residual_mean = reference.bit_sharing_quant(*inputs, bits, signed)
+    else:
+        y, residual_mean = ops.bit_sharing_quant(*inputs, bits, signed, backend=backend)[:2]
+    grads = torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+    grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads, inputs)]
     return y.detach(), residual_mean, grads
 
 
-def bit_sharing_term_magnitudes(x, clip, thresholds, grad_y, bits, signed) -> tuple[Tensor, Tensor]:
+def bit_sharing_term_magnitudes(x, clip, thresholds, grad_y, bits, signed, zero_point=None) -> tuple[Tensor, Tensor]:
     """Per element, a bound on each term of the sums behind dL/dv and dL/d alpha_j (float64, on the
     CPU): for dL/dv, |grad_y| (|y| / v + |x / v| inside the clip range), the two parts the reference
     adds up separately and the kernels as one difference (d y / d v = y / v - x / v inside); for
@@ -76,11 +80,12 @@ def bit_sharing_term_magnitudes(x, clip, thresholds, grad_y, bits, signed) -> tu
     x, clip, grad_y = x.detach().cpu().float(), clip.detach().cpu().float(), grad_y.cpu().float()
     per_element = thresholds.detach().cpu().float().reshape(-1, *[1] * x.dim()).expand(-1, *x.shape)
     per_element = per_element.clone().requires_grad_()
-    y, _ = reference.bit_sharing_quant(x, clip, per_element, bits, signed)
+    y, _ = reference.bit_sharing_quant(x, clip, per_element, bits, signed, zero_point=zero_point)
     # (one bitwidth: no thresholds, y does not depend on them)
     threshold_terms = torch.autograd.grad(y, per_element, grad_y)[0] if y.requires_grad else per_element.detach()
     t = x * (1.0 / clip)  # as every backend computes x / v
-    inside = (t > (-1.0 if signed else 0.0)) & (t < 1.0)
+    u = t if zero_point is None else t + zero_point
+    inside = (u > (-1.0 if signed else 0.0)) & (u < 1.0)
     clip_terms = grad_y.abs() * (y.abs() / clip + torch.where(inside, t.abs(), 0.0))
     return clip_terms.double(), threshold_terms.double().abs()
 
@@ -101,10 +106,15 @@ def float32_sum_tolerance(magnitudes: Tensor, sums: int) -> float:
     return sums * 6 * _U32 * math.sqrt(m.numel()) * m.norm().item() + 16 * _U32 * m.sum().item()
 
 
-def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signed):
-    y, residual_mean, (gx, gclip, gthr) = bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed)
+def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signed, offset=None):
+    """``backend`` against the reference: forward bit-exact, gradients within float32 sum
+    tolerances; ``offset``: the asymmetric grid (its gradient checked too). Returns the
+    reference's output."""
+    y, residual_mean, (gx, gclip, gthr, *goffset) = bit_sharing_run(backend, x, clip, thresholds, grad_y, bits, signed,
+                                                                    offset)
     cpu = [t.cpu() for t in (x, clip, thresholds, grad_y)]
-    ry, rmean, (rgx, rgclip, rgthr) = bit_sharing_run("reference", *cpu, bits, signed)
+    ry, rmean, (rgx, rgclip, rgthr, *rgoffset) = bit_sharing_run("reference", *cpu, bits, signed,
+                                                                 None if offset is None else offset.cpu())
     # Every backend spells the arithmetic like the reference: the forward is bit-exact.
     assert_equal_nan(y.cpu(), ry, f"{backend} output")
     torch.testing.assert_close(residual_mean.cpu(), rmean, rtol=1e-5, atol=1e-7, equal_nan=True)
@@ -114,7 +124,12 @@ def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signe
     # the kernels and two in the reference; dL/d alpha_j one in each. rtol: the residual means
     # (a_j <= 1/2, equal to 1e-5 and 1e-7 above) enter alpha_j's factor sigmoid'(a_j - alpha_j),
     # whose relative change is at most |da_j| < 1e-5.
-    clip_terms, threshold_terms = bit_sharing_term_magnitudes(*cpu, bits, signed)
+    zero_point = None if offset is None else reference.quant.zero_point(offset.cpu(), bits[0], torch.float32)
+    clip_terms, threshold_terms = bit_sharing_term_magnitudes(*cpu, bits, signed, zero_point)
+    if offset is not None:  # dL/dz0 = -v sum over the outside of grad_y (two sums in the reference)
+        offset_terms = (clip.detach().cpu().double() * grad_y.cpu().double().abs()).flatten()
+        torch.testing.assert_close(goffset[0].cpu(), rgoffset[0], rtol=0, atol=float32_sum_tolerance(offset_terms, 3),
+                                   equal_nan=True, msg=lambda m: f"{backend} grad offset: {m}")
     torch.testing.assert_close(gclip.cpu(), rgclip, rtol=0, atol=float32_sum_tolerance(clip_terms, 3),
                                equal_nan=True, msg=lambda m: f"{backend} grad clip: {m}")
     for j, terms in enumerate(threshold_terms):

@@ -392,3 +392,201 @@ def test_kernel_ops_check_arguments_in_cpp(backend):
         stats(x, clip, [4, 2, 8], True)
     with pytest.raises(RuntimeError, match="clip must be float32"):
         stats(x, clip.double(), [2, 4, 8], True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the asymmetric activation grid: a learnable offset o, zero point z0 = D(clamp(o, 0, 1), b_1)
+
+def asymmetric_case(shape, bits, dtype=torch.float32, device="cpu", seed=0, offset=0.37):
+    """make_case's unsigned case (randn: negative values too) with a zero in every 5th element
+    (x = 0 must give y = 0), thresholds 50% off the shifted grid's residual means, and the offset."""
+    x, clip, thresholds, grad_y = make_case(shape, bits, False, dtype=dtype, seed=seed)
+    x = x.clone()
+    x.view(-1)[::5] = 0
+    z0 = reference.quant.zero_point(torch.tensor(offset), bits[0], torch.float32)
+    _, residual_mean = reference.bit_sharing_quant(x, clip, torch.zeros(len(bits) - 1), bits, False, zero_point=z0)
+    thresholds = residual_mean * torch.tensor([0.5, 1.5] * 4)[: len(bits) - 1]
+    return [t.to(device) for t in (x, clip, thresholds, grad_y, torch.tensor(offset))]
+
+
+@pytest.mark.parametrize("n", [1, 7, 1023, 40_001])
+def test_asymmetric_matches_reference_sizes(kernel_backend, n):
+    backend, device = kernel_backend
+    x, clip, thresholds, grad_y, offset = asymmetric_case((n,), (2, 4, 8), device=device, seed=n)
+    y = assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, (2, 4, 8), False, offset)
+    assert (y.view(-1)[::5] == 0).all()
+
+
+@pytest.mark.parametrize("bits", BIT_SETS)
+@pytest.mark.parametrize("offset", [0.0, 0.25, 0.6, 1.0])
+def test_asymmetric_matches_reference_bits(kernel_backend, bits, offset):
+    backend, device = kernel_backend
+    case = asymmetric_case((37, 3, 3, 5), bits, device=device, seed=len(bits), offset=offset)
+    assert_bit_sharing_matches(backend, *case[:4], bits, False, case[4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_asymmetric_matches_reference_half_types(kernel_backend, dtype):
+    backend, device = kernel_backend
+    case = asymmetric_case((3001,), (2, 4, 8), dtype=dtype, device=device, seed=3, offset=0.55)
+    y = assert_bit_sharing_matches(backend, *case[:4], (2, 4, 8), False, case[4])
+    assert (y.view(-1)[::5] == 0).all()
+
+
+def test_asymmetric_zero_offset_is_the_unsigned_grid(kernel_backend):
+    """o = 0 (z0 = 0) gives the old unsigned results: output, means and x, clip, threshold grads."""
+    backend, device = kernel_backend
+    x, clip, thresholds, grad_y = make_case((1001,), (2, 4, 8), False, device=device, seed=4)
+    plain = bit_sharing_run(backend, x, clip, thresholds, grad_y, (2, 4, 8), False)
+    shifted = bit_sharing_run(backend, x, clip, thresholds, grad_y, (2, 4, 8), False, torch.tensor(0.0, device=device))
+    assert torch.equal(plain[0], shifted[0]) and torch.equal(plain[1], shifted[1])
+    for a, b in zip(plain[2], shifted[2][:3]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", BIT_SETS)
+def test_asymmetric_zero_is_exact(kernel_backend, bits):
+    """x = 0 (and -0) maps to exactly 0 for every offset, gates on or off: z0 is a level of the
+    lowest grid, so every residual is 0. Values of the grid's range come out as themselves."""
+    backend, device = kernel_backend
+    x = torch.tensor([0.0, -0.0, 0.0, 1e-30], device=device)
+    for offset in torch.linspace(-0.5, 1.5, 23):
+        for thresholds in (torch.full((len(bits) - 1,), -1.0), torch.full((len(bits) - 1,), 1e9)):
+            y = ops.bit_sharing_quant(x, torch.tensor(0.7, device=device), thresholds.to(device), bits, False,
+                                      backend=backend, offset=offset.to(device)).output
+            assert (y[:3] == 0).all(), (offset, y)
+
+
+def test_asymmetric_range_and_levels():
+    """The grid covers [-z0 v, (1 - z0) v] with 2^b levels: clipped below and above."""
+    clip, bits = torch.tensor(2.0), (2,)
+    z0 = reference.quant.zero_point(torch.tensor(0.4), 2, torch.float32)
+    assert z0.item() == pytest.approx(1 / 3)
+    x = torch.linspace(-5, 5, 1001)
+    y = ops.bit_sharing_quant(x, clip, torch.zeros(0), bits, False, offset=torch.tensor(0.4)).output
+    levels = sorted(set(y.tolist()))
+    assert len(levels) == 4 and 0.0 in levels
+    assert levels[0] == pytest.approx(-2 / 3) and levels[-1] == pytest.approx(4 / 3)
+
+
+def test_asymmetric_offset_gradcheck_float64():
+    """The offset's gradient (and clip's, x's) in the reference equals finite differences of the
+    straight-through surrogate (round frozen as in test_reference_gradcheck_float64); and the
+    kernels' closed form dL/dz0 = -v sum(grad_y outside) agrees with it."""
+    bits, g = (2, 4, 8), torch.Generator().manual_seed(1)
+    x = torch.randn(40, generator=g, dtype=torch.float64)
+    x[::7] = 0
+    clip = torch.tensor(1.3, dtype=torch.float64)
+    thresholds = torch.tensor([0.05, 0.01], dtype=torch.float64)
+    offset = torch.tensor(0.41, dtype=torch.float64)
+    round_offsets = []
+    snap = reference.quant.zero_point(offset, bits[0], torch.float64) - offset
+
+    def record_round(t):
+        round_offsets.append((torch.round(t) - t).detach())
+        return torch.round(t)
+
+    def run(x, clip, offset, round_fn):
+        z0 = offset + snap  # D straight through: its rounding frozen at the point
+        return reference.bit_sharing_quant(x, clip, thresholds, bits, False, zero_point=z0, round_fn=round_fn)[0]
+
+    y_real = run(x, clip, offset, record_round)
+
+    def surrogate(x, clip, offset):
+        rounds = iter(round_offsets)
+        return run(x, clip, offset, lambda t: t + next(rounds))
+
+    inputs = [t.clone().requires_grad_() for t in (x, clip, offset)]
+    torch.testing.assert_close(surrogate(*inputs), y_real)
+    assert torch.autograd.gradcheck(surrogate, inputs, eps=1e-7, atol=1e-6)
+    grad_y = torch.randn(40, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(surrogate(*inputs), inputs, grad_y)
+    got_in = [t.clone().requires_grad_() for t in (x, clip, offset)]
+    got = torch.autograd.grad(ops.bit_sharing_quant(got_in[0], got_in[1], thresholds, bits, False,
+                                                    offset=got_in[2]).output, got_in, grad_y)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    z0 = reference.quant.zero_point(offset, bits[0], torch.float64)
+    outside = ~((x / clip + z0 > 0) & (x / clip + z0 < 1))
+    torch.testing.assert_close(got[2], -clip * grad_y[outside].sum())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_asymmetric_opcheck(backend):
+    require_backend(backend)
+    x, clip, thresholds, _, offset = asymmetric_case((33, 5), (2, 4, 8))
+    z0 = reference.quant.zero_point(offset, 2, torch.float32)
+    x.requires_grad_()
+    clip.requires_grad_(), thresholds.requires_grad_(), z0.requires_grad_()
+    op = custom_op(backend, "bit_sharing_quant").default
+    torch.library.opcheck(op, (x, clip, thresholds, [2, 4, 8], False, None, z0))
+    torch.library.opcheck(op, (x, clip, thresholds, [2, 4, 8], False, torch.tensor([0.1, 0.001]), z0))
+    torch.library.opcheck(custom_op(backend, "bit_sharing_residual_sums").default,
+                          (x.detach(), clip.detach(), [2, 4, 8], False, z0.detach()))
+
+
+def test_asymmetric_torch_compile_fullgraph_matches_eager():
+    require_backend("cpu")
+    x, clip, thresholds, grad_y, offset = asymmetric_case((64, 9), (2, 4, 8))
+
+    def model(x, clip, thresholds, offset):
+        return ops.bit_sharing_quant(x, clip, thresholds, signed=False, offset=offset).output * 3
+
+    compiled = torch.compile(model, fullgraph=True)
+    eager_in = [t.clone().requires_grad_() for t in (x, clip, thresholds, offset)]
+    comp_in = [t.clone().requires_grad_() for t in (x, clip, thresholds, offset)]
+    eager_y, comp_y = model(*eager_in), compiled(*comp_in)
+    assert torch.equal(eager_y, comp_y)
+    for a, b in zip(torch.autograd.grad(eager_y, eager_in, grad_y), torch.autograd.grad(comp_y, comp_in, grad_y)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_asymmetric_reduced_statistics(backend):
+    """Shards with reduced statistics give the whole batch's output under the asymmetric grid."""
+    device = torch.device("cpu") if backend == "reference" else require_backend(backend)
+    x, clip, thresholds, grad_y, offset = asymmetric_case((3000,), (2, 4, 8), device=device, seed=12)
+    whole = ops.bit_sharing_quant(x, clip, thresholds, (2, 4, 8), False, backend=backend, offset=offset)
+    shards, sums = [x[:1000], x[1000:]], []
+    for shard in shards:
+        ops.bit_sharing_quant(shard, clip, thresholds, (2, 4, 8), False, backend=backend, offset=offset,
+                              reduce_residual_sums=lambda t: sums.append(t.clone()) or t)
+    total = torch.stack(sums).sum(0)
+    ys = [ops.bit_sharing_quant(s, clip, thresholds, (2, 4, 8), False, backend=backend, offset=offset,
+                                reduce_residual_sums=lambda t: total.clone()).output for s in shards]
+    assert torch.equal(torch.cat(ys), whole.output)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(offset=torch.tensor(float("nan"))), "offset must be finite"),
+    (dict(offset=torch.tensor(float("inf"))), "offset must be finite"),
+    (dict(offset=torch.tensor([0.5])), "offset must be a 0-dim tensor"),
+    (dict(offset=0.5), "offset must be a torch.Tensor"),
+    (dict(offset=torch.tensor(1)), "offset must be a floating-point tensor"),
+    (dict(offset=torch.tensor(0.5), signed=True), "offset (the asymmetric grid) needs signed=False"),
+])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_asymmetric_bad_offsets(overrides, message, backend):
+    if backend != "reference":
+        require_backend(backend)
+    args = {**_args(), "signed": False, **overrides}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ops.bit_sharing_quant(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_kernel_ops_check_zero_point_in_cpp(backend):
+    require_backend(backend)
+    x, clip, thr = torch.randn(8), torch.tensor(1.0), torch.zeros(2)
+    fwd, bwd = kernel_op(backend, "bit_sharing_quant_fwd"), kernel_op(backend, "bit_sharing_quant_bwd")
+    stats = kernel_op(backend, "bit_sharing_quant_stats")
+    with pytest.raises(RuntimeError, match="zero_point must be finite and in"):
+        fwd(x, clip, thr, [2, 4, 8], False, None, torch.tensor(1.5))
+    with pytest.raises(RuntimeError, match="zero_point must be finite and in"):
+        stats(x, clip, [2, 4, 8], False, torch.tensor(float("nan")))
+    with pytest.raises(RuntimeError, match="zero_point is only for the unsigned grid"):
+        bwd(x, x, clip, thr, [2, 4, 8], True, torch.tensor(0.5))
+    with pytest.raises(RuntimeError, match="zero_point must be float32"):
+        fwd(x, clip, thr, [2, 4, 8], False, None, torch.tensor(0.5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="zero_point must have shape"):
+        fwd(x, clip, thr, [2, 4, 8], False, None, torch.tensor([0.5]))

@@ -188,3 +188,44 @@ def test_save_load_unpacked_sbs_model_and_file_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
+def test_pack_sbs_asymmetric_activations_equal_the_finetuned_model(tmp_path):
+    """A layer whose inputs hold negative values quantizes them on the asymmetric grid (learnable
+    offset). The packed layer's input quantizer carries the finetuned offset: its quantized
+    inputs equal the finetuned model's bit for bit, the weights decode bit for bit, and a saved
+    file loads back to the same offset and the same outputs bit for bit."""
+    from mixedprec import sbs
+    from mixedprec.sbs.layers import SBSLayer
+
+    torch.manual_seed(0)
+    policy = sbs.SBSPolicy(weight_bits=(4,), act_bits=(4,), prune=False, act_grid="asymmetric", first_last_bits=None)
+    model = sbs.convert(nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 16), nn.ReLU(), nn.Linear(16, 5)), policy)
+    x = torch.randn(64, 20)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(5):  # finetune: the offset moves away from its start
+        start = None if model[1].a_quant.offset is None else model[1].a_quant.offset.detach().clone()
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        for m in model.modules():
+            if isinstance(m, SBSLayer):
+                m.a_quant.project_()
+    quant = model[1].a_quant
+    assert quant.asymmetric and not quant.signed and start is not None and quant.offset.item() != start.item()
+    model = sbs.export(model.eval()).model.eval()
+    packed = mixedprec.pack(model)
+    assert isinstance(packed[1], PackedLinear) and packed[1].input_quant.asymmetric
+    assert torch.equal(packed[1].input_quant.offset, model[1].a_quant.offset)
+    with torch.no_grad():
+        hidden = model[0](x)
+        assert hidden.min() < 0
+        assert torch.equal(packed[1].input_quant(hidden), model[1].a_quant(hidden))
+        assert torch.equal(packed[1].packed_weight().decode(), model[1].quantized_weight())
+        torch.testing.assert_close(packed(x), model(x), rtol=2e-3, atol=2e-3)
+        path = tmp_path / "asymmetric.safetensors"
+        mixedprec.save(packed, path)
+        loaded = mixedprec.load(path)
+        assert loaded[1].input_quant.asymmetric
+        assert torch.equal(loaded[1].input_quant.offset, packed[1].input_quant.offset)
+        assert torch.equal(loaded(x), packed(x))

@@ -56,11 +56,44 @@ def test_the_default_policy_stays_one_threshold_per_layer_in_groups_of_4():
     assert set(sbs.pruning_groups(resnet20(10)).values()) <= {(4, 1), (8, 1), (16, 1)}
 
 
-def test_asymmetric_grid_is_refused_until_the_op_supports_it():
-    with pytest.raises(NotImplementedError, match="act_grid='asymmetric'"):
-        sbs.convert(torchvision.models.mobilenet_v2(), sbs.SBSPolicy.preset("mobilenet-v2"))
-    net = sbs.convert(torchvision.models.mobilenet_v2(), sbs.SBSPolicy.preset("mobilenet-v2", act_grid="signed"))
+def test_mobilenet_v2_preset_converts_with_the_asymmetric_grid():
+    net = sbs.convert(torchvision.models.mobilenet_v2(), sbs.SBSPolicy.preset("mobilenet-v2"))
     assert net.features[2].conv[0][0].prune_gate.group_size == 16
+    layers = sbs.sbs_layers(net)
+    first = next(iter(layers.values()))
+    assert first.a_quant.offset is None  # the model's input keeps the signed grid
+    assert all(layer.a_quant.offset is not None for layer in list(layers.values())[1:] if layer.a_quant.enabled)
+
+
+def test_asymmetric_grid_learns_an_offset_and_keeps_zero():
+    """Inputs with negative values get the unsigned grid shifted by a learnable offset (started
+    from the first batch's range); 0 maps to exactly 0; non-negative inputs stay unsigned."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    net = sbs.convert(model, sbs.SBSPolicy(act_grid="asymmetric", first_last_bits=None, prune=False))
+    x = torch.randn(64, 4)
+    net(x).square().sum().backward()
+    quants = [net[i].a_quant for i in (0, 1, 3)]
+    assert [q.signed for q in quants] == [True, False, False]
+    assert [q.asymmetric for q in quants] == [False, True, False]
+    q = quants[1]
+    assert 0 < q.offset.item() < 1 and q.offset.grad is not None and q.clip.grad is not None
+    assert quants[2].offset.grad is None  # ReLU output: the plain unsigned grid, offset unused
+    hidden = net[0](x).detach()
+    assert hidden.min() < 0 < hidden.max()
+    probe = torch.cat([hidden.flatten(), torch.zeros(3)])
+    y = q(probe)
+    assert (y[-3:] == 0).all() and (y < 0).any()
+    q.fix(4)
+    net.eval()
+    assert (q(probe)[-3:] == 0).all()
+    state = net.state_dict()
+    assert any(k.endswith("a_quant.offset") for k in state)
+    again = sbs.convert(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+                        sbs.SBSPolicy(act_grid="asymmetric", first_last_bits=None, prune=False))
+    again.load_state_dict(state)
+    again[1].a_quant.fix(4)
+    again.eval()
+    assert again[1].a_quant.asymmetric and torch.equal(again[1].a_quant(probe), q(probe))
 
 
 def test_unknown_preset_and_conflicting_settings_are_refused():

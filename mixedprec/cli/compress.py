@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="filters per pruning group (default: the preset's, else 4)")
     g.add_argument("--act-grid", choices=("unsigned", "signed", "asymmetric"), default=None,
                    help="grid of activations that hold negative values: signed (no zero level), unsigned (negative "
-                        "values clipped), asymmetric (not supported yet) (default: the preset's, else signed)")
+                        "values clipped), asymmetric (a learnable offset, exact zero level) (default: the preset's, else signed)")
     g.add_argument("--no-prune", action="store_true", help="search bits only, no filter pruning")
     opq_parser = methods.add_parser(
         "opq", help="OPQ: allocate pruning and codebooks analytically for a compression rate, finetune",
@@ -168,10 +168,7 @@ def _policy(args: argparse.Namespace) -> sbs.SBSPolicy:
     overrides["prune"] = not args.no_prune
     try:
         policy = (sbs.SBSPolicy(**overrides) if args.preset is None else sbs.SBSPolicy.preset(args.preset, **overrides))
-        sbs.check_act_grid(policy.act_grid, policy.quantize)
         return policy
-    except NotImplementedError as exc:
-        raise UsageError(f"{'--act-grid' if args.act_grid else '--preset ' + str(args.preset)}: {exc}") from None
     except ValueError as exc:
         raise UsageError(str(exc).replace("SBSPolicy: weight_bits", "--weight-bits")
                          .replace("SBSPolicy: act_bits", "--act-bits")) from None

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mixedprec.backends import reference
+from mixedprec.backends.reference.quant import compute_dtype, zero_point as offset_zero_point
 from mixedprec.ops import checks
 from mixedprec.ops.backend import Backend, kernel, kernels_built, resolve
 from mixedprec.ops.library import custom_op, define, register_autograd
@@ -38,6 +39,7 @@ def bit_sharing_quant(
     *,
     backend: str | Backend | None = None,
     reduce_residual_sums: ResidualSumsReducer | None = None,
+    offset: Tensor | None = None,
 ) -> BitSharingResult:
     """SBS bit-sharing fake-quant (DESIGN.md): lowest-bit base plus gated re-assignment offsets.
 
@@ -46,6 +48,13 @@ def bit_sharing_quant(
     thresholds: (len(bits)-1,) finite gate thresholds alpha.
     Gradients: straight-through to x inside [-v, v] (or [0, v]), LSQ-style to clip, and the
     sigmoid straight-through estimate to every threshold.
+
+    offset: the asymmetric grid (signed=False only): a 0-dim finite learnable offset o in
+    normalized units. The unsigned grid is shifted by the zero point z0 = D(clamp(o, 0, 1), b_1),
+    a level of every candidate grid: z = clamp(x / v + z0, 0, 1), y = v (z_hat - z0), covering
+    [-z0 v, (1 - z0) v] with an exact zero level (x = 0 gives y = 0 exactly). None: z0 = 0, the
+    plain unsigned grid. Gradient to o straight through D: d y / d z0 = 0 inside the range, -v
+    outside (docs/sbs.md, "The asymmetric activation grid").
 
     reduce_residual_sums: makes the gates global over a batch split across processes. The op
     then runs in two passes: the residual sums of x with its element count go through this
@@ -69,30 +78,43 @@ def bit_sharing_quant(
         raise ValueError(f"{op}: signed must be a bool, got {signed!r}")
     if reduce_residual_sums is not None and not callable(reduce_residual_sums):
         raise ValueError(f"{op}: reduce_residual_sums must be callable or None, got {reduce_residual_sums!r}")
+    if offset is not None:
+        checks.tensor(op, "offset", offset, x.device)
+        if offset.dim() != 0:
+            raise ValueError(f"{op}: offset must be a 0-dim tensor, got shape {tuple(offset.shape)}")
+        if signed:
+            raise ValueError(f"{op}: offset (the asymmetric grid) needs signed=False: the signed grid has no offset")
+        if not torch.compiler.is_compiling():  # NaN would poison every output, inf would clamp silently
+            checks.finite(op, "offset", offset)
     backend = resolve(op, backend, x, KERNELS_BUILT)
     if backend is Backend.REFERENCE and not torch.compiler.is_compiling():
         _check_values(clip, thresholds)
+    # z0 in the dtype the backend computes in (kernels: float32); differentiable in the offset
+    zero_point = None if offset is None else offset_zero_point(
+        offset, bits[0], compute_dtype(x.dtype) if backend is Backend.REFERENCE else torch.float32)
     residual_mean = None
     if reduce_residual_sums is not None and len(bits) > 1:
-        residual_mean = _reduced_residual_mean(x, clip, bits, signed, backend, reduce_residual_sums)
+        residual_mean = _reduced_residual_mean(x, clip, zero_point, bits, signed, backend, reduce_residual_sums)
     if backend is Backend.REFERENCE:  # a differentiable composite: torch's autograd is its backward
-        y, residual_mean = reference.bit_sharing_quant(x, clip, thresholds, bits, signed, residual_mean=residual_mean)
+        y, residual_mean = reference.bit_sharing_quant(x, clip, thresholds, bits, signed, residual_mean=residual_mean,
+                                                       zero_point=zero_point)
     else:  # kernels take float32 parameters; the cast is differentiable
         y, residual_mean = custom_op(backend, "bit_sharing_quant")(
-            x, clip.float(), thresholds.float(), list(bits), signed, residual_mean)
+            x, clip.float(), thresholds.float(), list(bits), signed, residual_mean, zero_point)
     gates = (residual_mean > thresholds.detach()).float()
     return BitSharingResult(y, residual_mean, gates)
 
 
-def _reduced_residual_mean(x: Tensor, clip: Tensor, bits: tuple[int, ...], signed: bool, backend: Backend,
-                           reduce: ResidualSumsReducer) -> Tensor:
+def _reduced_residual_mean(x: Tensor, clip: Tensor, zero_point: Tensor | None, bits: tuple[int, ...], signed: bool,
+                           backend: Backend, reduce: ResidualSumsReducer) -> Tensor:
     """float32 (K-1,) residual means over everything ``reduce`` adds up (no autograd: the
     gates' statistic carries no gradient)."""
     x, clip = x.detach(), clip.detach()
+    zero_point = None if zero_point is None else zero_point.detach()
     if backend is Backend.REFERENCE:
-        sums = reference.bit_sharing_residual_sums(x, clip, bits, signed)
+        sums = reference.bit_sharing_residual_sums(x, clip, bits, signed, zero_point)
     else:
-        sums = custom_op(backend, "bit_sharing_residual_sums")(x, clip.float(), list(bits), signed)
+        sums = custom_op(backend, "bit_sharing_residual_sums")(x, clip.float(), list(bits), signed, zero_point)
     local = torch.cat([sums, sums.new_full((1,), x.numel())])
     total = reduce(local)
     if not isinstance(total, Tensor) or total.shape != local.shape:
@@ -110,20 +132,22 @@ def _check_values(clip: Tensor, thresholds: Tensor) -> None:
 # the custom ops, one per kernel family (mixedprec/ops/library.py)
 
 def _forward(family: Backend, x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool,
-             residual_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             residual_mean: Tensor | None = None, zero_point: Tensor | None = None) -> tuple[Tensor, Tensor]:
     _check_values(clip, thresholds)
-    return kernel(family, OP, "forward")(x.contiguous(), clip, thresholds, bits, signed, residual_mean)
+    return kernel(family, OP, "forward")(x.contiguous(), clip, thresholds, bits, signed, residual_mean, zero_point)
 
 
-def _residual_sums(family: Backend, x: Tensor, clip: Tensor, bits: list[int], signed: bool) -> Tensor:
+def _residual_sums(family: Backend, x: Tensor, clip: Tensor, bits: list[int], signed: bool,
+                   zero_point: Tensor | None = None) -> Tensor:
     # clip is checked by the forward that follows (one host read per call, not two)
-    return kernel(family, OP, "stats")(x.contiguous(), clip, bits, signed)
+    return kernel(family, OP, "stats")(x.contiguous(), clip, bits, signed, zero_point)
 
 
 def _backward(family: Backend, grad_y: Tensor, x: Tensor, clip: Tensor, thresholds: Tensor, residual_mean: Tensor,
-              bits: list[int], signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+              bits: list[int], signed: bool, zero_point: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     gates = (residual_mean > thresholds).float()
-    grad_x, sums = kernel(family, OP, "backward")(grad_y.contiguous(), x.contiguous(), clip, gates, bits, signed)
+    grad_x, sums = kernel(family, OP, "backward")(grad_y.contiguous(), x.contiguous(), clip, gates, bits, signed,
+                                                  zero_point)
     return grad_x, sums[0].to(clip.dtype), _threshold_grad(sums[1:], residual_mean, thresholds, gates, clip, signed)
 
 
@@ -141,27 +165,32 @@ def _threshold_grad(tail_sums: Tensor, residual_mean: Tensor, thresholds: Tensor
 
 
 def _setup_context(ctx, inputs, output):
-    x, clip, thresholds, bits, signed, _given_mean = inputs
-    ctx.save_for_backward(x, clip, thresholds, output[1])
+    x, clip, thresholds, bits, signed, _given_mean, zero_point = inputs
+    ctx.save_for_backward(x, clip, thresholds, output[1], zero_point)
     ctx.bits, ctx.signed = bits, signed
 
 
 def _autograd(family: Backend, ctx, grad_y, _grad_residual_mean):
-    x, clip, thresholds, residual_mean = ctx.saved_tensors
+    x, clip, thresholds, residual_mean, zero_point = ctx.saved_tensors
     grad_x, grad_clip, grad_thresholds = custom_op(family, "bit_sharing_quant_backward")(
-        grad_y, x, clip, thresholds, residual_mean, ctx.bits, ctx.signed)
-    return grad_x, grad_clip, grad_thresholds, None, None, None
+        grad_y, x, clip, thresholds, residual_mean, ctx.bits, ctx.signed, zero_point)
+    grad_zero_point = None
+    if zero_point is not None and ctx.needs_input_grad[6]:
+        # d y / d z0 = 0 inside the range, -v outside: dL/dz0 = -v sum(grad_y - grad_x), no kernel
+        # output needed (grad_x is grad_y inside and 0 outside, so the difference is exact)
+        grad_zero_point = (-clip * (grad_y - grad_x).sum(dtype=torch.float32)).to(zero_point.dtype)
+    return grad_x, grad_clip, grad_thresholds, None, None, None, grad_zero_point
 
 
 # kernels return contiguous outputs
-define(OP, "(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, Tensor? residual_mean=None) "
-       "-> (Tensor, Tensor)", _forward,
-       lambda x, clip, thresholds, bits, signed, residual_mean=None: (
+define(OP, "(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, Tensor? residual_mean=None, "
+       "Tensor? zero_point=None) -> (Tensor, Tensor)", _forward,
+       lambda x, clip, thresholds, bits, signed, residual_mean=None, zero_point=None: (
            x.new_empty(x.shape), x.new_empty(len(bits) - 1, dtype=torch.float32)))
-define("bit_sharing_residual_sums", "(Tensor x, Tensor clip, int[] bits, bool signed) -> Tensor", _residual_sums,
-       lambda x, clip, bits, signed: x.new_empty(len(bits) - 1, dtype=torch.float64))
+define("bit_sharing_residual_sums", "(Tensor x, Tensor clip, int[] bits, bool signed, Tensor? zero_point=None) -> Tensor",
+       _residual_sums, lambda x, clip, bits, signed, zero_point=None: x.new_empty(len(bits) - 1, dtype=torch.float64))
 define("bit_sharing_quant_backward", "(Tensor grad_y, Tensor x, Tensor clip, Tensor thresholds, Tensor residual_mean, "
-       "int[] bits, bool signed) -> (Tensor, Tensor, Tensor)", _backward,
-       lambda grad_y, x, clip, thresholds, residual_mean, bits, signed: (
+       "int[] bits, bool signed, Tensor? zero_point=None) -> (Tensor, Tensor, Tensor)", _backward,
+       lambda grad_y, x, clip, thresholds, residual_mean, bits, signed, zero_point=None: (
            x.new_empty(x.shape), torch.empty_like(clip), torch.empty_like(thresholds)))
 register_autograd(OP, _autograd, _setup_context)

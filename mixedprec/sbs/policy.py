@@ -26,7 +26,8 @@ class SBSPolicy:
     act_grid: the grid of inputs that hold negative values, in every layer but the first in
         execution order (the model's input, e.g. normalized images, which keeps "signed"):
         "signed" (symmetric around 0, no zero level), "unsigned" (negative values clipped to 0),
-        "asymmetric" (learnable offset, exact zero level; needs op support, not built yet).
+        "asymmetric" (the unsigned grid shifted by a learnable offset: an exact zero level and
+        the unsigned grid's resolution; docs/sbs.md).
         Non-negative inputs always use the unsigned grid.
     weight_clip_init: start value of the weight clip, in units of the weights' std.
     exclude: names of Conv2d/Linear modules to leave as they are.

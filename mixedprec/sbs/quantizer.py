@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.metrics.compression import FLOAT_BITS
-from mixedprec.backends.reference.quant import ste_gate
+from mixedprec.backends.reference.quant import ste_gate, zero_point
 
 # Grids for inputs that hold negative values (SBSPolicy.act_grid).
 ACT_GRIDS = ("unsigned", "signed", "asymmetric")
@@ -42,15 +42,10 @@ def check_candidate_bits(name: str, bits: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_act_grid(grid: str, enabled: bool = True) -> None:
-    """A known grid name; the asymmetric grid (learnable offset, exact zero level) needs an offset
-    in ``ops.bit_sharing_quant``, which it does not have yet: refused, not approximated."""
+    """A known grid name (every one is supported; ``enabled`` is kept for callers that pass it)."""
+    del enabled
     if grid not in ACT_GRIDS:
         raise ValueError(f"act_grid must be one of {ACT_GRIDS}, got {grid!r}")
-    if grid == "asymmetric" and enabled:
-        raise NotImplementedError(
-            "act_grid='asymmetric' (an activation grid with a learnable offset and an exact zero level) is not "
-            "supported yet: ops.bit_sharing_quant takes no offset. Use act_grid='unsigned' or 'signed' "
-            "(e.g. SBSPolicy.preset(name, act_grid='signed')).")
 
 
 class BatchStatistics(Protocol):
@@ -63,13 +58,29 @@ class BatchStatistics(Protocol):
         """Every process's 1-D ``t`` (lengths may differ), concatenated in rank order."""
 
 
-def magnitude_sample(x: Tensor) -> Tensor:
-    """|x| flattened to float32, strided down to at most 2^20 values (torch.quantile's limit;
+def value_sample(x: Tensor) -> Tensor:
+    """x flattened to float32, strided down to at most 2^20 values (torch.quantile's limit;
     a strided sample is plenty for a percentile)."""
-    magnitude = x.detach().abs().flatten().float()
-    if magnitude.numel() > 1 << 20:
-        magnitude = magnitude[:: magnitude.numel() // (1 << 20) + 1]
-    return magnitude
+    values = x.detach().flatten().float()
+    if values.numel() > 1 << 20:
+        values = values[:: values.numel() // (1 << 20) + 1]
+    return values
+
+
+def magnitude_sample(x: Tensor) -> Tensor:
+    """|x| of ``value_sample``."""
+    return value_sample(x).abs()
+
+
+def initial_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The asymmetric grid's start from data: clip v = hi - lo and offset o = -lo / v in [0, 1],
+    lo and hi the 0.1th and 99.9th percentiles of x widened to hold 0 (v = 1 if they are both 0)."""
+    values = value_sample(x)
+    lo = torch.quantile(values, 0.001).clamp(max=0.0)
+    hi = torch.quantile(values, 0.999).clamp(min=0.0)
+    clip = hi - lo
+    clip = torch.where(clip > 0, clip, torch.ones_like(clip))
+    return clip, (-lo / clip).clamp(0.0, 1.0)
 
 
 def initial_clip(x: Tensor) -> Tensor:
@@ -87,7 +98,11 @@ class BitSharingQuantizer(nn.Module):
     False for activations after ReLU, None to decide from the first batch (signed iff it holds
     a negative value). clip_init: a start value, or None to take it from the first batch.
     negative_grid: the grid when ``signed`` is None and the first batch holds a negative value:
-    "signed", or "unsigned" (negative values clipped to 0); "asymmetric" is not supported yet.
+    "signed", "unsigned" (negative values clipped to 0), or "asymmetric": the unsigned grid with a
+    learnable ``offset`` (ops.bit_sharing_quant's; clip and offset start from the batch's range,
+    ``initial_range``), which keeps an exact zero level. The offset parameter exists whenever the
+    grid may become asymmetric (negative_grid="asymmetric", signed=None) and is used only if the
+    first batch held a negative value (``asymmetric``); else it stays 0 and unused.
     """
 
     def __init__(self, bits: Sequence[int] = (2, 4, 8), signed: bool | None = True,
@@ -104,6 +119,11 @@ class BitSharingQuantizer(nn.Module):
         self.signed = signed
         self.clip = nn.Parameter(torch.tensor(1.0 if clip_init is None else float(clip_init)))
         self.thresholds = nn.Parameter(torch.zeros(len(self.bits) - 1))
+        self.asymmetric = False  # decided with the sign, from the first batch
+        if negative_grid == "asymmetric" and signed is None:
+            self.offset = nn.Parameter(torch.tensor(0.0))
+        else:
+            self.register_parameter("offset", None)
         # Thresholds start at 0: every gate is on, the search starts from the highest bitwidth.
         self.register_buffer("chosen_bits", torch.tensor(self.bits[-1]))
         self.register_buffer("bit_choices", torch.tensor(self.bits), persistent=False)
@@ -123,6 +143,10 @@ class BitSharingQuantizer(nn.Module):
             self._init_from(x)
         signed = bool(self.signed)
         options = {}  # the backend: ops.use_backend's choice, else the fastest available
+        if self.asymmetric:
+            # z0 on the lowest candidate grid whatever bits this call rounds at (fixed, eval): a
+            # level of every candidate grid, the same zero level in search and after it
+            options["offset"] = zero_point(self.offset, self.bits[0], torch.float32)
         if self.searching and self.training:
             if self.batch_statistics is not None:  # one all-reduce of len(bits) numbers
                 options["reduce_residual_sums"] = self.batch_statistics.sum
@@ -141,6 +165,14 @@ class BitSharingQuantizer(nn.Module):
             negative = (x < 0).any().reshape(1).double()
             has_negative = bool((negative if stats is None else stats.sum(negative)) > 0)
             self.signed = has_negative and self.negative_grid == "signed"
+            self.asymmetric = has_negative and self.offset is not None
+        if self.asymmetric:
+            sample = value_sample(x)
+            clip, offset = initial_range(sample if stats is None else stats.gather(sample))
+            self.clip.copy_(clip)
+            self.offset.copy_(offset)
+            self.clip_ready = True
+            return
         sample = magnitude_sample(x)
         self.clip.copy_(initial_clip(sample if stats is None else stats.gather(sample)))
         self.clip_ready = True
@@ -174,16 +206,20 @@ class BitSharingQuantizer(nn.Module):
 
     @torch.no_grad()
     def project_(self, min_clip: float = 1e-4) -> None:
-        """Keep parameters valid after an optimizer step: thresholds >= 0, clip > 0."""
+        """Keep parameters valid after an optimizer step: thresholds >= 0, clip > 0, offset in [0, 1]."""
         self.thresholds.clamp_(min=0.0)
         self.clip.clamp_(min=min_clip)
+        if self.offset is not None:
+            self.offset.clamp_(0.0, 1.0)
 
     # Python-side state travels in the state dict, so a saved search or finetune resumes as is.
     def get_extra_state(self) -> dict:
-        return {"signed": self.signed, "clip_ready": self.clip_ready, "fixed_bits": self.fixed_bits}
+        return {"signed": self.signed, "clip_ready": self.clip_ready, "fixed_bits": self.fixed_bits,
+                "asymmetric": self.asymmetric}
 
     def set_extra_state(self, state: dict) -> None:
         self.signed, self.clip_ready, self.fixed_bits = state["signed"], state["clip_ready"], state["fixed_bits"]
+        self.asymmetric = state.get("asymmetric", False)  # absent in files saved before the grid existed
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         load_optional_state(super()._load_from_state_dict, state_dict, prefix, *args)
@@ -194,7 +230,7 @@ class BitSharingQuantizer(nn.Module):
     def extra_repr(self) -> str:
         mode = "disabled" if not self.enabled else (
             f"fixed={self.fixed_bits}" if self.fixed_bits is not None else f"bits={self.bits}")
-        return f"{mode}, signed={self.signed}"
+        return f"{mode}, signed={self.signed}" + (", asymmetric" if self.asymmetric else "")
 
 
 def load_optional_state(load, state_dict, prefix, local_metadata, strict, missing_keys,

@@ -71,23 +71,26 @@ using OptTensor = const std::optional<at::Tensor>&;
 template <class T>
 void run_bit_sharing(const BitSharingCase& c) {
   static auto forward = op<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool,
-                                    OptTensor)>("mixedprec::bit_sharing_quant_fwd");
-  static auto stats = op<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool)>(
+                                    OptTensor, OptTensor)>("mixedprec::bit_sharing_quant_fwd");
+  static auto stats = op<at::Tensor(const at::Tensor&, const at::Tensor&, at::IntArrayRef, bool, OptTensor)>(
       "mixedprec::bit_sharing_quant_stats");
   static auto backward = op<Tensors2(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     at::IntArrayRef, bool)>("mixedprec::bit_sharing_quant_bwd");
+                                     at::IntArrayRef, bool, OptTensor)>("mixedprec::bit_sharing_quant_bwd");
   const int64_t n = int64_t(c.x.size());
   const std::vector<T> x = stored<T>(c.x), grad_y = stored<T>(c.grad_y);
   const at::Tensor clip = at::full({}, c.clip);
-  const auto [y, residual_mean] = forward.call(view(x, {n}), clip, view(c.thresholds), c.bits, c.is_signed, std::nullopt);
+  const std::optional<at::Tensor> z0 =
+      c.zero_point ? std::optional<at::Tensor>(at::full({}, *c.zero_point)) : std::nullopt;
+  const auto [y, residual_mean] =
+      forward.call(view(x, {n}), clip, view(c.thresholds), c.bits, c.is_signed, std::nullopt, z0);
   check_bit_sharing_forward(c, data<T>(y), data<float>(residual_mean), kWho);
   if (c.bits.size() > 1) {  // the data-parallel path: sums of |r_j| alone, then the apply pass given the means
-    const at::Tensor sums = stats.call(view(x, {n}), clip, c.bits, c.is_signed);
+    const at::Tensor sums = stats.call(view(x, {n}), clip, c.bits, c.is_signed, z0);
     expect(at::allclose(sums / double(n), residual_mean.to(at::kDouble), 1e-5, 1e-7), c.name + " stats: sums / n != residual_mean");
-    const auto [y_given, mean_given] = forward.call(view(x, {n}), clip, view(c.thresholds), c.bits, c.is_signed, residual_mean);
+    const auto [y_given, mean_given] = forward.call(view(x, {n}), clip, view(c.thresholds), c.bits, c.is_signed, residual_mean, z0);
     check_bit_sharing_forward(c, data<T>(y_given), data<float>(mean_given), kWho);
   }
-  const auto [grad_x, sums] = backward.call(view(grad_y, {n}), view(x, {n}), clip, view(c.gates), c.bits, c.is_signed);
+  const auto [grad_x, sums] = backward.call(view(grad_y, {n}), view(x, {n}), clip, view(c.gates), c.bits, c.is_signed, z0);
   check_bit_sharing_backward(c, data<T>(grad_x), data<float>(sums), kWho);
 }
 
@@ -182,6 +185,15 @@ int main(int argc, char** argv) {
   run_bit_sharing<BFloat16>(bit_sharing_case<BFloat16>(1001, sbs_bits, false, rng));
   run_bit_sharing<float>(bit_sharing_case<float>(40000, sbs_bits, true, rng));
   run_bit_sharing<float>(bit_sharing_case<float>(40000, sbs_bits, false, rng, 34000));
+  // the asymmetric grid (zero point z0 = D(offset, b_1)): every K, vector lanes and scalar tails;
+  // zeros in x map to exactly 0; half types
+  for (int k = 1; k <= 8; ++k) {
+    std::vector<int64_t> bits;
+    for (int j = 0; j < k; ++j) bits.push_back(k == 1 ? 3 : j + 1);
+    run_bit_sharing<float>(bit_sharing_case<float>(37 + 64 * k, bits, false, rng, 9, 0.3f + 0.05f * k));
+  }
+  run_bit_sharing<Half16>(bit_sharing_case<Half16>(1001, sbs_bits, false, rng, 100, 0.5f));
+  run_bit_sharing<BFloat16>(bit_sharing_case<BFloat16>(1001, sbs_bits, false, rng, 100, 1.0f));
 
   // codebook_quant: rows shorter than a vector (scalar tail only), odd rows, 1 to 256 levels
   for (int levels : {1, 2, 16, 256}) {

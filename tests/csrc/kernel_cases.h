@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -86,15 +87,16 @@ std::vector<float> normal_values(int64_t n, std::mt19937& rng, float scale = 1.0
 }
 
 // ---------------------------------------------------------------------------------------------
-// SBS bit sharing: t = x / v, z = (clamp(t, -1, 1) + 1) / 2 or clamp(t, 0, 1),
+// SBS bit sharing: t = x / v, z = (clamp(t, -1, 1) + 1) / 2 or clamp(t + z0, 0, 1),
 // q_1 = D(z, b_1), r_j = z - q_{j-1}, e_j = D(r_j, b_j), q_j = q_{j-1} + e_j,
-// z_hat = q_1 + g_2 (e_2 + g_3 (e_3 + ...)), y = v (2 z_hat - 1) or v z_hat.
+// z_hat = q_1 + g_2 (e_2 + g_3 (e_3 + ...)), y = v (2 z_hat - 1) or v (z_hat - z0).
 
 struct BitSharingCase {
   std::string name;
   std::vector<int64_t> bits;
   bool is_signed = true;
   float clip = 1.5f;
+  std::optional<float> zero_point;  // z0 of the asymmetric grid (unsigned only); none: 0
   std::vector<float> x, grad_y;   // values of the storage type under test
   std::vector<float> thresholds;  // (K-1,): half or one and a half of the true means, far from ties
   std::vector<float> gates;       // (K-1,): 1[residual_mean_j > threshold_j]
@@ -106,13 +108,15 @@ struct BitSharingCase {
 };
 
 // x is 0 on its first `zero_prefix` elements (a sample taken there misjudges the gates).
+// offset: the asymmetric grid (unsigned only) with z0 = D(offset, b_1), a level of every grid, so
+// that x = 0 gives y = 0 exactly.
 template <class T>
 BitSharingCase bit_sharing_case(int64_t n, const std::vector<int64_t>& bits, bool is_signed, std::mt19937& rng,
-                                int64_t zero_prefix = 0) {
+                                int64_t zero_prefix = 0, std::optional<float> offset = std::nullopt) {
   BitSharingCase c;
   const int k = int(bits.size());
   c.name = "bit_sharing n=" + std::to_string(n) + " K=" + std::to_string(k) + (is_signed ? " signed " : " unsigned ") +
-           dtype_name<T>() + (zero_prefix ? " zero-prefixed" : "");
+           dtype_name<T>() + (zero_prefix ? " zero-prefixed" : "") + (offset ? " asymmetric" : "");
   c.bits = bits;
   c.is_signed = is_signed;
   c.x = normal_values<T>(n, rng);
@@ -123,12 +127,15 @@ BitSharingCase bit_sharing_case(int64_t n, const std::vector<int64_t>& bits, boo
     const float levels = float((int64_t(1) << b) - 1);
     return std::nearbyint(u * levels) * (1.0f / levels);
   };
+  if (offset) c.zero_point = quant(*offset, bits[0]);
+  const float z0 = c.zero_point.value_or(0.0f);
   const float lo = is_signed ? -1.0f : 0.0f;
-  std::vector<float> t(n), base(n), offsets(n * k, 0.0f);
+  std::vector<float> t(n), u(n), base(n), offsets(n * k, 0.0f);
   c.residual_mean.assign(k - 1, 0.0);
   for (int64_t i = 0; i < n; ++i) {
     t[i] = c.x[i] * (1.0f / c.clip);
-    const float clamped = t[i] < lo ? lo : (t[i] > 1.0f ? 1.0f : t[i]);
+    u[i] = is_signed ? t[i] : t[i] + z0;
+    const float clamped = u[i] < lo ? lo : (u[i] > 1.0f ? 1.0f : u[i]);
     const float z = is_signed ? (clamped + 1.0f) * 0.5f : clamped;
     float q = base[i] = quant(z, bits[0]);
     for (int j = 1; j < k; ++j) {
@@ -153,10 +160,11 @@ BitSharingCase bit_sharing_case(int64_t n, const std::vector<int64_t>& bits, boo
     float tail = 0.0f;
     for (int j = k - 1; j >= 1; --j) tails[j] = tail = (j == k - 1) ? offsets[i * k + j] : offsets[i * k + j] + gate(j + 1) * tail;
     const float z_hat = k > 1 ? base[i] + gate(1) * tail : base[i];
-    c.y[i] = is_signed ? c.clip * (2.0f * z_hat - 1.0f) : c.clip * z_hat;
-    const bool inside = t[i] > lo && t[i] < 1.0f;  // open, as torch.clamp's gradient
+    c.y[i] = is_signed ? c.clip * (2.0f * z_hat - 1.0f) : c.clip * (z_hat - z0);
+    if (offset && c.x[i] == 0.0f) expect(c.y[i] == 0.0f, c.name + ": x = 0 maps to y = 0 exactly (expected value)");
+    const bool inside = u[i] > lo && u[i] < 1.0f;  // open, as torch.clamp's gradient
     c.grad_x[i] = inside ? c.grad_y[i] : 0.0f;
-    const float direct = is_signed ? 2.0f * z_hat - 1.0f : z_hat;
+    const float direct = is_signed ? 2.0f * z_hat - 1.0f : z_hat - z0;
     c.sums[0] += double(c.grad_y[i]) * (inside ? direct - t[i] : direct);
     for (int j = 1; j < k; ++j) c.sums[j] += double(c.grad_y[i]) * tails[j];
     c.grad_scale += std::fabs(c.grad_y[i]);

@@ -33,25 +33,26 @@ void run_bit_sharing(const BitSharingCase& c) {
   std::vector<T> x(n), grad_y(n), y(n), grad_x(n);
   for (int64_t i = 0; i < n; ++i) x[i] = from_float<T>(c.x[i]), grad_y[i] = from_float<T>(c.grad_y[i]);
   std::vector<float> residual_mean(k - 1, NAN), sums(k, NAN), workspace(simt::bit_sharing_workspace_floats(n), NAN);
-  const char* err = simt::bit_sharing_forward(dtype_of<T>::value, x.data(), y.data(), n, &c.clip, c.thresholds.data(),
+  const float* z0 = c.zero_point ? &*c.zero_point : nullptr;
+  const char* err = simt::bit_sharing_forward(dtype_of<T>::value, x.data(), y.data(), n, &c.clip, z0, c.thresholds.data(),
                                               residual_mean.data(), workspace.data(), p, nullptr);
   expect(err == nullptr, c.name + ": forward launch");
   check_bit_sharing_forward(c, y.data(), residual_mean.data(), kWho);
   if (k > 1) {  // the data-parallel path: sums of |r_j| alone, then the apply pass given the means
     std::vector<double> residual_sums(k - 1, NAN);
-    err = simt::bit_sharing_residual_sums(dtype_of<T>::value, x.data(), n, &c.clip, residual_sums.data(),
+    err = simt::bit_sharing_residual_sums(dtype_of<T>::value, x.data(), n, &c.clip, z0, residual_sums.data(),
                                           workspace.data(), p, nullptr);
     expect(err == nullptr, c.name + ": residual sums launch");
     for (int j = 0; j < k - 1; ++j)
       expect(std::abs(residual_sums[j] / double(n) - c.residual_mean[j]) <= 1e-5 * c.residual_mean[j] + 1e-7,
              c.name + ": residual sums / n != mean |r_j|");
     std::vector<T> y_given(n, from_float<T>(NAN));
-    err = simt::bit_sharing_apply(dtype_of<T>::value, x.data(), y_given.data(), n, &c.clip, c.thresholds.data(),
+    err = simt::bit_sharing_apply(dtype_of<T>::value, x.data(), y_given.data(), n, &c.clip, z0, c.thresholds.data(),
                                   residual_mean.data(), p, nullptr);
     expect(err == nullptr, c.name + ": apply launch");
     check_bit_sharing_forward(c, y_given.data(), residual_mean.data(), kWho);
   }
-  err = simt::bit_sharing_backward(dtype_of<T>::value, grad_y.data(), x.data(), grad_x.data(), n, &c.clip,
+  err = simt::bit_sharing_backward(dtype_of<T>::value, grad_y.data(), x.data(), grad_x.data(), n, &c.clip, z0,
                                    c.gates.data(), sums.data(), workspace.data(), p, nullptr);
   expect(err == nullptr, c.name + ": backward launch");
   check_bit_sharing_backward(c, grad_x.data(), sums.data(), kWho);
@@ -117,6 +118,9 @@ int main() {
       for (bool is_signed : {true, false}) run_bit_sharing<float>(bit_sharing_case<float>(n, bits, is_signed, rng));
   run_bit_sharing<Half16>(bit_sharing_case<Half16>(1000, bit_sets[0], true, rng));
   run_bit_sharing<BFloat16>(bit_sharing_case<BFloat16>(1000, bit_sets[0], false, rng));
+  // the asymmetric grid (zero point z0 = D(0.4, b_1)); zeros in x map to exactly 0
+  run_bit_sharing<float>(bit_sharing_case<float>(1000, bit_sets[0], false, rng, 50, 0.4f));
+  run_bit_sharing<BFloat16>(bit_sharing_case<BFloat16>(7, bit_sets[2], false, rng, 2, 0.7f));
 
   // codebook_quant: 1, 2, 16 and 256 levels; 3 x 700 elements outrun the 3 x 256 emulated
   // threads (grid stride)

@@ -1,9 +1,15 @@
 // SBS bit-sharing fake-quant: the per-element math, written once for every backend.
 //
-//   z   = (clamp(x / v, -1, 1) + 1) / 2  (signed)   or  clamp(x / v, 0, 1)  (unsigned)
+//   t   = x * (1 / v)
+//   z   = (clamp(t, -1, 1) + 1) / 2  (signed)   or  clamp(t + z0, 0, 1)  (unsigned)
 //   q_1 = D(z, b_1);  r_j = z - q_{j-1};  e_j = D(r_j, b_j);  q_j = q_{j-1} + e_j
-//   z_hat = q_1 + g_2 (e_2 + g_3 (e_3 + ...));   y = v (2 z_hat - 1)  or  v z_hat
+//   z_hat = q_1 + g_2 (e_2 + g_3 (e_3 + ...));   y = v (2 z_hat - 1)  or  v (z_hat - z0)
 //   D(t, b) = rint(t * n_b) * (1 / n_b),  n_b = 2^b - 1,  rint = round half to even
+//
+// z0 in [0, 1] is the zero point of the unsigned grid (0: the plain unsigned grid; > 0: the
+// asymmetric grid, whose range is [-z0 v, (1 - z0) v]). The public op passes z0 = D(o, b_1) of
+// a learnable offset o, a level of the lowest grid and so of every candidate grid (each b_j
+// divides the next): x = 0 gives z = z0, q_1 = z0, r_j = 0, z_hat = z0 and y = 0 exactly.
 //
 // The functions are templates over a value type F and an Ops policy so that the same source
 // serves a float (CUDA, SIMT, scalar tails) and a SIMD vector (the CPU kernels). Every
@@ -52,11 +58,11 @@ inline BitSharingParams make_bit_sharing_params(const int64_t* bits, int num_bit
   return p;
 }
 
-// t = x / v, z = normalized value in [0, 1].
+// t = x / v, z = normalized value in [0, 1]; z0 is the unsigned grid's zero point (unused signed).
 template <class Ops, class F>
-MP_HD inline F bs_normalize(F t, bool is_signed) {
+MP_HD inline F bs_normalize(F t, bool is_signed, float z0) {
   return is_signed ? (Ops::clamp(t, -1.0f, 1.0f) + Ops::splat(1.0f)) * Ops::splat(0.5f)
-                   : Ops::clamp(t, 0.0f, 1.0f);
+                   : Ops::clamp(t + Ops::splat(z0), 0.0f, 1.0f);
 }
 
 template <class Ops, class F>
@@ -102,16 +108,24 @@ MP_HD inline F bs_fold(F base, const F* offsets, const F* gates, const P& p, F* 
 
 // y from z_hat.
 template <class Ops, class F>
-MP_HD inline F bs_output(F z_hat, F clip, bool is_signed) {
-  return is_signed ? clip * (Ops::splat(2.0f) * z_hat - Ops::splat(1.0f)) : clip * z_hat;
+MP_HD inline F bs_output(F z_hat, F clip, bool is_signed, float z0) {
+  return is_signed ? clip * (Ops::splat(2.0f) * z_hat - Ops::splat(1.0f)) : clip * (z_hat - Ops::splat(z0));
 }
 
-// d y / d v with round() as identity: (2 z_hat - 1) - x/v inside the clip range, 2 z_hat - 1
-// outside (signed); z_hat - x/v inside, z_hat outside (unsigned). "Inside" is the open interval
-// -1 < x/v < 1 (0 < x/v < 1): torch.clamp passes no gradient at its bounds, nor do we.
+// Whether t = x/v lies inside the clip range, where d y / d x = 1: the open interval -1 < t < 1
+// (signed) or 0 < t + z0 < 1 (unsigned): torch.clamp passes no gradient at its bounds, nor do we.
+template <class Ops, class F>
+MP_HD inline auto bs_inside(F t, bool is_signed, float z0) {
+  const F u = is_signed ? t : t + Ops::splat(z0);
+  return (u > Ops::splat(is_signed ? -1.0f : 0.0f)) & (u < Ops::splat(1.0f));
+}
+
+// d y / d v with round() as identity: (2 z_hat - 1) - t inside the clip range, 2 z_hat - 1
+// outside (signed); z_hat - z0 - t inside, z_hat - z0 outside (unsigned). (d y / d z0 is 0
+// inside and -v outside: the op's Python side gets its sum from grad_x, no kernel output.)
 template <class Ops, class F, class M>
-MP_HD inline F bs_clip_grad(F z_hat, F t, M inside, bool is_signed) {
-  const F direct = is_signed ? Ops::splat(2.0f) * z_hat - Ops::splat(1.0f) : z_hat;
+MP_HD inline F bs_clip_grad(F z_hat, F t, M inside, bool is_signed, float z0) {
+  const F direct = is_signed ? Ops::splat(2.0f) * z_hat - Ops::splat(1.0f) : z_hat - Ops::splat(z0);
   return Ops::select(inside, direct - t, direct);
 }
 

@@ -3,7 +3,10 @@
 //           gates come from it instead of from x
 //   _bwd    (grad_x, sums = [dL/dv, sum grad_y T_j ...])
 //   _stats  the float64 sums of |r_j| (j = 2..K) over x
+// Every one takes an optional 0-dim float32 zero_point z0 in [0, 1] (None: 0), the unsigned
+// grid's zero point (the asymmetric activation grid; only with signed=False).
 // Kernels: bit_sharing_quant_cpu.cpp (CPU), bit_sharing_quant.cu (CUDA, SIMT).
+#include <cmath>
 #include <tuple>
 
 #include "mixedprec/bit_sharing.h"
@@ -13,29 +16,30 @@ namespace mixedprec {
 namespace cpu {  // bit_sharing_quant_cpu.cpp
 std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_forward(const at::Tensor& x, const at::Tensor& clip,
                                                              const at::Tensor& thresholds, const BitSharingParams& p,
-                                                             const std::optional<at::Tensor>& given_mean);
-at::Tensor bit_sharing_quant_stats(const at::Tensor& x, const at::Tensor& clip, const BitSharingParams& p);
+                                                             const std::optional<at::Tensor>& given_mean, float z0);
+at::Tensor bit_sharing_quant_stats(const at::Tensor& x, const at::Tensor& clip, const BitSharingParams& p, float z0);
 std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                               const at::Tensor& clip, const at::Tensor& gates,
-                                                              const BitSharingParams& p);
+                                                              const BitSharingParams& p, float z0);
 }  // namespace cpu
 namespace MP_DEVICE_NS {  // bit_sharing_quant.cu
 // floats of scratch the launchers need for n elements
 int64_t bit_sharing_workspace_floats(int64_t n);
 // y = fake-quant(x); residual_mean[j-1] = mean |r_j| (j = 2..K)
 const char* bit_sharing_forward(DType dtype, const void* x, void* y, int64_t n, const float* clip,
-                                const float* thresholds, float* residual_mean, float* workspace,
+                                const float* zero_point, const float* thresholds, float* residual_mean, float* workspace,
                                 const BitSharingParams& p, void* stream);
 // y = fake-quant(x) with gates residual_mean[j-1] > thresholds[j-1] (means given)
 const char* bit_sharing_apply(DType dtype, const void* x, void* y, int64_t n, const float* clip,
-                              const float* thresholds, const float* residual_mean, const BitSharingParams& p,
+                              const float* zero_point, const float* thresholds, const float* residual_mean, const BitSharingParams& p,
                               void* stream);
 // sums[j-1] = sum |r_j| (j = 2..K) in double, for a reduction over ranks
-const char* bit_sharing_residual_sums(DType dtype, const void* x, int64_t n, const float* clip, double* sums,
-                                      float* workspace, const BitSharingParams& p, void* stream);
+const char* bit_sharing_residual_sums(DType dtype, const void* x, int64_t n, const float* clip,
+                                      const float* zero_point, double* sums, float* workspace,
+                                      const BitSharingParams& p, void* stream);
 // grad_x = STE mask * grad_y; sums[0] = sum grad_y dy/dv, sums[j] = sum grad_y T_{j+1}
 const char* bit_sharing_backward(DType dtype, const void* grad_y, const void* x, void* grad_x, int64_t n,
-                                 const float* clip, const float* gates, float* sums, float* workspace,
+                                 const float* clip, const float* zero_point, const float* gates, float* sums, float* workspace,
                                  const BitSharingParams& p, void* stream);
 }  // namespace MP_DEVICE_NS
 
@@ -58,6 +62,26 @@ BitSharingParams check_stats_args(const at::Tensor& x, const at::Tensor& clip, a
   return make_bit_sharing_params(bits.data(), int(k), is_signed);
 }
 
+// The zero point's checks: a 0-dim float32 tensor on x's device, only with signed=False; on the
+// CPU its value too (finite, in [0, 1]; on a device that read would sync: the Python op checks
+// it there). Returns the device pointer, nullptr for None.
+const float* check_zero_point(const std::optional<at::Tensor>& zero_point, const at::Tensor& x, bool is_signed,
+                              const char* op) {
+  if (!zero_point) return nullptr;
+  TORCH_CHECK(!is_signed, op, ": zero_point is only for the unsigned grid (signed=False)");
+  check_same_device(*zero_point, x, op, "zero_point");
+  check_float32(*zero_point, {}, op, "zero_point");
+  if (zero_point->is_cpu()) {
+    const float z0 = zero_point->item<float>();
+    TORCH_CHECK(std::isfinite(z0) && z0 >= 0.0f && z0 <= 1.0f, op, ": zero_point must be finite and in [0, 1], got ",
+                z0);
+  }
+  return zero_point->data_ptr<float>();
+}
+
+// The zero point's value for the CPU kernels (checked above).
+float zero_point_value(const float* zero_point) { return zero_point ? *zero_point : 0.0f; }
+
 // ... and a (K-1,) float32 per-gate tensor (thresholds, gates, residual_mean).
 void check_per_gate(const at::Tensor& t, const at::Tensor& x, const BitSharingParams& p, const char* op,
                     const char* name) {
@@ -68,20 +92,22 @@ void check_per_gate(const at::Tensor& t, const at::Tensor& x, const BitSharingPa
 template <bool kDevice>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& thresholds,
                                            at::IntArrayRef bits, bool is_signed,
-                                           const std::optional<at::Tensor>& given_mean) {
+                                           const std::optional<at::Tensor>& given_mean,
+                                           const std::optional<at::Tensor>& zero_point) {
   const char* op = "bit_sharing_quant_fwd";
   const BitSharingParams p = check_stats_args(x, clip, bits, is_signed, op);
   check_per_gate(thresholds, x, p, op, "thresholds");
   if (given_mean) check_per_gate(*given_mean, x, p, op, "residual_mean");
+  const float* z0 = check_zero_point(zero_point, x, is_signed, op);
   if constexpr (!kDevice) {
-    return cpu::bit_sharing_quant_forward(x, clip, thresholds, p, given_mean);
+    return cpu::bit_sharing_quant_forward(x, clip, thresholds, p, given_mean, zero_point_value(z0));
   } else {
     const DeviceCall call(x);
     const DType dtype = kernel_dtype(x, op, "x");
     at::Tensor y = poisoned(at::empty_like(x));
     if (given_mean) {  // the gates come from the given means: only the apply kernel runs
       at::Tensor residual_mean = given_mean->clone();
-      check_launch(MP_DEVICE_NS::bit_sharing_apply(dtype, x.data_ptr(), y.data_ptr(), x.numel(), clip.data_ptr<float>(),
+      check_launch(MP_DEVICE_NS::bit_sharing_apply(dtype, x.data_ptr(), y.data_ptr(), x.numel(), clip.data_ptr<float>(), z0,
                                                    thresholds.data_ptr<float>(), residual_mean.data_ptr<float>(), p,
                                                    call.stream()),
                    op);
@@ -89,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
     }
     at::Tensor residual_mean = poisoned(at::empty({p.num_bits - 1}, clip.options()));
     at::Tensor workspace = at::empty({MP_DEVICE_NS::bit_sharing_workspace_floats(x.numel())}, clip.options());
-    check_launch(MP_DEVICE_NS::bit_sharing_forward(dtype, x.data_ptr(), y.data_ptr(), x.numel(), clip.data_ptr<float>(),
+    check_launch(MP_DEVICE_NS::bit_sharing_forward(dtype, x.data_ptr(), y.data_ptr(), x.numel(), clip.data_ptr<float>(), z0,
                                                    thresholds.data_ptr<float>(), residual_mean.data_ptr<float>(),
                                                    workspace.data_ptr<float>(), p, call.stream()),
                  op);
@@ -98,17 +124,19 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
 }
 
 template <bool kDevice>
-at::Tensor stats(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits, bool is_signed) {
+at::Tensor stats(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits, bool is_signed,
+                 const std::optional<at::Tensor>& zero_point) {
   const char* op = "bit_sharing_quant_stats";
   const BitSharingParams p = check_stats_args(x, clip, bits, is_signed, op);
+  const float* z0 = check_zero_point(zero_point, x, is_signed, op);
   if constexpr (!kDevice) {
-    return cpu::bit_sharing_quant_stats(x, clip, p);
+    return cpu::bit_sharing_quant_stats(x, clip, p, zero_point_value(z0));
   } else {
     const DeviceCall call(x);
     at::Tensor sums = poisoned(at::empty({p.num_bits - 1}, clip.options().dtype(at::kDouble)));
     at::Tensor workspace = at::empty({MP_DEVICE_NS::bit_sharing_workspace_floats(x.numel())}, clip.options());
     check_launch(MP_DEVICE_NS::bit_sharing_residual_sums(kernel_dtype(x, op, "x"), x.data_ptr(), x.numel(),
-                                                         clip.data_ptr<float>(), sums.data_ptr<double>(),
+                                                         clip.data_ptr<float>(), z0, sums.data_ptr<double>(),
                                                          workspace.data_ptr<float>(), p, call.stream()),
                  op);
     return sums;
@@ -117,22 +145,24 @@ at::Tensor stats(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bi
 
 template <bool kDevice>
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& clip,
-                                            const at::Tensor& gates, at::IntArrayRef bits, bool is_signed) {
+                                            const at::Tensor& gates, at::IntArrayRef bits, bool is_signed,
+                                            const std::optional<at::Tensor>& zero_point) {
   const char* op = "bit_sharing_quant_bwd";
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
               op, ": grad_y must be a contiguous tensor of x's shape and dtype");
   check_same_device(grad_y, x, op, "grad_y");
   const BitSharingParams p = check_stats_args(x, clip, bits, is_signed, op);
   check_per_gate(gates, x, p, op, "gates");
+  const float* z0 = check_zero_point(zero_point, x, is_signed, op);
   if constexpr (!kDevice) {
-    return cpu::bit_sharing_quant_backward(grad_y, x, clip, gates, p);
+    return cpu::bit_sharing_quant_backward(grad_y, x, clip, gates, p, zero_point_value(z0));
   } else {
     const DeviceCall call(x);
     at::Tensor grad_x = poisoned(at::empty_like(x));
     at::Tensor sums = poisoned(at::empty({p.num_bits}, clip.options()));
     at::Tensor workspace = at::empty({MP_DEVICE_NS::bit_sharing_workspace_floats(x.numel())}, clip.options());
     check_launch(MP_DEVICE_NS::bit_sharing_backward(kernel_dtype(x, op, "x"), grad_y.data_ptr(), x.data_ptr(),
-                                                    grad_x.data_ptr(), x.numel(), clip.data_ptr<float>(),
+                                                    grad_x.data_ptr(), x.numel(), clip.data_ptr<float>(), z0,
                                                     gates.data_ptr<float>(), sums.data_ptr<float>(),
                                                     workspace.data_ptr<float>(), p, call.stream()),
                  op);
@@ -145,9 +175,10 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
 
 TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
   MP_OP(m, bit_sharing_quant_fwd, "(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, "
-        "Tensor? residual_mean=None) -> (Tensor, Tensor)", mixedprec::forward<false>, mixedprec::forward<true>);
-  MP_OP(m, bit_sharing_quant_bwd, "(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed) -> "
-        "(Tensor, Tensor)", mixedprec::backward<false>, mixedprec::backward<true>);
-  MP_OP(m, bit_sharing_quant_stats, "(Tensor x, Tensor clip, int[] bits, bool signed) -> Tensor",
-        mixedprec::stats<false>, mixedprec::stats<true>);
+        "Tensor? residual_mean=None, Tensor? zero_point=None) -> (Tensor, Tensor)", mixedprec::forward<false>,
+        mixedprec::forward<true>);
+  MP_OP(m, bit_sharing_quant_bwd, "(Tensor grad_y, Tensor x, Tensor clip, Tensor gates, int[] bits, bool signed, "
+        "Tensor? zero_point=None) -> (Tensor, Tensor)", mixedprec::backward<false>, mixedprec::backward<true>);
+  MP_OP(m, bit_sharing_quant_stats, "(Tensor x, Tensor clip, int[] bits, bool signed, Tensor? zero_point=None) -> "
+        "Tensor", mixedprec::stats<false>, mixedprec::stats<true>);
 }

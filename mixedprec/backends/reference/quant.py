@@ -64,32 +64,50 @@ class _Normalize(torch.autograd.Function):
     # times x * -(1/v)^2, which overflows for x = +-inf or a tiny v: 0 * inf = NaN, where the
     # closed form (a select, as in the kernels) gives the exact 0.
     @staticmethod
-    def forward(x: Tensor, clip: Tensor, signed: bool) -> Tensor:
+    def forward(x: Tensor, clip: Tensor, signed: bool, zero_point: Tensor | None) -> Tensor:
         t = x * (1.0 / clip)
         if signed:
             return (t.clamp(-1.0, 1.0) + 1.0) * 0.5
-        return t.clamp(0.0, 1.0)
+        return (t if zero_point is None else t + zero_point).clamp(0.0, 1.0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, clip, ctx.signed = inputs
-        ctx.save_for_backward(x, clip)
+        x, clip, ctx.signed, zero_point = inputs
+        ctx.has_zero_point = zero_point is not None
+        ctx.save_for_backward(x, clip, zero_point)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, clip = ctx.saved_tensors
+        x, clip, zero_point = ctx.saved_tensors
         inverse = 1.0 / clip
         t = x * inverse
-        inside = (t > (-1.0 if ctx.signed else 0.0)) & (t < 1.0)  # open, as torch.clamp's gradient
+        u = t + zero_point if ctx.has_zero_point else t
+        inside = (u > (-1.0 if ctx.signed else 0.0)) & (u < 1.0)  # open, as torch.clamp's gradient
         slope = grad * 0.5 if ctx.signed else grad  # d z / d t inside
         grad_x = torch.where(inside, slope * inverse, 0.0)
-        return grad_x, -torch.where(inside, slope * t, 0.0).sum() * inverse, None
+        grad_zero_point = torch.where(inside, slope, 0.0).sum() if ctx.has_zero_point else None
+        return grad_x, -torch.where(inside, slope * t, 0.0).sum() * inverse, None, grad_zero_point
 
 
-def normalize(x: Tensor, clip: Tensor, signed: bool) -> Tensor:
-    """z in [0, 1]: (clamp(x / v, -1, 1) + 1) / 2 when signed, clamp(x / v, 0, 1) otherwise.
+def normalize(x: Tensor, clip: Tensor, signed: bool, zero_point: Tensor | None = None) -> Tensor:
+    """z in [0, 1]: (clamp(x / v, -1, 1) + 1) / 2 when signed, clamp(x / v + z0, 0, 1) otherwise
+    (z0 = ``zero_point``, the asymmetric grid's zero point; None: the plain unsigned grid).
 
-    Gradients: d z / d x = s / v and d z / d v = -s (x / v) / v inside the open clip range (s = 1/2
-    signed, 1 unsigned), 0 outside it (also for x = +-inf and for NaN).
+    Gradients: d z / d x = s / v, d z / d v = -s (x / v) / v and d z / d z0 = 1 inside the open clip
+    range (s = 1/2 signed, 1 unsigned), 0 outside it (also for x = +-inf and for NaN).
     """
-    return _Normalize.apply(x, clip, signed)
+    return _Normalize.apply(x, clip, signed, zero_point)
+
+
+def zero_point(offset: Tensor, lowest_bits: int, dtype: torch.dtype) -> Tensor:
+    """The asymmetric grid's zero point z0 = D(clamp(o, 0, 1), b_1) of a learnable offset o, in dtype.
+
+    D is spelled as every backend spells its quantizer (rint(t * n) * (1 / n)), so that z0 is a
+    level of the lowest grid exactly (D(z0, b_1) == z0), and so of every candidate grid: x = 0
+    maps to y = 0 exactly. Straight-through in backward: d z0 / d o = 1 (also outside [0, 1], so
+    that an offset pushed past a bound can come back).
+    """
+    o = offset.to(dtype)
+    o = o + (o.clamp(0.0, 1.0) - o).detach()
+    n = levels(lowest_bits)
+    return ste_round(o * n) * (1.0 / n)

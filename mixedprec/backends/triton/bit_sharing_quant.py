@@ -10,7 +10,8 @@ per-program sums of grad_y * dy/dv and grad_y * T_j (12 B/elem).
 Arithmetic is spelled as in the C++ and CUDA kernels: 1/v and 1/n_b come precomputed from the
 host (Triton's fp32 division is approximate on GPUs), rounding is half to even, FMA contraction
 is off, and the gated offsets are folded from the innermost one outwards (recomputing the
-residual chain per level: K <= 8, and the kernel is memory-bound).
+residual chain per level: K <= 8, and the kernel is memory-bound). The unsigned grid's zero
+point z0 (the asymmetric grid; 0 when none is given) is read from device memory like the clip.
 """
 from __future__ import annotations
 
@@ -30,9 +31,18 @@ def _round_half_even(t):
 
 
 @triton.jit
-def _normalize(t, SIGNED: tl.constexpr):
+def _shift(t, z0, SIGNED: tl.constexpr):
+    """u = t (signed) or t + z0 (unsigned): what is clamped, and whose open range passes gradient."""
+    if SIGNED:
+        return t
+    return t + z0
+
+
+@triton.jit
+def _normalize(t, z0, SIGNED: tl.constexpr):
     lo: tl.constexpr = -1.0 if SIGNED else 0.0
-    c = tl.where(t < lo, lo, tl.where(t > 1.0, 1.0, t))  # NaN passes, like torch.clamp
+    u = _shift(t, z0, SIGNED)
+    c = tl.where(u < lo, lo, tl.where(u > 1.0, 1.0, u))  # NaN passes, like torch.clamp
     if SIGNED:
         c = (c + 1.0) * 0.5
     return c
@@ -55,13 +65,13 @@ def _offset(z, levels_ptr, J: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, n, inv_clip_ptr, levels_ptr, partial_ptr,
+def _stats_kernel(x_ptr, n, inv_clip_ptr, zero_point_ptr, levels_ptr, partial_ptr,
                   NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0))
-    z = _normalize(x * tl.load(inv_clip_ptr), SIGNED)
+    z = _normalize(x * tl.load(inv_clip_ptr), tl.load(zero_point_ptr), SIGNED)
     q = _quantize(z, levels_ptr, 0)
     for j in tl.static_range(1, NUM_BITS):
         r = z - q
@@ -70,12 +80,13 @@ def _stats_kernel(x_ptr, n, inv_clip_ptr, levels_ptr, partial_ptr,
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, levels_ptr, residual_mean_ptr, thresholds_ptr,
+def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, zero_point_ptr, levels_ptr, residual_mean_ptr, thresholds_ptr,
                   NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0))
-    z = _normalize(x * tl.load(inv_clip_ptr), SIGNED)
+    z0 = tl.load(zero_point_ptr)
+    z = _normalize(x * tl.load(inv_clip_ptr), z0, SIGNED)
     tail = tl.zeros_like(z)
     for j in tl.static_range(NUM_BITS - 1, 0, -1):
         e = _offset(z, levels_ptr, j)
@@ -91,12 +102,12 @@ def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, levels_ptr, residual_
     if SIGNED:
         y = clip * (2.0 * z_hat - 1.0)
     else:
-        y = clip * z_hat
+        y = clip * (z_hat - z0)
     tl.store(y_ptr + offs, to_storage(y, y_ptr), mask=mask)
 
 
 @triton.jit
-def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, levels_ptr, gates_ptr, partial_ptr,
+def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, zero_point_ptr, levels_ptr, gates_ptr, partial_ptr,
                      NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -104,9 +115,11 @@ def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, levels_ptr,
     g = to_float32(tl.load(grad_y_ptr + offs, mask=mask, other=0.0))
     t = to_float32(tl.load(x_ptr + offs, mask=mask, other=0.0)) * tl.load(inv_clip_ptr)
     lo: tl.constexpr = -1.0 if SIGNED else 0.0
-    inside = (t > lo) & (t < 1.0)  # open interval, as torch.clamp's gradient
+    z0 = tl.load(zero_point_ptr)
+    u = _shift(t, z0, SIGNED)
+    inside = (u > lo) & (u < 1.0)  # open interval, as torch.clamp's gradient
     tl.store(grad_x_ptr + offs, to_storage(tl.where(inside, g, 0.0), grad_x_ptr), mask=mask)
-    z = _normalize(t, SIGNED)
+    z = _normalize(t, z0, SIGNED)
     tail = tl.zeros_like(z)
     for j in tl.static_range(NUM_BITS - 1, 0, -1):
         e = _offset(z, levels_ptr, j)
@@ -121,7 +134,7 @@ def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, levels_ptr,
     if SIGNED:
         direct = 2.0 * z_hat - 1.0
     else:
-        direct = z_hat
+        direct = z_hat - z0
     clip_grad = tl.where(inside, direct - t, direct)
     tl.store(partial_ptr + pid * NUM_BITS, tl.sum(tl.where(mask, g * clip_grad, 0.0), axis=0))
 
@@ -133,35 +146,44 @@ def _levels(bits: list[int], device: torch.device) -> Tensor:
     return torch.cat([levels, 1.0 / levels]).to(device)
 
 
-def residual_sums(x: Tensor, clip: Tensor, bits: list[int], signed: bool) -> Tensor:
+def _zero_point(zero_point: Tensor | None, clip: Tensor) -> Tensor:
+    """z0 as a 1-element float32 tensor on clip's device (0: the plain unsigned grid)."""
+    return clip.new_zeros(1) if zero_point is None else zero_point.reshape(1)
+
+
+def residual_sums(x: Tensor, clip: Tensor, bits: list[int], signed: bool,
+                  zero_point: Tensor | None = None) -> Tensor:
     """sum |r_j| over x for j = 2..K, float64 (K-1,)."""
     n, k = x.numel(), len(bits)
     if k == 1:
         return torch.zeros(0, dtype=torch.float64, device=x.device)
     partial = torch.zeros(grid(n)[0], k, dtype=torch.float32, device=x.device)
-    _stats_kernel[grid(n)](x, n, (1.0 / clip).reshape(1), _levels(bits, x.device), partial, NUM_BITS=k,
-                           SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+    _stats_kernel[grid(n)](x, n, (1.0 / clip).reshape(1), _zero_point(zero_point, clip), _levels(bits, x.device),
+                           partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     return partial[:, 1:].sum(0, dtype=torch.float64)
 
 
 def forward(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool,
-            residual_mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            residual_mean: Tensor | None = None, zero_point: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(y, residual_mean); given residual means, the gates come from them (returned as a copy)."""
     n, k = x.numel(), len(bits)
     if residual_mean is None:
-        residual_mean = (residual_sums(x, clip, bits, signed) / n).float()
+        residual_mean = (residual_sums(x, clip, bits, signed, zero_point) / n).float()
     else:
         residual_mean = residual_mean.clone()
     y = output_like(x)
-    _apply_kernel[grid(n)](x, y, n, clip.reshape(1), (1.0 / clip).reshape(1), _levels(bits, x.device), residual_mean,
-                           thresholds, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+    _apply_kernel[grid(n)](x, y, n, clip.reshape(1), (1.0 / clip).reshape(1), _zero_point(zero_point, clip),
+                           _levels(bits, x.device), residual_mean, thresholds, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK,
+                           **LAUNCH_OPTIONS)
     return y, residual_mean
 
 
-def backward(grad_y: Tensor, x: Tensor, clip: Tensor, gates: Tensor, bits: list[int], signed: bool) -> tuple[Tensor, Tensor]:
+def backward(grad_y: Tensor, x: Tensor, clip: Tensor, gates: Tensor, bits: list[int], signed: bool,
+             zero_point: Tensor | None = None) -> tuple[Tensor, Tensor]:
     n, k = x.numel(), len(bits)
     grad_x = output_like(x)
     partial = torch.empty(grid(n)[0], k, dtype=torch.float32, device=x.device)
-    _backward_kernel[grid(n)](grad_y, x, grad_x, n, (1.0 / clip).reshape(1), _levels(bits, x.device), gates,
-                               partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+    _backward_kernel[grid(n)](grad_y, x, grad_x, n, (1.0 / clip).reshape(1), _zero_point(zero_point, clip),
+                               _levels(bits, x.device), gates, partial, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK,
+                               **LAUNCH_OPTIONS)
     return grad_x, partial.sum(0, dtype=torch.float64).float()
