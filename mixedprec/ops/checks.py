@@ -60,6 +60,14 @@ def conv_pair(op: str, name: str, value, minimum: int) -> list[int]:
 
 
 
+def bias(op: str, value, x: Tensor, out_features: int) -> None:
+    """None, or a float tensor (out_features,) on x's device."""
+    if value is not None:
+        tensor(op, "bias", value, x.device)
+        if tuple(value.shape) != (out_features,):
+            raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(value.shape)}")
+
+
 def packed_weight(op: str, x: Tensor, packed, ndim: int, layout: str) -> None:
     """``packed`` is a ``ndim``-D PackedWeight whose tensors live on x's device and are constant."""
     if not isinstance(packed, PackedWeight):

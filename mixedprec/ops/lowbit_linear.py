@@ -31,10 +31,7 @@ def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str
     out_features, in_features = packed.shape
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"{OP}: x must have last dim {in_features} (the weight's in features), got shape {tuple(x.shape)}")
-    if bias is not None:
-        checks.tensor(OP, "bias", bias, x.device)
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(f"{OP}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    checks.bias(OP, bias, x, out_features)
     backend = resolve(OP, backend, x, KERNELS_BUILT)
     if backend is Backend.REFERENCE:
         return reference.lowbit_linear(x, packed, bias)

@@ -51,10 +51,7 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     if min(_output_shape(x.shape, packed.shape, stride, padding, dilation)[2:]) < 1:
         raise ValueError(f"{op}: the output would be empty: x {tuple(x.shape)}, kernel {(kh, kw)}, "
                          f"padding {padding}, dilation {dilation}")
-    if bias is not None:
-        checks.tensor(op, "bias", bias, x.device)
-        if tuple(bias.shape) != (c_out,):
-            raise ValueError(f"{op}: bias must have shape ({c_out},), got {tuple(bias.shape)}")
+    checks.bias(op, bias, x, c_out)
     backend = resolve(op, backend, x, KERNELS_BUILT)
     if backend is Backend.REFERENCE:
         return reference.lut_conv2d(x, packed, bias, stride, padding, dilation, groups)

@@ -65,6 +65,34 @@ def _offset(z, levels_ptr, J: tl.constexpr):
 
 
 @triton.jit
+def _gated_tail(z, levels_ptr, gates_ptr, tail, J: tl.constexpr, NUM_BITS: tl.constexpr):
+    """T_J = e_J + g_J T_{J+1} (0-based J >= 1), the innermost offset alone: folded from the
+    innermost outwards, as every backend spells it."""
+    t = _offset(z, levels_ptr, J)
+    if J < NUM_BITS - 1:
+        t = t + tl.load(gates_ptr + J) * tail
+    return t
+
+
+@triton.jit
+def _z_hat(z, levels_ptr, gates_ptr, tail, NUM_BITS: tl.constexpr):
+    z_hat = _quantize(z, levels_ptr, 0)
+    if NUM_BITS > 1:
+        z_hat = z_hat + tl.load(gates_ptr) * tail
+    return z_hat
+
+
+@triton.jit
+def _unit_output(z_hat, z0, SIGNED: tl.constexpr):
+    """y / v: 2 z_hat - 1 on the signed grid, z_hat - z0 otherwise."""
+    if SIGNED:
+        u = 2.0 * z_hat - 1.0
+    else:
+        u = z_hat - z0
+    return u
+
+
+@triton.jit
 def _stats_kernel(x_ptr, n, inv_clip_ptr, zero_point_ptr, levels_ptr, partial_ptr,
                   NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -80,7 +108,7 @@ def _stats_kernel(x_ptr, n, inv_clip_ptr, zero_point_ptr, levels_ptr, partial_pt
 
 
 @triton.jit
-def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, zero_point_ptr, levels_ptr, residual_mean_ptr, thresholds_ptr,
+def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, zero_point_ptr, levels_ptr, gates_ptr,
                   NUM_BITS: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -89,20 +117,8 @@ def _apply_kernel(x_ptr, y_ptr, n, clip_ptr, inv_clip_ptr, zero_point_ptr, level
     z = _normalize(x * tl.load(inv_clip_ptr), z0, SIGNED)
     tail = tl.zeros_like(z)
     for j in tl.static_range(NUM_BITS - 1, 0, -1):
-        e = _offset(z, levels_ptr, j)
-        if j == NUM_BITS - 1:
-            tail = e
-        else:
-            gate = (tl.load(residual_mean_ptr + j) > tl.load(thresholds_ptr + j)).to(tl.float32)
-            tail = e + gate * tail
-    z_hat = _quantize(z, levels_ptr, 0)
-    if NUM_BITS > 1:
-        z_hat = z_hat + (tl.load(residual_mean_ptr) > tl.load(thresholds_ptr)).to(tl.float32) * tail
-    clip = tl.load(clip_ptr)
-    if SIGNED:
-        y = clip * (2.0 * z_hat - 1.0)
-    else:
-        y = clip * (z_hat - z0)
+        tail = _gated_tail(z, levels_ptr, gates_ptr, tail, j, NUM_BITS)
+    y = tl.load(clip_ptr) * _unit_output(_z_hat(z, levels_ptr, gates_ptr, tail, NUM_BITS), z0, SIGNED)
     tl.store(y_ptr + offs, to_storage(y, y_ptr), mask=mask)
 
 
@@ -122,19 +138,9 @@ def _backward_kernel(grad_y_ptr, x_ptr, grad_x_ptr, n, inv_clip_ptr, zero_point_
     z = _normalize(t, z0, SIGNED)
     tail = tl.zeros_like(z)
     for j in tl.static_range(NUM_BITS - 1, 0, -1):
-        e = _offset(z, levels_ptr, j)
-        if j == NUM_BITS - 1:
-            tail = e
-        else:
-            tail = e + tl.load(gates_ptr + j) * tail
+        tail = _gated_tail(z, levels_ptr, gates_ptr, tail, j, NUM_BITS)
         tl.store(partial_ptr + pid * NUM_BITS + j, tl.sum(tl.where(mask, g * tail, 0.0), axis=0))
-    z_hat = _quantize(z, levels_ptr, 0)
-    if NUM_BITS > 1:
-        z_hat = z_hat + tl.load(gates_ptr) * tail
-    if SIGNED:
-        direct = 2.0 * z_hat - 1.0
-    else:
-        direct = z_hat - z0
+    direct = _unit_output(_z_hat(z, levels_ptr, gates_ptr, tail, NUM_BITS), z0, SIGNED)
     clip_grad = tl.where(inside, direct - t, direct)
     tl.store(partial_ptr + pid * NUM_BITS, tl.sum(tl.where(mask, g * clip_grad, 0.0), axis=0))
 
@@ -172,9 +178,9 @@ def forward(x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed
     else:
         residual_mean = residual_mean.clone()
     y = output_like(x)
+    gates = (residual_mean > thresholds).float()
     _apply_kernel[grid(n)](x, y, n, clip.reshape(1), (1.0 / clip).reshape(1), _zero_point(zero_point, clip),
-                           _levels(bits, x.device), residual_mean, thresholds, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK,
-                           **LAUNCH_OPTIONS)
+                           _levels(bits, x.device), gates, NUM_BITS=k, SIGNED=signed, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     return y, residual_mean
 
 

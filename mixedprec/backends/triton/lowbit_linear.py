@@ -75,37 +75,28 @@ def _backward_kernel(g, grad_x, codebook, scale, codes, bitmap, code_offsets, M,
     tl.store(grad_x + m[:, None].to(tl.int64) * IN + cols[None, :], acc, mask=(m[:, None] < M) & (cols[None, :] < IN))
 
 
-def _output(shape, like: Tensor) -> Tensor:
-    return new_output(shape, dtype=torch.float32, device=like.device)
+def _run(kernel, t: Tensor, columns: int, codes: Tensor, codebook: Tensor, channel_scale: Tensor,
+         keep_bitmap: Tensor | None, code_offsets: Tensor | None, weight_shape: list[int], bits: int) -> Tensor:
+    """One of the kernels on t (M, its features) into a float32 (M, columns), one program per
+    BLOCK_M rows and per block of output columns (BLOCK_N channels forward, a GROUP backward)."""
+    out, in_features = weight_shape
+    result = new_output((t.shape[0], columns), dtype=torch.float32, device=t.device)
+    if t.shape[0] == 0:
+        return result
+    sparse = keep_bitmap is not None  # a dense weight passes codes as stand-ins for the sparse tables
+    block = BLOCK_N if kernel is _forward_kernel else GROUP
+    kernel[(triton.cdiv(t.shape[0], BLOCK_M), triton.cdiv(columns, block))](
+        t, result, codebook, channel_scale, codes, keep_bitmap if sparse else codes, code_offsets if sparse else codes,
+        t.shape[0], out, in_features, triton.cdiv(in_features, GROUP), BITS=bits, SPARSE=sparse, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N)
+    return result
 
 
-def _tables(codes, keep_bitmap, code_offsets):
-    """Kernel arguments for the optional sparse tables (a dense weight passes codes as stand-ins)."""
-    sparse = keep_bitmap is not None
-    return (keep_bitmap if sparse else codes), (code_offsets if sparse else codes), sparse
+def forward(x: Tensor, *packed) -> Tensor:
+    """y = x W^T (x float32 (M, in)); ``packed``: the op's packed-weight arguments (ops/packed_args.py)."""
+    return _run(_forward_kernel, x, packed[5][0], *packed)
 
 
-def forward(x: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor, keep_bitmap: Tensor | None,
-            code_offsets: Tensor | None, weight_shape: list[int], bits: int) -> Tensor:
-    m_rows, (out, in_features) = x.shape[0], weight_shape
-    y = _output((m_rows, out), x)
-    if m_rows == 0:
-        return y
-    bitmap, offsets, sparse = _tables(codes, keep_bitmap, code_offsets)
-    grid = (triton.cdiv(m_rows, BLOCK_M), triton.cdiv(out, BLOCK_N))
-    _forward_kernel[grid](x, y, codebook, channel_scale, codes, bitmap, offsets, m_rows, out, in_features,
-                          triton.cdiv(in_features, GROUP), BITS=bits, SPARSE=sparse, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    return y
-
-
-def backward(grad_y: Tensor, codes: Tensor, codebook: Tensor, channel_scale: Tensor, keep_bitmap: Tensor | None,
-             code_offsets: Tensor | None, weight_shape: list[int], bits: int) -> Tensor:
-    (m_rows, out), in_features = grad_y.shape, weight_shape[1]
-    grad_x = _output((m_rows, in_features), grad_y)
-    if m_rows == 0:
-        return grad_x
-    bitmap, offsets, sparse = _tables(codes, keep_bitmap, code_offsets)
-    grid = (triton.cdiv(m_rows, BLOCK_M), triton.cdiv(in_features, GROUP))
-    _backward_kernel[grid](grad_y, grad_x, codebook, channel_scale, codes, bitmap, offsets, m_rows, out, in_features,
-                           triton.cdiv(in_features, GROUP), BITS=bits, SPARSE=sparse, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    return grad_x
+def backward(grad_y: Tensor, *packed) -> Tensor:
+    """grad_x = grad_y W (grad_y float32 (M, out))."""
+    return _run(_backward_kernel, grad_y, packed[5][1], *packed)
