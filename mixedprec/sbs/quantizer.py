@@ -105,6 +105,11 @@ class BitSharingQuantizer(nn.Module):
     first batch held a negative value (``asymmetric``); else it stays 0 and unused.
     """
 
+    # Defaults of attributes that files saved before the asymmetric grid do not describe (their
+    # modules are rebuilt without running __init__, nn/module_tree.py).
+    negative_grid = "signed"
+    asymmetric = False
+
     def __init__(self, bits: Sequence[int] = (2, 4, 8), signed: bool | None = True,
                  clip_init: float | None = 1.0, enabled: bool = True, negative_grid: str = "signed"):
         super().__init__()
@@ -165,7 +170,7 @@ class BitSharingQuantizer(nn.Module):
             negative = (x < 0).any().reshape(1).double()
             has_negative = bool((negative if stats is None else stats.sum(negative)) > 0)
             self.signed = has_negative and self.negative_grid == "signed"
-            self.asymmetric = has_negative and self.offset is not None
+            self.asymmetric = has_negative and self._parameters.get("offset") is not None
         if self.asymmetric:
             sample = value_sample(x)
             clip, offset = initial_range(sample if stats is None else stats.gather(sample))
@@ -209,7 +214,7 @@ class BitSharingQuantizer(nn.Module):
         """Keep parameters valid after an optimizer step: thresholds >= 0, clip > 0, offset in [0, 1]."""
         self.thresholds.clamp_(min=0.0)
         self.clip.clamp_(min=min_clip)
-        if self.offset is not None:
+        if self._parameters.get("offset") is not None:
             self.offset.clamp_(0.0, 1.0)
 
     # Python-side state travels in the state dict, so a saved search or finetune resumes as is.
