@@ -8,6 +8,11 @@
 // codes are read once (bits/8 B per kept weight + 1/8 B of bitmap), x once per row block.
 // Rows are decoded by code_decode.h (AVX-512 fast paths for 2-, 4- and 8-bit codes and sparse
 // rows; set_cpu_simd(false) selects the scalar twins, which tests compare with them).
+// Builds without AVX-512 but with AVX2 (x86-64-v3) take cpu/lowbit_avx2.h instead, at every bits
+// and sparsity: up to kRegisterBatch batch rows each output row is decoded in registers and
+// multiplied at once (avx2::forward_rows), larger batches and the backward decode rows into the
+// tile with it (avx2::decode_row). Its sums are dot_block's, in column order, so every path and
+// the scalar twin agree bit for bit.
 //
 // Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order (both x and
 // W, so the dot products are the same sums): one 64-byte load holds 16 lanes of 32 bits, and
