@@ -141,8 +141,8 @@ def kernel(backend: Backend, op: str, role: str):
 
 
 def set_cpu_simd(enabled: bool) -> bool:
-    """Selects the CPU kernels' (lowbit_linear, lut_conv2d) AVX-512 code decode (True, default)
-    or its scalar twin; returns the previous setting (for tests and benchmarks)."""
+    """Selects the CPU kernels' (lowbit_linear, lut_conv2d) SIMD code decode (True, default:
+    AVX-512, or lowbit_linear's AVX2 kernels on AVX2 builds) or its scalar twin; returns the previous setting (for tests and benchmarks)."""
     return torch.ops.mixedprec.set_cpu_simd(bool(enabled))
 
 
