@@ -7,7 +7,7 @@ backward grad_x = g W:    program (BLOCK_M rows, one 32-column group); per BLOCK
                           channels it decodes the (BLOCK_N, 32) tile and adds g_tile @ W_tile.
 Decode (csrc/include/mixedprec/packed_weight.h): dense code index f = c * in + i; sparse: the
 packed weight's one index, code_offsets[f // 64] + kept bits of f's 64-weight block before f
-(mixedprec.triton.common.packed_code_index). Tiles are 32 columns wide.
+(mixedprec.backends.triton.common.packed_code_index). Tiles are 32 columns wide.
 """
 from __future__ import annotations
 
