@@ -6,8 +6,10 @@
 // float tile (codebook levels; kRowBlock * in floats, L1/L2 resident), then every batch row is
 // multiplied with the tile while it is hot. At batch 1 (GEMV) the cost is the decode: the packed
 // codes are read once (bits/8 B per kept weight + 1/8 B of bitmap), x once per row block.
-// Rows are decoded by code_decode.h (AVX-512 fast paths for 2-, 4- and 8-bit codes and sparse
-// rows; set_cpu_simd(false) selects the scalar twins, which tests compare with them).
+// Rows are decoded by code_decode.h (AVX-512: every bits, 16 codes per step, sparse rows through
+// vexpandps; set_cpu_simd(false) selects the scalar twins, which tests compare with them). Up to
+// kFusedBatch batch rows, each output row is decoded in registers and multiplied at once
+// (cpu/lowbit_avx512.h's forward_rows, or fused_rows below for interleaved weights).
 // Builds without AVX-512 but with AVX2 (x86-64-v3) take cpu/lowbit_avx2.h instead, at every bits
 // and sparsity: up to kRegisterBatch batch rows each output row is decoded in registers and
 // multiplied at once (avx2::forward_rows), larger batches and the backward decode rows into the
@@ -116,7 +118,7 @@ void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
   for (; k < w.row_length; ++k) row[k] = w.codebook[read_code(w.codes, c * w.row_length + k, kBits)];
 }
 
-constexpr int64_t kFusedBatch = 4;
+constexpr int64_t kFusedBatch = avx512::kMaxRows;  // up to it, rows are decoded in registers
 
 // Small batches (kM rows of interleaved x) times interleaved weights: the codes are decoded in
 // registers and multiplied into x at once (no tile), reading bits/8 B per weight. The sums are
@@ -248,10 +250,11 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     });
   }
 #if defined(MP_DECODE_AVX512)
-  if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
+  if (cpu_simd.load(std::memory_order_relaxed) && m_rows <= kFusedBatch) {
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
-      (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
+      if (interleave) (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
+      else avx512::forward_rows(w, xp, m_rows, c0, c1, yp);
     });
     return y;
   }
