@@ -16,7 +16,7 @@
 //                dense row: the shuffle and shift vectors are looked up once per offset (8 each).
 //   Lut<B>       the codebook in registers: vpermps (B <= 4), vpermt2ps on 32 entries (B = 5),
 //                and a vpermt2ps per 32 entries with a blend tree on bits 5.. (B = 6, 7);
-//                vgatherdps for B = 8 (measured: faster than 8 vpermt2ps and 7 blends here).
+//                vgatherdps for B = 8.
 //   DenseSrc     a row without bitmap: codes at 16 B bits per step
 //   SparseSrc    a row with a bitmap: the next popcount(m) kept codes decoded and spread over the
 //                16 columns by vexpandps under the step's 16 bitmap bits m (0 where pruned)
@@ -124,10 +124,17 @@ struct SparseSrc {
       : codes(w.codes), nbytes(nb), p(kept_before(w, c * w.row_length) * B), bitmap(w.keep_bitmap),
         bitmap_bytes(w.bitmap_bytes()), f0(c * w.row_length), lut(l) {}
   __m512 get(int64_t i) {
-    const __mmask16 m = __mmask16(read_bits32(bitmap, bitmap_bytes, f0 + i) & 0xffffu);
+    const __mmask16 m = __mmask16(bitmap_bits16(f0 + i));
     const __m512 levels = lut(codes16<B>(codes, nbytes, p));
     p += int64_t(popcount32(m)) * B;
     return _mm512_maskz_expand_ps(m, levels);
+  }
+  uint32_t bitmap_bits16(int64_t pos) const {  // bits pos .. pos + 15; past the bitmap: 0
+    const int64_t byte = pos >> 3;
+    if (__builtin_expect(byte + 4 > bitmap_bytes, 0)) return read_bits32(bitmap, bitmap_bytes, pos) & 0xffffu;
+    uint32_t v;
+    std::memcpy(&v, bitmap + byte, 4);
+    return (v >> (pos & 7)) & 0xffffu;
   }
 };
 

@@ -62,24 +62,31 @@ struct TileDecoder {
   TileDecoder(const PackedView& weight, const Conv2dGeometry& geometry)
       : w(weight), g(geometry), simd(cpu_simd.load(std::memory_order_relaxed)) {}
 
-  // W[c, k0 : k0 + count] (scale applied, 0 where pruned), flat over (C_in/G, kh, kw). Codes are
-  // looked up in the codebook times the row's scale: scale * level rounded once, as mul_rn.
+  // W[c, k0 : k0 + count] (scale applied, 0 where pruned), flat over (C_in/G, kh, kw): the levels,
+  // then each times the row's scale, rounded once (mul_rn; the scale is > 0, so pruned weights
+  // stay +0). count multiplies, not one per codebook entry: a depthwise row holds 9 weights, an
+  // 8-bit codebook 256 levels.
   void decode_span(int64_t c, int64_t k0, int64_t count, float* out) const {
-    float scaled[256];
-    for (int i = 0; i < 1 << w.bits; ++i) scaled[i] = mul_rn(w.channel_scale[c], w.codebook[i]);
     const int64_t f0 = c * g.row_length() + k0;
-    if (!simd) return decode_run(w, scaled, f0, f0 + count, out);  // the scalar twin: the shared decoder
-    const int64_t first = kept_before(w, f0);
-    if (!w.keep_bitmap) return decode_levels(w.codes, scaled, w.bits, first, count, out, simd);
-    std::vector<float> levels(count);
-    const int64_t kept = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count);
-    decode_levels(w.codes, scaled, w.bits, first, kept, levels.data(), simd);
-    expand_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count, levels.data(), out, simd);
+    if (!simd) {
+      decode_run(w, w.codebook, f0, f0 + count, out);  // the scalar twin: the shared decoder
+    } else if (!w.keep_bitmap) {
+      decode_levels(w.codes, w.codebook, w.bits, f0, count, out, simd);
+    } else {
+      thread_local std::vector<float> levels;
+      levels.resize(size_t(count));
+      const int64_t kept = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count);
+      decode_levels(w.codes, w.codebook, w.bits, kept_before(w, f0), kept, levels.data(), simd);
+      expand_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count, levels.data(), out, simd);
+    }
+    const float scale = w.channel_scale[c];
+    for (int64_t i = 0; i < count; ++i) out[i] = mul_rn(scale, out[i]);
   }
 
   // Channels [c0, c1) of W into tile (c1 - c0, C_in/G, kh, kw).
   void decode(int64_t c0, int64_t c1, float* tile) const {
-    at::parallel_for(c0, c1, 1, [&](int64_t b0, int64_t b1) {
+    // at least ~4k weights a task: small layers (depthwise rows hold 9) decode on one thread
+    at::parallel_for(c0, c1, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.row_length())), [&](int64_t b0, int64_t b1) {
       for (int64_t c = b0; c < b1; ++c) decode_span(c, 0, g.row_length(), tile + (c - c0) * g.row_length());
     });
   }
