@@ -105,6 +105,23 @@ def test_empty_tensor(kernel_backend):
     assert x.grad.shape == (0, 4)
 
 
+def test_inference_calls_the_kernel_directly_with_the_same_results_and_checks(kernel_backend):
+    """Without autograd (inference mode, no_grad) the op skips its custom op: same output and
+    residual means as with autograd, and a NaN clip is still refused."""
+    backend, device = kernel_backend
+    x, clip, thresholds = (t.to(device) for t in make_case((1, 3, 17, 19), (2, 4, 8), False, seed=3)[:3])
+    tracked = ops.bit_sharing_quant(x.requires_grad_(), clip.requires_grad_(), thresholds, (2, 4, 8), False,
+                                    backend=backend)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            direct = ops.bit_sharing_quant(x, clip, thresholds, (2, 4, 8), False, backend=backend)
+            assert torch.equal(direct.output, tracked.output.detach())
+            assert torch.equal(direct.residual_mean, tracked.residual_mean)
+            with pytest.raises(ValueError, match="clip must be finite"):
+                ops.bit_sharing_quant(x, torch.full_like(clip, float("nan")), thresholds, (2, 4, 8), False,
+                                      backend=backend)
+
+
 def test_cpu_results_are_deterministic():
     require_backend("cpu")
     case = make_case((100_003,), (2, 4, 8), True, seed=5)

@@ -161,14 +161,18 @@ def test_inference_calls_match_the_autograd_op(kernel_backend, dtype):
     assert tracked.dtype == direct.dtype == dtype and torch.equal(tracked.detach(), direct)
 
 
+GEMM_BATCH = 16  # csrc/ops/lowbit_linear/lowbit_linear_cpu.cpp: kGemmBatch
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.9])
-@pytest.mark.parametrize("batch", [1, 3, 16, 70])
+@pytest.mark.parametrize("batch", [1, 3, 9, 70])
 def test_cpu_kernel_grid(bits, sparsity, batch):
     """The CPU kernel at every bits and sparsity on odd shapes (37 x 203: rows neither 8- nor
-    64-weight aligned, a column tail), batch 1 (GEMV), 3 and 16 (rows decoded in registers) and 70
-    (decode tile): forward and backward against the reference with the SIMD decode on and off,
-    the two bit-identical, and every batch row equal to the same row run alone."""
+    64-weight aligned, a column tail), batch 1 (GEMV) and 3 (rows decoded in registers), 9 (decode
+    tile) and 70 (decoded blocks through sgemm): forward and backward against the reference with
+    the SIMD decode on and off, the two bit-identical, and below the sgemm batches every batch row
+    equal to the same row run alone."""
     require_backend("cpu")
     packed = make_packed(37, 203, bits, sparsity, seed=10 * bits + batch)
     x = torch.randn(batch, 203, generator=torch.Generator().manual_seed(bits))
@@ -183,5 +187,26 @@ def test_cpu_kernel_grid(bits, sparsity, batch):
             results.append(y.detach())
         finally:
             ops.set_cpu_simd(previous)
-        assert torch.equal(y.detach()[-1:], alone)
+        if batch < GEMM_BATCH:  # sgemm's blocking depends on the batch: rows differ in the last bits
+            assert torch.equal(y.detach()[-1:], alone)
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("bits,sparsity", [(3, 0.0), (8, 0.5)])
+def test_cpu_sgemm_batches_span_several_row_blocks(bits, sparsity):
+    """From GEMM_BATCH rows on the CPU kernel decodes 64 output rows at a time for sgemm: 150
+    rows make three blocks, the last one partial; forward and backward against the reference, and
+    in inference mode the same bits on one thread as on every thread."""
+    require_backend("cpu")
+    packed = make_packed(150, 45, bits, sparsity, seed=bits)
+    x = torch.randn(GEMM_BATCH, 45)
+    lowbit_check("cpu", "cpu", packed, x, torch.randn(150))
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        y = ops.lowbit_linear(x, packed, backend="cpu")
+        torch.set_num_threads(1)
+        try:
+            one_thread = ops.lowbit_linear(x, packed, backend="cpu")
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(y, one_thread)

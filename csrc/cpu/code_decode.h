@@ -1,8 +1,8 @@
 // Decoding packed codes into codebook levels on the CPU, shared by lowbit_linear and lut_conv2d.
-// Fast paths (AVX-512): 4- and 2-bit codes expanded 16 at a time and looked up with one vpermps
-// in a register-resident codebook, 8-bit codes gathered; pruned positions filled with vexpandps
-// under the bitmap. The
-// scalar loops are their twins (the `simd` arguments; cpu_simd in cpu/switches.h selects them in tests).
+// Fast paths (AVX-512): codes of every bits decoded 16 at a time (cpu/lowbit_avx512.h), 4- and
+// 2-bit codes of the interleaved order with one vpermps in a register-resident codebook; pruned
+// positions filled with vexpandps under the bitmap. The scalar loops are their twins (the `simd`
+// arguments; cpu_simd in cpu/switches.h selects them in tests).
 #pragma once
 
 #include <cstdint>
@@ -14,6 +14,9 @@
 #endif
 
 #include "mixedprec/packed_weight.h"
+#if defined(MP_DECODE_AVX512)
+#include "cpu/lowbit_avx512.h"
+#endif
 
 namespace mixedprec {
 
@@ -52,28 +55,16 @@ int64_t decode_run16(const uint8_t* src, int64_t count, __m512 lut, float* level
 }
 #endif
 
-// levels[k] = codebook[code first + k] for k < count. Under `simd`, 8-bit codes go 16 per
-// vgatherdps (a 256-entry codebook does not fit a register), 4- and 2-bit codes 16 per step once
-// the stream reaches a byte boundary.
+// levels[k] = codebook[code first + k] for k < count; under `simd` 16 codes per step at every
+// bits (cpu/lowbit_avx512.h).
 inline void decode_levels(const uint8_t* codes, const float* codebook, int bits, int64_t first, int64_t count,
                           float* levels, bool simd) {
-  int64_t k = 0;
 #if defined(MP_DECODE_AVX512)
-  if (simd && bits == 8)
-    for (; k + 16 <= count; k += 16) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + first + k));
-      _mm512_storeu_ps(levels + k, _mm512_i32gather_ps(_mm512_cvtepu8_epi32(bytes), codebook, 4));
-    }
-  if (simd && (bits == 4 || bits == 2)) {
-    const int per_byte = 8 / bits;
-    for (; k < count && (first + k) % per_byte != 0; ++k) levels[k] = codebook[read_code(codes, first + k, bits)];
-    const uint8_t* src = codes + (first + k) / per_byte;
-    k += (bits == 4 ? decode_run16<4> : decode_run16<2>)(src, count - k, lut_register(codebook, bits), levels + k);
-  }
+  if (simd) return avx512::decode_levels(codes, codebook, bits, first, count, levels);
 #else
   (void)simd;
 #endif
-  for (; k < count; ++k) levels[k] = codebook[read_code(codes, first + k, bits)];
+  for (int64_t k = 0; k < count; ++k) levels[k] = codebook[read_code(codes, first + k, bits)];
 }
 
 // Set bits pos .. pos + n of `bitmap` (the kept weights among n positions).

@@ -57,6 +57,13 @@ inline void with_int(int v, F&& f) {
   }
 }
 
+// Bytes of the code stream: ceil(kept * bits / 8).
+inline int64_t code_bytes(const PackedView& w) {
+  const int64_t last = w.numel() - 1;
+  const int64_t kept = w.numel() == 0 ? 0 : kept_before(w, last) + (is_kept(w, last) ? 1 : 0);
+  return (kept * w.bits + 7) / 8;
+}
+
 }  // namespace mixedprec
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
@@ -79,13 +86,6 @@ inline uint64_t bits_at(const uint8_t* s, int64_t nbytes, int64_t p) {
   uint64_t v;
   std::memcpy(&v, s + (p >> 3), 8);
   return v >> (p & 7);
-}
-
-// Bytes of the code stream: ceil(kept * bits / 8).
-inline int64_t code_bytes(const PackedView& w) {
-  const int64_t last = w.numel() - 1;
-  const int64_t kept = w.numel() == 0 ? 0 : kept_before(w, last) + (is_kept(w, last) ? 1 : 0);
-  return (kept * w.bits + 7) / 8;
 }
 
 // The 8 codes of a window v (its lowest bits first) in 8 int32 lanes.

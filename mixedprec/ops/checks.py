@@ -1,6 +1,8 @@
 """Argument checks shared by the ops: each raises a ValueError that names the op and the argument."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -40,14 +42,16 @@ def bits(op: str, value) -> tuple[int, ...]:
 def clip(op: str, value: Tensor) -> None:
     """clip v > 0, finite and not subnormal: the ops compute x * (1 / v), and 1 / v overflows for
     v < 2^-128 (0 * inf would make x = 0 NaN)."""
-    smallest = torch.finfo(torch.float32).smallest_normal
-    if check_values and not value.is_meta and not bool(torch.isfinite(value) & (value >= smallest)):
+    if not check_values or value.is_meta:
+        return
+    smallest, v = torch.finfo(torch.float32).smallest_normal, value.item()  # 0-dim: one host read
+    if not (math.isfinite(v) and v >= smallest):
         raise ValueError(f"{op}: clip must be finite and > 0 (at least float32's smallest normal number, "
-                         f"{smallest:.4g}), got {value.item()}")
+                         f"{smallest:.4g}), got {v}")
 
 
 def finite(op: str, name: str, t: Tensor) -> None:
-    if check_values and not t.is_meta and not bool(torch.isfinite(t).all()):
+    if check_values and not t.is_meta and t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{op}: {name} must be finite, got {t.detach().cpu().tolist()}")
 
 

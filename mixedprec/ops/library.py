@@ -45,7 +45,7 @@ def custom_op(backend: Backend, name: str):
 
 
 def through_autograd(*tensors: Tensor | None) -> bool:
-    """Whether an inference op (lowbit_linear, lut_conv2d) must go through its custom op: under
+    """Whether an op must go through its custom op (autograd) rather than call its kernels: under
     torch.compile, which traces it, or when a gradient can flow. Otherwise its implementation is
     called directly: the custom op's Python dispatch costs ~40 us a call, 10% of a 4096^2 GEMV."""
     return torch.compiler.is_compiling() or (

@@ -1,7 +1,7 @@
 // The CPU kernels (csrc/cpu/*.cpp) called through the torch dispatcher on small odd shapes,
 // against the plain loops of kernel_cases.h: every op, each storage type, every instantiated K
 // and sign of the bit-sharing kernel, the AVX-512 code decode and its scalar twin (set_cpu_simd)
-// in lowbit_linear (its fused small-batch, tiled and large-batch paths) and lut_conv2d (grouped,
+// in lowbit_linear (rows decoded in registers at every bits, the tile, sgemm blocks) and lut_conv2d (grouped,
 // depthwise, strided, dilated; Winograd). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
 // and run under ASan+UBSan by tests/test_sanitizers.py: the kernels and this program are
 // instrumented, libtorch is not (ASan still sees every tensor's heap block). ASan checks scalar
@@ -213,7 +213,12 @@ int main(int argc, char** argv) {
       lowbit_case(7, 70, 2, 2, 1.0, rng),   // 2-bit rows not byte-aligned: tile path
       lowbit_case(6, 75, 5, 4, 0.5, rng),   // sparse 4-bit: SIMD decode and bitmap expansion
       lowbit_case(130, 40, 3, 1, 0.7, rng), // 3 output-channel chunks in the backward
-      lowbit_case(9, 37, 70, 2, 0.8, rng),  // M >= 64: the backward's batch-parallel path
+      lowbit_case(13, 83, 2, 5, 1.0, rng),  // dense 5-bit, M <= 4: rows decoded in registers
+      lowbit_case(13, 83, 4, 6, 0.7, rng),  // sparse 6-bit in registers (vpermt2ps tree, vexpandps)
+      lowbit_case(10, 51, 1, 7, 0.9, rng),  // sparse 7-bit GEMV
+      lowbit_case(8, 45, 1, 1, 0.5, rng),   // sparse 1-bit GEMV
+      lowbit_case(9, 41, 4, 8, 0.4, rng),   // sparse 8-bit in registers (gathered levels)
+      lowbit_case(150, 37, 17, 2, 0.8, rng),  // M >= 16: 64-row blocks through sgemm, the last partial
       lowbit_case(3, 1, 2, 2, 1.0, rng),    // one input feature
   };
   static auto set_simd = op<bool(bool)>("mixedprec::set_cpu_simd");

@@ -6,8 +6,10 @@
 // float tile (codebook levels; kRowBlock * in floats, L1/L2 resident), then every batch row is
 // multiplied with the tile while it is hot. At batch 1 (GEMV) the cost is the decode: the packed
 // codes are read once (bits/8 B per kept weight + 1/8 B of bitmap), x once per row block.
-// Rows are decoded by code_decode.h (AVX-512 fast paths for 2-, 4- and 8-bit codes and sparse
-// rows; set_cpu_simd(false) selects the scalar twins, which tests compare with them).
+// Rows are decoded by code_decode.h (AVX-512: every bits, 16 codes per step, sparse rows through
+// vexpandps; set_cpu_simd(false) selects the scalar twins, which tests compare with them). Up to
+// kFusedBatch batch rows, each output row is decoded in registers and multiplied at once
+// (cpu/lowbit_avx512.h's forward_rows, or fused_rows below for interleaved weights).
 // Builds without AVX-512 but with AVX2 (x86-64-v3) take cpu/lowbit_avx2.h instead, at every bits
 // and sparsity: up to kRegisterBatch batch rows each output row is decoded in registers and
 // multiplied at once (avx2::forward_rows), larger batches and the backward decode rows into the
@@ -21,10 +23,9 @@
 // weights (the natural order needs three). Every path of such weights (register-decoded small
 // batches, decode tile, scalar twin) uses that order, so results do not depend on the path.
 //
-// Backward: grad_x[m] = sum_c (grad_y[m, c] * scale[c]) * W[c]. Small batches: output channels
-// split into a fixed number of chunks (by shape, not thread count: results are deterministic),
-// each accumulating into its own partial grad_x, summed in chunk order; large batches: tasks
-// over batch rows, each decoding every row.
+// Backward: grad_x = (grad_y * scale) W. Output channels split into a fixed number of chunks (by
+// shape, not thread count: results are deterministic), each adding its blocks of decoded rows
+// (through sgemm) into its own partial grad_x, summed in chunk order.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -44,8 +45,15 @@ namespace mixedprec {
 namespace {
 
 constexpr int64_t kRowBlock = 8;
-constexpr int64_t kLargeBatch = 64;  // backward: from this batch on, parallel over batch rows
 constexpr int64_t kMaxChunks = 16;
+// From this batch on, the forward decodes kGemmRows rows at a time into a float block and
+// multiplies it with ATen's sgemm (4096 x 4096, batch 64, one thread: 50 ms through the decode
+// tile's 2 x 2 dot blocks, 64 ms for fp32 F.linear, 51 ms this way). Each task decodes and
+// multiplies its own blocks (one parallel region a call: with a region per block, a loaded
+// machine spent 0.5 s a call in barriers). Below it the dot blocks keep a row's result
+// independent of the other rows of its batch. The backward always takes blocks.
+constexpr int64_t kGemmBatch = 16;
+constexpr int64_t kGemmRows = 64;
 // AVX2 builds: up to this batch the forward decodes every row in registers (avx2::forward_rows,
 // one pass of its kMaxRows), above it through the decode tile (the same sums either way; measured
 // on 4096 x 4096: at batch 16 the tile takes a third of the time of six register passes).
@@ -116,7 +124,7 @@ void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
   for (; k < w.row_length; ++k) row[k] = w.codebook[read_code(w.codes, c * w.row_length + k, kBits)];
 }
 
-constexpr int64_t kFusedBatch = 4;
+constexpr int64_t kFusedBatch = avx512::kMaxRows;  // up to it, rows are decoded in registers
 
 // Small batches (kM rows of interleaved x) times interleaved weights: the codes are decoded in
 // registers and multiplied into x at once (no tile), reading bits/8 B per weight. The sums are
@@ -215,17 +223,27 @@ void dot_block(const float* a, int ma, const float* b, int mb, int64_t n, float 
   return mb == 2 ? dot_block<1, 2>(a, b, n, dots) : dot_block<1, 1>(a, b, n, dots);
 }
 
-void axpy(float alpha, const float* x, float* y, int64_t n) {
-  const Vec va(alpha);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
 struct Scratch {  // a task's decode buffers
   std::vector<float> tile, levels;
   explicit Scratch(int64_t rows, int64_t in) : tile(rows * in), levels(in) {}
 };
+
+// f(c0, block) for the blocks of at most kGemmRows output rows in [c_begin, c_end), in order:
+// block (rows x in, in the scratch's tile) holds the levels of rows [c0, c0 + rows) (channel
+// scale not applied).
+template <class F>
+void for_each_decoded_block(const PackedView& w, bool interleave, int64_t c_begin, int64_t c_end, Scratch& s, F&& f) {
+  const int64_t in = w.row_length;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kGemmRows) {
+    const int64_t rows = std::min(kGemmRows, c_end - c0);
+    for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, interleave, s.tile.data() + r * in, s.levels.data());
+    f(c0, at::from_blob(s.tile.data(), {rows, in}, at::TensorOptions().dtype(at::kFloat)));
+  }
+}
+
+at::Tensor channel_scales(const PackedView& w) {  // a view, for the backward's grad_y * scale
+  return at::from_blob(const_cast<float*>(w.channel_scale), {w.out}, at::TensorOptions().dtype(at::kFloat));
+}
 
 }  // namespace
 
@@ -248,10 +266,11 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     });
   }
 #if defined(MP_DECODE_AVX512)
-  if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
+  if (cpu_simd.load(std::memory_order_relaxed) && m_rows <= kFusedBatch) {
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
-      (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
+      if (interleave) (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
+      else avx512::forward_rows(w, xp, m_rows, c0, c1, yp);
     });
     return y;
   }
@@ -263,6 +282,20 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     return y;
   }
 #endif
+  if (m_rows >= kGemmBatch) {
+    at::parallel_for(0, ceil_div(out, kGemmRows), 1, [&](int64_t b0, int64_t b1) {
+      Scratch s(kGemmRows, in);
+      for_each_decoded_block(w, interleave, b0 * kGemmRows, std::min(out, b1 * kGemmRows), s,
+                             [&](int64_t c0, const at::Tensor& block) {  // sgemm on this thread (nested region)
+        const int64_t rows = block.size(0);
+        const at::Tensor dots = at::mm(x_ordered, block.t());  // (m_rows, rows), contiguous
+        const float* dp = dots.data_ptr<float>();
+        for (int64_t m = 0; m < m_rows; ++m)
+          for (int64_t j = 0; j < rows; ++j) yp[m * out + c0 + j] = w.channel_scale[c0 + j] * dp[m * rows + j];
+      });
+    });
+    return y;
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     Scratch s(kRowBlock, in);
     for (int64_t b = b0; b < b1; ++b) {
@@ -283,29 +316,22 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
 
 at::Tensor lowbit_linear_backward(const at::Tensor& grad_y, const PackedView& w) {
   const int64_t m_rows = grad_y.size(0), in = w.row_length, out = w.out;
-  const float* gp = grad_y.data_ptr<float>();
-  const int64_t chunks = m_rows >= kLargeBatch ? 1 : std::min(kMaxChunks, (out + 63) / 64);
-  const int64_t m_blocks = m_rows >= kLargeBatch ? (m_rows + 15) / 16 : 1;
-  const int64_t m_per_block = (m_rows + m_blocks - 1) / std::max<int64_t>(m_blocks, 1);
+  const at::Tensor scaled = grad_y * channel_scales(w);  // grad_y[m, c] * scale[c]
+  const int64_t chunks = std::min(kMaxChunks, ceil_div(out, kGemmRows));
   at::Tensor partial = at::zeros({chunks, m_rows, in}, grad_y.options());
   float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, chunks * m_blocks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch s(1, in);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t chunk = t / m_blocks, mb = t % m_blocks;
-      const int64_t c_begin = out * chunk / chunks, c_end = out * (chunk + 1) / chunks;
-      const int64_t m_begin = mb * m_per_block, m_end = std::min(m_rows, m_begin + m_per_block);
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        decode_row(w, c, false, s.tile.data(), s.levels.data());
-        for (int64_t m = m_begin; m < m_end; ++m) {
-          const float g = gp[m * out + c] * w.channel_scale[c];
-          axpy(g, s.tile.data(), pp + (chunk * m_rows + m) * in, in);
-        }
-      }
-    }
+  at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch s(kGemmRows, in);
+    for (int64_t chunk = t0; chunk < t1; ++chunk)
+      for_each_decoded_block(w, false, out * chunk / chunks, out * (chunk + 1) / chunks, s,
+                             [&](int64_t c0, const at::Tensor& block) {
+        const at::Tensor part = at::mm(scaled.narrow(1, c0, block.size(0)), block);  // (m_rows, in)
+        const float* src = part.data_ptr<float>();
+        float* dst = pp + chunk * m_rows * in;
+        for (int64_t i = 0; i < m_rows * in; ++i) dst[i] += src[i];
+      });
   });
-  at::Tensor grad_x = partial.sum(0);  // chunk order: deterministic
-  return grad_x;
+  return partial.sum(0);  // chunk order: deterministic
 }
 
 }  // namespace cpu

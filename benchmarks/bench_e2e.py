@@ -1,0 +1,188 @@
+"""Whole models, packed against float, at the batches users run: torchvision ResNet-18, ResNet-50
+and MobileNetV2 at 224x224 (batch 1 and 8), each packed after OPQ at 8x and 20x real bytes and
+after an SBS configuration (bits {2,4,8}, a quarter of the prunable filter groups removed), and a
+Llama-shaped decoder stack (2 blocks, d=2048, SwiGLU 5632, nn.Linear only) decoding one token at
+batch 1 against a 128-token cache, against fp32 and bf16. Weights are random: speed does not
+depend on their values, only on the bits and sparsity the methods choose for them.
+`pytest benchmarks/bench_e2e.py` (pytest-benchmark; CI runs each case once as a smoke test on
+small inputs), or run this file for the table: ms per forward and the speedup of each packed
+model over its float original, timed in the same run (`--quick`: small inputs, for a try)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mixedprec
+from mixedprec import opq, sbs
+from timing import time_ms  # benchmarks/timing.py
+
+torchvision = pytest.importorskip("torchvision")
+
+NETWORKS = ("resnet18", "resnet50", "mobilenet_v2")
+BATCHES = (1, 8)
+OPQ_RATES = (8, 20)
+SBS_BITS = (2, 4, 8)
+SBS_PRUNED = 0.25
+FULL = dict(image=224, d=2048, hidden=5632, heads=16, blocks=2, cache=128)
+QUICK = dict(image=32, d=128, hidden=352, heads=4, blocks=2, cache=8)  # CI's smoke runs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class DecoderBlock(nn.Module):
+    """A Llama block: attention over a fixed cache (the decoding step of one new token) and SwiGLU."""
+
+    def __init__(self, d: int, hidden: int, heads: int, cache: int):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.mlp_norm = RMSNorm(d), RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+        self.register_buffer("k_cache", torch.randn(1, heads, cache, d // heads))
+        self.register_buffer("v_cache", torch.randn(1, heads, cache, d // heads))
+
+    def split(self, t):
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, d / heads)
+
+    def forward(self, x):  # x: (B, 1, d)
+        h = self.attn_norm(x)
+        b = x.shape[0]
+        k = torch.cat([self.k_cache.expand(b, -1, -1, -1).to(h.dtype), self.split(self.k(h))], 2)
+        v = torch.cat([self.v_cache.expand(b, -1, -1, -1).to(h.dtype), self.split(self.v(h))], 2)
+        a = F.scaled_dot_product_attention(self.split(self.q(h)), k, v)
+        x = x + self.o(a.transpose(1, 2).flatten(-2))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def decoder(size: dict) -> nn.Module:
+    torch.manual_seed(0)
+    blocks = [DecoderBlock(size["d"], size["hidden"], size["heads"], size["cache"]) for _ in range(size["blocks"])]
+    return nn.Sequential(*blocks).eval()
+
+
+def network(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)().eval()
+
+
+def opq_packed(model: nn.Module, rate: float) -> nn.Module:
+    plan = opq.allocate(model, rate, quiet=True)
+    return mixedprec.pack(opq.convert(model, plan)).eval()
+
+
+def sbs_packed(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """SBS as a search leaves it: weight bits cycling through {2,4,8} over the layers, 8-bit
+    activations, a quarter of every prunable layer's filter groups pruned; exported and packed."""
+    net = sbs.convert(model, sbs.SBSPolicy())
+    with torch.no_grad():
+        net(example)  # the first pass sets the activation clip values from data
+    for i, layer in enumerate(sbs.sbs_layers(net).values()):
+        if layer.prune_gate is not None:
+            keep = layer.prune_gate.keep
+            keep[: math.floor(SBS_PRUNED * keep.numel())] = False
+        layer.fix(SBS_BITS[i % len(SBS_BITS)] if layer.w_quant.enabled else None, 8 if layer.a_quant.enabled else None)
+    return mixedprec.pack(sbs.export(net.eval()).model).eval()
+
+
+def image(batch: int, size: dict) -> torch.Tensor:
+    return torch.randn(batch, 3, size["image"], size["image"], generator=torch.Generator().manual_seed(batch))
+
+
+def token(size: dict) -> torch.Tensor:
+    return torch.randn(1, 1, size["d"], generator=torch.Generator().manual_seed(1))
+
+
+@functools.cache
+def rows(quick: bool) -> dict:
+    """name -> (float model, {variant: model}, inputs per batch); models are built once per run."""
+    size = QUICK if quick else FULL
+    found = {}
+    for name in NETWORKS:
+        model = network(name)
+        variants = {**{f"opq {r}x": opq_packed(model, r) for r in OPQ_RATES}, "sbs": sbs_packed(model, image(2, size))}
+        found[name] = (model, variants, {b: image(b, size) for b in BATCHES})
+    stack = decoder(size)
+    x = token(size)
+    found["llama decoder"] = (stack, {"bf16": stack_bf16(stack), "opq 8x": opq_packed(stack, 8)},
+                              {1: x})
+    return found
+
+
+def stack_bf16(stack: nn.Module) -> nn.Module:
+    """The stack in bfloat16, taking and returning float32 like the others."""
+    return nn.Sequential(Cast(torch.bfloat16), copy.deepcopy(stack).to(torch.bfloat16), Cast(torch.float32))
+
+
+class Cast(nn.Module):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        return x.to(self.dtype)
+
+
+NETWORK_VARIANTS = ("float", *(f"opq {r}x" for r in OPQ_RATES), "sbs")
+CASES = ([(n, v, b) for n in NETWORKS for v in NETWORK_VARIANTS for b in BATCHES]
+         + [("llama decoder", v, 1) for v in ("float", "bf16", "opq 8x")])
+
+
+@pytest.mark.parametrize("name,variant,batch", CASES, ids=lambda v: str(v))
+def test_e2e(benchmark, name, variant, batch):
+    model, variants, inputs = rows(quick=True)[name]
+    fn = model if variant == "float" else variants[variant]
+    with torch.inference_mode():
+        benchmark(fn, inputs[batch])
+
+
+def measure(quick: bool, repeats: int) -> dict:
+    """Median ms per (model, variant, batch); the float model is timed before and after its
+    variants and its median of both kept, so drift in the machine's speed shows in neither ratio."""
+    times = {}
+    with torch.inference_mode():
+        for name, (model, variants, inputs) in rows(quick).items():
+            for batch, x in inputs.items():
+                first = time_ms(lambda: model(x), repeats)
+                for variant, packed in variants.items():
+                    times[name, variant, batch] = time_ms(lambda: packed(x), repeats)
+                times[name, "float", batch] = statistics.median([first, time_ms(lambda: model(x), repeats)])
+    return times
+
+
+def print_table(times: dict) -> None:
+    print("| model | batch | variant | ms | speedup over float |")
+    print("|---|---|---|---|---|")
+    for (name, variant, batch), t in sorted(times.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1] != "float")):
+        base = times[name, "float", batch]
+        print(f"| {name} | {batch} | {variant} | {t:.2f} | {base / t:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="small inputs and decoder (CI's smoke sizes)")
+    args = parser.parse_args()
+    size = QUICK if args.quick else FULL
+    print(f"{torch.get_num_threads()} threads, cpu, {size}, median of {args.repeats}, float timed before and after")
+    print_table(measure(args.quick, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
