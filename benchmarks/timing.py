@@ -1,8 +1,8 @@
-"""What the benchmark scripts share: wall-clock timing for their tables (pytest-benchmark times
-the rest) and the backends a table compares on a device."""
+"""What the benchmark scripts share: wall-clock timing for their tables (the package's,
+``mixedprec.metrics.latency``; pytest-benchmark times the rest) and the backends a table compares
+on a device."""
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -10,6 +10,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from mixedprec import ops
+from mixedprec.metrics.latency import elapsed_ms, time_calls  # noqa: F401 (elapsed_ms: bench_qat_step)
 
 # Per device type, the backends whose kernels a table times; the first one is "ours", the one
 # the ratios are taken against.
@@ -27,25 +28,9 @@ def table_backends(device: torch.device | str) -> list[str]:
     return [b for b in TABLE_BACKENDS[device.type] if b in usable]
 
 
-def elapsed_ms(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
-    """Wall time of one call of ``fn``; on a CUDA device from a synchronized start until the
-    device has finished the call."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def time_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 2, device: torch.device | str = "cpu") -> float:
-    """Median wall time of one call of ``fn`` in milliseconds (``elapsed_ms``)."""
-    for _ in range(warmup):
-        fn()
-    samples = sorted(elapsed_ms(fn, device) for _ in range(repeats))
-    return samples[len(samples) // 2]
+    """Median wall time of one call of ``fn`` in milliseconds (``mixedprec.metrics.latency``)."""
+    return time_calls(fn, repeats, warmup, device).median_ms
 
 
 def device_ms(fn: Callable[[], object], repeats: int = 20, device: torch.device | str = "cuda") -> float:

@@ -35,6 +35,7 @@ class MethodResult:
     path: str | None = None
     report: ModelReport | None = None
     details: dict = field(default_factory=dict)
+    latency_ms: float | None = None  # the deployed model's forward at batch 1 (metrics.latency)
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "report"}
@@ -44,9 +45,9 @@ class MethodResult:
 
 def results_table(results: Sequence[MethodResult], baseline: MethodResult) -> str:
     """method | top-1 | BOPs, what they count and the reduction | bytes on disk and compression |
-    weight rates | wall time. Reductions are against ``baseline``, the float model."""
+    weight rates | batch-1 latency | wall time. Reductions are against ``baseline``, the float model."""
     header = ("method", "top-1 %", "top-1 before pack", "BOPs", "BOPs count", "BOPs red.", "file bytes", "file x",
-              "weights real x", "weights paper x", "wall s")
+              "weights real x", "weights paper x", "b1 ms", "wall s")
     rows = []
     for r in results:
         report = r.report
@@ -55,8 +56,10 @@ def results_table(results: Sequence[MethodResult], baseline: MethodResult) -> st
                      f"{r.bops:,}", counted, f"{baseline.bops / r.bops:.1f}x", f"{r.file_bytes:,}",
                      f"{baseline.file_bytes / r.file_bytes:.2f}x",
                      "-" if report is None else f"{report.real_rate:.2f}x",
-                     "-" if report is None else f"{report.paper_rate:.2f}x", f"{r.seconds:.1f}"))
-    legend = ("BOPs count: dense = kept channels x weight bits x activation bits (SBS, float); "
+                     "-" if report is None else f"{report.paper_rate:.2f}x",
+                     "-" if r.latency_ms is None else f"{r.latency_ms:.2f}", f"{r.seconds:.1f}"))
+    legend = ("b1 ms: median latency of one forward at batch 1 (the deployed model as reloaded); "
+              "BOPs count: dense = kept channels x weight bits x activation bits (SBS, float); "
               + "; ".join(f"{flag} = {text}" for flag, text in BOPS_FLAGS.items()) + " (OPQ)")
     return format_table(header, rows) + "\n" + legend
 

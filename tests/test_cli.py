@@ -189,7 +189,8 @@ def test_bad_input_gives_one_line_and_exit_2(bad_input_results, case):
 @pytest.fixture(scope="module")
 def opq_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("opq")
-    result = mixedprec("compress", "opq", *TINY_MODEL, *TINY_TRAINING, "--rate", "8", "--out", out, "-q", cwd=out)
+    result = mixedprec("compress", "opq", *TINY_MODEL, *TINY_TRAINING, "--rate", "8", "--bits", "2", "4", "8", "--out",
+                       out, "-q", cwd=out)
     assert_ok(result)
     assert "packed model:" in result.stdout and "total" in result.stdout
     assert result.stderr == ""  # --quiet: no progress bars
@@ -206,6 +207,8 @@ def test_compress_opq_writes_a_packed_model_and_its_record(opq_run):
     # the real-bytes rate the allocation aimed at, measured on the packed layers
     assert report["real_rate"] == pytest.approx(8.0, rel=0.15)
     assert report["bops"] < report["baseline_bops"]
+    assert {layer["bits"] for layer in record["details"]["plan"]["layers"]} <= {2, 4, 8}  # --bits 2 4 8
+    assert record["latency_ms_batch1"] > 0
 
 
 def test_report_prints_layers_and_totals(opq_run):
@@ -216,6 +219,8 @@ def test_report_prints_layers_and_totals(opq_run):
     for column in ("w bits", "a bits", "sparsity", "BOPs", "packed B", "real x", "paper x"):
         assert column in result.stdout
     assert sum(line.split()[1:2] == ["packed"] for line in lines) == 5
+    timed = next(line for line in lines if line.startswith("latency at batch 1 on cpu: "))
+    assert "float model" in timed and "not timed" not in timed  # measured, never compared here
 
 
 def test_report_json_matches_the_record(opq_run):
@@ -224,6 +229,16 @@ def test_report_json_matches_the_record(opq_run):
     report, record = json.loads(result.stdout), json.loads((opq_run / "packed.json").read_text())
     assert report["bops"] == record["report"]["bops"] and report["packed_bytes"] == record["report"]["packed_bytes"]
     assert report["file_bytes"] == (opq_run / "packed.safetensors").stat().st_size
+    timed = report["latency"]
+    assert timed["batch"] == 1 and timed["model_ms"] > 0 and timed["float_ms"] > 0 and timed["speedup"] > 0
+
+
+def test_report_no_latency_times_nothing(opq_run):
+    table, as_json = (mixedprec("report", "packed.safetensors", "--no-latency", *more, cwd=opq_run)
+                      for more in ([], ["--json"]))
+    assert_ok(table)
+    assert_ok(as_json)
+    assert "latency" not in table.stdout and "latency" not in json.loads(as_json.stdout)
 
 
 def test_report_needs_an_input_shape_without_a_record(opq_run, tmp_path):
@@ -335,14 +350,14 @@ def test_demo_end_to_end_on_tiny_settings(tmp_path):
     assert_ok(result)
     assert result.stderr == ""
     out = tmp_path / "demo"
-    for line in ("table: ", "json: ", "plot: "):
+    for line in ("table: ", "json: ", "plot: ", "b1 ms"):
         assert line in result.stdout
     record = json.loads((out / "results.json").read_text())
     methods = {m["method"]: m for m in record["methods"]}
     assert list(methods) == ["float", "uniform 4-bit", "SBS", "OPQ"]
     for name, m in methods.items():
         assert (tmp_path / m["path"]).stat().st_size == m["file_bytes"], name  # paths as given, from the cwd
-        assert 0 <= m["top1"] <= 100 and m["seconds"] > 0
+        assert 0 <= m["top1"] <= 100 and m["seconds"] > 0 and m["latency_ms"] > 0
         assert m["method"] in result.stdout
     assert all(m["bops"] < methods["float"]["bops"] for name, m in methods.items() if name != "float")
     assert all(m["file_bytes"] < methods["float"]["file_bytes"] for name, m in methods.items() if name != "float")

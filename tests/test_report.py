@@ -81,10 +81,10 @@ def test_opq_bops_are_labelled_with_what_they_count(models):
     assert opq_report.bops_flags == ("a32", "sparse") and sbs_report.bops_flags == ()
     assert "float activations (32 bits)" in opq_report.table() and "sparsity credited" in opq_report.table()
     assert "dense" in sbs_report.bops_counts
-    results = [MethodResult(name, 90.0, r.bops, r.packed_bytes, 1000, 1.0, report=r)
+    results = [MethodResult(name, 90.0, r.bops, r.packed_bytes, 1000, 1.0, report=r, latency_ms=0.25)
                for name, r in (("float", model_report(model, SHAPE)), ("SBS", sbs_report), ("OPQ", opq_report))]
     table = results_table(results, results[0])
-    assert "BOPs count" in table
+    assert "BOPs count" in table and "b1 ms" in table
     opq_line = next(line for line in table.splitlines() if line.startswith("OPQ"))
     assert "a32, sparse" in opq_line and "float activations" in table.splitlines()[-1]
 

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cost", choices=opq.COST_KINDS, default="packed",
                    help="how the rate counts: packed = real bytes of the packed format (codes, bitmaps, codebooks, "
                         "scales, headers); paper = bits of kept codes only, as the papers count (default: packed)")
+    g.add_argument("--bits", type=int, nargs="+", choices=opq.BIT_CHOICES, default=list(opq.BIT_CHOICES), metavar="B",
+                   help="candidate bitwidths of the allocation, e.g. --bits 2 4 8 for the widths the CPU kernels "
+                        "decode fastest (docs/kernels.md; default: every width 1..8)")
     g.add_argument("--levels", choices=opq.LEVEL_KINDS, default="lloyd",
                    help="codebook levels: lloyd (Lloyd-Max for the Laplace model) or uniform (default: lloyd)")
 
@@ -119,7 +122,8 @@ def run(args: argparse.Namespace) -> dict:
     elif args.float_epochs == 0:
         raise UsageError("no --weights given and --float-epochs is 0: there is no trained model to compress")
     if args.method == "opq":
-        pipeline.check_opq_rate(model, args.rate, cost=args.cost, levels=args.levels, option="--rate")
+        pipeline.check_opq_rate(model, args.rate, bits=args.bits, cost=args.cost, levels=args.levels,
+                                option="--rate")
     out = make_out_dir(args.out)
     run = Run(out, args, quiet=quiet)
     record = {"model": args.model, "factory": factory, "model_args": model_args, "data": data.name,
@@ -138,8 +142,8 @@ def run(args: argparse.Namespace) -> dict:
         compressed = pipeline.compress_sbs(model, data, policy=policy, search_epochs=args.search_epochs,
                                            finetune_epochs=args.finetune_epochs, bops_weight=args.bops_weight, **common)
     else:
-        compressed = pipeline.compress_opq(model, data, rate=args.rate, cost=args.cost, levels=args.levels,
-                                           finetune_epochs=args.finetune_epochs, **common)
+        compressed = pipeline.compress_opq(model, data, rate=args.rate, bits=args.bits, cost=args.cost,
+                                           levels=args.levels, finetune_epochs=args.finetune_epochs, **common)
     if not distributed.is_main():  # the trained model is the same on every rank: one deploys it
         return {}
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from mixedprec import checkpoint, distributed, opq, sbs
 from mixedprec.cli.common import UsageError, say
 from mixedprec.cli.inputs import Data
 from mixedprec.cli.runs import Run
+from mixedprec.metrics.latency import model_latency
 from mixedprec.reporting import MethodResult, Reference, model_report, write_json
 from mixedprec.training import evaluate, fit, make_loader, seed_everything
 
 RECORD_FORMAT = "mixedprec.record/1"
+LATENCY_BUDGET_S = 0.5  # per deployed model: timing adds little to a run
 
 
 @dataclass
@@ -72,11 +75,12 @@ def compress_sbs(model: nn.Module, data: Data, *, policy: sbs.SBSPolicy, search_
 
 def compress_opq(model: nn.Module, data: Data, *, rate: float, cost: str, levels: str, finetune_epochs: int,
                  lr: float, batch_size: int, seed: int, device: torch.device, quiet: bool,
-                 rate_option: str = "--rate", run: Run | None = None) -> Compressed:
+                 rate_option: str = "--rate", run: Run | None = None,
+                 bits: Sequence[int] = opq.BIT_CHOICES) -> Compressed:
     """allocate (analytically, from the weights), convert, finetune with masks and codebooks frozen."""
     start = time.perf_counter()
     try:
-        plan = opq.allocate(model, rate, cost=cost, levels=levels, quiet=quiet)
+        plan = opq.allocate(model, rate, bits=bits, cost=cost, levels=levels, quiet=quiet)
     except ValueError as exc:  # e.g. a rate beyond what the layers' fixed overheads allow
         raise UsageError(f"{rate_option} {rate:g}: {exc}") from None
     compressed = opq.convert(model, plan).to(device)
@@ -111,11 +115,12 @@ def _keep(run: Run | None, model: nn.Module, history: list, quiet: bool) -> None
         say(quiet, f"finetuned model kept in {path}")
 
 
-def check_opq_rate(model: nn.Module, rate: float, *, cost: str, levels: str, option: str) -> None:
+def check_opq_rate(model: nn.Module, rate: float, *, cost: str, levels: str, option: str,
+                   bits: Sequence[int] = opq.BIT_CHOICES) -> None:
     """Whether ``rate`` is reachable depends on the layer shapes only: checked on an untrained
     model, before any training time is spent."""
     try:
-        opq.allocate(model, rate, cost=cost, levels=levels, quiet=True)
+        opq.allocate(model, rate, bits=bits, cost=cost, levels=levels, quiet=True)
     except ValueError as exc:
         raise UsageError(f"{option} {rate:g}: {exc}") from None
 
@@ -123,9 +128,9 @@ def check_opq_rate(model: nn.Module, rate: float, *, cost: str, levels: str, opt
 def deploy(compressed: Compressed, path: Path, data: Data, *, device: torch.device, reference: Reference | None,
            record: dict, pack: bool = True, factory: str | None = None, factory_kwargs: dict | None = None,
            skeleton: nn.Module | None = None) -> MethodResult:
-    """pack -> save -> load -> evaluate; writes ``<path>.json`` beside the model file. ``factory``
-    (with its kwargs) is recorded in the file; ``skeleton`` is a freshly built float model to load
-    the file into (needed when the model is not made of torch.nn and mixedprec modules only)."""
+    """pack -> save -> load -> evaluate -> time at batch 1; writes ``<path>.json`` beside the
+    model file. ``factory`` (with its kwargs) is recorded in the file; ``skeleton`` is a freshly
+    built float model to load the file into (needed when the model is not made of torch.nn and mixedprec modules only)."""
     import mixedprec
 
     start = time.perf_counter()
@@ -137,11 +142,13 @@ def deploy(compressed: Compressed, path: Path, data: Data, *, device: torch.devi
     top1 = evaluate(reloaded, loader, device)
     report = model_report(reloaded, data.input_shape, reference)
     seconds = compressed.seconds + time.perf_counter() - start
+    latency_ms = model_latency(reloaded, data.input_shape, budget_s=LATENCY_BUDGET_S).median_ms
     result = MethodResult(compressed.method, top1, report.bops, report.packed_bytes, path.stat().st_size, seconds,
-                          before, str(path), report, compressed.details)
+                          before, str(path), report, compressed.details, latency_ms)
     write_json(record_path(path), {"format": RECORD_FORMAT, **record, "method": compressed.method,
                                    "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                                    "top1": top1, "top1_before_packing": before, "file_bytes": result.file_bytes,
+                                   "latency_ms_batch1": latency_ms,
                                    "reference": None if reference is None else reference.__dict__,
                                    "report": report.to_dict(), "details": compressed.details})
     return result

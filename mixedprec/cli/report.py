@@ -1,4 +1,5 @@
-"""``mixedprec report FILE``: per-layer table and totals of a saved (compressed or packed) model."""
+"""``mixedprec report FILE``: per-layer table and totals of a saved (compressed or packed) model,
+and its batch-1 latency against the float model of its architecture."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,11 @@ from mixedprec.cli.common import UsageError, resolve_device
 from mixedprec.cli.inputs import parse_model_args
 from mixedprec.nn import factory
 from mixedprec.cli.pipeline import RECORD_FORMAT, record_path
+from mixedprec.metrics.latency import model_latency
+from mixedprec.nn.float_twin import float_twin
 from mixedprec.reporting import Reference, model_report
+
+LATENCY_BUDGET_S = 1.0  # per model: the report stays quick whatever the model's size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(it runs that code: only for files you trust)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the model is loaded and the shape-finding forward pass runs (default: cpu)")
+                        help="where the model is loaded, and the shape-finding and timed forward passes run "
+                             "(default: cpu)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help=f"skip timing the model and its float counterpart at batch 1 (each is timed for at "
+                             f"most about {LATENCY_BUDGET_S:g} s)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -55,15 +64,40 @@ def run(args: argparse.Namespace) -> dict:
     report = model_report(model, input_shape, Reference(**reference) if reference else None)
     summary = {"file": str(args.file), "file_bytes": args.file.stat().st_size,
                **{k: record[k] for k in ("method", "model", "data", "top1") if k in record}, **report.to_dict()}
+    if not args.no_latency:
+        summary["latency"] = latency(model, input_shape, device)
     if args.json:
         print(json.dumps(summary, indent=1))
         return summary
     described = ", ".join(f"{k} {record[k]}" for k in ("method", "model", "data") if k in record)
     print(f"{args.file} ({summary['file_bytes']:,} bytes on disk{'; ' + described if described else ''})")
     print(report.table())
+    if "latency" in summary:
+        print(latency_line(summary["latency"]))
     if "top1" in record:
         print(f"top-1 {record['top1']:.2f}% when it was written (from {record_path(args.file)})")
     return summary
+
+
+def latency(model, input_shape: tuple[int, ...], device) -> dict:
+    """Batch-1 latency of ``model`` and of its float twin (``float_twin``: same architecture,
+    plain conv/linear layers at the original widths, random weights), or why there is no twin."""
+    timed = model_latency(model, input_shape, budget_s=LATENCY_BUDGET_S)
+    result = {"batch": 1, "device": str(device), "model_ms": timed.median_ms, "model_runs": timed.runs}
+    try:
+        twin = float_twin(model)
+    except ValueError as exc:
+        return {**result, "float_ms": None, "float_unavailable": str(exc)}
+    base = model_latency(twin, input_shape, budget_s=LATENCY_BUDGET_S)
+    return {**result, "float_ms": base.median_ms, "float_runs": base.runs, "speedup": base.median_ms / timed.median_ms}
+
+
+def latency_line(timed: dict) -> str:
+    model = f"latency at batch 1 on {timed['device']}: {timed['model_ms']:.3f} ms (median of {timed['model_runs']})"
+    if timed["float_ms"] is None:
+        return f"{model}; float model not timed: {timed['float_unavailable']}"
+    return (f"{model}, float model {timed['float_ms']:.3f} ms (median of {timed['float_runs']}; same architecture, "
+            f"plain conv/linear layers at the original widths): {timed['speedup']:.2f}x its speed")
 
 
 def _record(path: Path) -> dict:

@@ -7,7 +7,7 @@
 
 The derivation and its checks: docs/opq.md.
 """
-from mixedprec.opq.allocation import COST_KINDS, allocate, allocate_uniform
+from mixedprec.opq.allocation import BIT_CHOICES, COST_KINDS, allocate, allocate_uniform
 from mixedprec.opq.codebooks import LEVEL_KINDS, layer_codebook, magnitude_levels, quantization_error
 from mixedprec.opq.finetune import finetune
 from mixedprec.opq.layers import OPQConv2d, OPQLinear, convert
@@ -15,6 +15,6 @@ from mixedprec.opq import packing  # noqa: F401  (registers the OPQ packer with 
 from mixedprec.opq.plan import LayerPlan, Plan
 
 __all__ = [
-    "COST_KINDS", "LEVEL_KINDS", "LayerPlan", "OPQConv2d", "OPQLinear", "Plan", "allocate", "allocate_uniform",
-    "convert", "finetune", "layer_codebook", "magnitude_levels", "quantization_error",
+    "BIT_CHOICES", "COST_KINDS", "LEVEL_KINDS", "LayerPlan", "OPQConv2d", "OPQLinear", "Plan", "allocate",
+    "allocate_uniform", "convert", "finetune", "layer_codebook", "magnitude_levels", "quantization_error",
 ]

@@ -33,6 +33,8 @@ from mixedprec.opq.plan import LayerPlan, Plan
 
 COST_KINDS = ("packed", "paper")
 
+BIT_CHOICES = tuple(range(1, MAX_BITS + 1))  # every width the packed format holds
+
 
 @dataclass
 class _Layer:
@@ -277,7 +279,7 @@ def _plan(model, target_rate, bits, cost, levels, exclude, quiet, method: str) -
     return Plan(method, float(target_rate), cost, levels, candidate_bits.tolist(), multiplier, plans, excluded)
 
 
-def allocate(model: nn.Module, target_rate: float, *, bits: Iterable[int] = range(1, MAX_BITS + 1),
+def allocate(model: nn.Module, target_rate: float, *, bits: Iterable[int] = BIT_CHOICES,
              cost: str = "packed", levels: str = "lloyd", exclude: Iterable[str] = (), quiet: bool = False) -> Plan:
     """OPQ: each Conv2d/Linear layer's sparsity and bitwidth for ``target_rate``, in one shot.
 
@@ -294,7 +296,7 @@ def allocate(model: nn.Module, target_rate: float, *, bits: Iterable[int] = rang
     return _plan(model, target_rate, bits, cost, levels, exclude, quiet, "opq")
 
 
-def allocate_uniform(model: nn.Module, target_rate: float, *, bits: Iterable[int] = range(1, MAX_BITS + 1),
+def allocate_uniform(model: nn.Module, target_rate: float, *, bits: Iterable[int] = BIT_CHOICES,
                      cost: str = "packed", levels: str = "lloyd", exclude: Iterable[str] = (),
                      quiet: bool = False) -> Plan:
     """The baseline: the same bitwidth and kept share in every layer, the same budget as ``allocate``."""

@@ -1,0 +1,71 @@
+"""Wall-clock timing: the one way the package (reports, the demo) and the benchmark scripts
+time things. A model's latency is the median of repeated eval-mode, inference-mode forwards after
+warm-up, cut short by a time budget so that a large model does not run for minutes."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mixedprec.metrics.examples import Example, as_tensors
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    runs: int  # timed calls the median is taken over (warm-up excluded)
+
+
+def elapsed_ms(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Wall time of one call of ``fn``; on a CUDA device from a synchronized start until the
+    device has finished the call."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_calls(fn: Callable[[], object], repeats: int = 20, warmup: int = 2, device: torch.device | str = "cpu",
+               budget_s: float = float("inf")) -> Latency:
+    """Median of up to ``repeats`` timed calls after ``warmup`` untimed ones. Once ``budget_s``
+    seconds have gone (warm-up included) no further call starts; at least one call is timed."""
+    if repeats < 1 or warmup < 0 or budget_s <= 0:
+        raise ValueError(f"time_calls: need repeats >= 1, warmup >= 0 and budget_s > 0, got {repeats}, {warmup}, "
+                         f"{budget_s}")
+    deadline = time.perf_counter() + budget_s
+    for _ in range(warmup):
+        if time.perf_counter() >= deadline:
+            break
+        fn()
+    samples = [elapsed_ms(fn, device)]
+    while len(samples) < repeats and time.perf_counter() < deadline:
+        samples.append(elapsed_ms(fn, device))
+    return Latency(statistics.median(samples), len(samples))
+
+
+def model_latency(model: nn.Module, example: Example, *, batch: int = 1, repeats: int = 20, warmup: int = 2,
+                  budget_s: float = 2.0) -> Latency:
+    """Latency of ``model``'s forward on ``batch`` examples on the model's device: a shape of one
+    example (C, H, W) stands for zeros of (batch, C, H, W); example tensors are repeated along
+    their batch dim to ``batch``. Eval mode under torch.inference_mode; the model's training flag
+    is restored afterwards."""
+    if batch < 1:
+        raise ValueError(f"model_latency: batch must be >= 1, got {batch}")
+    tensors = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous()
+                    for t in as_tensors(example, model, "model_latency"))
+    device = tensors[0].device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return time_calls(lambda: model(*tensors), repeats, warmup, device, budget_s)
+    finally:
+        model.train(was_training)
