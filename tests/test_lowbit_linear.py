@@ -163,16 +163,20 @@ def test_inference_calls_match_the_autograd_op(kernel_backend, dtype):
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.9])
-@pytest.mark.parametrize("batch", [1, 3, 16, 70])
-def test_cpu_kernel_grid(bits, sparsity, batch):
-    """The CPU kernel at every bits and sparsity on odd shapes (37 x 203: rows neither 8- nor
-    64-weight aligned, a column tail), batch 1 (GEMV), 3 and 16 (rows decoded in registers) and 70
-    (decode tile): forward and backward against the reference with the SIMD decode on and off,
-    the two bit-identical, and every batch row equal to the same row run alone."""
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 17, 70])
+@pytest.mark.parametrize("shape", [(37, 203), (9, 20)])
+def test_cpu_kernel_grid(bits, sparsity, batch, shape):
+    """The CPU kernel at every bits and sparsity on odd shapes (rows neither 8- nor 64-weight
+    aligned, a column tail; 20 columns: one 16-lane step and a tail), batch 1 (GEMV), 3 and 4
+    (rows decoded in registers: 4 is the AVX-512 register-blocked limit, 3 the AVX2 one), 5 and 17
+    (decode tile) and 70 (the backward's batch-parallel path): forward and backward against the
+    reference with the SIMD decode on and off, the two bit-identical, and every batch row equal
+    to the same row run alone."""
     require_backend("cpu")
-    packed = make_packed(37, 203, bits, sparsity, seed=10 * bits + batch)
-    x = torch.randn(batch, 203, generator=torch.Generator().manual_seed(bits))
-    bias = torch.randn(37)
+    out, in_features = shape
+    packed = make_packed(out, in_features, bits, sparsity, seed=10 * bits + batch)
+    x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(bits))
+    bias = torch.randn(out)
     results = []
     for simd in (True, False):
         previous = ops.set_cpu_simd(simd)
