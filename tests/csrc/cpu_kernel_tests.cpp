@@ -212,6 +212,9 @@ int main(int argc, char** argv) {
       lowbit_case(130, 40, 3, 1, 0.7, rng),  // 3 output-channel chunks in the backward
       lowbit_case(9, 37, 70, 2, 0.8, rng),   // M >= 64: the backward's batch-parallel path
       lowbit_case(3, 1, 2, 2, 1.0, rng),     // one input feature
+      lowbit_case(11, 280, 3, 4, 1.0, rng),  // dense byte-aligned 4-bit rows, M <= 4: interleaved fused decode
+      lowbit_case(7, 272, 1, 2, 1.0, rng),   // dense byte-aligned 2-bit rows, GEMV: interleaved fused decode
+      lowbit_case(7, 268, 6, 2, 1.0, rng),   // ... M > 4: interleaved decode tile
   };
   for (int bits = 1; bits <= 8; ++bits)
     for (double keep : {1.0, 0.6}) {
