@@ -166,17 +166,21 @@ GEMM_BATCH = 16  # csrc/ops/lowbit_linear/lowbit_linear_cpu.cpp: kGemmBatch
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.9])
-@pytest.mark.parametrize("batch", [1, 3, 9, 70])
-def test_cpu_kernel_grid(bits, sparsity, batch):
-    """The CPU kernel at every bits and sparsity on odd shapes (37 x 203: rows neither 8- nor
-    64-weight aligned, a column tail), batch 1 (GEMV) and 3 (rows decoded in registers), 9 (decode
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 70])
+@pytest.mark.parametrize("shape", [(37, 203), (9, 276)])
+def test_cpu_kernel_grid(bits, sparsity, batch, shape):
+    """The CPU kernel at every bits and sparsity on odd shapes (rows neither 8- nor 64-weight
+    aligned, a column tail; 276 columns: 2- and 4-bit rows start on a byte, so AVX-512 builds take
+    the interleaved order, 1 or 2 blocks then a 16-lane step and a tail), batch 1 (GEMV), 3 and 4
+    (rows decoded in registers: 4 is the AVX-512 register-blocked limit, 3 the AVX2 one), 5 (decode
     tile) and 70 (decoded blocks through sgemm): forward and backward against the reference with
     the SIMD decode on and off, the two bit-identical, and below the sgemm batches every batch row
     equal to the same row run alone."""
     require_backend("cpu")
-    packed = make_packed(37, 203, bits, sparsity, seed=10 * bits + batch)
-    x = torch.randn(batch, 203, generator=torch.Generator().manual_seed(bits))
-    bias = torch.randn(37)
+    out, in_features = shape
+    packed = make_packed(out, in_features, bits, sparsity, seed=10 * bits + batch)
+    x = torch.randn(batch, in_features, generator=torch.Generator().manual_seed(bits))
+    bias = torch.randn(out)
     results = []
     for simd in (True, False):
         previous = ops.set_cpu_simd(simd)

@@ -6,8 +6,8 @@
 
 namespace mixedprec {
 
-// Whether the CPU kernels take the AVX-512 code decode (cpu/code_decode.h; on AVX2 builds lowbit_linear's
-// cpu/lowbit_avx2.h) or its scalar twin.
+// Whether the CPU kernels take the SIMD code decode (cpu/lowbit_simd.h, cpu/code_decode.h; AVX2 or
+// AVX-512 builds) or its scalar twin.
 inline std::atomic<bool> cpu_simd{true};
 
 // Whether lut_conv2d's CPU kernel takes its Winograd path (ops/lut_conv2d/winograd_conv3x3.h) where

@@ -1,11 +1,12 @@
 // The CPU kernels (csrc/cpu/*.cpp) called through the torch dispatcher on small odd shapes,
 // against the plain loops of kernel_cases.h: every op, each storage type, every instantiated K
-// and sign of the bit-sharing kernel, the AVX-512 code decode and its scalar twin (set_cpu_simd)
-// in lowbit_linear (rows decoded in registers at every bits, the tile, sgemm blocks) and lut_conv2d (grouped,
+// and sign of the bit-sharing kernel, the SIMD code decode and its scalar twin (set_cpu_simd)
+// in lowbit_linear (every bits dense and sparse; rows decoded in registers, the decode tile and
+// the sgemm blocks) and lut_conv2d (grouped,
 // depthwise, strided, dilated; Winograd). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
 // and run under ASan+UBSan by tests/test_sanitizers.py: the kernels and this program are
 // instrumented, libtorch is not (ASan still sees every tensor's heap block). ASan checks scalar
-// and vector loads and stores; the AVX-512 masked expand-loads of lowbit's bitmap expansion and
+// and vector loads and stores; the AVX-512 masked expand-loads of lut_conv2d's bitmap expansion and
 // the masked loads and stores of lut_conv2d's Winograd tiles are compiler builtins it does not
 // instrument (they touch only the lanes of their masks, inside the tensors).
 //
@@ -204,23 +205,22 @@ int main(int argc, char** argv) {
   run_codebook<Half16>(codebook_case<Half16>(5, 37, 16, rng));
   run_codebook<BFloat16>(codebook_case<BFloat16>(7, 19, 16, rng));
 
-  // lowbit_linear (out, in, M, bits, keep probability), each with the SIMD decode and its twin
-  const std::vector<LowbitCase> lowbit_cases = {
-      lowbit_case(5, 70, 3, 3, 0.6, rng),   // sparse, codes straddling bytes
-      lowbit_case(9, 33, 5, 8, 1.0, rng),   // dense 8-bit, odd batch
-      lowbit_case(11, 70, 3, 4, 1.0, rng),  // dense byte-aligned 4-bit rows, M <= 4: fused decode
-      lowbit_case(7, 68, 1, 2, 1.0, rng),   // dense byte-aligned 2-bit rows, GEMV: fused decode
-      lowbit_case(7, 70, 2, 2, 1.0, rng),   // 2-bit rows not byte-aligned: tile path
-      lowbit_case(6, 75, 5, 4, 0.5, rng),   // sparse 4-bit: SIMD decode and bitmap expansion
-      lowbit_case(130, 40, 3, 1, 0.7, rng), // 3 output-channel chunks in the backward
-      lowbit_case(13, 83, 2, 5, 1.0, rng),  // dense 5-bit, M <= 4: rows decoded in registers
-      lowbit_case(13, 83, 4, 6, 0.7, rng),  // sparse 6-bit in registers (vpermt2ps tree, vexpandps)
-      lowbit_case(10, 51, 1, 7, 0.9, rng),  // sparse 7-bit GEMV
-      lowbit_case(8, 45, 1, 1, 0.5, rng),   // sparse 1-bit GEMV
-      lowbit_case(9, 41, 4, 8, 0.4, rng),   // sparse 8-bit in registers (gathered levels)
+  // lowbit_linear (out, in, M, bits, keep probability), each with the SIMD decode and its twin:
+  // every bits dense and sparse, batches 1..5 (up to the register-blocked limit, then the tile),
+  // rows of 28..77 columns (16-lane steps, tails, codes straddling bytes)
+  std::vector<LowbitCase> lowbit_cases = {
+      lowbit_case(130, 40, 3, 1, 0.7, rng),   // 3 output-channel chunks in the backward
       lowbit_case(150, 37, 17, 2, 0.8, rng),  // M >= 16: 64-row blocks through sgemm, the last partial
-      lowbit_case(3, 1, 2, 2, 1.0, rng),    // one input feature
+      lowbit_case(3, 1, 2, 2, 1.0, rng),      // one input feature
+      lowbit_case(11, 280, 3, 4, 1.0, rng),   // dense byte-aligned 4-bit rows, M <= 4: interleaved fused decode
+      lowbit_case(7, 272, 1, 2, 1.0, rng),    // dense byte-aligned 2-bit rows, GEMV: interleaved fused decode
+      lowbit_case(7, 268, 6, 2, 1.0, rng),    // ... M > 4: interleaved decode tile
   };
+  for (int bits = 1; bits <= 8; ++bits)
+    for (double keep : {1.0, 0.6}) {
+      const int m_rows = 1 + (bits + (keep < 1 ? 2 : 0)) % 5;
+      lowbit_cases.push_back(lowbit_case(5 + bits, 21 + 7 * bits, m_rows, bits, keep, rng));
+    }
   static auto set_simd = op<bool(bool)>("mixedprec::set_cpu_simd");
   for (bool simd : {true, false}) {
     set_simd.call(simd);

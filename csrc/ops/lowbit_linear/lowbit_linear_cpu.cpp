@@ -2,26 +2,24 @@
 // from the packed format (include/mixedprec/packed_weight.h), never materialized as a whole.
 // Arguments are checked by the glue (lowbit_linear_glue.cpp).
 //
-// Work unit: a block of kRowBlock output channels. Their rows are decoded into a thread-local
-// float tile (codebook levels; kRowBlock * in floats, L1/L2 resident), then every batch row is
-// multiplied with the tile while it is hot. At batch 1 (GEMV) the cost is the decode: the packed
-// codes are read once (bits/8 B per kept weight + 1/8 B of bitmap), x once per row block.
-// Rows are decoded by code_decode.h (AVX-512: every bits, 16 codes per step, sparse rows through
-// vexpandps; set_cpu_simd(false) selects the scalar twins, which tests compare with them). Up to
-// kFusedBatch batch rows, each output row is decoded in registers and multiplied at once
-// (cpu/lowbit_avx512.h's forward_rows, or fused_rows below for interleaved weights).
-// Builds without AVX-512 but with AVX2 (x86-64-v3) take cpu/lowbit_avx2.h instead, at every bits
-// and sparsity: up to kRegisterBatch batch rows each output row is decoded in registers and
-// multiplied at once (avx2::forward_rows), larger batches and the backward decode rows into the
-// tile with it (avx2::decode_row). Its sums are dot_block's, in column order, so every path and
-// the scalar twin agree bit for bit.
+// Work unit: a block of kRowBlock output channels. Up to kRegisterBatch batch rows (the
+// register-blocked limit of cpu/lowbit_simd.h, AVX2 or AVX-512 builds), each output row is
+// decoded in registers and multiplied into x at once (simd::forward_rows: bits/8 B of codes +
+// 1/8 B of bitmap read per weight, no float tile), at every bits 1..8, dense or sparse. Larger
+// batches decode the block's rows into a thread-local float tile (simd::decode_row; kRowBlock *
+// in floats, L1/L2 resident), then multiply every batch row with the tile while it is hot.
+// set_cpu_simd(false) selects the scalar twin (decode_run + dot_block), which tests compare with
+// them: every path sums dot_block's order (see lowbit_simd.h), so they agree bit for bit.
 //
-// Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order (both x and
-// W, so the dot products are the same sums): one 64-byte load holds 16 lanes of 32 bits, and
-// lane l, bits [b s, b s + b) is column (32/b) l + s of the block; shifting the whole register by
-// b and looking the low 4 bits up with vpermps yields the 16 levels of step s, one shuffle per 16
-// weights (the natural order needs three). Every path of such weights (register-decoded small
-// batches, decode tile, scalar twin) uses that order, so results do not depend on the path.
+// Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order on AVX-512
+// builds (both x and W, so the dot products are the same sums): one 64-byte load holds 16 lanes
+// of 32 bits, and lane l, bits [b s, b s + b) is column (32/b) l + s of the block; shifting the
+// whole register by b and looking the low 4 bits up with vpermps yields the 16 levels of step s,
+// one shuffle per 16 weights (measured on Zen 4, 1 thread, 4096 x 4096 at batch 1: 0.7 against
+// 2.5 ms at 2 bits, 1.0 against 1.7 ms at 4 bits for lowbit_simd.h's generic decode). Every path
+// of such weights (register-decoded small batches, decode tile, scalar twin) uses that order.
+//
+// From kGemmBatch batch rows on, blocks of decoded rows go through ATen's sgemm (below).
 //
 // Backward: grad_x = (grad_y * scale) W. Output channels split into a fixed number of chunks (by
 // shape, not thread count: results are deterministic), each adding its blocks of decoded rows
@@ -35,11 +33,15 @@
 #include <vector>
 
 #include "cpu/code_decode.h"
-#include "cpu/lowbit_avx2.h"
+#include "cpu/lowbit_simd.h"
 #include "cpu/switches.h"
 #include "cpu/vec_ops.h"
 #include "mixedprec/packed_weight.h"
 #include "register/op.h"
+
+#if defined(MP_DECODE_AVX512) && !defined(MP_LOWBIT_SIMD)
+#error "AVX-512 builds take the interleaved path on top of lowbit_simd.h, which needs BMI2 (every AVX-512 CPU has it)"
+#endif
 
 namespace mixedprec {
 namespace {
@@ -54,15 +56,18 @@ constexpr int64_t kMaxChunks = 16;
 // independent of the other rows of its batch. The backward always takes blocks.
 constexpr int64_t kGemmBatch = 16;
 constexpr int64_t kGemmRows = 64;
-// AVX2 builds: up to this batch the forward decodes every row in registers (avx2::forward_rows,
-// one pass of its kMaxRows), above it through the decode tile (the same sums either way; measured
-// on 4096 x 4096: at batch 16 the tile takes a third of the time of six register passes).
-#if defined(MP_LOWBIT_AVX2) && !defined(MP_DECODE_AVX512)
-constexpr int64_t kRegisterBatch = avx2::kMaxRows;
+// Weights per task at least: small layers run on one thread (a parallel region costs more).
+constexpr int64_t kTaskWeights = 1 << 15;
+// Up to this batch the forward decodes every row in registers (one pass of simd::kMaxRows), above
+// it through the decode tile (the same sums either way; measured on 4096 x 4096 with AVX2: at
+// batch 16 the tile takes a third of the time of six register passes).
+#if defined(MP_LOWBIT_SIMD)
+constexpr int64_t kRegisterBatch = simd::kMaxRows;
+static_assert(simd::kLanes == Vec::size(), "the register path sums in dot_block's lane order");
 #endif
 
 // kAccumulators independent FMA chains (vector step j feeds chain j % kAccumulators, see
-// for_each_step), added pairwise at the end: the order cpu/lowbit_avx2.h's kernels follow.
+// for_each_step), added pairwise at the end: the order cpu/lowbit_simd.h's kernels follow.
 constexpr int kAccumulators = kChains;
 
 inline float finish_dot(Vec (&acc)[kAccumulators]) {
@@ -101,6 +106,15 @@ bool interleaved(const PackedView& w) {
 }
 
 #if defined(MP_DECODE_AVX512)
+// The codebook in a register, looked up by the low 4 bits of a lane: a 2-bit codebook is repeated
+// four times, so the bits above a 2-bit code need no masking.
+inline __m512 lut_register(const float* codebook, int bits) {
+  if (bits == 4) return _mm512_loadu_ps(codebook);
+  float repeated[16];
+  for (int i = 0; i < 16; ++i) repeated[i] = codebook[i & 3];
+  return _mm512_loadu_ps(repeated);
+}
+
 // Every step of one interleaved block of codes at `src` (64 bytes): step(s, chain, levels).
 template <int kBits, class Step>
 void interleaved_block(const uint8_t* src, __m512 lut, Step&& step) {
@@ -120,11 +134,12 @@ void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
   int64_t k = 0;
   for (; k < order.end; k += order.block, src += 64)
     interleaved_block<kBits>(src, lut, [&](int64_t s, auto, __m512 levels) { _mm512_storeu_ps(row + k + 16 * s, levels); });
-  k += decode_run16<kBits>(src, w.row_length - k, lut, row + k);
-  for (; k < w.row_length; ++k) row[k] = w.codebook[read_code(w.codes, c * w.row_length + k, kBits)];
+  const simd::Lut<kBits> generic(w.codebook);  // the columns past the last whole block
+  simd::store_levels(simd::DenseSrc<kBits>{w.codes, simd::code_bytes(w), (c * w.row_length + k) * kBits, generic},
+                     w.row_length - k, row + k);
 }
 
-constexpr int64_t kFusedBatch = avx512::kMaxRows;  // up to it, rows are decoded in registers
+constexpr int64_t kFusedBatch = 4;
 
 // Small batches (kM rows of interleaved x) times interleaved weights: the codes are decoded in
 // registers and multiplied into x at once (no tile), reading bits/8 B per weight. The sums are
@@ -133,8 +148,9 @@ constexpr int64_t kFusedBatch = avx512::kMaxRows;  // up to it, rows are decoded
 template <int kBits, int kM>
 void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
   const __m512 lut = lut_register(w.codebook, kBits);
+  const simd::Lut<kBits> generic(w.codebook);
   const Interleave order(kBits, w.row_length);
-  const int64_t in = w.row_length;
+  const int64_t in = w.row_length, nbytes = simd::code_bytes(w);
   for (int64_t c = c0; c < c1; ++c) {
     const uint8_t* src = w.codes + c * in * kBits / 8;
     Vec acc[kM][kAccumulators];
@@ -147,7 +163,8 @@ void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, flo
     for (; k < order.end; k += order.block, src += 64)
       interleaved_block<kBits>(src, lut, [&](int64_t s, auto chain, __m512 levels) { fma(k + 16 * s, chain, levels); });
     const int64_t tail_steps = (in - k) / 16;
-    for_each_step(tail_steps, [&](int64_t t, auto chain) { fma(k + 16 * t, chain, decode16<kBits>(src + 2 * kBits * t, lut)); });
+    simd::DenseSrc<kBits> tail{w.codes, nbytes, (c * in + k) * kBits, generic};
+    for_each_step(tail_steps, [&](int64_t t, auto chain) { fma(k + 16 * t, chain, tail.get(16 * t)); });
     k += 16 * tail_steps;
     for (int m = 0; m < kM; ++m) {
       float s = finish_dot(acc[m]);
@@ -170,26 +187,21 @@ void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t 
 
 // Row c of W / channel_scale[c] (the levels, 0 at pruned positions) into row[0, in), in column
 // order, or in the interleaved order when `interleave` (dense 4-/2-bit rows starting on a byte).
-void decode_row(const PackedView& w, int64_t c, bool interleave, float* row, float* levels) {
-  const int64_t f0 = c * w.row_length, first = kept_before(w, f0);
+void decode_row(const PackedView& w, int64_t c, bool interleave, float* row) {
   const bool simd = cpu_simd.load(std::memory_order_relaxed);
   if (interleave) {
 #if defined(MP_DECODE_AVX512)
     if (simd) return (w.bits == 4 ? decode_row_interleaved_simd<4> : decode_row_interleaved_simd<2>)(w, c, row);
 #endif
     const Interleave order(w.bits, w.row_length);
-    for (int64_t i = 0; i < w.row_length; ++i) row[order.position(i)] = w.codebook[read_code(w.codes, first + i, w.bits)];
+    for (int64_t i = 0; i < w.row_length; ++i)
+      row[order.position(i)] = w.codebook[read_code(w.codes, c * w.row_length + i, w.bits)];
     return;
   }
-  if (!simd) return decode_run(w, w.codebook, f0, f0 + w.row_length, row);  // the scalar twin: the shared decoder
-#if defined(MP_LOWBIT_AVX2) && !defined(MP_DECODE_AVX512)
-  (void)first, (void)levels;
-  return avx2::decode_row(w, c, row);
+#if defined(MP_LOWBIT_SIMD)
+  if (simd) return simd::decode_row(w, c, row);
 #endif
-  if (!w.keep_bitmap) return decode_levels(w.codes, w.codebook, w.bits, first, w.row_length, row, simd);
-  const int64_t count = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, w.row_length);
-  decode_levels(w.codes, w.codebook, w.bits, first, count, levels, simd);
-  expand_kept(w.keep_bitmap, w.bitmap_bytes(), f0, w.row_length, levels, row, simd);
+  decode_run(w, w.codebook, c * w.row_length, (c + 1) * w.row_length, row);  // the scalar twin: the shared decoder
 }
 
 // dots[i][j] = sum_k a[i n + k] b[j n + k] for i < ma, j < mb (at most 2 x 2): every a and b vector
@@ -223,28 +235,24 @@ void dot_block(const float* a, int ma, const float* b, int mb, int64_t n, float 
   return mb == 2 ? dot_block<1, 2>(a, b, n, dots) : dot_block<1, 1>(a, b, n, dots);
 }
 
-struct Scratch {  // a task's decode buffers
-  std::vector<float> tile, levels;
-  explicit Scratch(int64_t rows, int64_t in) : tile(rows * in), levels(in) {}
-};
-
 // f(c0, block) for the blocks of at most kGemmRows output rows in [c_begin, c_end), in order:
-// block (rows x in, in the scratch's tile) holds the levels of rows [c0, c0 + rows) (channel
-// scale not applied).
+// block (rows x in, in `tile`) holds the levels of rows [c0, c0 + rows) (channel scale not
+// applied), in the interleaved order when `interleave`.
 template <class F>
-void for_each_decoded_block(const PackedView& w, bool interleave, int64_t c_begin, int64_t c_end, Scratch& s, F&& f) {
+void for_each_decoded_block(const PackedView& w, bool interleave, int64_t c_begin, int64_t c_end,
+                            std::vector<float>& tile, F&& f) {
   const int64_t in = w.row_length;
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kGemmRows) {
     const int64_t rows = std::min(kGemmRows, c_end - c0);
-    for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, interleave, s.tile.data() + r * in, s.levels.data());
-    f(c0, at::from_blob(s.tile.data(), {rows, in}, at::TensorOptions().dtype(at::kFloat)));
+    for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, interleave, tile.data() + r * in);
+    f(c0, at::from_blob(tile.data(), {rows, in}, at::TensorOptions().dtype(at::kFloat)));
   }
 }
 
-at::Tensor channel_scales(const PackedView& w) {  // a view, for the backward's grad_y * scale
-  return at::from_blob(const_cast<float*>(w.channel_scale), {w.out}, at::TensorOptions().dtype(at::kFloat));
+// The grain of a parallel_for over units of `rows` output rows: at least kTaskWeights a task.
+int64_t grain(const PackedView& w, int64_t rows) {
+  return std::max<int64_t>(1, kTaskWeights / std::max<int64_t>(1, rows * w.row_length));
 }
-
 }  // namespace
 
 namespace cpu {
@@ -266,26 +274,26 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     });
   }
 #if defined(MP_DECODE_AVX512)
-  if (cpu_simd.load(std::memory_order_relaxed) && m_rows <= kFusedBatch) {
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
+    at::parallel_for(0, blocks, grain(w, kRowBlock), [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
-      if (interleave) (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
-      else avx512::forward_rows(w, xp, m_rows, c0, c1, yp);
+      (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
     });
     return y;
   }
-#elif defined(MP_LOWBIT_AVX2)
-  if (cpu_simd.load(std::memory_order_relaxed) && m_rows <= kRegisterBatch) {
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      avx2::forward_rows(w, xp, m_rows, b0 * kRowBlock, std::min(out, b1 * kRowBlock), yp);
+#endif
+#if defined(MP_LOWBIT_SIMD)
+  if (cpu_simd.load(std::memory_order_relaxed) && !interleave && m_rows <= kRegisterBatch) {
+    at::parallel_for(0, blocks, grain(w, kRowBlock), [&](int64_t b0, int64_t b1) {
+      simd::forward_rows(w, xp, m_rows, b0 * kRowBlock, std::min(out, b1 * kRowBlock), yp);
     });
     return y;
   }
 #endif
   if (m_rows >= kGemmBatch) {
-    at::parallel_for(0, ceil_div(out, kGemmRows), 1, [&](int64_t b0, int64_t b1) {
-      Scratch s(kGemmRows, in);
-      for_each_decoded_block(w, interleave, b0 * kGemmRows, std::min(out, b1 * kGemmRows), s,
+    at::parallel_for(0, ceil_div(out, kGemmRows), grain(w, kGemmRows), [&](int64_t b0, int64_t b1) {
+      std::vector<float> tile(kGemmRows * in);
+      for_each_decoded_block(w, interleave, b0 * kGemmRows, std::min(out, b1 * kGemmRows), tile,
                              [&](int64_t c0, const at::Tensor& block) {  // sgemm on this thread (nested region)
         const int64_t rows = block.size(0);
         const at::Tensor dots = at::mm(x_ordered, block.t());  // (m_rows, rows), contiguous
@@ -296,16 +304,16 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     });
     return y;
   }
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    Scratch s(kRowBlock, in);
+  at::parallel_for(0, blocks, grain(w, kRowBlock), [&](int64_t b0, int64_t b1) {
+    std::vector<float> tile(kRowBlock * in);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kRowBlock, rows = std::min(kRowBlock, out - c0);
-      for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, interleave, s.tile.data() + r * in, s.levels.data());
+      for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, interleave, tile.data() + r * in);
       for (int64_t m = 0; m < m_rows; m += 2)
         for (int64_t r = 0; r < rows; r += 2) {
           const int mb = int(std::min<int64_t>(2, m_rows - m)), rb = int(std::min<int64_t>(2, rows - r));
           float dots[2][2];
-          dot_block(xp + m * in, mb, s.tile.data() + r * in, rb, in, dots);
+          dot_block(xp + m * in, mb, tile.data() + r * in, rb, in, dots);
           for (int i = 0; i < mb; ++i)
             for (int j = 0; j < rb; ++j) yp[(m + i) * out + c0 + r + j] = w.channel_scale[c0 + r + j] * dots[i][j];
         }
@@ -316,15 +324,16 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
 
 at::Tensor lowbit_linear_backward(const at::Tensor& grad_y, const PackedView& w) {
   const int64_t m_rows = grad_y.size(0), in = w.row_length, out = w.out;
-  const at::Tensor scaled = grad_y * channel_scales(w);  // grad_y[m, c] * scale[c]
+  const at::Tensor scale = at::from_blob(const_cast<float*>(w.channel_scale), {out}, grad_y.options());
+  const at::Tensor scaled = grad_y * scale;  // grad_y[m, c] * scale[c]
   const int64_t chunks = std::min(kMaxChunks, ceil_div(out, kGemmRows));
   at::Tensor partial = at::zeros({chunks, m_rows, in}, grad_y.options());
   float* pp = partial.data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch s(kGemmRows, in);
+    std::vector<float> tile(kGemmRows * in);
     for (int64_t chunk = t0; chunk < t1; ++chunk)
-      for_each_decoded_block(w, false, out * chunk / chunks, out * (chunk + 1) / chunks, s,
-                             [&](int64_t c0, const at::Tensor& block) {
+      for_each_decoded_block(w, false, out * chunk / chunks, out * (chunk + 1) / chunks, tile,
+                             [&](int64_t c0, const at::Tensor& block) {  // sgemm on this thread (nested region)
         const at::Tensor part = at::mm(scaled.narrow(1, c0, block.size(0)), block);  // (m_rows, in)
         const float* src = part.data_ptr<float>();
         float* dst = pp + chunk * m_rows * in;

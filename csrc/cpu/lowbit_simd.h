@@ -1,0 +1,312 @@
+// SIMD kernels of lowbit_linear's CPU forward and of the code decode (torch-free): packed rows
+// decoded Isa::kLanes weights per step straight from the format (include/mixedprec/packed_weight.h),
+// templated over bits 1..8 and over the instruction set (Isa: AVX-512, 16 lanes, or AVX2, 8
+// lanes; the build's target picks one). set_cpu_simd(false) selects the scalar twin (decode_run
+// + the same dot), which sums in the same order, so every path is bit-identical:
+//
+//   dot(row, x) = float(lane_sum((c0 + c1) + (c2 + c3))) + sum of the tail, in column order
+//   c_j = FMA chain of kLanes lanes over the kLanes-column steps t with t % kChains == j
+//   tail = the in % kLanes last columns, scalar (w * x rounded, then added)
+//
+// (the order of lowbit_linear_cpu.cpp's dot_block with ATen's vectors, which have kLanes lanes
+// on the same build; lane_sum adds the lanes in double, in lane order). Per step, one source
+// gives kLanes levels:
+//   Isa::codes<B>  kLanes codes from 64-bit windows of the stream (shift, pdep, vpmovzxbd)
+//   RegLut<B>      B <= Isa::kRegLutBits: the codebook in registers, one permute on the low
+//                  kLutBits bits (vpermps: 3; vpermt2ps: 5) and a blend tree on the bits above;
+//                  GatherLut (larger B): vgatherdps from the codebook
+//   DenseSrc       a dense row: codes at kLanes B bits per step
+//   SparseSrc      a row with a bitmap: kLanes kept codes decoded, spread to the step's columns
+//                  by its kLanes bitmap bits (0 where pruned)
+// dot_rows decodes a row once for up to kMaxRows batch rows (register-blocked); decode_row and
+// decode_codes write the levels out (the tile path of large batches, the backward, lut_conv2d).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "mixedprec/packed_weight.h"
+
+namespace mixedprec {
+
+constexpr int kChains = 4;  // independent FMA chains per dot (one would wait on the FMA latency)
+
+// step(t, chain) for t in [0, n), chain = t % kChains as a constant (the accumulators stay in
+// registers; an index known only at run time would put them in memory).
+template <class Step>
+inline void for_each_step(int64_t n, Step&& step) {
+  static_assert(kChains == 4);
+  using C0 = std::integral_constant<int, 0>;
+  using C1 = std::integral_constant<int, 1>;
+  using C2 = std::integral_constant<int, 2>;
+  using C3 = std::integral_constant<int, 3>;
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) step(t, C0{}), step(t + 1, C1{}), step(t + 2, C2{}), step(t + 3, C3{});
+  if (t < n) step(t, C0{});
+  if (t + 1 < n) step(t + 1, C1{});
+  if (t + 2 < n) step(t + 2, C2{});
+}
+
+// Calls f(std::integral_constant<int, v>) for v in [K, N].
+template <int K, int N, class F>
+inline void with_int(int v, F&& f) {
+  if constexpr (K <= N) {
+    if (v == K) f(std::integral_constant<int, K>{});
+    else with_int<K + 1, N>(v, std::forward<F>(f));
+  }
+}
+
+}  // namespace mixedprec
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__BMI2__)
+#include <immintrin.h>
+#define MP_LOWBIT_SIMD 1
+
+namespace mixedprec::simd {
+
+// 64 bits of the byte stream s (nbytes long) from bit p on, at least 57 of them meaningful;
+// bytes past the stream read as 0 and are never touched.
+[[gnu::noinline]] inline uint64_t bits_at_end(const uint8_t* s, int64_t nbytes, int64_t p) {
+  uint64_t v = 0;
+  if ((p >> 3) < nbytes) std::memcpy(&v, s + (p >> 3), size_t(nbytes - (p >> 3)));
+  return v >> (p & 7);
+}
+inline uint64_t bits_at(const uint8_t* s, int64_t nbytes, int64_t p) {
+  if (__builtin_expect((p >> 3) + 8 > nbytes, 0)) return bits_at_end(s, nbytes, p);
+  uint64_t v;
+  std::memcpy(&v, s + (p >> 3), 8);
+  return v >> (p & 7);
+}
+
+// 8 codes of B bits from the window at bit p, one per byte (pdep; 8-bit codes are the bytes).
+template <int B>
+inline int64_t code_bytes8(const uint8_t* s, int64_t nbytes, int64_t p) {
+  const uint64_t v = bits_at(s, nbytes, p);
+  if constexpr (B == 8) return int64_t(v);
+  else return int64_t(_pdep_u64(v, 0x0101010101010101ull * ((1u << B) - 1)));
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)  // as vec_ops.h
+struct Isa {  // AVX-512: 16 lanes, a 32-entry table per vpermt2ps
+  using F = __m512;
+  using I = __m512i;
+  struct Table { __m512 lo, hi; };
+  static constexpr int kLanes = 16, kLutBits = 5, kRegLutBits = 8, kMaxRows = 4;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  template <int B>
+  static I codes(const uint8_t* s, int64_t nbytes, int64_t p) {
+    // (maskz with every lane: the unmasked intrinsic trips GCC 12's -Wuninitialized)
+    return _mm512_maskz_cvtepu8_epi32(__mmask16(0xffff), _mm_set_epi64x(code_bytes8<B>(s, nbytes, p + 8 * B), code_bytes8<B>(s, nbytes, p)));
+  }
+  static Table load_table(const float* t) { return {_mm512_loadu_ps(t), _mm512_loadu_ps(t + 16)}; }
+  static F permute(const Table& t, I idx) { return _mm512_permutex2var_ps(t.lo, idx, t.hi); }
+  static F pick_by_bit(I idx, int bit, F if_clear, F if_set) {
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(1 << bit)), if_clear, if_set);
+  }
+  static F gather(const float* table, I idx) { return _mm512_i32gather_ps(idx, table, 4); }
+  // levels[0 ..) to the set bits of `keep` (in order), 0 elsewhere.
+  static F expand(F levels, unsigned keep) { return _mm512_maskz_expand_ps(__mmask16(keep), levels); }
+};
+#else
+struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
+  using F = __m256;
+  using I = __m256i;
+  using Table = __m256;
+  static constexpr int kLanes = 8, kLutBits = 3, kRegLutBits = 6, kMaxRows = 3;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  template <int B>
+  static I codes(const uint8_t* s, int64_t nbytes, int64_t p) {
+    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(code_bytes8<B>(s, nbytes, p)));
+  }
+  static Table load_table(const float* t) { return _mm256_loadu_ps(t); }
+  static F permute(Table t, I idx) { return _mm256_permutevar8x32_ps(t, idx); }
+  static F pick_by_bit(I idx, int bit, F if_clear, F if_set) {
+    return _mm256_blendv_ps(if_clear, if_set, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 31 - bit)));
+  }
+  static F gather(const float* table, I idx) { return _mm256_i32gather_ps(table, idx, 4); }
+  // For the 8 bitmap bits m: expand[m][j] = rank of column j among the kept ones, keep[m][j] =
+  // all ones where column j is kept (built at static initialization: no guard in the loops).
+  struct ExpandTables {
+    alignas(32) int32_t expand[256][8], keep[256][8];
+    ExpandTables() {
+      for (int m = 0; m < 256; ++m)
+        for (int j = 0, r = 0; j < 8; ++j) {
+          const bool k = (m >> j) & 1;
+          expand[m][j] = k ? r : 0;
+          keep[m][j] = k ? -1 : 0;
+          r += k;
+        }
+    }
+  };
+  static inline const ExpandTables kExpand;
+  static F expand(F levels, unsigned m) {
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(levels, _mm256_load_si256((const __m256i*)kExpand.expand[m])),
+                         _mm256_load_ps((const float*)kExpand.keep[m]));
+  }
+};
+#endif
+
+using F = Isa::F;
+using I = Isa::I;
+constexpr int kLanes = Isa::kLanes;
+constexpr int kMaxRows = Isa::kMaxRows;  // batch rows per pass of dot_rows (kMaxRows x kChains accumulators)
+
+// Bytes of the code stream: ceil(kept * bits / 8).
+inline int64_t code_bytes(const PackedView& w) {
+  const int64_t last = w.numel() - 1;
+  const int64_t kept = w.numel() == 0 ? 0 : kept_before(w, last) + (is_kept(w, last) ? 1 : 0);
+  return (kept * w.bits + 7) / 8;
+}
+
+template <int B>
+struct RegLut {  // levels of codes < 2^B: a permute by the low kLutBits bits, a blend tree above
+  static constexpr int kSpan = 1 << Isa::kLutBits, N = B <= Isa::kLutBits ? 1 : 1 << (B - Isa::kLutBits);
+  Isa::Table t[N];
+  explicit RegLut(const float* codebook) {
+    float pad[kSpan * N] = {};
+    for (int k = 0; k < (1 << B); ++k) pad[k] = codebook[k];
+    for (int j = 0; j < N; ++j) t[j] = Isa::load_table(pad + kSpan * j);
+  }
+  F operator()(I idx) const {
+    F r[N];
+    for (int j = 0; j < N; ++j) r[j] = Isa::permute(t[j], idx);
+    for (int bit = Isa::kLutBits, n = N; n > 1; ++bit, n /= 2)
+      for (int j = 0; j < n / 2; ++j) r[j] = Isa::pick_by_bit(idx, bit, r[2 * j], r[2 * j + 1]);
+    return r[0];
+  }
+};
+
+struct GatherLut {
+  const float* codebook;
+  explicit GatherLut(const float* c) : codebook(c) {}
+  F operator()(I idx) const { return Isa::gather(codebook, idx); }
+};
+
+template <int B>
+using Lut = std::conditional_t<(B <= Isa::kRegLutBits), RegLut<B>, GatherLut>;
+
+// Codes from bit p0 on (a dense row: p0 = c row_length B): levels of codes i .. i + kLanes - 1
+// (past the stream: 0).
+template <int B>
+struct DenseSrc {
+  const uint8_t* codes; int64_t nbytes, p0; const Lut<B>& lut;
+  F get(int64_t i) { return lut(Isa::codes<B>(codes, nbytes, p0 + i * B)); }
+};
+
+// Row c with a bitmap: stateful, steps visited in order.
+template <int B>
+struct SparseSrc {
+  const uint8_t* codes; int64_t nbytes, p;  // bit position of the next kept code
+  const uint8_t* bitmap; int64_t bitmap_bytes, f0;
+  const Lut<B>& lut;
+  SparseSrc(const PackedView& w, int64_t c, int64_t nb, const Lut<B>& l)
+      : codes(w.codes), nbytes(nb), p(kept_before(w, c * w.row_length) * B), bitmap(w.keep_bitmap),
+        bitmap_bytes(w.bitmap_bytes()), f0(c * w.row_length), lut(l) {}
+  F get(int64_t i) {
+    const unsigned m = unsigned(bits_at(bitmap, bitmap_bytes, f0 + i)) & ((1u << kLanes) - 1u);
+    const F levels = lut(Isa::codes<B>(codes, nbytes, p));
+    p += int64_t(__builtin_popcount(m)) * B;
+    return Isa::expand(levels, m);
+  }
+};
+
+// lane_sum's order (vec_ops.h): the lanes added in double, lane 0 first.
+inline float lane_sum(F v) {
+  alignas(64) float lanes[kLanes];
+  Isa::storeu(lanes, v);
+  double s = 0;
+  for (float l : lanes) s += l;
+  return float(s);
+}
+
+// y[m ldy] = scale * dot(row, x[m ldx ..]) for m < MB, the row decoded once. Flattened: left to
+// itself GCC stops inlining the step lambda once forward_rows holds every MB, and the
+// accumulators go to memory (6x slower at MB = 3 and 4).
+template <int MB, class Src>
+[[gnu::flatten]] inline void dot_rows(Src src, int64_t in, const float* x, int64_t ldx, float* y, int64_t ldy, float scale) {
+  F acc[MB][kChains];
+  for (auto& chains : acc)
+    for (F& a : chains) a = Isa::zero();
+  const int64_t steps = in / kLanes;
+  for_each_step(steps, [&](int64_t t, auto chain) {
+    const F wv = src.get(kLanes * t);
+    for (int m = 0; m < MB; ++m) acc[m][chain] = Isa::fmadd(Isa::loadu(x + m * ldx + kLanes * t), wv, acc[m][chain]);
+  });
+  alignas(64) float tail[kLanes];
+  if (steps * kLanes < in) Isa::storeu(tail, src.get(steps * kLanes));
+  for (int m = 0; m < MB; ++m) {
+    float s = lane_sum(Isa::add(Isa::add(acc[m][0], acc[m][1]), Isa::add(acc[m][2], acc[m][3])));
+    for (int64_t i = steps * kLanes; i < in; ++i) {
+      const float p = tail[i - steps * kLanes] * x[m * ldx + i];
+      s += p;
+    }
+    y[m * ldy] = scale * s;
+  }
+}
+
+template <int B, class Fn>
+inline void with_source(const PackedView& w, int64_t c, int64_t nbytes, const Lut<B>& lut, Fn&& f) {
+  if (w.keep_bitmap) f(SparseSrc<B>(w, c, nbytes, lut));
+  else f(DenseSrc<B>{w.codes, nbytes, c * w.row_length * B, lut});
+}
+
+// y[m, c] (y: m_rows x w.out) for rows c in [c0, c1), x: m_rows x w.row_length.
+template <int B>
+inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
+  const Lut<B> lut(w.codebook);
+  const int64_t nbytes = code_bytes(w), in = w.row_length;
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows)
+      with_int<1, kMaxRows>(int(std::min<int64_t>(kMaxRows, m_rows - m0)), [&](auto MB) {
+        with_source<B>(w, c, nbytes, lut, [&](auto src) {
+          dot_rows<MB()>(src, in, x + m0 * in, in, y + m0 * w.out + c, w.out, w.channel_scale[c]);
+        });
+      });
+}
+
+inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
+  with_int<1, 8>(w.bits, [&](auto B) { forward_rows<B()>(w, x, m_rows, c0, c1, y); });
+}
+
+// out[i] = src.get's levels for i < n, kLanes per step.
+template <class Src>
+inline void store_levels(Src src, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) Isa::storeu(out + i, src.get(i));
+  if (i < n) {
+    alignas(64) float tail[kLanes];
+    Isa::storeu(tail, src.get(i));
+    std::memcpy(out + i, tail, sizeof(float) * size_t(n - i));
+  }
+}
+
+// row[i] = level of row c's column i (0 where pruned) for i < w.row_length.
+inline void decode_row(const PackedView& w, int64_t c, float* row) {
+  with_int<1, 8>(w.bits, [&](auto B) {
+    const Lut<B()> lut(w.codebook);
+    with_source<B()>(w, c, code_bytes(w), lut, [&](auto src) { store_levels(src, w.row_length, row); });
+  });
+}
+
+// levels[k] = codebook[code first + k] for k < count, reading no byte past code first + count.
+inline void decode_codes(const uint8_t* codes, const float* codebook, int bits, int64_t first, int64_t count,
+                         float* levels) {
+  with_int<1, 8>(bits, [&](auto B) {
+    const Lut<B()> lut(codebook);
+    store_levels(DenseSrc<B()>{codes, ((first + count) * B + 7) / 8, first * B, lut}, count, levels);
+  });
+}
+
+}  // namespace mixedprec::simd
+#endif
