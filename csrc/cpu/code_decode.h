@@ -22,7 +22,8 @@ namespace mixedprec {
 inline void decode_levels(const uint8_t* codes, const float* codebook, int bits, int64_t first, int64_t count,
                           float* levels, bool simd) {
 #if defined(MP_LOWBIT_SIMD)
-  if (simd) return simd::decode_codes(codes, codebook, bits, first, count, levels);
+  // below one vector step the register codebook would cost more than it saves (depthwise rows: 9)
+  if (simd && count >= simd::kLanes) return simd::decode_codes(codes, codebook, bits, first, count, levels);
 #else
   (void)simd;
 #endif

@@ -62,32 +62,41 @@ struct TileDecoder {
   TileDecoder(const PackedView& weight, const Conv2dGeometry& geometry)
       : w(weight), g(geometry), simd(cpu_simd.load(std::memory_order_relaxed)) {}
 
-  // W[c, k0 : k0 + count] (scale applied, 0 where pruned), flat over (C_in/G, kh, kw): the levels,
-  // then each times the row's scale, rounded once (mul_rn; the scale is > 0, so pruned weights
-  // stay +0). count multiplies, not one per codebook entry: a depthwise row holds 9 weights, an
-  // 8-bit codebook 256 levels.
-  void decode_span(int64_t c, int64_t k0, int64_t count, float* out) const {
-    const int64_t f0 = c * g.row_length() + k0;
-    if (!simd) {
-      decode_run(w, w.codebook, f0, f0 + count, out);  // the scalar twin: the shared decoder
-    } else if (!w.keep_bitmap) {
-      decode_levels(w.codes, w.codebook, w.bits, f0, count, out, simd);
-    } else {
-      thread_local std::vector<float> levels;
-      levels.resize(size_t(count));
-      const int64_t kept = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count);
-      decode_levels(w.codes, w.codebook, w.bits, kept_before(w, f0), kept, levels.data(), simd);
-      expand_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count, levels.data(), out, simd);
-    }
-    const float scale = w.channel_scale[c];
-    for (int64_t i = 0; i < count; ++i) out[i] = mul_rn(scale, out[i]);
+  // Levels of the flat weights [f0, f0 + count) (the scale not applied, 0 where pruned): one walk
+  // of the code stream, however many channels it spans.
+  void levels(int64_t f0, int64_t count, float* out) const {
+    if (!simd) return decode_run(w, w.codebook, f0, f0 + count, out);  // the scalar twin: the shared decoder
+    if (!w.keep_bitmap) return decode_levels(w.codes, w.codebook, w.bits, f0, count, out, simd);
+    thread_local std::vector<float> kept_levels;
+    kept_levels.resize(size_t(count));
+    const int64_t kept = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count);
+    decode_levels(w.codes, w.codebook, w.bits, kept_before(w, f0), kept, kept_levels.data(), simd);
+    expand_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count, kept_levels.data(), out, simd);
   }
 
-  // Channels [c0, c1) of W into tile (c1 - c0, C_in/G, kh, kw).
+  // Each level times its channel's scale, rounded once (mul_rn; the scale is > 0, so pruned
+  // weights stay +0): count multiplies, not one per codebook entry (a depthwise row holds 9
+  // weights, an 8-bit codebook 256 levels).
+  void scale(int64_t c, int64_t count, float* out) const {
+    const float s = w.channel_scale[c];
+    for (int64_t i = 0; i < count; ++i) out[i] = mul_rn(s, out[i]);
+  }
+
+  // W[c, k0 : k0 + count] (scale applied, 0 where pruned), flat over (C_in/G, kh, kw).
+  void decode_span(int64_t c, int64_t k0, int64_t count, float* out) const {
+    levels(c * g.row_length() + k0, count, out);
+    scale(c, count, out);
+  }
+
+  // Channels [c0, c1) of W into tile (c1 - c0, C_in/G, kh, kw): each task's channels decoded as
+  // one run (per-channel calls cost more than a depthwise row's 9 weights), tasks of >= 32k
+  // weights (small layers on one thread: a parallel region costs more than their decode).
   void decode(int64_t c0, int64_t c1, float* tile) const {
-    // at least ~4k weights a task: small layers (depthwise rows hold 9) decode on one thread
-    at::parallel_for(c0, c1, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.row_length())), [&](int64_t b0, int64_t b1) {
-      for (int64_t c = b0; c < b1; ++c) decode_span(c, 0, g.row_length(), tile + (c - c0) * g.row_length());
+    const int64_t row = g.row_length();
+    at::parallel_for(c0, c1, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row)), [&](int64_t b0, int64_t b1) {
+      float* dst = tile + (b0 - c0) * row;
+      levels(b0 * row, (b1 - b0) * row, dst);
+      for (int64_t c = b0; c < b1; ++c) scale(c, row, dst + (c - b0) * row);
     });
   }
 };
