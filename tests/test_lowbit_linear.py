@@ -196,6 +196,34 @@ def test_cpu_kernel_grid(bits, sparsity, batch, shape):
     assert torch.equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("batch", [1, 3, 6])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_cpu_sparse_rows_still_meet_non_finite_x_at_pruned_columns(batch, bad):
+    """Sparse rows multiply only their kept columns below the sgemm batches; an inf or NaN of x at
+    a column every row prunes must still make its row's outputs NaN (inf * 0), as x @ W.T and the
+    reference do, and leave the other rows as they are alone, with the SIMD decode on and off."""
+    require_backend("cpu")
+    packed = make_packed(21, 70, 4, 0.5, seed=batch)
+    mask = packed.keep_mask()
+    mask[:, 33] = False
+    packed = pack_weight(packed.code_values(), packed.codebook, packed.channel_scale, packed.bits, mask)
+    x = torch.randn(batch, 70)
+    x[0, 33] = bad
+    expected = reference.lowbit_linear(x.double(), packed)
+    for simd in (True, False):
+        previous = ops.set_cpu_simd(simd)
+        try:
+            with torch.inference_mode():
+                y = ops.lowbit_linear(x, packed, backend="cpu")
+                others = [ops.lowbit_linear(x[m:m + 1], packed, backend="cpu") for m in range(1, batch)]
+        finally:
+            ops.set_cpu_simd(previous)
+        assert torch.isnan(y[0]).all() and torch.isnan(expected[0]).all()
+        for m, alone in enumerate(others, start=1):
+            assert torch.equal(y[m:m + 1], alone)
+        torch.testing.assert_close(y[1:].double(), expected[1:], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits,sparsity", [(3, 0.0), (8, 0.5)])
 def test_cpu_sgemm_batches_span_several_row_blocks(bits, sparsity):
     """From GEMM_BATCH rows on the CPU kernel decodes 64 output rows at a time for sgemm: 150

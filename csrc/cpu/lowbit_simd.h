@@ -18,8 +18,11 @@
 //   DenseSrc       a dense row: codes at kLanes B bits per step
 //   SparseSrc      a row with a bitmap: kLanes kept codes decoded, spread to the step's columns
 //                  by its kLanes bitmap bits (0 where pruned)
-// dot_rows decodes a row once for up to kMaxRows batch rows (register-blocked); decode_row and
-// decode_codes write the levels out (the tile path of large batches, the backward, lut_conv2d).
+// dot_rows decodes a row once for up to kMaxRows batch rows (register-blocked). forward_rows
+// runs it on a dense row's codes, or on a sparse row's kept codes against x's kept columns
+// (compress_kept: vcompressps, or a permute on AVX2), the same sums over fewer columns.
+// decode_row and decode_codes write the levels out (the tile path of large batches, the
+// backward, lut_conv2d).
 #pragma once
 
 #include <algorithm>
@@ -27,6 +30,7 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "mixedprec/packed_weight.h"
 
@@ -113,6 +117,8 @@ struct Isa {  // AVX-512: 16 lanes, a 32-entry table per vpermt2ps
   static F gather(const float* table, I idx) { return _mm512_i32gather_ps(idx, table, 4); }
   // levels[0 ..) to the set bits of `keep` (in order), 0 elsewhere.
   static F expand(F levels, unsigned keep) { return _mm512_maskz_expand_ps(__mmask16(keep), levels); }
+  // The lanes of v at the set bits of `keep`, in order, in the low lanes (expand's inverse).
+  static F compress(F v, unsigned keep) { return _mm512_maskz_compress_ps(__mmask16(keep), v); }
 };
 #else
 struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
@@ -136,15 +142,18 @@ struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
   }
   static F gather(const float* table, I idx) { return _mm256_i32gather_ps(table, idx, 4); }
   // For the 8 bitmap bits m: expand[m][j] = rank of column j among the kept ones, keep[m][j] =
-  // all ones where column j is kept (built at static initialization: no guard in the loops).
+  // all ones where column j is kept, compress[m][r] = the column of rank r (built at static
+  // initialization: no guard in the loops).
   struct ExpandTables {
-    alignas(32) int32_t expand[256][8], keep[256][8];
+    alignas(32) int32_t expand[256][8], keep[256][8], compress[256][8];
     ExpandTables() {
       for (int m = 0; m < 256; ++m)
         for (int j = 0, r = 0; j < 8; ++j) {
           const bool k = (m >> j) & 1;
           expand[m][j] = k ? r : 0;
           keep[m][j] = k ? -1 : 0;
+          compress[m][j] = 0;
+          if (k) compress[m][r] = j;
           r += k;
         }
     }
@@ -153,6 +162,10 @@ struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
   static F expand(F levels, unsigned m) {
     return _mm256_and_ps(_mm256_permutevar8x32_ps(levels, _mm256_load_si256((const __m256i*)kExpand.expand[m])),
                          _mm256_load_ps((const float*)kExpand.keep[m]));
+  }
+  // The lanes of v at the set bits of m, in order, in the low lanes (the lanes above: copies).
+  static F compress(F v, unsigned m) {
+    return _mm256_permutevar8x32_ps(v, _mm256_load_si256((const __m256i*)kExpand.compress[m]));
   }
 };
 #endif
@@ -261,18 +274,46 @@ inline void with_source(const PackedView& w, int64_t c, int64_t nbytes, const Lu
   else f(DenseSrc<B>{w.codes, nbytes, c * w.row_length * B, lut});
 }
 
-// y[m, c] (y: m_rows x w.out) for rows c in [c0, c1), x: m_rows x w.row_length.
+// kept_x[r ldk + k] = x[r ldx + i] for r < MB and the kept columns i of row c (k: the rank of i
+// among them); returns their count. kept_x rows hold ldk >= row_length + kLanes floats (every
+// step stores a whole vector).
+template <int MB>
+inline int64_t compress_kept(const PackedView& w, int64_t c, const float* x, int64_t ldx, float* kept_x, int64_t ldk) {
+  const int64_t in = w.row_length, f0 = c * in, nb = w.bitmap_bytes();
+  int64_t k = 0, i = 0;
+  for (; i + kLanes <= in; i += kLanes) {
+    const unsigned m = unsigned(bits_at(w.keep_bitmap, nb, f0 + i)) & ((1u << kLanes) - 1u);
+    for (int r = 0; r < MB; ++r) Isa::storeu(kept_x + r * ldk + k, Isa::compress(Isa::loadu(x + r * ldx + i), m));
+    k += __builtin_popcount(m);
+  }
+  for (; i < in; ++i)
+    if (is_kept(w, f0 + i)) {
+      for (int r = 0; r < MB; ++r) kept_x[r * ldk + k] = x[r * ldx + i];
+      ++k;
+    }
+  return k;
+}
+
+// y[m, c] (y: m_rows x w.out) for rows c in [c0, c1), x: m_rows x w.row_length. A dense row is
+// decoded kLanes codes a step; a sparse row multiplies only its kept columns: x's kept columns
+// compressed into a buffer, then its kept codes decoded as one dense run (the work follows the
+// kept codes, not the row length). Sums: dot_rows' order over the columns taken.
 template <int B>
 inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
   const Lut<B> lut(w.codebook);
-  const int64_t nbytes = code_bytes(w), in = w.row_length;
-  for (int64_t c = c0; c < c1; ++c)
+  const int64_t nbytes = code_bytes(w), in = w.row_length, ldk = in + kLanes;
+  std::vector<float> kept_x(w.keep_bitmap ? kMaxRows * ldk : 0);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t first = kept_before(w, c * in);  // the row's first code
     for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows)
       with_int<1, kMaxRows>(int(std::min<int64_t>(kMaxRows, m_rows - m0)), [&](auto MB) {
-        with_source<B>(w, c, nbytes, lut, [&](auto src) {
-          dot_rows<MB()>(src, in, x + m0 * in, in, y + m0 * w.out + c, w.out, w.channel_scale[c]);
-        });
+        const DenseSrc<B> codes{w.codes, nbytes, first * B, lut};
+        float* yc = y + m0 * w.out + c;
+        if (!w.keep_bitmap) return dot_rows<MB()>(codes, in, x + m0 * in, in, yc, w.out, w.channel_scale[c]);
+        const int64_t kept = compress_kept<MB()>(w, c, x + m0 * in, in, kept_x.data(), ldk);
+        dot_rows<MB()>(codes, kept, kept_x.data(), ldk, yc, w.out, w.channel_scale[c]);
       });
+  }
 }
 
 inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
