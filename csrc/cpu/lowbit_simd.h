@@ -16,13 +16,11 @@
 //                  kLutBits bits (vpermps: 3; vpermt2ps: 5) and a blend tree on the bits above;
 //                  GatherLut (larger B): vgatherdps from the codebook
 //   DenseSrc       a dense row: codes at kLanes B bits per step
-//   SparseSrc      a row with a bitmap: kLanes kept codes decoded, spread to the step's columns
-//                  by its kLanes bitmap bits (0 where pruned)
-// dot_rows decodes a row once for up to kMaxRows batch rows (register-blocked). forward_rows
-// runs it on a dense row's codes, or on a sparse row's kept codes against x's kept columns
-// (compress_kept: vcompressps, or a permute on AVX2), the same sums over fewer columns.
-// decode_row and decode_codes write the levels out (the tile path of large batches, the
-// backward, lut_conv2d).
+//   SparseSrc      a row with a bitmap: its kept codes decoded first as one dense run
+//                  (decode_kept: the decode follows the kept codes), then spread to each step's
+//                  columns by its kLanes bitmap bits (vexpandps; AVX2: a permute), 0 where pruned
+// dot_rows decodes a row once for up to kMaxRows batch rows (register-blocked); decode_span
+// writes the levels out (the tile path of large batches, the backward, lut_conv2d).
 #pragma once
 
 #include <algorithm>
@@ -30,7 +28,6 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "mixedprec/packed_weight.h"
 
@@ -117,8 +114,6 @@ struct Isa {  // AVX-512: 16 lanes, a 32-entry table per vpermt2ps
   static F gather(const float* table, I idx) { return _mm512_i32gather_ps(idx, table, 4); }
   // levels[0 ..) to the set bits of `keep` (in order), 0 elsewhere.
   static F expand(F levels, unsigned keep) { return _mm512_maskz_expand_ps(__mmask16(keep), levels); }
-  // The lanes of v at the set bits of `keep`, in order, in the low lanes (expand's inverse).
-  static F compress(F v, unsigned keep) { return _mm512_maskz_compress_ps(__mmask16(keep), v); }
 };
 #else
 struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
@@ -142,18 +137,15 @@ struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
   }
   static F gather(const float* table, I idx) { return _mm256_i32gather_ps(table, idx, 4); }
   // For the 8 bitmap bits m: expand[m][j] = rank of column j among the kept ones, keep[m][j] =
-  // all ones where column j is kept, compress[m][r] = the column of rank r (built at static
-  // initialization: no guard in the loops).
+  // all ones where column j is kept (built at static initialization: no guard in the loops).
   struct ExpandTables {
-    alignas(32) int32_t expand[256][8], keep[256][8], compress[256][8];
+    alignas(32) int32_t expand[256][8], keep[256][8];
     ExpandTables() {
       for (int m = 0; m < 256; ++m)
         for (int j = 0, r = 0; j < 8; ++j) {
           const bool k = (m >> j) & 1;
           expand[m][j] = k ? r : 0;
           keep[m][j] = k ? -1 : 0;
-          compress[m][j] = 0;
-          if (k) compress[m][r] = j;
           r += k;
         }
     }
@@ -162,10 +154,6 @@ struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
   static F expand(F levels, unsigned m) {
     return _mm256_and_ps(_mm256_permutevar8x32_ps(levels, _mm256_load_si256((const __m256i*)kExpand.expand[m])),
                          _mm256_load_ps((const float*)kExpand.keep[m]));
-  }
-  // The lanes of v at the set bits of m, in order, in the low lanes (the lanes above: copies).
-  static F compress(F v, unsigned m) {
-    return _mm256_permutevar8x32_ps(v, _mm256_load_si256((const __m256i*)kExpand.compress[m]));
   }
 };
 #endif
@@ -176,11 +164,7 @@ constexpr int kLanes = Isa::kLanes;
 constexpr int kMaxRows = Isa::kMaxRows;  // batch rows per pass of dot_rows (kMaxRows x kChains accumulators)
 
 // Bytes of the code stream: ceil(kept * bits / 8).
-inline int64_t code_bytes(const PackedView& w) {
-  const int64_t last = w.numel() - 1;
-  const int64_t kept = w.numel() == 0 ? 0 : kept_before(w, last) + (is_kept(w, last) ? 1 : 0);
-  return (kept * w.bits + 7) / 8;
-}
+inline int64_t code_bytes(const PackedView& w) { return (kept_between(w, 0, w.numel()) * w.bits + 7) / 8; }
 
 template <int B>
 struct RegLut {  // levels of codes < 2^B: a permute by the low kLutBits bits, a blend tree above
@@ -217,20 +201,17 @@ struct DenseSrc {
   F get(int64_t i) { return lut(Isa::codes<B>(codes, nbytes, p0 + i * B)); }
 };
 
-// Row c with a bitmap: stateful, steps visited in order.
-template <int B>
+// A span of a sparse weight from flat index f0 on: its kept levels (decoded beforehand as one run,
+// decode_kept) spread to the step's columns by its kLanes bitmap bits, 0 where pruned. Stateful:
+// steps visited in order.
 struct SparseSrc {
-  const uint8_t* codes; int64_t nbytes, p;  // bit position of the next kept code
-  const uint8_t* bitmap; int64_t bitmap_bytes, f0;
-  const Lut<B>& lut;
-  SparseSrc(const PackedView& w, int64_t c, int64_t nb, const Lut<B>& l)
-      : codes(w.codes), nbytes(nb), p(kept_before(w, c * w.row_length) * B), bitmap(w.keep_bitmap),
-        bitmap_bytes(w.bitmap_bytes()), f0(c * w.row_length), lut(l) {}
+  const float* kept;  // the span's kept levels, then at least kLanes readable floats
+  const uint8_t* bitmap; int64_t bitmap_bytes, f0, k = 0;
   F get(int64_t i) {
     const unsigned m = unsigned(bits_at(bitmap, bitmap_bytes, f0 + i)) & ((1u << kLanes) - 1u);
-    const F levels = lut(Isa::codes<B>(codes, nbytes, p));
-    p += int64_t(__builtin_popcount(m)) * B;
-    return Isa::expand(levels, m);
+    const F levels = Isa::expand(Isa::loadu(kept + k), m);
+    k += __builtin_popcount(m);
+    return levels;
   }
 };
 
@@ -268,58 +249,6 @@ template <int MB, class Src>
   }
 }
 
-template <int B, class Fn>
-inline void with_source(const PackedView& w, int64_t c, int64_t nbytes, const Lut<B>& lut, Fn&& f) {
-  if (w.keep_bitmap) f(SparseSrc<B>(w, c, nbytes, lut));
-  else f(DenseSrc<B>{w.codes, nbytes, c * w.row_length * B, lut});
-}
-
-// kept_x[r ldk + k] = x[r ldx + i] for r < MB and the kept columns i of row c (k: the rank of i
-// among them); returns their count. kept_x rows hold ldk >= row_length + kLanes floats (every
-// step stores a whole vector).
-template <int MB>
-inline int64_t compress_kept(const PackedView& w, int64_t c, const float* x, int64_t ldx, float* kept_x, int64_t ldk) {
-  const int64_t in = w.row_length, f0 = c * in, nb = w.bitmap_bytes();
-  int64_t k = 0, i = 0;
-  for (; i + kLanes <= in; i += kLanes) {
-    const unsigned m = unsigned(bits_at(w.keep_bitmap, nb, f0 + i)) & ((1u << kLanes) - 1u);
-    for (int r = 0; r < MB; ++r) Isa::storeu(kept_x + r * ldk + k, Isa::compress(Isa::loadu(x + r * ldx + i), m));
-    k += __builtin_popcount(m);
-  }
-  for (; i < in; ++i)
-    if (is_kept(w, f0 + i)) {
-      for (int r = 0; r < MB; ++r) kept_x[r * ldk + k] = x[r * ldx + i];
-      ++k;
-    }
-  return k;
-}
-
-// y[m, c] (y: m_rows x w.out) for rows c in [c0, c1), x: m_rows x w.row_length. A dense row is
-// decoded kLanes codes a step; a sparse row multiplies only its kept columns: x's kept columns
-// compressed into a buffer, then its kept codes decoded as one dense run (the work follows the
-// kept codes, not the row length). Sums: dot_rows' order over the columns taken.
-template <int B>
-inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
-  const Lut<B> lut(w.codebook);
-  const int64_t nbytes = code_bytes(w), in = w.row_length, ldk = in + kLanes;
-  std::vector<float> kept_x(w.keep_bitmap ? kMaxRows * ldk : 0);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t first = kept_before(w, c * in);  // the row's first code
-    for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows)
-      with_int<1, kMaxRows>(int(std::min<int64_t>(kMaxRows, m_rows - m0)), [&](auto MB) {
-        const DenseSrc<B> codes{w.codes, nbytes, first * B, lut};
-        float* yc = y + m0 * w.out + c;
-        if (!w.keep_bitmap) return dot_rows<MB()>(codes, in, x + m0 * in, in, yc, w.out, w.channel_scale[c]);
-        const int64_t kept = compress_kept<MB()>(w, c, x + m0 * in, in, kept_x.data(), ldk);
-        dot_rows<MB()>(codes, kept, kept_x.data(), ldk, yc, w.out, w.channel_scale[c]);
-      });
-  }
-}
-
-inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
-  with_int<1, 8>(w.bits, [&](auto B) { forward_rows<B()>(w, x, m_rows, c0, c1, y); });
-}
-
 // out[i] = src.get's levels for i < n, kLanes per step.
 template <class Src>
 inline void store_levels(Src src, int64_t n, float* out) {
@@ -332,20 +261,58 @@ inline void store_levels(Src src, int64_t n, float* out) {
   }
 }
 
-// row[i] = level of row c's column i (0 where pruned) for i < w.row_length.
-inline void decode_row(const PackedView& w, int64_t c, float* row) {
-  with_int<1, 8>(w.bits, [&](auto B) {
-    const Lut<B()> lut(w.codebook);
-    with_source<B()>(w, c, code_bytes(w), lut, [&](auto src) { store_levels(src, w.row_length, row); });
-  });
+// The kept weights among flat indices [f0, f0 + n) of a sparse weight: kept[0, count) = their
+// levels, decoded as one run of the code stream (the decode follows the kept codes, not n), and
+// kept[count, count + kLanes) = 0; `kept` holds n + kLanes floats. Returns the SparseSrc over it.
+template <int B>
+inline SparseSrc decode_kept(const PackedView& w, int64_t f0, int64_t n, const Lut<B>& lut, int64_t nbytes,
+                             float* kept) {
+  const int64_t count = kept_between(w, f0, f0 + n);
+  store_levels(DenseSrc<B>{w.codes, nbytes, kept_before(w, f0) * B, lut}, count, kept);
+  std::fill(kept + count, kept + count + kLanes, 0.0f);
+  return {kept, w.keep_bitmap, w.bitmap_bytes(), f0};
 }
 
-// levels[k] = codebook[code first + k] for k < count, reading no byte past code first + count.
-inline void decode_codes(const uint8_t* codes, const float* codebook, int bits, int64_t first, int64_t count,
-                         float* levels) {
-  with_int<1, 8>(bits, [&](auto B) {
-    const Lut<B()> lut(codebook);
-    store_levels(DenseSrc<B()>{codes, ((first + count) * B + 7) / 8, first * B, lut}, count, levels);
+// y[m, c] (y: m_rows x w.out) for rows c in [c0, c1), x: m_rows x w.row_length.
+template <int B>
+inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
+  const Lut<B> lut(w.codebook);
+  const int64_t nbytes = code_bytes(w), in = w.row_length, ld = in + kLanes;
+  const auto run = [&](int64_t c, auto src) {
+    for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows)
+      with_int<1, kMaxRows>(int(std::min<int64_t>(kMaxRows, m_rows - m0)), [&](auto MB) {
+        dot_rows<MB()>(src, in, x + m0 * in, in, y + m0 * w.out + c, w.out, w.channel_scale[c]);
+      });
+  };
+  if (!w.keep_bitmap) {
+    for (int64_t c = c0; c < c1; ++c) run(c, DenseSrc<B>{w.codes, nbytes, c * in * B, lut});
+    return;
+  }
+  // Sparse rows: each row's kept levels are decoded while the row before it is multiplied (two
+  // buffers). Spreading levels stored just before waits on store forwarding (a load spanning two
+  // pending stores): 1.7x slower on Zen 4.
+  std::vector<float> kept(c0 < c1 ? 2 * ld : 0);
+  SparseSrc next = c0 < c1 ? decode_kept<B>(w, c0 * in, in, lut, nbytes, kept.data()) : SparseSrc{};
+  for (int64_t c = c0; c < c1; ++c) {
+    const SparseSrc src = next;
+    if (c + 1 < c1) next = decode_kept<B>(w, (c + 1) * in, in, lut, nbytes, kept.data() + ((c + 1) & 1) * ld);
+    run(c, src);
+  }
+}
+
+inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
+  with_int<1, 8>(w.bits, [&](auto B) { forward_rows<B()>(w, x, m_rows, c0, c1, y); });
+}
+
+// out[i] = level of flat weight f0 + i (0 where pruned) for i < n.
+inline void decode_span(const PackedView& w, int64_t f0, int64_t n, float* out) {
+  with_int<1, 8>(w.bits, [&](auto B) {
+    const Lut<B()> lut(w.codebook);
+    const int64_t nbytes = code_bytes(w);
+    if (!w.keep_bitmap) return store_levels(DenseSrc<B()>{w.codes, nbytes, f0 * B, lut}, n, out);
+    thread_local std::vector<float> kept;
+    kept.resize(size_t(n + kLanes));
+    store_levels(decode_kept<B()>(w, f0, n, lut, nbytes, kept.data()), n, out);
   });
 }
 

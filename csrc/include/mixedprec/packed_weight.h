@@ -51,16 +51,6 @@ MP_HD inline uint32_t read_code(const uint8_t* codes, int64_t index, int bits) {
   return (v >> shift) & ((1u << bits) - 1u);
 }
 
-// Up to 32 bits of `bitmap` starting at bit `pos`; bits past its last byte read as 0 (that byte
-// is the last one read).
-MP_HD inline uint32_t read_bits32(const uint8_t* bitmap, int64_t nbytes, int64_t pos) {
-  const int64_t byte = pos >> 3;
-  uint64_t v = 0;
-  for (int j = 0; j < 5; ++j)
-    if (byte + j < nbytes) v |= uint64_t(bitmap[byte + j]) << (8 * j);
-  return uint32_t(v >> (pos & 7));
-}
-
 MP_HD inline bool is_kept(const PackedView& w, int64_t f) {
   return w.keep_bitmap == nullptr || ((w.keep_bitmap[f >> 3] >> (f & 7)) & 1u);
 }
@@ -72,6 +62,13 @@ MP_HD inline int64_t kept_before(const PackedView& w, int64_t f) {
   int64_t k = w.code_offsets[f >> 6];
   for (int64_t byte = (f >> 6) << 3; byte < (f >> 3); ++byte) k += popcount32(w.keep_bitmap[byte]);
   return k + popcount32(w.keep_bitmap[f >> 3] & ((1u << (f & 7)) - 1u));
+}
+
+// Kept weights among flat indices [f0, f1), f1 <= numel: two O(1) lookups.
+MP_HD inline int64_t kept_between(const PackedView& w, int64_t f0, int64_t f1) {
+  if (f0 >= f1) return 0;
+  const int64_t end = f1 < w.numel() ? kept_before(w, f1) : kept_before(w, f1 - 1) + (is_kept(w, f1 - 1) ? 1 : 0);
+  return end - kept_before(w, f0);
 }
 
 // table[code of W[f]], or 0 where f is pruned. `table` is the codebook (levels; the channel

@@ -3,13 +3,12 @@
 // Arguments are checked by the glue (lowbit_linear_glue.cpp).
 //
 // Work unit: a block of kRowBlock output channels. Up to kRegisterBatch batch rows (the
-// register-blocked limit of cpu/lowbit_simd.h, AVX2 or AVX-512 builds), each dense output row is
-// decoded in registers and multiplied into x at once (simd::forward_rows: bits/8 B of codes read
-// per weight, no float tile), at every bits 1..8. Larger batches decode the block's rows into a
-// thread-local float tile (simd::decode_row; kRowBlock * in floats, L1/L2 resident), then
-// multiply every batch row with the tile while it is hot. Sparse rows, below kGemmBatch, multiply
-// only their kept columns (forward_kept: x's kept columns gathered, the kept codes decoded as a
-// run), so that they cost what they keep; rows of x with a NaN or an inf take every column.
+// register-blocked limit of cpu/lowbit_simd.h, AVX2 or AVX-512 builds), each output row is
+// decoded in registers and multiplied into x at once (simd::forward_rows: bits/8 B of codes +
+// 1/8 B of bitmap read per weight, no float tile; a sparse row's kept codes are decoded first
+// as one run into a row buffer), at every bits 1..8, dense or sparse. Larger
+// batches decode the block's rows into a thread-local float tile (decode_span; kRowBlock *
+// in floats, L1/L2 resident), then multiply every batch row with the tile while it is hot.
 // set_cpu_simd(false) selects the scalar twin (decode_run + dot_block), which tests compare with
 // them: every path sums dot_block's order (see lowbit_simd.h), so they agree bit for bit.
 //
@@ -30,7 +29,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -201,10 +199,7 @@ void decode_row(const PackedView& w, int64_t c, bool interleave, float* row) {
       row[order.position(i)] = w.codebook[read_code(w.codes, c * w.row_length + i, w.bits)];
     return;
   }
-#if defined(MP_LOWBIT_SIMD)
-  if (simd) return simd::decode_row(w, c, row);
-#endif
-  decode_run(w, w.codebook, c * w.row_length, (c + 1) * w.row_length, row);  // the scalar twin: the shared decoder
+  decode_span(w, c * w.row_length, w.row_length, row, simd);
 }
 
 // dots[i][j] = sum_k a[i n + k] b[j n + k] for i < ma, j < mb (at most 2 x 2): every a and b vector
@@ -236,40 +231,6 @@ void dot_block(const float* a, const float* b, int64_t n, float (&dots)[2][2]) {
 void dot_block(const float* a, int ma, const float* b, int mb, int64_t n, float (&dots)[2][2]) {
   if (ma == 2) return mb == 2 ? dot_block<2, 2>(a, b, n, dots) : dot_block<2, 1>(a, b, n, dots);
   return mb == 2 ? dot_block<1, 2>(a, b, n, dots) : dot_block<1, 1>(a, b, n, dots);
-}
-
-// Sparse weights below kGemmBatch: each row multiplies only its kept columns (x's kept columns
-// gathered, the row's kept codes decoded as one run), in dot_block's order over them, so the work
-// follows the kept codes. simd::forward_rows and this scalar twin agree bit for bit.
-void forward_kept(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
-#if defined(MP_LOWBIT_SIMD)
-  if (cpu_simd.load(std::memory_order_relaxed)) return simd::forward_rows(w, x, m_rows, c0, c1, y);
-#endif
-  const int64_t in = w.row_length;
-  std::vector<float> kept_x(in), levels(in);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t f0 = c * in, kept = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, in);
-    decode_levels(w.codes, w.codebook, w.bits, kept_before(w, f0), kept, levels.data(), false);
-    for (int64_t m = 0; m < m_rows; ++m) {
-      for (int64_t i = 0, k = 0; i < in; ++i)
-        if (is_kept(w, f0 + i)) kept_x[k++] = x[m * in + i];
-      float dots[2][2];
-      dot_block<1, 1>(kept_x.data(), levels.data(), kept, dots);
-      y[m * w.out + c] = w.channel_scale[c] * dots[0][0];
-    }
-  }
-}
-
-// y_row[c] for c in [c0, c1) over every column, pruned ones too: for rows of x holding a NaN or
-// an inf, which must reach the outputs as in x @ W.T (0 * inf = NaN) where forward_kept would
-// skip them. `row`: row_length floats.
-void forward_all_columns(const PackedView& w, const float* x_row, int64_t c0, int64_t c1, float* y_row, float* row) {
-  for (int64_t c = c0; c < c1; ++c) {
-    decode_row(w, c, false, row);
-    float dots[2][2];
-    dot_block<1, 1>(x_row, row, w.row_length, dots);
-    y_row[c] = w.channel_scale[c] * dots[0][0];
-  }
 }
 
 // f(c0, block) for the blocks of at most kGemmRows output rows in [c_begin, c_end), in order:
@@ -309,18 +270,6 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     at::parallel_for(0, m_rows, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) order.apply(src + m * in, dst + m * in, in);
     });
-  }
-  if (w.keep_bitmap && m_rows < kGemmBatch) {
-    std::vector<int64_t> nonfinite;  // rows of x with a NaN or an inf
-    for (int64_t m = 0; m < m_rows; ++m)
-      if (!std::all_of(xp + m * in, xp + (m + 1) * in, [](float v) { return std::isfinite(v); })) nonfinite.push_back(m);
-    at::parallel_for(0, blocks, grain(w, kRowBlock), [&](int64_t b0, int64_t b1) {
-      const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
-      forward_kept(w, xp, m_rows, c0, c1, yp);
-      std::vector<float> row(nonfinite.empty() ? 0 : in);
-      for (int64_t m : nonfinite) forward_all_columns(w, xp + m * in, c0, c1, yp + m * out, row.data());
-    });
-    return y;
   }
 #if defined(MP_DECODE_AVX512)
   if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {

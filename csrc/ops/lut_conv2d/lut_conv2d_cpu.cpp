@@ -64,15 +64,7 @@ struct TileDecoder {
 
   // Levels of the flat weights [f0, f0 + count) (the scale not applied, 0 where pruned): one walk
   // of the code stream, however many channels it spans.
-  void levels(int64_t f0, int64_t count, float* out) const {
-    if (!simd) return decode_run(w, w.codebook, f0, f0 + count, out);  // the scalar twin: the shared decoder
-    if (!w.keep_bitmap) return decode_levels(w.codes, w.codebook, w.bits, f0, count, out, simd);
-    thread_local std::vector<float> kept_levels;
-    kept_levels.resize(size_t(count));
-    const int64_t kept = count_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count);
-    decode_levels(w.codes, w.codebook, w.bits, kept_before(w, f0), kept, kept_levels.data(), simd);
-    expand_kept(w.keep_bitmap, w.bitmap_bytes(), f0, count, kept_levels.data(), out, simd);
-  }
+  void levels(int64_t f0, int64_t count, float* out) const { mixedprec::decode_span(w, f0, count, out, simd); }
 
   // Each level times its channel's scale, rounded once (mul_rn; the scale is > 0, so pruned
   // weights stay +0): count multiplies, not one per codebook entry (a depthwise row holds 9
