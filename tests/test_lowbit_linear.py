@@ -199,9 +199,9 @@ def test_cpu_kernel_grid(bits, sparsity, batch, shape):
 @pytest.mark.parametrize("batch", [1, 3, 6])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_cpu_sparse_rows_still_meet_non_finite_x_at_pruned_columns(batch, bad):
-    """Sparse rows multiply only their kept columns below the sgemm batches; an inf or NaN of x at
-    a column every row prunes must still make its row's outputs NaN (inf * 0), as x @ W.T and the
-    reference do, and leave the other rows as they are alone, with the SIMD decode on and off."""
+    """The CPU kernel decodes only a sparse row's kept codes, yet an inf or NaN of x at a column
+    every row prunes must make its row's outputs NaN (inf * 0), as x @ W.T and the reference do,
+    and leave the other rows as they are alone, with the SIMD decode on and off."""
     require_backend("cpu")
     packed = make_packed(21, 70, 4, 0.5, seed=batch)
     mask = packed.keep_mask()
