@@ -103,7 +103,8 @@ def test_non_contiguous_x(backend):
 def test_cpu_larger_shapes():
     """The CPU kernel's output-channel tiles (at most 256 * 512 * 9 decoded floats each): one tile
     (133 x 70 x 3 x 3), two of a dense layer (40 x 1024 x 6 x 6: 32 channels, then 8), two of
-    whole groups (2 groups of 32 x 1024 x 6 x 6, one per tile), and fp16 scales."""
+    whole groups (2 groups of 32 x 1024 x 6 x 6, one per tile), a 1x1 layer over
+    two tiles (700 x 2048: 352 channels, then 348; x strided), and fp16 scales."""
     device = require_backend("cpu")
     assert_matches_reference("cpu", device, (3, 70, 13, 11), (133, 70, 3, 3), bits=4, sparsity=0.5, padding=1)
     # sums of 36864 and 18432 terms: also allowed float32 accumulation's bound (1e-4 alone failed
@@ -113,6 +114,8 @@ def test_cpu_larger_shapes():
     assert_matches_reference("cpu", device, (1, 2048, 6, 6), (64, 1024, 6, 6), bits=4, groups=2, stride=2, padding=3,
                              mixed=True)
     assert_matches_reference("cpu", device, (1, 33, 30, 29), (17, 33, 5, 5), bits=8, dilation=(1, 2), padding=(2, 3))
+    assert_matches_reference("cpu", device, (2, 2048, 3, 5), (700, 2048, 1, 1), bits=5, sparsity=0.3, strided_x=True,
+                             mixed=True)
     packed = make_packed((16, 8, 3, 3), 4, 0.2, scale_dtype=torch.float16)
     x = torch.randn(2, 8, 9, 9)
     torch.testing.assert_close(ops.lut_conv2d(x, packed, padding=1, backend="cpu"),
