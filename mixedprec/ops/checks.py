@@ -58,10 +58,13 @@ def finite(op: str, name: str, t: Tensor) -> None:
 def conv_pair(op: str, name: str, value, minimum: int) -> list[int]:
     pair = (value, value) if isinstance(value, int) else value
     if (isinstance(value, bool) or not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair)):
+            or not _int_at_least(pair[0], minimum) or not _int_at_least(pair[1], minimum)):
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return list(pair)
 
+
+def _int_at_least(value, minimum: int) -> bool:  # called per element: any() over a generator costs ~1 us a pair
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
 
 
 def bias(op: str, value, x: Tensor, out_features: int) -> None:
@@ -78,10 +81,9 @@ def packed_weight(op: str, x: Tensor, packed, ndim: int, layout: str) -> None:
         raise ValueError(f"{op}: packed must be a mixedprec.formats.PackedWeight, got {type(packed).__name__}")
     if len(packed.shape) != ndim:
         raise ValueError(f"{op}: packed must hold a {layout} weight, got shape {packed.shape}")
-    for name in ("codes", "codebook", "channel_scale", "keep_bitmap"):
-        t = getattr(packed, name)
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: packed is on {t.device} but x is on {x.device} (its {name})")
-        if t is not None and t.requires_grad:
+    if packed.codes.device != x.device:  # PackedWeight holds its tensors on one device
+        raise ValueError(f"{op}: packed is on {packed.codes.device} but x is on {x.device} (its codes)")
+    for name in ("codebook", "channel_scale"):  # codes and keep_bitmap are uint8: they cannot require grad
+        if getattr(packed, name).requires_grad:
             raise ValueError(f"{op}: the packed weight's {name} requires grad, but packed weights must not require "
                              f"grad (they are constant: finetune the float weights, then pack again)")
