@@ -13,6 +13,7 @@ MAX_CANDIDATE_BITS = 8
 # Checking clip/threshold/codebook values reads them on the host: one device sync per call on
 # CUDA. Long GPU runs whose parameters are known to be valid may set it to False.
 check_values = True
+SMALLEST_CLIP = torch.finfo(torch.float32).smallest_normal  # see clip()
 
 
 def tensor(op: str, name: str, t, device: torch.device | None = None) -> None:
@@ -44,10 +45,10 @@ def clip(op: str, value: Tensor) -> None:
     v < 2^-128 (0 * inf would make x = 0 NaN)."""
     if not check_values or value.is_meta:
         return
-    smallest, v = torch.finfo(torch.float32).smallest_normal, value.item()  # 0-dim: one host read
-    if not (math.isfinite(v) and v >= smallest):
+    v = value.item()  # 0-dim: one host read
+    if not (math.isfinite(v) and v >= SMALLEST_CLIP):
         raise ValueError(f"{op}: clip must be finite and > 0 (at least float32's smallest normal number, "
-                         f"{smallest:.4g}), got {v}")
+                         f"{SMALLEST_CLIP:.4g}), got {v}")
 
 
 def finite(op: str, name: str, t: Tensor) -> None:
