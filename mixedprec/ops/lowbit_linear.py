@@ -41,7 +41,7 @@ def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str
     if bias is None:
         return y
     bias = cast(bias, y.dtype)
-    # Without autograd y is the kernel's fresh output: add the bias in place (one op less).
+    # Without autograd y is the kernel's fresh output: add the bias into it (no second output tensor).
     return y + bias if autograd or through_autograd(bias) else y.add_(bias)
 
 
@@ -49,7 +49,7 @@ def _flat_call(family: Backend, role: str, t: Tensor, args: tuple, features: int
     """Runs a kernel on t flattened to (M, its features) float32, back in t's shape and dtype."""
     flat = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])  # a no-op reshape still costs a dispatch
     y = kernel(family, OP, role)(cast(flat, torch.float32).contiguous(), *args)
-    return cast(y if t.dim() == 2 else y.reshape(*t.shape[:-1], features), t.dtype)
+    return cast(y if flat is t else y.reshape(*t.shape[:-1], features), t.dtype)
 
 
 def _forward(family: Backend, x: Tensor, *args) -> Tensor:
