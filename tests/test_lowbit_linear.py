@@ -95,6 +95,25 @@ def test_no_gradient_to_packed_tensors():
     assert packed.codebook.grad is None and packed.channel_scale.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 40), (2, 3, 40)])
+def test_bias_added_in_place_without_autograd_gives_the_autograd_result(kernel_backend, dtype, shape):
+    """Without autograd the bias is added in place on the kernel's fresh output: bit for bit the
+    sum autograd records, and x and bias are left as they were."""
+    backend, device = kernel_backend
+    packed = make_packed(6, 40, 4, 0.5, device)
+    bias = torch.randn(6, device=device, requires_grad=True)
+    x = torch.randn(shape, device=device).to(dtype)
+    recorded = ops.lowbit_linear(x.clone().requires_grad_(), packed, bias, backend=backend)
+    assert recorded.grad_fn is not None
+    x_before, bias_before = x.clone(), bias.detach().clone()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y = ops.lowbit_linear(x, packed, bias, backend=backend)
+        assert y.dtype == dtype and torch.equal(y, recorded.detach()), mode.__name__
+    assert torch.equal(x, x_before) and torch.equal(bias.detach(), bias_before)
+
+
 def _op_args(packed, x):
     return (x, *packed_args.kernel_args(packed))
 

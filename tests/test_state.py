@@ -15,7 +15,7 @@ import mixedprec
 from crashing import CrashingDataset
 from mixedprec import opq, sbs
 from mixedprec.data.digits import load_digits
-from mixedprec.formats import pack_weight
+from mixedprec.formats import load_file, pack_weight
 from mixedprec.models.digits import digits_cnn
 from mixedprec.nn import PackedConv2d, PackedLinear
 from mixedprec.nn.packed_module import PACKED_BUFFERS
@@ -192,14 +192,66 @@ def test_cuda_round_trip_keeps_the_buffers(digits, searched_model, kind):
     assert_same_state(on_gpu.cpu(), before)
 
 
-def _packed_linear(seed: int) -> PackedLinear:
+def _packed_linear(seed: int, scale_dtype: torch.dtype = torch.float32) -> PackedLinear:
     """A sparse 4-bit (6, 40) layer keeping exactly 120 weights, at positions that depend on seed."""
     g = torch.Generator().manual_seed(seed)
     keep = torch.zeros(240, dtype=torch.bool)
     keep[torch.randperm(240, generator=g)[:120]] = True
     codes = torch.randint(0, 16, (6, 40), generator=g)
-    return PackedLinear(pack_weight(codes, torch.randn(16, generator=g), torch.rand(6, generator=g) + 0.5, 4,
-                                    keep.reshape(6, 40)))
+    scale = (torch.rand(6, generator=g) + 0.5).to(scale_dtype)
+    return PackedLinear(pack_weight(codes, torch.randn(16, generator=g), scale, 4, keep.reshape(6, 40)))
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "assignment", "device move"])
+def test_packed_linear_remakes_its_kernel_tables_when_its_buffers_change(change):
+    """The float32 tables the kernels read are made once per PackedWeight (copies here: the codebook
+    and the scales are float16); loading, assigning or moving the buffers must remake them."""
+    source, target = _packed_linear(1, torch.float16), _packed_linear(2, torch.float16)
+    x = torch.randn(3, 40)
+    with torch.inference_mode():
+        before = target(x)  # target's tables made
+    if change == "load_state_dict":
+        target.load_state_dict(source.state_dict())
+    elif change == "assignment":
+        for name in PACKED_BUFFERS:
+            setattr(target, name, getattr(source, name).clone())
+    else:  # there and back: the tables must follow both moves
+        if not torch.cuda.is_available():
+            pytest.skip("no GPU on this machine: no other device to move the layer to")
+        target.cuda()
+        assert target.packed_weight().codebook_float32.is_cuda and target.packed_weight().channel_scale_float32.is_cuda
+        torch.testing.assert_close(target(x.cuda()).cpu(), before, rtol=1e-5, atol=1e-5)
+        target.cpu()
+        source = _packed_linear(2, torch.float16)  # target's own values: a move changes none
+    packed = target.packed_weight()
+    assert torch.equal(packed.codebook_float32, target.codebook.float())
+    assert torch.equal(packed.channel_scale_float32, target.channel_scale.float())
+    with torch.inference_mode():
+        assert torch.equal(target(x), source(x))
+    assert change == "device move" or not torch.equal(target(x), before)
+
+
+def test_packed_linear_first_run_under_inference_mode_trains_afterwards():
+    """A layer remakes its PackedWeight at the first forward after its buffers change; made under
+    torch.inference_mode, its derived tensors must still be ones autograd can save (they were
+    inference tensors: "Inference tensors cannot be saved for backward")."""
+    layer = _packed_linear(1, torch.float16)
+    layer.channel_scale = layer.channel_scale.clone()
+    x = torch.randn(3, 40)
+    with torch.inference_mode():
+        expected = layer(x)
+    x.requires_grad_(True)
+    y = layer(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), expected) and x.grad is not None
+
+
+def test_packed_weight_derived_tensors_are_not_saved(tmp_path):
+    layer = _packed_linear(1, torch.float16)
+    layer.packed_weight()
+    mixedprec.save(nn.Sequential(layer), tmp_path / "m.safetensors")
+    tensors, _ = load_file(tmp_path / "m.safetensors")
+    assert sorted(tensors) == sorted(f"0.{name}" for name in PACKED_BUFFERS)
 
 
 def test_packed_linear_load_state_dict_rebuilds_its_code_offsets():

@@ -16,6 +16,7 @@ weight, (ceil(numel / 64),) int64, the kept weights before each 64-weight block 
 flat weight (None for a dense one, whose weight f has code f). It is the one index every kernel
 reads (csrc/include/mixedprec/packed_weight.h, mixedprec/backends/triton/): the code of weight f is number
 code_offsets[f // 64] + (kept weights of f's block before f), one popcount away.
+So are ``codebook_float32`` and ``channel_scale_float32``, the tables as the kernels take them.
 
 ``packed.py`` holds PackedWeight and its index; ``files.py`` the files (``save_file`` /
 ``load_file``): safetensors, atomic writes, a format version and a CRC32 per tensor.

@@ -21,11 +21,20 @@ class PackedWeight:
     channel_scale: Tensor
     codes: Tensor
     keep_bitmap: Tensor | None = None
+    # Derived on construction, never stored (files.FIELDS): the index and the float32 tables the
+    # kernels read (views of the stored tables where those are float32), so no call converts them.
     code_offsets: Tensor | None = field(init=False, repr=False, compare=False)
+    codebook_float32: Tensor = field(init=False, repr=False, compare=False)
+    channel_scale_float32: Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _validate(self)
-        object.__setattr__(self, "code_offsets", _code_offsets(self))
+        # Normal tensors even when first built under torch.inference_mode (a layer rebuilds its
+        # PackedWeight at its next forward), so that autograd may save them later.
+        with torch.inference_mode(False):
+            object.__setattr__(self, "code_offsets", _code_offsets(self))
+            object.__setattr__(self, "codebook_float32", self.codebook.detach().to(torch.float32))
+            object.__setattr__(self, "channel_scale_float32", self.channel_scale.detach().to(torch.float32))
 
     @property
     def out_channels(self) -> int:

@@ -19,8 +19,9 @@ class PackedModule(nn.Module):
     ``.cuda()``), save with it, and no optimizer sees them. A cast of the module
     (``.to(torch.float64)``, ``.half()``) leaves their dtypes as the format fixes them: a cast would
     break the format (float16 or float32 codebook, uint8 codes) and, for float32 scales, lose
-    bits. The PackedWeight over the buffers (validated, with the index the kernels read) is built
-    once, and again whenever the buffers change: a device move, ``load_state_dict``, an assignment.
+    bits. The PackedWeight over the buffers (validated, with the index and float32 tables the
+    kernels read) is built once, and again whenever the buffers change: a device move,
+    ``load_state_dict``, an assignment (not an in-place edit of a buffer: they are frozen).
     """
 
     weight_shape: tuple[int, ...]  # set (or computed) by the subclass from its geometry

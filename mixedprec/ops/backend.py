@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
+import functools
 import importlib
 from collections.abc import Iterator
 
@@ -110,6 +111,10 @@ def kernels_built(op: str) -> dict[str, bool]:
     return KERNELS_BUILT.setdefault(op, {b.value: kernel_built(op, b) for b in Backend})
 
 
+# The default choice on each device type, fastest first (then the reference).
+_PREFERRED = {"cpu": (Backend.CPU,), "cuda": (Backend.CUDA, Backend.TRITON)}
+
+
 def resolve(op: str, backend: str | Backend | None, x: Tensor, built: dict[str, bool]) -> Backend:
     """The backend that runs ``op`` for ``x``: the one asked for (per call, else ``use_backend``),
     or the fastest available one that has the op's kernel. An explicit request that cannot be met
@@ -117,10 +122,11 @@ def resolve(op: str, backend: str | Backend | None, x: Tensor, built: dict[str, 
     asked = parse(backend) if backend is not None else _selected.get()
     device = x.device
     if asked is None:
-        if x.dtype not in KERNEL_DTYPES:
-            return Backend.REFERENCE
-        preferred = (Backend.CUDA, Backend.TRITON) if device.type == "cuda" else (Backend.CPU,)
-        return next((b for b in preferred if usable(b, device) and built[b.value]), Backend.REFERENCE)
+        if x.dtype in KERNEL_DTYPES:
+            for b in _PREFERRED.get(device.type, ()):
+                if built[b.value] and usable(b, device):
+                    return b
+        return Backend.REFERENCE
     if not usable(asked, device):
         raise RuntimeError(f"{op}: {_extension.missing_reason(asked.value, device)}")
     if asked is not Backend.REFERENCE and x.dtype not in KERNEL_DTYPES:
@@ -132,6 +138,7 @@ def resolve(op: str, backend: str | Backend | None, x: Tensor, built: dict[str, 
     return asked
 
 
+@functools.cache  # once per kernel: a lookup through torch.ops (or an import) costs ~2 us a call
 def kernel(backend: Backend, op: str, role: str):
     """The kernel of ``op`` in ``role`` ("forward", "backward", "stats") for a kernel backend."""
     suffix, function = _KERNEL_NAMES[role]

@@ -13,7 +13,7 @@ from mixedprec.backends import reference
 from mixedprec.backends.reference.quant import compute_dtype, zero_point as offset_zero_point
 from mixedprec.ops import checks
 from mixedprec.ops.backend import Backend, kernel, kernels_built, resolve
-from mixedprec.ops.library import custom_op, define, register_autograd, through_autograd
+from mixedprec.ops.library import cast, custom_op, define, register_autograd, through_autograd
 
 OP = "bit_sharing_quant"
 KERNELS_BUILT = kernels_built(OP)
@@ -99,10 +99,11 @@ def bit_sharing_quant(
         y, residual_mean = reference.bit_sharing_quant(x, clip, thresholds, bits, signed, residual_mean=residual_mean,
                                                        zero_point=zero_point)
     else:  # kernels take float32 parameters; the cast is differentiable
-        args = (x, clip.float(), thresholds.float(), list(bits), signed, residual_mean, zero_point)
+        args = (x, cast(clip, torch.float32), cast(thresholds, torch.float32), list(bits), signed, residual_mean,
+                zero_point)
         y, residual_mean = (custom_op(backend, OP)(*args) if through_autograd(x, clip, thresholds, zero_point)
                             else _forward(backend, *args))
-    gates = (residual_mean > thresholds.detach()).float()
+    gates = (residual_mean > thresholds).float()  # a comparison carries no gradient
     return BitSharingResult(y, residual_mean, gates)
 
 

@@ -13,6 +13,7 @@ MAX_CANDIDATE_BITS = 8
 # Checking clip/threshold/codebook values reads them on the host: one device sync per call on
 # CUDA. Long GPU runs whose parameters are known to be valid may set it to False.
 check_values = True
+SMALLEST_CLIP = torch.finfo(torch.float32).smallest_normal  # see clip()
 
 
 def tensor(op: str, name: str, t, device: torch.device | None = None) -> None:
@@ -44,10 +45,10 @@ def clip(op: str, value: Tensor) -> None:
     v < 2^-128 (0 * inf would make x = 0 NaN)."""
     if not check_values or value.is_meta:
         return
-    smallest, v = torch.finfo(torch.float32).smallest_normal, value.item()  # 0-dim: one host read
-    if not (math.isfinite(v) and v >= smallest):
+    v = value.item()  # 0-dim: one host read
+    if not (math.isfinite(v) and v >= SMALLEST_CLIP):
         raise ValueError(f"{op}: clip must be finite and > 0 (at least float32's smallest normal number, "
-                         f"{smallest:.4g}), got {v}")
+                         f"{SMALLEST_CLIP:.4g}), got {v}")
 
 
 def finite(op: str, name: str, t: Tensor) -> None:
@@ -58,10 +59,13 @@ def finite(op: str, name: str, t: Tensor) -> None:
 def conv_pair(op: str, name: str, value, minimum: int) -> list[int]:
     pair = (value, value) if isinstance(value, int) else value
     if (isinstance(value, bool) or not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair)):
+            or not _int_at_least(pair[0], minimum) or not _int_at_least(pair[1], minimum)):
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
     return list(pair)
 
+
+def _int_at_least(value, minimum: int) -> bool:  # called per element: any() over a generator costs ~1 us a pair
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
 
 
 def bias(op: str, value, x: Tensor, out_features: int) -> None:
@@ -78,10 +82,9 @@ def packed_weight(op: str, x: Tensor, packed, ndim: int, layout: str) -> None:
         raise ValueError(f"{op}: packed must be a mixedprec.formats.PackedWeight, got {type(packed).__name__}")
     if len(packed.shape) != ndim:
         raise ValueError(f"{op}: packed must hold a {layout} weight, got shape {packed.shape}")
-    for name in ("codes", "codebook", "channel_scale", "keep_bitmap"):
-        t = getattr(packed, name)
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{op}: packed is on {t.device} but x is on {x.device} (its {name})")
-        if t is not None and t.requires_grad:
+    if packed.codes.device != x.device:  # PackedWeight holds its tensors on one device
+        raise ValueError(f"{op}: packed is on {packed.codes.device} but x is on {x.device} (its codes)")
+    for name in ("codebook", "channel_scale"):  # codes and keep_bitmap are uint8: they cannot require grad
+        if getattr(packed, name).requires_grad:
             raise ValueError(f"{op}: the packed weight's {name} requires grad, but packed weights must not require "
                              f"grad (they are constant: finetune the float weights, then pack again)")

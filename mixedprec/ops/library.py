@@ -44,6 +44,12 @@ def custom_op(backend: Backend, name: str):
     return getattr(getattr(torch.ops, NAMESPACES[family(backend)]), name)
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipping the call when t has that dtype (a no-op ``.to`` still costs a
+    dispatch, a tenth of a small layer's call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def through_autograd(*tensors: Tensor | None) -> bool:
     """Whether an op must go through its custom op (autograd) rather than call its kernels: under
     torch.compile, which traces it, or when a gradient can flow. Otherwise its implementation is

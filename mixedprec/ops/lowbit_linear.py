@@ -9,7 +9,7 @@ from torch import Tensor
 from mixedprec.backends import reference
 from mixedprec.ops import checks, packed_args
 from mixedprec.ops.backend import Backend, kernel, kernels_built, resolve
-from mixedprec.ops.library import custom_op, define, register_autograd, through_autograd
+from mixedprec.ops.library import cast, custom_op, define, register_autograd, through_autograd
 
 OP = "lowbit_linear"
 KERNELS_BUILT = kernels_built(OP)
@@ -36,14 +36,20 @@ def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str
     if backend is Backend.REFERENCE:
         return reference.lowbit_linear(x, packed, bias)
     args = (x, *packed_args.kernel_args(packed))
-    y = custom_op(backend, OP)(*args) if through_autograd(x) else _forward(backend, *args)
-    return y if bias is None else y + bias.to(y.dtype)
+    autograd = through_autograd(x)
+    y = custom_op(backend, OP)(*args) if autograd else _forward(backend, *args)
+    if bias is None:
+        return y
+    bias = cast(bias, y.dtype)
+    # Without autograd y is the kernel's fresh output: add the bias into it (no second output tensor).
+    return y + bias if autograd or through_autograd(bias) else y.add_(bias)
 
 
 def _flat_call(family: Backend, role: str, t: Tensor, args: tuple, features: int) -> Tensor:
     """Runs a kernel on t flattened to (M, its features) float32, back in t's shape and dtype."""
-    flat = t.reshape(-1, t.shape[-1]).to(torch.float32).contiguous()
-    return kernel(family, OP, role)(flat, *args).reshape(*t.shape[:-1], features).to(t.dtype)
+    flat = t if t.dim() == 2 else t.reshape(-1, t.shape[-1])  # a no-op reshape still costs a dispatch
+    y = kernel(family, OP, role)(cast(flat, torch.float32).contiguous(), *args)
+    return cast(y if flat is t else y.reshape(*t.shape[:-1], features), t.dtype)
 
 
 def _forward(family: Backend, x: Tensor, *args) -> Tensor:

@@ -41,8 +41,9 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
         raise ValueError(f"{op}: x must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
     checks.packed_weight(op, x, packed, 4, "conv (C_out, C_in/groups, kh, kw)")
     c_out, c_in_per_group, kh, kw = packed.shape
-    stride, padding, dilation = (checks.conv_pair(op, n, v, m) for n, v, m in
-                                 (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)))
+    stride = checks.conv_pair(op, "stride", stride, 1)
+    padding = checks.conv_pair(op, "padding", padding, 0)
+    dilation = checks.conv_pair(op, "dilation", dilation, 1)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or c_out % groups:
         raise ValueError(f"{op}: groups must be an int >= 1 dividing C_out = {c_out}, got {groups!r}")
     if x.shape[1] != c_in_per_group * groups:

@@ -2,20 +2,18 @@
 arguments, in one order with one dtype rule, and its round trip through an autograd context."""
 from __future__ import annotations
 
-import torch
-
 from mixedprec.formats import PackedWeight
 
 # The packed weight in every packed op's schema (csrc/ops/*/ and mixedprec/backends/triton/ read it
 # the same way): the format's tensors, its one index (formats.PackedWeight.code_offsets), the
-# weight's shape and the code width. Kernels take float32 tables.
+# weight's shape and the code width. Kernels take float32 tables (made once per PackedWeight).
 PACKED_SCHEMA = ("Tensor codes, Tensor codebook, Tensor channel_scale, Tensor? keep_bitmap, Tensor? code_offsets, "
                  "int[] weight_shape, int bits")
 
 
 def kernel_args(packed: PackedWeight) -> tuple:
-    return (packed.codes, packed.codebook.to(torch.float32), packed.channel_scale.to(torch.float32),
-            packed.keep_bitmap, packed.code_offsets, list(packed.shape), packed.bits)
+    return (packed.codes, packed.codebook_float32, packed.channel_scale_float32, packed.keep_bitmap,
+            packed.code_offsets, list(packed.shape), packed.bits)
 
 
 def save(ctx, args: tuple) -> None:
