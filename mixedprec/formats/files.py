@@ -20,7 +20,6 @@ FORMAT_VERSION = 3
 FIELDS = ("codebook", "channel_scale", "codes", "keep_bitmap")  # the stored tensors of a PackedWeight
 
 
-
 def packed_tensors(p: PackedWeight, prefix: str) -> tuple[dict[str, Tensor], dict]:
     """The stored tensors of ``p`` under ``prefix`` and its JSON-able description."""
     tensors = {f"{prefix}{name}": getattr(p, name) for name in FIELDS if getattr(p, name) is not None}
