@@ -299,8 +299,8 @@ inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, in
     return;
   }
   // Sparse rows: each row's kept levels are decoded while the row before it is multiplied (two
-  // buffers). Spreading levels stored just before waits on store forwarding (a load spanning two
-  // pending stores): 1.7x slower on Zen 4.
+  // buffers): spreading levels stored just before waits on store forwarding (loads spanning two
+  // pending stores; 4096 x 4096, 90% sparse, one thread on Zen 4: 4.8 ms with one buffer, 3.6).
   std::vector<float> kept(c0 < c1 ? 2 * ld : 0);
   SparseSrc next = c0 < c1 ? decode_kept<B>(w, c0 * in, in, lut, nbytes, kept.data()) : SparseSrc{};
   for (int64_t c = c0; c < c1; ++c) {

@@ -6,12 +6,12 @@
 // register-blocked limit of cpu/lowbit_simd.h, AVX2 or AVX-512 builds), each output row is
 // decoded in registers and multiplied into x at once (simd::forward_rows: bits/8 B of codes +
 // 1/8 B of bitmap read per weight, no float tile; a sparse row's kept codes are decoded first
-// as one run into a row buffer), at every bits 1..8, dense or sparse (a sparse GEMV: gemv_kept,
-// over the kept columns only). Larger
-// batches decode the block's rows into a thread-local float tile (decode_span; kRowBlock *
-// in floats, L1/L2 resident), then multiply every batch row with the tile while it is hot.
-// set_cpu_simd(false) selects the scalar twin (decode_run + dot_block), which tests compare with
-// them: every path sums dot_block's order (see lowbit_simd.h), so they agree bit for bit.
+// as one run into a row buffer), at every bits 1..8, dense or sparse. Larger batches decode the
+// block's rows into a thread-local float tile (decode_span; kRowBlock * in floats, L1/L2
+// resident), then multiply every batch row with the tile while it is hot. A sparse GEMV takes
+// gemv_kept, over the kept columns only. set_cpu_simd(false) selects the scalar twins (decode_run
+// + dot_block, gemv_kept's own), which tests compare with them: every path sums dot_block's order
+// (see lowbit_simd.h; gemv_kept over fewer columns), so they agree bit for bit.
 //
 // Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order on AVX-512
 // builds (both x and W, so the dot products are the same sums): one 64-byte load holds 16 lanes
