@@ -11,10 +11,12 @@
 // (the order of lowbit_linear_cpu.cpp's dot_block with ATen's vectors, which have kLanes lanes
 // on the same build; lane_sum adds the lanes in double, in lane order). Per step, one source
 // gives kLanes levels:
-//   Isa::codes<B>  kLanes codes from 64-bit windows of the stream (shift, pdep, vpmovzxbd)
+//   CodeReader<B>  kLanes codes: AVX-512 VBMI, one 16-byte load, vpermb and vpsrlvd; else
+//                  64-bit windows of the stream (Isa::codes: shift, pdep, vpmovzxbd)
 //   RegLut<B>      B <= Isa::kRegLutBits: the codebook in registers, one permute on the low
 //                  kLutBits bits (vpermps: 3; vpermt2ps: 5) and a blend tree on the bits above;
-//                  GatherLut (larger B): vgatherdps from the codebook
+//                  GatherLut (larger B): vgatherdps from the codebook; ByteLut<B> (B = 7, 8 on
+//                  AVX-512 VBMI): 64 codes at once, looked up in four byte planes (vpermi2b)
 //   DenseSrc       a dense row: codes at kLanes B bits per step
 //   SparseSrc      a row with a bitmap: its kept codes decoded first as one dense run
 //                  (decode_kept: the decode follows the kept codes), then spread to each step's
@@ -93,6 +95,7 @@ inline int64_t code_bytes8(const uint8_t* s, int64_t nbytes, int64_t p) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)  // as vec_ops.h
+#define MP_ISA_AVX512 1
 struct Isa {  // AVX-512: 16 lanes, a 32-entry table per vpermt2ps
   using F = __m512;
   using I = __m512i;
@@ -176,13 +179,53 @@ constexpr int kMaxRows = Isa::kMaxRows;  // batch rows per pass of dot_rows (kMa
 // Bytes of the code stream: ceil(kept * bits / 8).
 inline int64_t code_bytes(const PackedView& w) { return (kept_between(w, 0, w.numel()) * w.bits + 7) / 8; }
 
+// kLanes codes of B bits per call, from bit p on; p & 7 == off in every call of a run (a run
+// advances kLanes * B bits, whole bytes). Each lane's bits above B hold the next code's bits:
+// the lookups below read only bits 0 .. B-1.
+#if defined(MP_ISA_AVX512) && defined(__AVX512VBMI__)
+template <int B>
+struct CodeReader {  // one 16-byte load; vpermb puts each code's two bytes in its lane, vpsrlvd aligns it
+  __m512i bytes, shifts;
+  explicit CodeReader(int off) {
+    alignas(64) uint8_t b[64];
+    alignas(64) uint32_t sh[16];
+    for (int j = 0; j < 16; ++j) {
+      const int bit = off + j * B;  // < 8 + 15 * 8: the code's bytes lie in the first 16 bytes
+      for (int q = 0; q < 4; ++q) b[4 * j + q] = uint8_t(std::min(15, (bit >> 3) + q));
+      sh[j] = uint32_t(bit & 7);
+    }
+    bytes = _mm512_load_si512(b);
+    shifts = _mm512_load_si512(sh);
+  }
+  I operator()(const uint8_t* s, int64_t nbytes, int64_t p) const {
+    const int64_t at = p >> 3;
+    __m128i v;
+    if (__builtin_expect(at + 16 <= nbytes, 1)) v = _mm_loadu_si128((const __m128i*)(s + at));
+    else v = last_bytes(s, nbytes, at);
+    return _mm512_srlv_epi32(_mm512_permutexvar_epi8(bytes, _mm512_castsi128_si512(v)), shifts);
+  }
+  // The stream's bytes from `at` on, 0 past its end.
+  [[gnu::noinline]] static __m128i last_bytes(const uint8_t* s, int64_t nbytes, int64_t at) {
+    alignas(16) uint8_t tail[16] = {};
+    if (at < nbytes) std::memcpy(tail, s + at, size_t(std::min<int64_t>(16, nbytes - at)));
+    return _mm_load_si128((const __m128i*)tail);
+  }
+};
+#else
+template <int B>
+struct CodeReader {  // pdep (Isa::codes)
+  explicit CodeReader(int) {}
+  I operator()(const uint8_t* s, int64_t nbytes, int64_t p) const { return Isa::codes<B>(s, nbytes, p); }
+};
+#endif
+
 template <int B>
 struct RegLut {  // levels of codes < 2^B: a permute by the low kLutBits bits, a blend tree above
   static constexpr int kSpan = 1 << Isa::kLutBits, N = B <= Isa::kLutBits ? 1 : 1 << (B - Isa::kLutBits);
   Isa::Table t[N];
   explicit RegLut(const float* codebook) {
-    float pad[kSpan * N] = {};
-    for (int k = 0; k < (1 << B); ++k) pad[k] = codebook[k];
+    float pad[kSpan * N];  // a codebook shorter than a table repeats: index bits >= B are not read
+    for (int k = 0; k < kSpan * N; ++k) pad[k] = codebook[k & ((1 << B) - 1)];
     for (int j = 0; j < N; ++j) t[j] = Isa::load_table(pad + kSpan * j);
   }
   F operator()(I idx) const {
@@ -200,15 +243,97 @@ struct GatherLut {
   F operator()(I idx) const { return Isa::gather(codebook, idx); }
 };
 
+#if defined(MP_ISA_AVX512) && defined(__AVX512VBMI__)
+// 7- and 8-bit codes, 64 per call: the codebook as four byte planes (byte q of every level), each
+// looked up for 64 codes by one vpermi2b per 128 entries, the planes then interleaved into 64
+// levels. Per 16 codes this costs about 4 shuffles, where RegLut<8> takes 8 vpermt2ps and 7 blends.
 template <int B>
-using Lut = std::conditional_t<(B <= Isa::kRegLutBits), RegLut<B>, GatherLut>;
+constexpr bool kByteLut = B >= 7;
+
+template <int B>
+struct ByteLut {
+  static constexpr int kHalves = 1 << (B - 7);
+  __m512i plane[4][2 * kHalves];
+  explicit ByteLut(const float* codebook) {
+    alignas(64) uint8_t bytes[4][256];
+    for (int k = 0; k < 128 * kHalves; ++k) {
+      uint32_t v;
+      std::memcpy(&v, codebook + k, 4);
+      for (int q = 0; q < 4; ++q) bytes[q][k] = uint8_t(v >> (8 * q));
+    }
+    for (int q = 0; q < 4; ++q)
+      for (int h = 0; h < 2 * kHalves; ++h) plane[q][h] = _mm512_load_si512(bytes[q] + 64 * h);
+  }
+  // levels[0, 64) of the 64 codes at bit p (p & 7 == off) of the stream s, nbytes long (0 past it).
+  struct Reader {
+    __m512i gather, shifts;  // B = 7: byte gather and multishift offsets putting code t in byte t
+    explicit Reader(int off) {
+      alignas(64) uint8_t g[64], sh[64];
+      for (int q = 0; q < 8; ++q)
+        for (int j = 0; j < 8; ++j) {
+          g[8 * q + j] = uint8_t(q * B + j);  // qword q: codes 8q .. 8q + 7 start at byte q B
+          sh[8 * q + j] = uint8_t(off + j * B);
+        }
+      gather = _mm512_load_si512(g);
+      shifts = _mm512_load_si512(sh);
+    }
+  };
+  void operator()(const Reader& r, const uint8_t* s, int64_t nbytes, int64_t p, float* levels) const {
+    const int64_t at = p >> 3;
+    __m512i v;
+    if (__builtin_expect(at + 64 <= nbytes, 1)) v = _mm512_loadu_si512(s + at);
+    else v = last_bytes(s, nbytes, at);
+    if constexpr (B == 7) v = _mm512_multishift_epi64_epi8(r.shifts, _mm512_permutexvar_epi8(r.gather, v));
+    // dword 4L + k takes codes 16k + 4L .. + 3: the unpacks below then give levels in column order
+    v = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+    __m512i b[4];
+    const __mmask64 high = _mm512_movepi8_mask(v);  // bit 7 (B = 8): the upper 128 entries
+    for (int q = 0; q < 4; ++q) {
+      b[q] = _mm512_permutex2var_epi8(plane[q][0], v, plane[q][1]);
+      if constexpr (B == 8) b[q] = _mm512_mask_blend_epi8(high, b[q], _mm512_permutex2var_epi8(plane[q][2], v, plane[q][3]));
+    }
+    const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
+    _mm512_store_si512(levels, _mm512_unpacklo_epi16(lo01, lo23));
+    _mm512_store_si512(levels + 16, _mm512_unpackhi_epi16(lo01, lo23));
+    _mm512_store_si512(levels + 32, _mm512_unpacklo_epi16(hi01, hi23));
+    _mm512_store_si512(levels + 48, _mm512_unpackhi_epi16(hi01, hi23));
+  }
+  [[gnu::noinline]] static __m512i last_bytes(const uint8_t* s, int64_t nbytes, int64_t at) {
+    alignas(64) uint8_t tail[64] = {};
+    if (at < nbytes) std::memcpy(tail, s + at, size_t(std::min<int64_t>(64, nbytes - at)));
+    return _mm512_load_si512(tail);
+  }
+};
+#else
+template <int B>
+constexpr bool kByteLut = false;
+template <int B>
+struct ByteLut {};
+#endif
+
+template <int B>
+using Lut = std::conditional_t<kByteLut<B>, ByteLut<B>, std::conditional_t<(B <= Isa::kRegLutBits), RegLut<B>, GatherLut>>;
 
 // Codes from bit p0 on (a dense row: p0 = c row_length B): levels of codes i .. i + kLanes - 1
-// (past the stream: 0).
-template <int B>
+// (past the stream: 0). i is a multiple of kLanes: every step starts at p0's bit of a byte.
+template <int B, bool = kByteLut<B>>
 struct DenseSrc {
   const uint8_t* codes; int64_t nbytes, p0; const Lut<B>& lut;
-  F get(int64_t i) { return lut(Isa::codes<B>(codes, nbytes, p0 + i * B)); }
+  CodeReader<B> read{int(p0 & 7)};
+  F get(int64_t i) { return lut(read(codes, nbytes, p0 + i * B)); }
+};
+
+template <int B>
+struct DenseSrc<B, true> {  // ByteLut: 64 levels decoded at once, kept for the steps that follow
+  const uint8_t* codes; int64_t nbytes, p0; const Lut<B>& lut;
+  typename ByteLut<B>::Reader read{int(p0 & 7)};
+  int64_t block = -1;
+  alignas(64) float levels[64];
+  F get(int64_t i) {
+    if ((i >> 6) != block) lut(read, codes, nbytes, p0 + (block = i >> 6) * 64 * B, levels);
+    return Isa::loadu(levels + (i & 63));
+  }
 };
 
 // A span of a sparse weight from flat index f0 on: its kept levels (decoded beforehand as one run,
