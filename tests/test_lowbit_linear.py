@@ -190,12 +190,13 @@ GEMM_BATCH = 16  # csrc/ops/lowbit_linear/lowbit_linear_cpu.cpp: kGemmBatch
 def test_cpu_kernel_grid(bits, sparsity, batch, shape):
     """The CPU kernel at every bits and sparsity on odd shapes (rows neither 8- nor 64-weight
     aligned, a column tail; 276 columns: 2- and 4-bit rows start on a byte, so AVX-512 builds take
-    the interleaved order, 1 or 2 blocks then a 16-lane step and a tail), batch 1 (GEMV; sparse
-    weights: over the kept columns only), 3 and 4 (rows decoded in registers: 4 is the AVX-512
+    the interleaved order, 1 or 2 blocks then a 16-lane step and a tail; 7- and 8-bit rows decode
+    64 codes at a time, past the row's and the stream's end), batch 1 (GEMV), 3 and 4 (rows
+    decoded in registers: 4 is the AVX-512
     register-blocked limit, 3 the AVX2 one), 5 (decode tile) and 70 (decoded blocks through sgemm):
     forward and backward against the reference with the SIMD decode on and off, the two
     bit-identical, and below the sgemm batches every batch row equal to the same row in a batch
-    of two (and, for dense weights, to the row run alone: a sparse GEMV sums fewer columns)."""
+    of two and to the row run alone."""
     require_backend("cpu")
     out, in_features = shape
     packed = make_packed(out, in_features, bits, sparsity, seed=10 * bits + batch)
@@ -216,17 +217,16 @@ def test_cpu_kernel_grid(bits, sparsity, batch, shape):
             assert torch.equal(pair[0], pair[1])
             if batch > 1:
                 assert torch.equal(y.detach()[-1], pair[0])
-            if packed.keep_bitmap is None:
-                assert torch.equal(y.detach()[-1:], alone)
+            assert torch.equal(y.detach()[-1:], alone)
     assert torch.equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("batch", [1, 3, 6])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_cpu_sparse_rows_still_meet_non_finite_x_at_pruned_columns(batch, bad):
-    """A sparse GEMV multiplies only the kept columns, yet an inf or NaN of x at a column every row
-    prunes must make its row's outputs NaN (inf * 0), as x @ W.T and the reference do, and leave
-    the other rows as they are in a batch without it, with the SIMD decode on and off."""
+    """An inf or NaN of x at a column every row prunes must make its row's outputs NaN (inf * 0),
+    as x @ W.T and the reference do, though the decode follows the kept codes, and leave the other
+    rows as they are in a batch without it, with the SIMD decode on and off."""
     require_backend("cpu")
     packed = make_packed(21, 70, 4, 0.5, seed=batch)
     mask = packed.keep_mask()
@@ -244,8 +244,7 @@ def test_cpu_sparse_rows_still_meet_non_finite_x_at_pruned_columns(batch, bad):
         finally:
             ops.set_cpu_simd(previous)
         assert torch.isnan(y[0]).all() and torch.isnan(expected[0]).all()
-        if batch > 2:  # a single finite row would be a sparse GEMV: its sums run over fewer columns
-            assert torch.equal(y[1:], others)
+        assert torch.equal(y[1:], others)
         torch.testing.assert_close(y[1:].double(), expected[1:], rtol=1e-4, atol=1e-4)
 
 

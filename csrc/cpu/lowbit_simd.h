@@ -20,11 +20,10 @@
 //   DenseSrc       a dense row: codes at kLanes B bits per step
 //   SparseSrc      a row with a bitmap: its kept codes decoded first as one dense run
 //                  (decode_kept: the decode follows the kept codes), then spread to each step's
-//                  columns by its kLanes bitmap bits (vexpandps; AVX2: a permute), 0 where pruned
-// dot_rows decodes a row once for up to kMaxRows batch rows (register-blocked); gemv_kept runs it
-// at batch 1 on a sparse row's kept codes against x's kept columns (compressed), the same sums
-// over fewer columns; decode_span writes the levels out (the tile path of large batches, the
-// backward, lut_conv2d).
+//                  columns by its kLanes bitmap bits (Isa::expand: a permute by each lane's
+//                  kept rank, or vexpandps), 0 where pruned
+// dot_rows decodes a row once for up to kMaxRows batch rows (register-blocked); decode_span writes
+// the levels out (the tile path of large batches, the backward, lut_conv2d).
 #pragma once
 
 #include <algorithm>
@@ -117,10 +116,17 @@ struct Isa {  // AVX-512: 16 lanes, a 32-entry table per vpermt2ps
     return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(1 << bit)), if_clear, if_set);
   }
   static F gather(const float* table, I idx) { return _mm512_i32gather_ps(idx, table, 4); }
-  // levels[0 ..) to the set bits of `keep` (in order), 0 elsewhere.
-  static F expand(F levels, unsigned keep) { return _mm512_maskz_expand_ps(__mmask16(keep), levels); }
-  // The lanes of v at the set bits of `keep`, in order, in the low lanes (expand's inverse).
-  static F compress(F v, unsigned keep) { return _mm512_maskz_compress_ps(__mmask16(keep), v); }
+  // levels[0 ..) to the set bits of `keep` (in order), 0 elsewhere. With VPOPCNTDQ: a permute by
+  // the count of kept lanes below each lane (vexpandps takes ~4 cycles per step on Zen 4, this ~3).
+  static F expand(F levels, unsigned keep) {
+#if defined(__AVX512VPOPCNTDQ__)
+    const __m512i below = _mm512_setr_epi32(0, 1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 2047, 4095, 8191, 16383, 32767);
+    const __m512i rank = _mm512_popcnt_epi32(_mm512_and_si512(_mm512_set1_epi32(int(keep)), below));
+    return _mm512_maskz_permutexvar_ps(__mmask16(keep), rank, levels);
+#else
+    return _mm512_maskz_expand_ps(__mmask16(keep), levels);
+#endif
+  }
 };
 #else
 struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
@@ -144,17 +150,15 @@ struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
   }
   static F gather(const float* table, I idx) { return _mm256_i32gather_ps(table, idx, 4); }
   // For the 8 bitmap bits m: expand[m][j] = rank of column j among the kept ones, keep[m][j] =
-  // all ones where column j is kept, compress[m][r] = the column of rank r (0 past the kept
-  // ones; built at static initialization: no guard in the loops).
+  // all ones where column j is kept (built at static initialization: no guard in the loops).
   struct ExpandTables {
-    alignas(32) int32_t expand[256][8], keep[256][8], compress[256][8] = {};
+    alignas(32) int32_t expand[256][8], keep[256][8];
     ExpandTables() {
       for (int m = 0; m < 256; ++m)
         for (int j = 0, r = 0; j < 8; ++j) {
           const bool k = (m >> j) & 1;
           expand[m][j] = k ? r : 0;
           keep[m][j] = k ? -1 : 0;
-          if (k) compress[m][r] = j;
           r += k;
         }
     }
@@ -163,10 +167,6 @@ struct Isa {  // AVX2: 8 lanes, an 8-entry table per vpermps
   static F expand(F levels, unsigned m) {
     return _mm256_and_ps(_mm256_permutevar8x32_ps(levels, _mm256_load_si256((const __m256i*)kExpand.expand[m])),
                          _mm256_load_ps((const float*)kExpand.keep[m]));
-  }
-  // The lanes of v at the set bits of m, in order, in the low lanes (the lanes above: copies).
-  static F compress(F v, unsigned m) {
-    return _mm256_permutevar8x32_ps(v, _mm256_load_si256((const __m256i*)kExpand.compress[m]));
   }
 };
 #endif
@@ -342,8 +342,10 @@ struct DenseSrc<B, true> {  // ByteLut: 64 levels decoded at once, kept for the 
 struct SparseSrc {
   const float* kept;  // the span's kept levels, then at least kLanes readable floats
   const uint8_t* bitmap; int64_t bitmap_bytes, f0, k = 0;
+  uint64_t window = 0;  // the bitmap bits of columns i - i % 32 .. + 31
   F get(int64_t i) {
-    const unsigned m = unsigned(bits_at(bitmap, bitmap_bytes, f0 + i)) & ((1u << kLanes) - 1u);
+    if (i % 32 == 0) window = bits_at(bitmap, bitmap_bytes, f0 + i);
+    const unsigned m = unsigned(window >> (i % 32)) & ((1u << kLanes) - 1u);
     const F levels = Isa::expand(Isa::loadu(kept + k), m);
     k += __builtin_popcount(m);
     return levels;
@@ -437,34 +439,6 @@ inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, in
 
 inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
   with_int<1, 8>(w.bits, [&](auto B) { forward_rows<B()>(w, x, m_rows, c0, c1, y); });
-}
-
-// Batch 1 on a sparse weight: y[c] = scale * the dot of row c's kept codes with x's kept columns,
-// for c in [c0, c1). x's kept columns are compressed into a buffer (vcompressps, or a permute on
-// AVX2), then the row's kept codes, decoded as one dense run, are multiplied into them: every
-// step follows the kept codes. Sums: dot_rows' order over the kept columns.
-template <int B>
-inline void gemv_kept(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
-  const Lut<B> lut(w.codebook);
-  const int64_t nbytes = code_bytes(w), in = w.row_length;
-  std::vector<float> kept_x(in + kLanes);  // every step stores a whole vector
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t f0 = c * in;
-    int64_t k = 0, i = 0;
-    for (; i + kLanes <= in; i += kLanes) {
-      const unsigned m = unsigned(bits_at(w.keep_bitmap, w.bitmap_bytes(), f0 + i)) & ((1u << kLanes) - 1u);
-      Isa::storeu(kept_x.data() + k, Isa::compress(Isa::loadu(x + i), m));
-      k += __builtin_popcount(m);
-    }
-    for (; i < in; ++i)
-      if (is_kept(w, f0 + i)) kept_x[size_t(k++)] = x[i];
-    dot_rows<1>(DenseSrc<B>{w.codes, nbytes, kept_before(w, f0) * B, lut}, k, kept_x.data(), 0, y + c, 0,
-                w.channel_scale[c]);
-  }
-}
-
-inline void gemv_kept(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
-  with_int<1, 8>(w.bits, [&](auto B) { gemv_kept<B()>(w, x, c0, c1, y); });
 }
 
 // out[i] = level of flat weight f0 + i (0 where pruned) for i < n.

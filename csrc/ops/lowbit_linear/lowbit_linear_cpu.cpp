@@ -8,10 +8,9 @@
 // 1/8 B of bitmap read per weight, no float tile; a sparse row's kept codes are decoded first
 // as one run into a row buffer), at every bits 1..8, dense or sparse. Larger batches decode the
 // block's rows into a thread-local float tile (decode_span; kRowBlock * in floats, L1/L2
-// resident), then multiply every batch row with the tile while it is hot. A sparse GEMV takes
-// gemv_kept, over the kept columns only. set_cpu_simd(false) selects the scalar twins (decode_run
-// + dot_block, gemv_kept's own), which tests compare with them: every path sums dot_block's order
-// (see lowbit_simd.h; gemv_kept over fewer columns), so they agree bit for bit.
+// resident), then multiply every batch row with the tile while it is hot. set_cpu_simd(false)
+// selects the scalar twin (decode_run + dot_block), which tests compare with them: every path sums
+// dot_block's order (see lowbit_simd.h), so they agree bit for bit.
 //
 // Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order on AVX-512
 // builds (both x and W, so the dot products are the same sums): one 64-byte load holds 16 lanes
@@ -235,35 +234,6 @@ void dot_block(const float* a, int ma, const float* b, int mb, int64_t n, float 
   return mb == 2 ? dot_block<1, 2>(a, b, n, dots) : dot_block<1, 1>(a, b, n, dots);
 }
 
-// Batch 1 on a sparse weight, x finite: each row multiplies only its kept columns (x's kept
-// columns gathered, the row's kept codes decoded as one run), so that every step follows the kept
-// codes: spreading the kept levels over every column (the other paths) costs a vector step per
-// 16 columns, ~1.4x the time of this on the decoder layers of bench_e2e (4-5 bits, 20-37%
-// sparse). The sums run over the kept columns in dot_block's order: a sparse weight's row at
-// batch 1 differs in the last bits from the same row in a larger batch. An x holding a NaN or an
-// inf takes the other paths: pruned weights must multiply it too (0 * inf = NaN, as x @ W.T).
-// simd::gemv_kept and this scalar twin agree bit for bit.
-void gemv_kept(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
-#if defined(MP_LOWBIT_SIMD)
-  if (cpu_simd.load(std::memory_order_relaxed)) return simd::gemv_kept(w, x, c0, c1, y);
-#endif
-  const int64_t in = w.row_length;
-  std::vector<float> kept_x(in), levels(in);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t f0 = c * in, first = kept_before(w, f0);
-    int64_t k = 0;
-    for (int64_t i = 0; i < in; ++i)
-      if (is_kept(w, f0 + i)) {
-        kept_x[k] = x[i];
-        levels[k] = w.codebook[read_code(w.codes, first + k, w.bits)];
-        ++k;
-      }
-    float dots[2][2];
-    dot_block<1, 1>(kept_x.data(), levels.data(), k, dots);
-    y[c] = w.channel_scale[c] * dots[0][0];
-  }
-}
-
 // f(c0, block) for the blocks of at most kGemmRows output rows in [c_begin, c_end), in order:
 // block (rows x in, in `tile`) holds the levels of rows [c0, c0 + rows) (channel scale not
 // applied), in the interleaved order when `interleave`.
@@ -301,12 +271,6 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     at::parallel_for(0, m_rows, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) order.apply(src + m * in, dst + m * in, in);
     });
-  }
-  if (w.keep_bitmap && m_rows == 1 && std::all_of(xp, xp + in, [](float v) { return std::isfinite(v); })) {
-    at::parallel_for(0, blocks, grain(w, kRowBlock), [&](int64_t b0, int64_t b1) {
-      gemv_kept(w, xp, b0 * kRowBlock, std::min(out, b1 * kRowBlock), yp);
-    });
-    return y;
   }
 #if defined(MP_DECODE_AVX512)
   if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
