@@ -66,7 +66,10 @@ inline PackedView check_packed_weight(const at::Tensor& like, const at::Tensor& 
     if (!code_offsets->is_cpu()) return w;
     const int64_t* offsets = w.code_offsets;
     TORCH_CHECK(offsets[0] == 0, op, ": code_offsets must start at 0, got ", offsets[0]);
-    for (int64_t b = 1; b < blocks; ++b)
+    // every call checks them: a branch-free pass (vectorized), then the culprit on failure
+    uint64_t bad = 0;
+    for (int64_t b = 1; b < blocks; ++b) bad |= uint64_t(offsets[b] - offsets[b - 1]) > uint64_t(kCodeBlock);
+    for (int64_t b = 1; bad && b < blocks; ++b)
       TORCH_CHECK(offsets[b] - offsets[b - 1] >= 0 && offsets[b] - offsets[b - 1] <= kCodeBlock, op,
                   ": code_offsets must rise by 0..64 per block, but block ", b - 1, " goes from ", offsets[b - 1],
                   " to ", offsets[b]);
