@@ -18,10 +18,12 @@
 //                  GatherLut (larger B): vgatherdps from the codebook; ByteLut<B> (B = 7, 8 on
 //                  AVX-512 VBMI): 64 codes at once, looked up in four byte planes (vpermi2b)
 //   DenseSrc       a dense row: codes at kLanes B bits per step
-//   SparseSrc      a row with a bitmap: its kept codes decoded first as one dense run
-//                  (decode_kept: the decode follows the kept codes), then spread to each step's
-//                  columns by its kLanes bitmap bits (Isa::expand: a permute by each lane's
-//                  kept rank, or vexpandps), 0 where pruned
+//   SparseSrc      a row with a bitmap, its kept codes read first as one run (the decode
+//                  follows the kept codes): ByteSparseSrc (B <= 5 on AVX-512 VBMI2) spreads the
+//                  codes, one per byte, over 64 columns at a time by one vpexpandb, then looks
+//                  them up; LevelSparseSrc decodes the kept levels, then spreads them over each
+//                  step's columns (Isa::expand: a permute by each lane's kept rank, or vexpandps);
+//                  0 where pruned
 // dot_rows decodes a row once for up to kMaxRows batch rows (register-blocked); decode_span writes
 // the levels out (the tile path of large batches, the backward, lut_conv2d).
 #pragma once
@@ -183,6 +185,10 @@ inline int64_t code_bytes(const PackedView& w) { return (kept_between(w, 0, w.nu
 // advances kLanes * B bits, whole bytes). Each lane's bits above B hold the next code's bits:
 // the lookups below read only bits 0 .. B-1.
 #if defined(MP_ISA_AVX512) && defined(__AVX512VBMI__)
+// vpermb: byte j of the result = byte idx[j] % 64 of v (maskz with every lane: the unmasked
+// intrinsic trips GCC 12's -Wuninitialized).
+inline __m512i permute_bytes(__m512i idx, __m512i v) { return _mm512_maskz_permutexvar_epi8(~0ull, idx, v); }
+
 template <int B>
 struct CodeReader {  // one 16-byte load; vpermb puts each code's two bytes in its lane, vpsrlvd aligns it
   __m512i bytes, shifts;
@@ -202,7 +208,7 @@ struct CodeReader {  // one 16-byte load; vpermb puts each code's two bytes in i
     __m128i v;
     if (__builtin_expect(at + 16 <= nbytes, 1)) v = _mm_loadu_si128((const __m128i*)(s + at));
     else v = last_bytes(s, nbytes, at);
-    return _mm512_srlv_epi32(_mm512_permutexvar_epi8(bytes, _mm512_castsi128_si512(v)), shifts);
+    return _mm512_srlv_epi32(permute_bytes(bytes, _mm512_zextsi128_si512(v)), shifts);
   }
   // The stream's bytes from `at` on, 0 past its end.
   [[gnu::noinline]] static __m128i last_bytes(const uint8_t* s, int64_t nbytes, int64_t at) {
@@ -243,7 +249,40 @@ struct GatherLut {
   F operator()(I idx) const { return Isa::gather(codebook, idx); }
 };
 
-#if defined(MP_ISA_AVX512) && defined(__AVX512VBMI__)
+#if defined(MP_ISA_AVX512) && defined(__AVX512VBMI__) && defined(__AVX512VBMI2__)
+#define MP_BYTE_CODES 1
+// 64 codes of B bits from bit p on (p & 7 == off: 64 codes are 8 B bits, whole bytes), code t in
+// byte t: vpermb puts each qword's 8 codes' bytes in it, vpmultishiftqb aligns each code on its
+// byte. The bits above B hold the next code's bits: every lookup reads only bits 0 .. B-1.
+template <int B>
+struct ByteCodes {
+  __m512i gather, shifts;
+  explicit ByteCodes(int off) {
+    alignas(64) uint8_t g[64], sh[64];
+    for (int q = 0; q < 8; ++q)
+      for (int j = 0; j < 8; ++j) {
+        g[8 * q + j] = uint8_t(std::min(63, q * B + j));  // qword q: codes 8q .. 8q + 7 start at byte q B
+        sh[8 * q + j] = uint8_t(off + j * B);              // <= 7 + 7 * 7: the field ends within the qword
+      }
+    gather = _mm512_load_si512(g);
+    shifts = _mm512_load_si512(sh);
+  }
+  __m512i operator()(const uint8_t* s, int64_t nbytes, int64_t p) const {
+    const int64_t at = p >> 3;
+    __m512i v;
+    if (__builtin_expect(at + 64 <= nbytes, 1)) v = _mm512_loadu_si512(s + at);
+    else v = last_bytes(s, nbytes, at);
+    if constexpr (B == 8) return v;
+    else return _mm512_multishift_epi64_epi8(shifts, permute_bytes(gather, v));
+  }
+  // The stream's bytes from `at` on, 0 past its end.
+  [[gnu::noinline]] static __m512i last_bytes(const uint8_t* s, int64_t nbytes, int64_t at) {
+    alignas(64) uint8_t tail[64] = {};
+    if (at < nbytes) std::memcpy(tail, s + at, size_t(std::min<int64_t>(64, nbytes - at)));
+    return _mm512_load_si512(tail);
+  }
+};
+
 // 7- and 8-bit codes, 64 per call: the codebook as four byte planes (byte q of every level), each
 // looked up for 64 codes by one vpermi2b per 128 entries, the planes then interleaved into 64
 // levels. Per 16 codes this costs about 4 shuffles, where RegLut<8> takes 8 vpermt2ps and 7 blends.
@@ -264,30 +303,12 @@ struct ByteLut {
     for (int q = 0; q < 4; ++q)
       for (int h = 0; h < 2 * kHalves; ++h) plane[q][h] = _mm512_load_si512(bytes[q] + 64 * h);
   }
-  // levels[0, 64) of the 64 codes at bit p (p & 7 == off) of the stream s, nbytes long (0 past it).
-  struct Reader {
-    __m512i gather, shifts;  // B = 7: byte gather and multishift offsets putting code t in byte t
-    explicit Reader(int off) {
-      alignas(64) uint8_t g[64], sh[64];
-      for (int q = 0; q < 8; ++q)
-        for (int j = 0; j < 8; ++j) {
-          g[8 * q + j] = uint8_t(q * B + j);  // qword q: codes 8q .. 8q + 7 start at byte q B
-          sh[8 * q + j] = uint8_t(off + j * B);
-        }
-      gather = _mm512_load_si512(g);
-      shifts = _mm512_load_si512(sh);
-    }
-  };
-  void operator()(const Reader& r, const uint8_t* s, int64_t nbytes, int64_t p, float* levels) const {
-    const int64_t at = p >> 3;
-    __m512i v;
-    if (__builtin_expect(at + 64 <= nbytes, 1)) v = _mm512_loadu_si512(s + at);
-    else v = last_bytes(s, nbytes, at);
-    if constexpr (B == 7) v = _mm512_multishift_epi64_epi8(r.shifts, _mm512_permutexvar_epi8(r.gather, v));
+  // levels[t] = level of code byte t of `codes` (t < 64).
+  void operator()(__m512i codes, float* levels) const {
     // dword 4L + k takes codes 16k + 4L .. + 3: the unpacks below then give levels in column order
-    v = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
-    __m512i b[4];
+    const __m512i v = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), codes);
     const __mmask64 high = _mm512_movepi8_mask(v);  // bit 7 (B = 8): the upper 128 entries
+    __m512i b[4];
     for (int q = 0; q < 4; ++q) {
       b[q] = _mm512_permutex2var_epi8(plane[q][0], v, plane[q][1]);
       if constexpr (B == 8) b[q] = _mm512_mask_blend_epi8(high, b[q], _mm512_permutex2var_epi8(plane[q][2], v, plane[q][3]));
@@ -298,11 +319,6 @@ struct ByteLut {
     _mm512_store_si512(levels + 16, _mm512_unpackhi_epi16(lo01, lo23));
     _mm512_store_si512(levels + 32, _mm512_unpacklo_epi16(hi01, hi23));
     _mm512_store_si512(levels + 48, _mm512_unpackhi_epi16(hi01, hi23));
-  }
-  [[gnu::noinline]] static __m512i last_bytes(const uint8_t* s, int64_t nbytes, int64_t at) {
-    alignas(64) uint8_t tail[64] = {};
-    if (at < nbytes) std::memcpy(tail, s + at, size_t(std::min<int64_t>(64, nbytes - at)));
-    return _mm512_load_si512(tail);
   }
 };
 #else
@@ -324,23 +340,40 @@ struct DenseSrc {
   F get(int64_t i) { return lut(read(codes, nbytes, p0 + i * B)); }
 };
 
+#if defined(MP_BYTE_CODES)
 template <int B>
 struct DenseSrc<B, true> {  // ByteLut: 64 levels decoded at once, kept for the steps that follow
   const uint8_t* codes; int64_t nbytes, p0; const Lut<B>& lut;
-  typename ByteLut<B>::Reader read{int(p0 & 7)};
+  ByteCodes<B> read{int(p0 & 7)};
   int64_t block = -1;
   alignas(64) float levels[64];
   F get(int64_t i) {
-    if ((i >> 6) != block) lut(read, codes, nbytes, p0 + (block = i >> 6) * 64 * B, levels);
+    if ((i >> 6) != block) lut(read(codes, nbytes, p0 + (block = i >> 6) * 64 * B), levels);
     return Isa::loadu(levels + (i & 63));
   }
 };
+#endif
 
-// A span of a sparse weight from flat index f0 on: its kept levels (decoded beforehand as one run,
-// decode_kept) spread to the step's columns by its kLanes bitmap bits, 0 where pruned. Stateful:
-// steps visited in order.
-struct SparseSrc {
-  const float* kept;  // the span's kept levels, then at least kLanes readable floats
+// out[i] = src.get's levels for i < n, kLanes per step.
+template <class Src>
+inline void store_levels(Src src, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) Isa::storeu(out + i, src.get(i));
+  if (i < n) {
+    alignas(64) float tail[kLanes];
+    Isa::storeu(tail, src.get(i));
+    std::memcpy(out + i, tail, sizeof(float) * size_t(n - i));
+  }
+}
+
+// A span of a sparse weight from flat index f0 on: its kept levels (decoded beforehand as one run:
+// the decode follows the kept codes) spread to the step's columns by its kLanes bitmap bits, 0
+// where pruned. Stateful: steps visited in order.
+template <int B>
+struct LevelSparseSrc {
+  using Kept = float;
+  static constexpr int64_t kPad = kLanes;  // kept holds n + kPad floats
+  const Kept* kept;  // the span's kept levels, then at least kLanes readable floats
   const uint8_t* bitmap; int64_t bitmap_bytes, f0, k = 0;
   uint64_t window = 0;  // the bitmap bits of columns i - i % 32 .. + 31
   F get(int64_t i) {
@@ -350,7 +383,68 @@ struct SparseSrc {
     k += __builtin_popcount(m);
     return levels;
   }
+  // The source over flat indices [f0, f0 + n): kept[0, count) = the levels of the kept weights,
+  // kept[count, count + kLanes) = 0.
+  static LevelSparseSrc decode(const PackedView& w, int64_t f0, int64_t n, const Lut<B>& lut, int64_t nbytes, Kept* kept) {
+    const int64_t count = kept_between(w, f0, f0 + n);
+    store_levels(DenseSrc<B>{w.codes, nbytes, kept_before(w, f0) * B, lut}, count, kept);
+    std::fill(kept + count, kept + count + kLanes, 0.0f);
+    return {kept, w.keep_bitmap, w.bitmap_bytes(), f0};
+  }
 };
+
+#if defined(MP_BYTE_CODES)
+// 64 bits of the bitmap from bit p on.
+inline uint64_t bits64_at(const uint8_t* s, int64_t nbytes, int64_t p) {
+  return (bits_at(s, nbytes, p) & 0xffffffffull) | (bits_at(s, nbytes, p + 32) << 32);
+}
+
+// A span of a sparse weight from flat index f0 on, 64 columns at a time: its kept codes (one per
+// byte, read beforehand as one run) spread over the columns by their 64 bitmap bits with one
+// vpexpandb, then looked up, 0 where pruned. Stateful: steps visited in order. For codes that
+// one permute looks up: every column's lookup then costs less than LevelSparseSrc's vector step
+// per 16 columns (4096 x 4096 at batch 1, one thread: 1.4-1.6 against 2.2-2.6 ms at 30%
+// sparsity, 1.25 against 1.4-1.6 at 90%); a 64-entry or larger codebook's lookup does not.
+template <int B>
+struct ByteSparseSrc {
+  using Kept = uint8_t;
+  static constexpr int64_t kPad = 128;  // kept holds n + kPad bytes
+  const Kept* kept;  // the span's kept codes, then at least 64 readable bytes
+  const uint8_t* bitmap; int64_t bitmap_bytes, f0; const Lut<B>* lut;
+  int64_t k = 0;
+  uint64_t keep = 0;
+  __m512i codes = _mm512_setzero_si512();
+  F get(int64_t i) {
+    if (i % 64 == 0) {
+      keep = bits64_at(bitmap, bitmap_bytes, f0 + i);
+      codes = _mm512_maskz_expand_epi8(keep, _mm512_loadu_si512(kept + k));
+      k += __builtin_popcountll(keep);
+    }
+    // the step's 16 code bytes to the low byte of each lane; the pruned lanes' levels zeroed
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i idx = permute_bytes(_mm512_add_epi8(lane, _mm512_set1_epi8(char(i % 64))), codes);
+    return _mm512_maskz_mov_ps(__mmask16(keep >> (i % 64)), (*lut)(idx));
+  }
+  // The source over flat indices [f0, f0 + n): kept[0, count) = the codes of the kept weights.
+  static ByteSparseSrc decode(const PackedView& w, int64_t f0, int64_t n, const Lut<B>& lut, int64_t nbytes, Kept* kept) {
+    const int64_t count = kept_between(w, f0, f0 + n), p0 = kept_before(w, f0) * B;
+    const ByteCodes<B> read(int(p0 & 7));
+    for (int64_t t = 0; t < count; t += 64) _mm512_storeu_si512(kept + t, read(w.codes, nbytes, p0 + t * B));
+    return {kept, w.keep_bitmap, w.bitmap_bytes(), f0, &lut};
+  }
+};
+
+template <int B>
+constexpr bool kByteExpand = B <= Isa::kLutBits;
+#else
+template <int B>
+constexpr bool kByteExpand = false;
+template <int B>
+struct ByteSparseSrc {};
+#endif
+
+template <int B>
+using SparseSrc = std::conditional_t<kByteExpand<B>, ByteSparseSrc<B>, LevelSparseSrc<B>>;
 
 // lane_sum's order (vec_ops.h): the lanes added in double, lane 0 first.
 inline float lane_sum(F v) {
@@ -386,35 +480,11 @@ template <int MB, class Src>
   }
 }
 
-// out[i] = src.get's levels for i < n, kLanes per step.
-template <class Src>
-inline void store_levels(Src src, int64_t n, float* out) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) Isa::storeu(out + i, src.get(i));
-  if (i < n) {
-    alignas(64) float tail[kLanes];
-    Isa::storeu(tail, src.get(i));
-    std::memcpy(out + i, tail, sizeof(float) * size_t(n - i));
-  }
-}
-
-// The kept weights among flat indices [f0, f0 + n) of a sparse weight: kept[0, count) = their
-// levels, decoded as one run of the code stream (the decode follows the kept codes, not n), and
-// kept[count, count + kLanes) = 0; `kept` holds n + kLanes floats. Returns the SparseSrc over it.
-template <int B>
-inline SparseSrc decode_kept(const PackedView& w, int64_t f0, int64_t n, const Lut<B>& lut, int64_t nbytes,
-                             float* kept) {
-  const int64_t count = kept_between(w, f0, f0 + n);
-  store_levels(DenseSrc<B>{w.codes, nbytes, kept_before(w, f0) * B, lut}, count, kept);
-  std::fill(kept + count, kept + count + kLanes, 0.0f);
-  return {kept, w.keep_bitmap, w.bitmap_bytes(), f0};
-}
-
 // y[m, c] (y: m_rows x w.out) for rows c in [c0, c1), x: m_rows x w.row_length.
 template <int B>
 inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
   const Lut<B> lut(w.codebook);
-  const int64_t nbytes = code_bytes(w), in = w.row_length, ld = in + kLanes;
+  const int64_t nbytes = code_bytes(w), in = w.row_length, ld = in + SparseSrc<B>::kPad;
   const auto run = [&](int64_t c, auto src) {
     for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRows)
       with_int<1, kMaxRows>(int(std::min<int64_t>(kMaxRows, m_rows - m0)), [&](auto MB) {
@@ -428,11 +498,11 @@ inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, in
   // Sparse rows: each row's kept levels are decoded while the row before it is multiplied (two
   // buffers): spreading levels stored just before waits on store forwarding (loads spanning two
   // pending stores; 4096 x 4096, 90% sparse, one thread on Zen 4: 4.8 ms with one buffer, 3.6).
-  std::vector<float> kept(c0 < c1 ? 2 * ld : 0);
-  SparseSrc next = c0 < c1 ? decode_kept<B>(w, c0 * in, in, lut, nbytes, kept.data()) : SparseSrc{};
+  std::vector<typename SparseSrc<B>::Kept> kept(c0 < c1 ? 2 * ld : 0);
+  SparseSrc<B> next = c0 < c1 ? SparseSrc<B>::decode(w, c0 * in, in, lut, nbytes, kept.data()) : SparseSrc<B>{};
   for (int64_t c = c0; c < c1; ++c) {
-    const SparseSrc src = next;
-    if (c + 1 < c1) next = decode_kept<B>(w, (c + 1) * in, in, lut, nbytes, kept.data() + ((c + 1) & 1) * ld);
+    const SparseSrc<B> src = next;
+    if (c + 1 < c1) next = SparseSrc<B>::decode(w, (c + 1) * in, in, lut, nbytes, kept.data() + ((c + 1) & 1) * ld);
     run(c, src);
   }
 }
@@ -447,9 +517,9 @@ inline void decode_span(const PackedView& w, int64_t f0, int64_t n, float* out) 
     const Lut<B()> lut(w.codebook);
     const int64_t nbytes = code_bytes(w);
     if (!w.keep_bitmap) return store_levels(DenseSrc<B()>{w.codes, nbytes, f0 * B, lut}, n, out);
-    thread_local std::vector<float> kept;
-    kept.resize(size_t(n + kLanes));
-    store_levels(decode_kept<B()>(w, f0, n, lut, nbytes, kept.data()), n, out);
+    thread_local std::vector<typename SparseSrc<B()>::Kept> kept;
+    kept.resize(size_t(n + SparseSrc<B()>::kPad));
+    store_levels(SparseSrc<B()>::decode(w, f0, n, lut, nbytes, kept.data()), n, out);
   });
 }
 
