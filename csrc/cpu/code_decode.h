@@ -18,9 +18,9 @@ namespace mixedprec {
 // out[i] = the level of flat weight f0 + i (0 where pruned, the channel scale not applied) for
 // i < n. Under `simd` (AVX2 or AVX-512 builds), cpu/lowbit_simd.h's decode at every bits: codes
 // unpacked in registers, looked up in a register-resident codebook (vpermps / vpermt2ps and a
-// blend tree; 7-/8-bit: byte planes) or gathered; a sparse span's kept codes decoded as one run, then spread over its
-// columns by the bitmap (Isa::expand: a permute by kept rank, or vexpandps). The scalar twin:
-// decode_run.
+// blend tree; 7-/8-bit: byte planes) or gathered; a sparse span's kept codes read as one run,
+// then spread over its columns by the bitmap (as codes: vpexpandb; or as levels: a permute by
+// kept rank, or vexpandps). The scalar twin: decode_run.
 inline void decode_span(const PackedView& w, int64_t f0, int64_t n, float* out, bool simd) {
 #if defined(MP_LOWBIT_SIMD)
   // below one vector step the register codebook would cost more than it saves (depthwise rows: 9)
