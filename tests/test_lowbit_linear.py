@@ -61,15 +61,16 @@ def test_half_types_and_strided_x(kernel_backend, dtype):
 
 
 @needs_avx512
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 4, 7, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
 @pytest.mark.parametrize("in_features", [333, 336, 600])
 @pytest.mark.parametrize("batch", [3, 6])
 def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity, in_features, batch):
-    """333: rows start mid-byte (decode tile, column order). 336 and 600, dense 2- and 4-bit:
-    byte-aligned rows run in the interleaved column order (whole 64-byte blocks, then a tail),
-    register-decoded at batch 3, through the decode tile at batch 6; 8-bit codes are gathered.
-    Every path must equal the scalar twin bit for bit, and the reference within float32 tolerance."""
+    """333: rows start mid-byte (decode tile, column order). 336 and 600, dense 1-, 2- and
+    4-bit: byte-aligned rows run in the interleaved column order (whole 64-byte blocks, then a
+    tail), register-decoded at batch 3, through the decode tile at batch 6; 7- and 8-bit codes
+    are looked up 64 at a time in byte planes. Every path must equal the scalar twin bit for
+    bit, and the reference within float32 tolerance."""
     require_backend("cpu")
     packed = make_packed(19, in_features, bits, sparsity)
     x = torch.randn(batch, in_features)

@@ -12,12 +12,12 @@
 // selects the scalar twin (decode_run + dot_block), which tests compare with them: every path sums
 // dot_block's order (see lowbit_simd.h), so they agree bit for bit.
 //
-// Dense 4-/2-bit rows that start on a byte take the columns in an interleaved order on AVX-512
-// builds (both x and W, so the dot products are the same sums): one 64-byte load holds 16 lanes
-// of 32 bits, and lane l, bits [b s, b s + b) is column (32/b) l + s of the block; shifting the
-// whole register by b and looking the low 4 bits up with vpermps yields the 16 levels of step s,
-// one shuffle per 16 weights (measured on Zen 4, 1 thread, 4096 x 4096 at batch 1: 0.7 against
-// 2.5 ms at 2 bits, 1.0 against 1.7 ms at 4 bits for lowbit_simd.h's generic decode). Every path
+// Dense 4-, 2- and 1-bit rows that start on a byte take the columns in an interleaved order on
+// AVX-512 builds (both x and W, so the dot products are the same sums): one 64-byte load holds 16
+// lanes of 32 bits, and lane l, bits [b s, b s + b) is column (32/b) l + s of the block; shifting
+// the whole register by b and looking the low 4 bits up with vpermps yields the 16 levels of step
+// s, one shuffle per 16 weights (measured on Zen 4, 1 thread, 4096 x 4096 at batch 1: 0.7 against
+// 0.9 ms at 2 bits for lowbit_simd.h's generic decode with vpermb, 2.5 ms before it). Every path
 // of such weights (register-decoded small batches, decode tile, scalar twin) uses that order.
 //
 // From kGemmBatch batch rows on, blocks of decoded rows go through ATen's sgemm (below).
@@ -96,11 +96,11 @@ struct Interleave {
   }
 };
 
-// Dense 4-/2-bit rows starting on a byte: the forward runs in the interleaved order (AVX-512
-// builds; the AVX2 kernels and their scalar twin take every row in column order).
+// Dense 4-, 2- and 1-bit rows starting on a byte: the forward runs in the interleaved order
+// (AVX-512 builds; the AVX2 kernels and their scalar twin take every row in column order).
 bool interleaved(const PackedView& w) {
 #if defined(MP_DECODE_AVX512)
-  return !w.keep_bitmap && (w.bits == 4 || w.bits == 2) && (w.row_length * w.bits) % 8 == 0;
+  return !w.keep_bitmap && (w.bits == 4 || w.bits == 2 || w.bits == 1) && (w.row_length * w.bits) % 8 == 0;
 #else
   (void)w;
   return false;
@@ -108,13 +108,20 @@ bool interleaved(const PackedView& w) {
 }
 
 #if defined(MP_DECODE_AVX512)
-// The codebook in a register, looked up by the low 4 bits of a lane: a 2-bit codebook is repeated
-// four times, so the bits above a 2-bit code need no masking.
+// The codebook in a register, looked up by the low 4 bits of a lane: a 2- or 1-bit codebook is
+// repeated, so the bits above a code need no masking.
 inline __m512 lut_register(const float* codebook, int bits) {
-  if (bits == 4) return _mm512_loadu_ps(codebook);
   float repeated[16];
-  for (int i = 0; i < 16; ++i) repeated[i] = codebook[i & 3];
+  for (int i = 0; i < 16; ++i) repeated[i] = codebook[i & ((1 << bits) - 1)];
   return _mm512_loadu_ps(repeated);
+}
+
+// f(std::integral_constant<int, bits>) for the interleaved widths 4, 2 and 1.
+template <class F>
+void with_interleaved_bits(int bits, F&& f) {
+  if (bits == 4) return f(std::integral_constant<int, 4>{});
+  if (bits == 2) return f(std::integral_constant<int, 2>{});
+  return f(std::integral_constant<int, 1>{});
 }
 
 // Every step of one interleaved block of codes at `src` (64 bytes): step(s, chain, levels).
@@ -188,12 +195,13 @@ void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t 
 #endif
 
 // Row c of W / channel_scale[c] (the levels, 0 at pruned positions) into row[0, in), in column
-// order, or in the interleaved order when `interleave` (dense 4-/2-bit rows starting on a byte).
+// order, or in the interleaved order when `interleave` (dense 4-, 2- or 1-bit rows starting on a
+// byte).
 void decode_row(const PackedView& w, int64_t c, bool interleave, float* row) {
   const bool simd = cpu_simd.load(std::memory_order_relaxed);
   if (interleave) {
 #if defined(MP_DECODE_AVX512)
-    if (simd) return (w.bits == 4 ? decode_row_interleaved_simd<4> : decode_row_interleaved_simd<2>)(w, c, row);
+    if (simd) return with_interleaved_bits(w.bits, [&](auto B) { decode_row_interleaved_simd<B()>(w, c, row); });
 #endif
     const Interleave order(w.bits, w.row_length);
     for (int64_t i = 0; i < w.row_length; ++i)
@@ -276,7 +284,7 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
   if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
     at::parallel_for(0, blocks, grain(w, kRowBlock), [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
-      (w.bits == 4 ? fused_forward<4> : fused_forward<2>)(w, xp, m_rows, c0, c1, yp);
+      with_interleaved_bits(w.bits, [&](auto B) { fused_forward<B()>(w, xp, m_rows, c0, c1, yp); });
     });
     return y;
   }
