@@ -495,9 +495,9 @@ inline void forward_rows(const PackedView& w, const float* x, int64_t m_rows, in
     for (int64_t c = c0; c < c1; ++c) run(c, DenseSrc<B>{w.codes, nbytes, c * in * B, lut});
     return;
   }
-  // Sparse rows: each row's kept levels are decoded while the row before it is multiplied (two
-  // buffers): spreading levels stored just before waits on store forwarding (loads spanning two
-  // pending stores; 4096 x 4096, 90% sparse, one thread on Zen 4: 4.8 ms with one buffer, 3.6).
+  // Sparse rows: each row's kept codes (or levels) are read while the row before it is multiplied
+  // (two buffers): spreading values stored just before waits on store forwarding (loads spanning
+  // two pending stores; 4096 x 4096, 90% sparse, one thread on Zen 4: 4.8 ms with one buffer, 3.6).
   std::vector<typename SparseSrc<B>::Kept> kept(c0 < c1 ? 2 * ld : 0);
   SparseSrc<B> next = c0 < c1 ? SparseSrc<B>::decode(w, c0 * in, in, lut, nbytes, kept.data()) : SparseSrc<B>{};
   for (int64_t c = c0; c < c1; ++c) {
