@@ -3,7 +3,10 @@ and MobileNetV2 at 224x224 (batch 1 and 8), each packed after OPQ at 8x and 20x 
 after an SBS configuration (bits {2,4,8}, a quarter of the prunable filter groups removed), and a
 Llama-shaped decoder stack (2 blocks, d=2048, SwiGLU 5632, nn.Linear only) decoding one token at
 batch 1 against a 128-token cache, against fp32 and bf16. Weights are random: speed does not
-depend on their values, only on the bits and sparsity the methods choose for them.
+depend on their values, only on the bits and sparsity the methods choose for them. The CNNs run
+in both layouts: NCHW, and channels-last (model and input moved with
+``memory_format=torch.channels_last``, torch's advice for CPU inference), each packed model
+against the float model in the same layout and against the float model in NCHW.
 `pytest benchmarks/bench_e2e.py` (pytest-benchmark; CI runs each case once as a smoke test on
 small inputs), or run this file for the table: ms per forward and the speedup of each packed
 model over its float original, timed in the same run (`--quick`: small inputs, for a try)."""
@@ -27,6 +30,7 @@ from timing import time_ms  # benchmarks/timing.py
 torchvision = pytest.importorskip("torchvision")
 
 NETWORKS = ("resnet18", "resnet50", "mobilenet_v2")
+LAYOUTS = {"nchw": torch.contiguous_format, "channels-last": torch.channels_last}
 BATCHES = (1, 8)
 OPQ_RATES = (8, 20)
 SBS_BITS = (2, 4, 8)
@@ -111,17 +115,21 @@ def token(size: dict) -> torch.Tensor:
 
 @functools.cache
 def rows(quick: bool) -> dict:
-    """name -> (float model, {variant: model}, inputs per batch); models are built once per run."""
+    """(name, layout) -> (float model, {variant: model}, inputs per batch); models are built once
+    per run."""
     size = QUICK if quick else FULL
     found = {}
     for name in NETWORKS:
         model = network(name)
         variants = {**{f"opq {r}x": opq_packed(model, r) for r in OPQ_RATES}, "sbs": sbs_packed(model, image(2, size))}
-        found[name] = (model, variants, {b: image(b, size) for b in BATCHES})
+        for layout, memory_format in LAYOUTS.items():
+            def moved(m: nn.Module) -> nn.Module:
+                return copy.deepcopy(m).to(memory_format=memory_format)
+            found[name, layout] = (moved(model), {v: moved(m) for v, m in variants.items()},
+                                   {b: image(b, size).contiguous(memory_format=memory_format) for b in BATCHES})
     stack = decoder(size)
     x = token(size)
-    found["llama decoder"] = (stack, {"bf16": stack_bf16(stack), "opq 8x": opq_packed(stack, 8)},
-                              {1: x})
+    found["llama decoder", "-"] = (stack, {"bf16": stack_bf16(stack), "opq 8x": opq_packed(stack, 8)}, {1: x})
     return found
 
 
@@ -140,38 +148,42 @@ class Cast(nn.Module):
 
 
 NETWORK_VARIANTS = ("float", *(f"opq {r}x" for r in OPQ_RATES), "sbs")
-CASES = ([(n, v, b) for n in NETWORKS for v in NETWORK_VARIANTS for b in BATCHES]
-         + [("llama decoder", v, 1) for v in ("float", "bf16", "opq 8x")])
+CASES = ([(n, layout, v, b) for n in NETWORKS for layout in LAYOUTS for v in NETWORK_VARIANTS for b in BATCHES]
+         + [("llama decoder", "-", v, 1) for v in ("float", "bf16", "opq 8x")])
 
 
-@pytest.mark.parametrize("name,variant,batch", CASES, ids=lambda v: str(v))
-def test_e2e(benchmark, name, variant, batch):
-    model, variants, inputs = rows(quick=True)[name]
+@pytest.mark.parametrize("name,layout,variant,batch", CASES, ids=lambda v: str(v))
+def test_e2e(benchmark, name, layout, variant, batch):
+    model, variants, inputs = rows(quick=True)[name, layout]
     fn = model if variant == "float" else variants[variant]
     with torch.inference_mode():
         benchmark(fn, inputs[batch])
 
 
 def measure(quick: bool, repeats: int) -> dict:
-    """Median ms per (model, variant, batch); the float model is timed before and after its
+    """Median ms per (model, layout, variant, batch); the float model is timed before and after its
     variants and its median of both kept, so drift in the machine's speed shows in neither ratio."""
     times = {}
     with torch.inference_mode():
-        for name, (model, variants, inputs) in rows(quick).items():
+        for (name, layout), (model, variants, inputs) in rows(quick).items():
             for batch, x in inputs.items():
                 first = time_ms(lambda: model(x), repeats)
                 for variant, packed in variants.items():
-                    times[name, variant, batch] = time_ms(lambda: packed(x), repeats)
-                times[name, "float", batch] = statistics.median([first, time_ms(lambda: model(x), repeats)])
+                    times[name, layout, variant, batch] = time_ms(lambda: packed(x), repeats)
+                times[name, layout, "float", batch] = statistics.median([first, time_ms(lambda: model(x), repeats)])
     return times
 
 
 def print_table(times: dict) -> None:
-    print("| model | batch | variant | ms | speedup over float |")
-    print("|---|---|---|---|---|")
-    for (name, variant, batch), t in sorted(times.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1] != "float")):
-        base = times[name, "float", batch]
-        print(f"| {name} | {batch} | {variant} | {t:.2f} | {base / t:.2f}x |")
+    """Speedups over the float model in the same layout, and over the float model in NCHW (the
+    model as users first run it): a channels-last packed model against both."""
+    print("| model | batch | layout | variant | ms | over float, same layout | over float NCHW |")
+    print("|---|---|---|---|---|---|---|")
+    for (name, layout, variant, batch), t in sorted(times.items(),
+                                                    key=lambda kv: (kv[0][0], kv[0][3], kv[0][1], kv[0][2] != "float")):
+        base, nchw = times[name, layout, "float", batch], times.get((name, "nchw", "float", batch))
+        over_nchw = "" if nchw is None or layout == "nchw" else f"{nchw / t:.2f}x"
+        print(f"| {name} | {batch} | {layout} | {variant} | {t:.2f} | {base / t:.2f}x | {over_nchw} |")
 
 
 def main() -> None:

@@ -117,6 +117,8 @@ def assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, bits, signe
                                                                  None if offset is None else offset.cpu())
     # Every backend spells the arithmetic like the reference: the forward is bit-exact.
     assert_equal_nan(y.cpu(), ry, f"{backend} output")
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        assert y.is_contiguous(memory_format=torch.channels_last), f"{backend}: a channels-last x gives a channels-last y"
     torch.testing.assert_close(residual_mean.cpu(), rmean, rtol=1e-5, atol=1e-7, equal_nan=True)
     # grad_x is grad_y inside the clip range (the reference multiplies by v * (1/v) ~ 1 + ulp).
     torch.testing.assert_close(gx.cpu(), rgx, equal_nan=True)
@@ -294,4 +296,6 @@ def lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv: dict, *, sc
         if takes_winograd(backend, packed.shape, conv):
             bound = torch.maximum(bound, winograd_bound(x.cpu(), weight, conv.get("padding", 0)))
     assert got[0].dtype == x.dtype and got[1].dtype == x.dtype
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        assert got[0].is_contiguous(memory_format=torch.channels_last), "a channels-last x gives a channels-last y"
     return _assert_results(backend, got, want, dot_tolerance(x.dtype), scales, bound)

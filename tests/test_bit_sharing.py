@@ -66,6 +66,17 @@ def test_backends_match_reference_non_contiguous(kernel_backend):
     assert_bit_sharing_matches(backend, transposed, clip, thresholds, grad_y.t(), (2, 4, 8), True)
 
 
+def test_backends_keep_channels_last(kernel_backend):
+    """An activation of a model moved to channels_last: the same values, residual means and
+    gradients, and a channels-last output (no copy into NCHW and back around every layer)."""
+    backend, device = kernel_backend
+    for signed, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        x, clip, thresholds, grad_y = make_case((2, 5, 7, 3), (2, 4, 8), signed, dtype=dtype, device=device, seed=4)
+        x, grad_y = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad_y))
+        assert not x.is_contiguous()
+        assert_bit_sharing_matches(backend, x, clip, thresholds, grad_y, (2, 4, 8), signed)
+
+
 def test_backends_keep_bfloat16_subnormals(kernel_backend):
     """Triton's interpreter flushed bfloat16 subnormals to zero when widening them to float32
     (found by the property tests): x / clip is 0.125 .. 0.875 here, not 0."""
@@ -321,6 +332,8 @@ def test_opcheck(backend):
     torch.library.opcheck(op, (x, clip, thresholds, [2, 4, 8], True, given_mean))
     torch.library.opcheck(custom_op(backend, "bit_sharing_residual_sums").default,
                           (x.detach(), clip.detach(), [2, 4, 8], True))
+    x_cl = make_case((2, 3, 4, 5), (2, 4, 8), True)[0].contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(op, (x_cl.requires_grad_(), clip, thresholds, [2, 4, 8], True))
 
 
 @pytest.mark.parametrize("reduced", [False, True], ids=["local", "reduced"])

@@ -26,7 +26,8 @@ def make_packed(weight_shape, bits, sparsity=0.0, seed=0, scale_dtype=torch.floa
 
 
 def assert_matches_reference(backend, device, x_shape, weight_shape, bits=4, sparsity=0.0, dtype=torch.float32,
-                             with_bias=True, seed=0, strided_x=False, mixed=False, codebook_dtype=torch.float16, **conv):
+                             with_bias=True, seed=0, strided_x=False, channels_last=False, mixed=False,
+                             codebook_dtype=torch.float16, **conv):
     g = torch.Generator().manual_seed(seed)
     packed = make_packed(weight_shape, bits, sparsity, seed, codebook_dtype=codebook_dtype)
     if strided_x:  # every other column of a twice-as-wide buffer: not contiguous
@@ -34,6 +35,9 @@ def assert_matches_reference(backend, device, x_shape, weight_shape, bits=4, spa
         assert not x.is_contiguous()
     else:
         x = torch.randn(x_shape, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert not x.is_contiguous()
     bias = torch.randn(weight_shape[0], generator=g) if with_bias else None
     grad_y = torch.randn(reference.lut_conv2d(x, packed, bias, **conv).shape, generator=g).to(dtype)
     lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv, mixed=mixed)
@@ -100,6 +104,21 @@ def test_non_contiguous_x(backend):
     assert_matches_reference(backend, device, (2, 3, 6, 5), (4, 3, 3, 3), strided_x=True, padding=1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_x(backend):
+    """A channels-last x (what a model moved to channels_last feeds every layer) gives the same
+    results and a channels-last output: depthwise, 1x1, strided, grouped and padded 3x3 layers,
+    in float32 and bfloat16."""
+    device = require_backend(backend)
+    slow = backend in ("simt", "triton") and device.type == "cpu"
+    for case in (1, 4, 5, 6) if slow else range(len(GEOMETRIES)):
+        x_shape, weight_shape, conv = GEOMETRIES[case]
+        assert_matches_reference(backend, device, x_shape, weight_shape, bits=case + 2, sparsity=0.3, seed=case,
+                                 channels_last=True, **conv)
+    assert_matches_reference(backend, device, (2, 4, 6, 5), (3, 4, 3, 3), dtype=torch.bfloat16, channels_last=True,
+                             padding=1)
+
+
 def test_cpu_larger_shapes():
     """The CPU kernel's output-channel tiles (at most 256 * 512 * 9 decoded floats each): one tile
     (133 x 70 x 3 x 3), two of a dense layer (40 x 1024 x 6 x 6: 32 channels, then 8), two of
@@ -116,6 +135,8 @@ def test_cpu_larger_shapes():
     assert_matches_reference("cpu", device, (1, 33, 30, 29), (17, 33, 5, 5), bits=8, dilation=(1, 2), padding=(2, 3))
     assert_matches_reference("cpu", device, (2, 2048, 3, 5), (700, 2048, 1, 1), bits=5, sparsity=0.3, strided_x=True,
                              mixed=True)
+    assert_matches_reference("cpu", device, (2, 2048, 3, 5), (700, 2048, 1, 1), bits=5, sparsity=0.3,
+                             channels_last=True, mixed=True)
     packed = make_packed((16, 8, 3, 3), 4, 0.2, scale_dtype=torch.float16)
     x = torch.randn(2, 8, 9, 9)
     torch.testing.assert_close(ops.lut_conv2d(x, packed, padding=1, backend="cpu"),
@@ -158,6 +179,7 @@ def test_cpu_winograd_every_bitwidth_and_sparsity():
     for dtype in (torch.float16, torch.bfloat16):
         assert_matches_reference("cpu", device, (2, 12, 6, 5), (9, 12, 3, 3), dtype=dtype, padding=1)
     assert_matches_reference("cpu", device, (2, 12, 6, 5), (9, 12, 3, 3), strided_x=True, padding=1)
+    assert_matches_reference("cpu", device, (2, 24, 20, 37), (17, 24, 3, 3), channels_last=True, padding=1)
 
 
 @needs_avx512
@@ -263,8 +285,9 @@ def test_opcheck(backend, sparse):
     packed = make_packed((4, 3, 3, 3), 3, 0.5 if sparse else 0.0)
     x = torch.randn(2, 3, 6, 5, requires_grad=True)
     bias = torch.randn(4, requires_grad=True)
-    torch.library.opcheck(custom_op(backend, "lut_conv2d").default,
-                          (x, *packed_args.kernel_args(packed), bias, [1, 2], [1, 0], [1, 1], 1))
+    for x_in in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()):
+        torch.library.opcheck(custom_op(backend, "lut_conv2d").default,
+                              (x_in, *packed_args.kernel_args(packed), bias, [1, 2], [1, 0], [1, 1], 1))
 
 
 def test_torch_compile_fullgraph_matches_eager():

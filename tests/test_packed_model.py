@@ -103,6 +103,39 @@ def test_pack_conv_models_match_and_survive_save_load(tmp_path):
             torch.testing.assert_close(mixedprec.load(path)(x), packed(x), rtol=0, atol=0)
 
 
+def test_packed_cnn_runs_channels_last():
+    """A packed CNN moved to channels_last (model and input, as torch's CPU guidance has it) keeps
+    that layout through every packed conv (Winograd 3x3, depthwise, strided, 1x1) and SBS input
+    quantizer, and gives the NCHW run's outputs."""
+    from mixedprec import opq, sbs
+    from mixedprec.nn import PackedConv2d
+
+    torch.manual_seed(0)
+    float_model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16), nn.ReLU(),
+        nn.Conv2d(16, 24, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5)).eval()
+    x = torch.randn(3, 3, 11, 10)
+    sbs_model = sbs.convert(copy.deepcopy(float_model), sbs.SBSPolicy(group_size=4))
+    sbs_model(x)  # activation clips from a first batch
+    models = {"opq": opq.convert(float_model, opq.allocate(float_model, 6.0, quiet=True)).eval(),
+              "sbs": sbs.export(sbs_model.eval()).model.eval()}
+    for name, model in models.items():
+        packed = mixedprec.pack(model)
+        channels_last = copy.deepcopy(packed).to(memory_format=torch.channels_last)
+        layouts = []
+        for m in channels_last.modules():
+            if isinstance(m, PackedConv2d):
+                m.register_forward_hook(lambda m, i, y: layouts.append(
+                    (i[0].is_contiguous(memory_format=torch.channels_last), y.is_contiguous(), y.is_contiguous(
+                        memory_format=torch.channels_last))))
+        with torch.no_grad():
+            got = channels_last(x.contiguous(memory_format=torch.channels_last))
+            torch.testing.assert_close(got, packed(x), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        assert layouts == [(True, False, True)] * 4, (name, layouts)
+
+
 def test_packed_buffers_are_frozen():
     layer = mixedprec.pack(nn.Sequential(_opq(8, 4)))[0]
     assert [n for n, _ in layer.named_parameters()] == ["bias"]

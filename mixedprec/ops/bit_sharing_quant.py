@@ -13,7 +13,8 @@ from mixedprec.backends import reference
 from mixedprec.backends.reference.quant import compute_dtype, zero_point as offset_zero_point
 from mixedprec.ops import checks
 from mixedprec.ops.backend import Backend, kernel, kernels_built, resolve
-from mixedprec.ops.library import cast, custom_op, define, register_autograd, through_autograd
+from mixedprec.ops.library import (cast, custom_op, define, dense, empty_as, memory_format, register_autograd,
+                                   through_autograd)
 
 OP = "bit_sharing_quant"
 KERNELS_BUILT = kernels_built(OP)
@@ -136,19 +137,21 @@ def _check_values(clip: Tensor, thresholds: Tensor) -> None:
 def _forward(family: Backend, x: Tensor, clip: Tensor, thresholds: Tensor, bits: list[int], signed: bool,
              residual_mean: Tensor | None = None, zero_point: Tensor | None = None) -> tuple[Tensor, Tensor]:
     _check_values(clip, thresholds)
-    return kernel(family, OP, "forward")(x.contiguous(), clip, thresholds, bits, signed, residual_mean, zero_point)
+    return kernel(family, OP, "forward")(dense(x), clip, thresholds, bits, signed, residual_mean, zero_point)
 
 
 def _residual_sums(family: Backend, x: Tensor, clip: Tensor, bits: list[int], signed: bool,
                    zero_point: Tensor | None = None) -> Tensor:
     # clip is checked by the forward that follows (one host read per call, not two)
-    return kernel(family, OP, "stats")(x.contiguous(), clip, bits, signed, zero_point)
+    return kernel(family, OP, "stats")(dense(x), clip, bits, signed, zero_point)
 
 
 def _backward(family: Backend, grad_y: Tensor, x: Tensor, clip: Tensor, thresholds: Tensor, residual_mean: Tensor,
               bits: list[int], signed: bool, zero_point: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     gates = (residual_mean > thresholds).float()
-    grad_x, sums = kernel(family, OP, "backward")(grad_y.contiguous(), x.contiguous(), clip, gates, bits, signed,
+    layout = memory_format(x)
+    grad_x, sums = kernel(family, OP, "backward")(grad_y.contiguous(memory_format=layout),
+                                                  x.contiguous(memory_format=layout), clip, gates, bits, signed,
                                                   zero_point)
     return grad_x, sums[0].to(clip.dtype), _threshold_grad(sums[1:], residual_mean, thresholds, gates, clip, signed)
 
@@ -184,15 +187,15 @@ def _autograd(family: Backend, ctx, grad_y, _grad_residual_mean):
     return grad_x, grad_clip, grad_thresholds, None, None, None, grad_zero_point
 
 
-# kernels return contiguous outputs
+# kernels return outputs in x's layout (library.memory_format): an elementwise op on its storage
 define(OP, "(Tensor x, Tensor clip, Tensor thresholds, int[] bits, bool signed, Tensor? residual_mean=None, "
        "Tensor? zero_point=None) -> (Tensor, Tensor)", _forward,
        lambda x, clip, thresholds, bits, signed, residual_mean=None, zero_point=None: (
-           x.new_empty(x.shape), x.new_empty(len(bits) - 1, dtype=torch.float32)))
+           empty_as(x), x.new_empty(len(bits) - 1, dtype=torch.float32)))
 define("bit_sharing_residual_sums", "(Tensor x, Tensor clip, int[] bits, bool signed, Tensor? zero_point=None) -> Tensor",
        _residual_sums, lambda x, clip, bits, signed, zero_point=None: x.new_empty(len(bits) - 1, dtype=torch.float64))
 define("bit_sharing_quant_backward", "(Tensor grad_y, Tensor x, Tensor clip, Tensor thresholds, Tensor residual_mean, "
        "int[] bits, bool signed, Tensor? zero_point=None) -> (Tensor, Tensor, Tensor)", _backward,
        lambda grad_y, x, clip, thresholds, residual_mean, bits, signed, zero_point=None: (
-           x.new_empty(x.shape), torch.empty_like(clip), torch.empty_like(thresholds)))
+           empty_as(x), torch.empty_like(clip), torch.empty_like(thresholds)))
 register_autograd(OP, _autograd, _setup_context)

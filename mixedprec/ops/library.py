@@ -44,6 +44,26 @@ def custom_op(backend: Backend, name: str):
     return getattr(getattr(torch.ops, NAMESPACES[family(backend)]), name)
 
 
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The layout kernels take and return x in: channels-last for a 4-D tensor stored so (and not
+    also contiguous, as an N x C x 1 x 1 one is), contiguous otherwise. Keeping the caller's layout,
+    as torch's own ops do, keeps a channels-last model channels-last, with no copy per layer."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def dense(x: Tensor) -> Tensor:
+    """x in the layout ``memory_format`` names (a copy only when x is not stored so)."""
+    return x.contiguous(memory_format=memory_format(x))
+
+
+def empty_as(x: Tensor, shape=None, dtype: torch.dtype | None = None) -> Tensor:
+    """A fake op's output: ``shape`` (x's by default) in x's dtype and layout (``memory_format``)."""
+    return torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype, device=x.device,
+                       memory_format=memory_format(x))
+
+
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``, skipping the call when t has that dtype (a no-op ``.to`` still costs a
     dispatch, a tenth of a small layer's call)."""

@@ -49,7 +49,9 @@ namespace {
 BitSharingParams check_stats_args(const at::Tensor& x, const at::Tensor& clip, at::IntArrayRef bits, bool is_signed,
                                   const char* op) {
   kernel_dtype(x, op, "x");
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  // Elementwise over the storage: either dense layout works, and the outputs take x's strides.
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": x must be contiguous (or channels-last contiguous)");
   const int64_t k = int64_t(bits.size());
   TORCH_CHECK(k >= 1 && k <= kMaxCandidateBits, op, ": bits must hold 1 to ", kMaxCandidateBits,
               " bitwidths, got ", bits);
@@ -148,8 +150,9 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
                                             const at::Tensor& gates, at::IntArrayRef bits, bool is_signed,
                                             const std::optional<at::Tensor>& zero_point) {
   const char* op = "bit_sharing_quant_bwd";
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.is_contiguous(),
-              op, ": grad_y must be a contiguous tensor of x's shape and dtype");
+  const auto layout = x.is_contiguous() ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous(layout) && grad_y.scalar_type() == x.scalar_type(),
+              op, ": grad_y must be a tensor of x's shape, layout and dtype");
   check_same_device(grad_y, x, op, "grad_y");
   const BitSharingParams p = check_stats_args(x, clip, bits, is_signed, op);
   check_per_gate(gates, x, p, op, "gates");

@@ -100,15 +100,19 @@ namespace cpu {
 at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, const PackedView& w,
                               const Conv2dGeometry& g) {
   const int64_t stride[2] = {g.stride_h, g.stride_w}, padding[2] = {g.pad_h, g.pad_w}, dilation[2] = {g.dil_h, g.dil_w};
-  const at::Tensor x_f = x.to(at::kFloat).contiguous();
+  // x's layout is y's (ops/library.py memory_format: channels-last when x is that and not also
+  // contiguous). oneDNN runs channels-last inputs as they come; Winograd reads NCHW only.
+  const auto layout = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+                          ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x_f = x.to(at::kFloat).contiguous(layout);
   const TileDecoder decoder(w, g);
 #if defined(MP_DECODE_AVX512)
   if (winograd_conv3x3_applies(g)) {
     at::Tensor y = poisoned(at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options()));
     const auto decode_span = [&](int64_t o, int64_t k0, int64_t n, float* out) { decoder.decode_span(o, k0, n, out); };
-    if (winograd_conv3x3(x_f.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+    if (winograd_conv3x3(x_f.contiguous().data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
                          y.data_ptr<float>(), g, decode_span))
-      return y.to(x.scalar_type());
+      return y.to(x.scalar_type()).contiguous(layout);
   }
 #endif
   const Tiles tiles(g);
@@ -120,8 +124,9 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
     const std::optional<at::Tensor> bias_t = bias_f.defined() ? std::optional(bias_f.narrow(0, c0, c1 - c0)) : std::nullopt;
     return at::convolution(x_t, tile.narrow(0, 0, c1 - c0), bias_t, stride, padding, dilation, false, {0, 0}, k);
   };
-  if (tiles.count == 1) return conv(0, g.out_channels).to(x.scalar_type());
-  at::Tensor y = poisoned(at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options()));
+  if (tiles.count == 1) return conv(0, g.out_channels).to(x.scalar_type()).contiguous(layout);
+  at::Tensor y = poisoned(
+      at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options().memory_format(layout)));
   for (int64_t t = 0; t < tiles.count; ++t) {
     const int64_t c0 = tiles.first_channel(t), c1 = tiles.first_channel(t + 1);
     if (c0 < c1) y.narrow(1, c0, c1 - c0).copy_(conv(c0, c1));
