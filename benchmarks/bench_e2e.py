@@ -6,7 +6,9 @@ batch 1 against a 128-token cache, against fp32 and bf16. Weights are random: sp
 depend on their values, only on the bits and sparsity the methods choose for them. The CNNs run
 in both layouts: NCHW, and channels-last (model and input moved with
 ``memory_format=torch.channels_last``, torch's advice for CPU inference), each packed model
-against the float model in the same layout and against the float model in NCHW.
+against the float model in the same layout and against the float model in NCHW. The packed CNNs
+are deployed as inference runs them: their BatchNorms folded into the packed convs
+(``mixedprec.fold_batchnorm``); the float models keep theirs, as torchvision builds them.
 `pytest benchmarks/bench_e2e.py` (pytest-benchmark; CI runs each case once as a smoke test on
 small inputs), or run this file for the table: ms per forward and the speedup of each packed
 model over its float original, timed in the same run (`--quick`: small inputs, for a try)."""
@@ -122,6 +124,8 @@ def rows(quick: bool) -> dict:
     for name in NETWORKS:
         model = network(name)
         variants = {**{f"opq {r}x": opq_packed(model, r) for r in OPQ_RATES}, "sbs": sbs_packed(model, image(2, size))}
+        for packed in variants.values():
+            mixedprec.fold_batchnorm(packed)
         for layout, memory_format in LAYOUTS.items():
             def moved(m: nn.Module) -> nn.Module:
                 return copy.deepcopy(m).to(memory_format=memory_format)

@@ -4,7 +4,7 @@ fresh weights: what its speed is compared against (``mixedprec report``).
 Every conv/linear layer (packed, SBS, OPQ) becomes a plain nn.Conv2d/nn.Linear of the widths it
 had before ``sbs.export`` narrowed it (``pruned_from``), and every other module export narrowed
 (BatchNorm and the like, one width each) gets its original width back, so pruned channels cost
-their float time again. The weights are random: good for timing, not for outputs.
+their float time again; a BatchNorm folded into a packed conv (``fold_batchnorm``) is back too. The weights are random: good for timing, not for outputs.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from mixedprec.nn.fold import FoldedBatchNorm
 from mixedprec.nn.packed_conv import PackedConv2d
 from mixedprec.nn.packed_linear import PackedLinear
 
@@ -39,7 +40,10 @@ def _float_layer(m: nn.Module) -> nn.Module | None:
     widths = {**vars(m), **getattr(m, "pruned_from", {})}
     if isinstance(m, (nn.Conv2d, PackedConv2d)):
         return nn.Conv2d(widths["in_channels"], widths["out_channels"], m.kernel_size, m.stride, m.padding, m.dilation,
-                         m.groups, m.bias is not None, getattr(m, "padding_mode", "zeros"))
+                         widths["groups"], getattr(m, "bias_before_folding", m.bias is not None),
+                         getattr(m, "padding_mode", "zeros"))
+    if isinstance(m, FoldedBatchNorm):  # the float original runs its BatchNorm
+        return nn.BatchNorm2d(m.num_features).eval()
     if isinstance(m, (nn.Linear, PackedLinear)):
         return nn.Linear(widths["in_features"], widths["out_features"], m.bias is not None)
     return None

@@ -224,12 +224,16 @@ def _signature(m: nn.Module) -> tuple[str, dict] | None:
 
 def _mismatch(target: nn.Module, new: nn.Module) -> str | None:
     """Why the file's module cannot stand where the model has ``target``, or None."""
+    if isinstance(target, getattr(new, "STANDS_FOR", ())):  # e.g. a FoldedBatchNorm for a BatchNorm
+        return None
     theirs, ours = _signature(target), _signature(new)
     if theirs is None or ours is None:
         if type(target) is type(new):
             return None
         return f"the model has a {type(target).__name__}, the file a {type(new).__name__}"
     ours[1].update(getattr(new, "pruned_from", {}))
+    if hasattr(new, "bias_before_folding"):  # a conv that took a BatchNorm's shift (nn/fold.py)
+        ours[1]["bias"] = new.bias_before_folding
     if theirs[0] != ours[0]:
         return f"the model has a {type(target).__name__}, the file a {type(new).__name__} ({ours[0]})"
     differ = {k: (theirs[1][k], v) for k, v in ours[1].items() if k in theirs[1] and theirs[1][k] != v}
