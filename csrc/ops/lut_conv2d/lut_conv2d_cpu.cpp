@@ -16,8 +16,9 @@
 // Backward (always direct): grad_x = sum over tiles of conv_transpose(grad_y[:, tile], W[tile])
 // (tiles of whole groups write disjoint channels of grad_x; with one group the tiles add up, in
 // tile order).
-// Inputs in float16/bfloat16 are widened to float32 first; results are rounded back. Arguments
-// are checked by the glue (lut_conv2d_glue.cpp).
+// Inputs in float16/bfloat16 are widened to float32 first; results are rounded back. A
+// channels-last x gives a channels-last y (oneDNN convolves it as it is; Winograd, NCHW only,
+// converts around itself). Arguments are checked by the glue (lut_conv2d_glue.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
