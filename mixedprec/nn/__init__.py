@@ -6,4 +6,5 @@ from mixedprec.nn.packed_linear import PackedLinear
 from mixedprec.nn.pack import pack
 from mixedprec.nn.serialization import load, save
 
-__all__ = ["FoldedBatchNorm", "LinearMultiheadAttention", "PackedConv2d", "PackedLinear", "pack", "save", "load", "unfuse_attention", "fold_batchnorm"]
+__all__ = ["FoldedBatchNorm", "LinearMultiheadAttention", "PackedConv2d", "PackedLinear", "fold_batchnorm", "pack",
+           "save", "load", "unfuse_attention"]

@@ -4,7 +4,8 @@ fresh weights: what its speed is compared against (``mixedprec report``).
 Every conv/linear layer (packed, SBS, OPQ) becomes a plain nn.Conv2d/nn.Linear of the widths it
 had before ``sbs.export`` narrowed it (``pruned_from``), and every other module export narrowed
 (BatchNorm and the like, one width each) gets its original width back, so pruned channels cost
-their float time again; a BatchNorm folded into a packed conv (``fold_batchnorm``) is back too. The weights are random: good for timing, not for outputs.
+their float time again; a BatchNorm folded into a packed conv (``fold_batchnorm``) is back too.
+The weights are random: good for timing, not for outputs.
 """
 from __future__ import annotations
 
