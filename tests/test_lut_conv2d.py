@@ -143,6 +143,38 @@ def test_cpu_larger_shapes():
                                reference.lut_conv2d(x, packed, padding=1), rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_pointwise_gemm():
+    """Channels-last 1x1 layers over at most 512 output pixels go through sgemm: strides 1, 2 and
+    (2, 3) (the strided pixels gathered), with and without bias, two tiles (1024 x 1400), every
+    bitwidth dense and sparse, bfloat16; 513 pixels keep the convolution. Non-finite x reaches
+    exactly the outputs of its pixel, as conv2d."""
+    device = require_backend("cpu")
+    for stride in (1, 2, (2, 3)):
+        assert_matches_reference("cpu", device, (2, 19, 7, 8), (11, 19, 1, 1), bits=3, sparsity=0.3,
+                                 channels_last=True, stride=stride, with_bias=stride != 2)
+    for bits in range(1, 9):
+        assert_matches_reference("cpu", device, (1, 40, 5, 6), (24, 40, 1, 1), bits=bits, sparsity=0.5 * (bits % 2),
+                                 seed=bits, channels_last=True)
+    assert_matches_reference("cpu", device, (1, 1024, 4, 4), (1400, 1024, 1, 1), bits=4, channels_last=True,
+                             stride=2, mixed=True)
+    assert_matches_reference("cpu", device, (1, 12, 7, 5), (9, 12, 1, 1), dtype=torch.bfloat16, channels_last=True)
+    assert_matches_reference("cpu", device, (1, 8, 27, 19), (5, 8, 1, 1), channels_last=True)  # 513 pixels
+    for x_shape, gemm in (((2, 8, 16, 16), True), ((1, 8, 27, 19), False), ((2, 8, 16, 16), False)):
+        x = torch.randn(x_shape)
+        if gemm or x_shape[2] == 27:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.profiler.profile() as prof:
+            ops.lut_conv2d(x, make_packed((5, 8, 1, 1), 4), backend="cpu")
+        assert any(e.name in ("aten::mm", "aten::addmm") for e in prof.events()) == gemm, x_shape
+    packed = make_packed((6, 8, 1, 1), 4, 0.5)
+    x = torch.randn(2, 8, 5, 4).contiguous(memory_format=torch.channels_last)
+    x[1, 3, 2, 1], x[0, 5, 4, 3] = float("inf"), float("nan")
+    y, want = ops.lut_conv2d(x, packed, backend="cpu"), reference.lut_conv2d(x, packed)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(want)) and not torch.isfinite(want[1, :, 2, 1]).any()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
 # The CPU kernel's Winograd F(2x2, 3x3) path (3x3, stride 1, dilation 1, one group, 8 to 2048
 # input channels, 8 or more output channels): tiles straddling rows and images, odd and 1x1
 # outputs, asymmetric padding, a partial output-channel block, two weight decode spans (64 input

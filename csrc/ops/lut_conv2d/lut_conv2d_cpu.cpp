@@ -5,7 +5,8 @@
 // kernel that decodes its weight on every call go faster than it. Everything else (and those
 // convolutions when ops.set_cpu_winograd(false), or where x holds a NaN or inf) goes direct: the
 // weight is decoded through the codebook one tile of output channels at a time, and each tile
-// runs through ATen's float32 convolution (oneDNN where torch has it). The decode is AVX-512
+// runs through ATen's float32 convolution (oneDNN where torch has it), or, for channels-last 1x1
+// convolutions over few pixels, through ATen's sgemm (pointwise_gemm). The decode is AVX-512
 // codebook lookups (code_decode.h) turning bits/8 B per weight into the float tile.
 // Scratch: one tile of at most kTileFloats floats (4.7 MB), whatever the layer's size. A layer
 // whose float weight fits is decoded whole into it, transiently (the packed weight is what stays
@@ -39,6 +40,30 @@ namespace {
 // Decoded weights per tile (4.7 MB): 256 output channels of a 512-channel 3x3 convolution.
 constexpr int64_t kTileFloats = 256 * 512 * 9;
 constexpr int64_t kChannelUnit = 16;  // channels per tile step when groups == 1
+// A channels-last 1x1 convolution with up to this many output pixels (N * H_out * W_out) is a GEMM
+// of x's pixel rows with the decoded tile (ATen's sgemm): oneDNN's channels-last 1x1 convolution
+// is slow on few pixels (Zen 4, 2 threads, batch 1 at 7x7: 2048 -> 512 in 2.0 ms as a
+// convolution, 0.77 ms as a GEMM; 512 -> 2048 1.17 against 0.70; at 14x14 and at batch 8 on 7x7
+// the two are within noise; NCHW convolutions are as fast as the GEMM and keep the convolution).
+constexpr int64_t kPointwiseGemmPixels = 512;
+
+bool pointwise_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
+  return layout == at::MemoryFormat::ChannelsLast && g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 &&
+         g.pad_w == 0 && g.groups == 1 && g.batch * g.out_pixels() <= kPointwiseGemmPixels;
+}
+
+// y[:, channels of w_tile] for a pointwise_gemm_applies convolution: x's pixel rows (a view of a
+// channels-last x; the strided pixels copied when the stride is > 1) times the tile's rows, as a
+// channels-last (N, rows, H_out, W_out) tensor.
+at::Tensor pointwise_gemm(const at::Tensor& x, const at::Tensor& w_tile, const std::optional<at::Tensor>& bias,
+                          const Conv2dGeometry& g) {
+  const at::Tensor picked = g.stride_h == 1 && g.stride_w == 1
+                                ? x : x.slice(2, 0, g.height, g.stride_h).slice(3, 0, g.width, g.stride_w);
+  const at::Tensor rows = picked.permute({0, 2, 3, 1}).reshape({-1, g.in_channels});
+  const at::Tensor w_t = w_tile.view({w_tile.size(0), g.in_channels}).t();
+  const at::Tensor y = bias ? at::addmm(*bias, rows, w_t) : at::mm(rows, w_t);
+  return y.view({g.batch, g.out_height, g.out_width, w_tile.size(0)}).permute({0, 3, 1, 2});
+}
 
 
 // Output-channel tiles: whole groups each (kChannelUnit channels when groups == 1), as many as
@@ -117,12 +142,14 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
   }
 #endif
   const Tiles tiles(g);
+  const bool pointwise = pointwise_gemm_applies(g, layout);
   at::Tensor tile = at::empty({tiles.per_tile * tiles.unit, g.group_in(), g.kernel_h, g.kernel_w}, x_f.options());
   const auto conv = [&](int64_t c0, int64_t c1) {
     const int64_t k = g.groups > 1 ? (c1 - c0) / g.group_out() : 1;
     decoder.decode(c0, c1, tile.data_ptr<float>());
     const at::Tensor x_t = g.groups > 1 ? x_f.narrow(1, c0 / g.group_out() * g.group_in(), k * g.group_in()) : x_f;
     const std::optional<at::Tensor> bias_t = bias_f.defined() ? std::optional(bias_f.narrow(0, c0, c1 - c0)) : std::nullopt;
+    if (pointwise) return pointwise_gemm(x_t, tile.narrow(0, 0, c1 - c0), bias_t, g);
     return at::convolution(x_t, tile.narrow(0, 0, c1 - c0), bias_t, stride, padding, dilation, false, {0, 0}, k);
   };
   if (tiles.count == 1) return conv(0, g.out_channels).to(x.scalar_type()).contiguous(layout);
