@@ -28,12 +28,12 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     an implicit GEMM. The CPU kernel computes 3x3, stride-1, single-group convolutions (8 to 2048
     input channels, 8 or more output channels) through Winograd F(2x2, 3x3), decoding per block
     of output channels into the transformed weight (``set_cpu_winograd`` switches it off: its
-    float32 error differs), and
-    the rest by decoding output-channel tiles into a bounded scratch (4.7 MB) and convolving each
-    with ATen's float32 convolution (docs/kernels.md). Gradients: grad_x (the
-    transposed convolution through the codebook) and grad_bias; the packed weight is constant and
-    takes no gradient. A NaN or inf in x makes every output whose window covers it NaN or inf
-    (pruned weights multiply too), as conv2d. A channels-last x gives a channels-last output, as
+    float32 error differs), and the rest by decoding output-channel tiles into a bounded scratch
+    (4.7 MB) and convolving each with ATen's float32 convolution (a channels-last 1x1 layer over
+    at most 512 output pixels: a GEMM of x's pixel rows with the tile; docs/kernels.md).
+    Gradients: grad_x (the transposed convolution through the codebook) and grad_bias; the packed
+    weight is constant and takes no gradient. A NaN or inf in x makes every output whose window
+    covers it NaN or inf (pruned weights multiply too), as conv2d. A channels-last x gives a channels-last output, as
     conv2d does (the CPU kernel convolves it so, without copies into NCHW and back).
     """
     op = OP

@@ -127,8 +127,20 @@ void run_lowbit(const LowbitCase& c, const std::string& who) {
   check_lowbit_backward(c, data<float>(grad_x), who);
 }
 
+// x (NCHW values) stored channels-last (NHWC), over its own heap block.
 template <class T>
-void run_lut_conv2d(const LutConv2dCase& c) {
+std::vector<T> stored_channels_last(const std::vector<T>& x, const Conv2dGeometry& g) {
+  std::vector<T> out(x.size());
+  const int64_t C = g.in_channels, H = g.height, W = g.width;
+  for (int64_t n = 0; n < g.batch; ++n)
+    for (int64_t ch = 0; ch < C; ++ch)
+      for (int64_t i = 0; i < H * W; ++i) out[(n * H * W + i) * C + ch] = x[(n * C + ch) * H * W + i];
+  return out;
+}
+
+// channels_last: x is passed in that layout (y comes back so, checked in NCHW order).
+template <class T>
+void run_lut_conv2d(const LutConv2dCase& c, bool channels_last = false) {
   static auto forward = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       OptTensor, OptTensor, at::IntArrayRef, int64_t, OptTensor, at::IntArrayRef,
                                       at::IntArrayRef, at::IntArrayRef, int64_t)>("mixedprec::lut_conv2d_fwd");
@@ -141,13 +153,18 @@ void run_lut_conv2d(const LutConv2dCase& c) {
   const std::vector<int64_t> weight_shape{g.out_channels, g.group_in(), g.kernel_h, g.kernel_w};
   const std::vector<int64_t> stride{g.stride_h, g.stride_w}, padding{g.pad_h, g.pad_w}, dilation{g.dil_h, g.dil_w};
   const std::vector<T> x = stored<T>(c.x), grad_y = stored<T>(c.grad_y);
+  const std::vector<T> x_nhwc = channels_last ? stored_channels_last(x, g) : std::vector<T>();
+  const at::Tensor x_in = channels_last
+      ? at::from_blob(const_cast<T*>(x_nhwc.data()), input_shape,
+                      {g.in_channels * g.height * g.width, 1, g.width * g.in_channels, g.in_channels},
+                      at::TensorOptions(scalar_type<T>()))
+      : view(x, input_shape);
   const auto [keep_bitmap, code_offsets] = sparse_tables(c.packed);
   std::optional<at::Tensor> bias;
   if (!c.bias.empty()) bias = view(c.bias);
-  const at::Tensor y = forward.call(view(x, input_shape), view(c.packed.codes), view(c.codebook), view(c.channel_scale),
-                                    keep_bitmap, code_offsets, weight_shape, c.bits, bias, stride, padding, dilation,
-                                    g.groups);
-  check_lut_conv2d_forward(c, data<T>(y), kWho);
+  const at::Tensor y = forward.call(x_in, view(c.packed.codes), view(c.codebook), view(c.channel_scale), keep_bitmap,
+                                    code_offsets, weight_shape, c.bits, bias, stride, padding, dilation, g.groups);
+  check_lut_conv2d_forward(c, data<T>(y.contiguous()), kWho);
   const at::Tensor grad_x = backward.call(view(grad_y, output_shape), view(c.packed.codes), view(c.codebook),
                                           view(c.channel_scale), keep_bitmap, code_offsets, weight_shape, c.bits,
                                           input_shape, stride, padding, dilation, g.groups);
@@ -238,6 +255,8 @@ int main(int argc, char** argv) {
   // weight decode spans (70 input channels), asymmetric padding, an odd output
   const Conv2dGeometry winograd = conv_geometry(2, 20, 9, 11, 12, 3, 3, 1, 1, 1, 1, 1, 1, 1);
   const Conv2dGeometry winograd_spans = conv_geometry(1, 70, 5, 4, 9, 3, 3, 1, 1, 0, 2, 1, 1, 1);
+  // channels-last 1x1 over few pixels: the pixel rows times the decoded tile (sgemm), strided
+  const Conv2dGeometry pointwise = conv_geometry(2, 19, 7, 6, 11, 1, 1, 2, 3, 0, 0, 1, 1, 1);
   for (bool simd : {true, false}) {
     set_simd.call(simd);
     for (int bits : {1, 4, 8})
@@ -251,6 +270,8 @@ int main(int argc, char** argv) {
     run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(2, true, true, winograd, rng));
     run_lut_conv2d<Half16>(lut_conv2d_case<Half16>(4, true, true, plain, rng));
     run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(4, false, false, depthwise, rng));
+    run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, pointwise, rng), true);
+    run_lut_conv2d<float>(lut_conv2d_case<float>(3, false, true, depthwise, rng), true);
   }
   set_simd.call(true);
   return finish();
