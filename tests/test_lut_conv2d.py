@@ -320,6 +320,10 @@ def test_opcheck(backend, sparse):
     for x_in in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()):
         torch.library.opcheck(custom_op(backend, "lut_conv2d").default,
                               (x_in, *packed_args.kernel_args(packed), bias, [1, 2], [1, 0], [1, 1], 1))
+    pointwise = make_packed((4, 3, 1, 1), 3, 0.5 if sparse else 0.0)  # the CPU kernel's GEMM, strided
+    torch.library.opcheck(custom_op(backend, "lut_conv2d").default,
+                          (x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(),
+                           *packed_args.kernel_args(pointwise), bias, [2, 1], [0, 0], [1, 1], 1))
 
 
 def test_torch_compile_fullgraph_matches_eager():
