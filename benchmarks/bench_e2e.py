@@ -27,7 +27,7 @@ from torch import nn
 
 import mixedprec
 from mixedprec import opq, sbs
-from timing import time_ms  # benchmarks/timing.py
+from timing import elapsed_ms  # benchmarks/timing.py
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -165,16 +165,23 @@ def test_e2e(benchmark, name, layout, variant, batch):
 
 
 def measure(quick: bool, repeats: int) -> dict:
-    """Median ms per (model, layout, variant, batch); the float model is timed before and after its
-    variants and its median of both kept, so drift in the machine's speed shows in neither ratio."""
+    """Median ms per (model, layout, variant, batch) over ``repeats`` rounds; each round takes the
+    float model and each of its variants in turn and times the second of two back-to-back calls
+    (what a served model sees: its weights as warm in the caches as its own previous call left
+    them). A slow phase of a shared machine then reaches every model of a row alike, rather than
+    whichever one was being timed (a block of calls per model gave cells 0.65x in one run and
+    1.1x in the next)."""
     times = {}
     with torch.inference_mode():
         for (name, layout), (model, variants, inputs) in rows(quick).items():
+            models = {"float": model, **variants}
             for batch, x in inputs.items():
-                first = time_ms(lambda: model(x), repeats)
-                for variant, packed in variants.items():
-                    times[name, layout, variant, batch] = time_ms(lambda: packed(x), repeats)
-                times[name, layout, "float", batch] = statistics.median([first, time_ms(lambda: model(x), repeats)])
+                samples = {v: [] for v in models}
+                for _ in range(repeats):
+                    for v, m in models.items():
+                        m(x)
+                        samples[v].append(elapsed_ms(lambda: m(x)))
+                times.update({(name, layout, v, batch): statistics.median(s) for v, s in samples.items()})
     return times
 
 
@@ -192,11 +199,12 @@ def print_table(times: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small inputs and decoder (CI's smoke sizes)")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
-    print(f"{torch.get_num_threads()} threads, cpu, {size}, median of {args.repeats}, float timed before and after")
+    print(f"{torch.get_num_threads()} threads, cpu, {size}, median of {args.repeats} rounds, each timing every model "
+          f"of a row once, after an untimed call")
     print_table(measure(args.quick, args.repeats))
 
 

@@ -10,7 +10,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from mixedprec import ops
-from mixedprec.metrics.latency import elapsed_ms, time_calls  # noqa: F401 (elapsed_ms: bench_qat_step)
+from mixedprec.metrics.latency import elapsed_ms, time_calls  # noqa: F401 (elapsed_ms: bench_qat_step, bench_e2e)
 
 # Per device type, the backends whose kernels a table times; the first one is "ours", the one
 # the ratios are taken against.
