@@ -88,5 +88,6 @@ def main() -> None:
                         cells.append(f"{t['lut_conv2d']:.3f} ({t['fp32 conv2d'] / t['lut_conv2d']:.2f}x)")
                     print(f"| {name} | {b} | " + " | ".join(cells) + " |", flush=True)
 
+
 if __name__ == "__main__":
     main()

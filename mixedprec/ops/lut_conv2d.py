@@ -33,8 +33,9 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     at most 512 output pixels: a GEMM of x's pixel rows with the tile; docs/kernels.md).
     Gradients: grad_x (the transposed convolution through the codebook) and grad_bias; the packed
     weight is constant and takes no gradient. A NaN or inf in x makes every output whose window
-    covers it NaN or inf (pruned weights multiply too), as conv2d. A channels-last x gives a channels-last output, as
-    conv2d does (the CPU kernel convolves it so, without copies into NCHW and back).
+    covers it NaN or inf (pruned weights multiply too), as conv2d. A channels-last x gives a
+    channels-last output, as conv2d does (the CPU kernel convolves it so, without copies into NCHW
+    and back).
     """
     op = OP
     checks.tensor(op, "x", x)
