@@ -52,14 +52,18 @@ bool pointwise_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
          g.pad_w == 0 && g.groups == 1 && g.batch * g.out_pixels() <= kPointwiseGemmPixels;
 }
 
-// y[:, channels of w_tile] for a pointwise_gemm_applies convolution: x's pixel rows (a view of a
-// channels-last x; the strided pixels copied when the stride is > 1) times the tile's rows, as a
-// channels-last (N, rows, H_out, W_out) tensor.
-at::Tensor pointwise_gemm(const at::Tensor& x, const at::Tensor& w_tile, const std::optional<at::Tensor>& bias,
-                          const Conv2dGeometry& g) {
+// x's pixel rows (N * H_out * W_out, C_in) for a pointwise_gemm_applies convolution: a view of a
+// channels-last x, or the strided pixels gathered (once per call, whatever the number of tiles).
+at::Tensor pixel_rows(const at::Tensor& x, const Conv2dGeometry& g) {
   const at::Tensor picked = g.stride_h == 1 && g.stride_w == 1
                                 ? x : x.slice(2, 0, g.height, g.stride_h).slice(3, 0, g.width, g.stride_w);
-  const at::Tensor rows = picked.permute({0, 2, 3, 1}).reshape({-1, g.in_channels});
+  return picked.permute({0, 2, 3, 1}).reshape({-1, g.in_channels});
+}
+
+// y[:, channels of w_tile] as a channels-last (N, rows, H_out, W_out) tensor: the pixel rows times
+// the tile's rows.
+at::Tensor pointwise_gemm(const at::Tensor& rows, const at::Tensor& w_tile, const std::optional<at::Tensor>& bias,
+                          const Conv2dGeometry& g) {
   const at::Tensor w_t = w_tile.view({w_tile.size(0), g.in_channels}).t();
   const at::Tensor y = bias ? at::addmm(*bias, rows, w_t) : at::mm(rows, w_t);
   return y.view({g.batch, g.out_height, g.out_width, w_tile.size(0)}).permute({0, 3, 1, 2});
@@ -150,7 +154,7 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
   }
 #endif
   const Tiles tiles(g);
-  const bool pointwise = pointwise_gemm_applies(g, layout);
+  const at::Tensor pixels = pointwise_gemm_applies(g, layout) ? pixel_rows(x_f, g) : at::Tensor();
   at::Tensor tile = at::empty({tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w}, x_f.options());
   const auto conv = [&](int64_t c0, int64_t c1) {
     const int64_t k = g.groups > 1 ? (c1 - c0) / g.group_out() : 1;
@@ -158,7 +162,7 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
     const at::Tensor x_t = g.groups > 1 ? part(x_f, 1, c0 / g.group_out() * g.group_in(), k * g.group_in()) : x_f;
     const at::Tensor w_t = part(tile, 0, 0, c1 - c0);
     const std::optional<at::Tensor> bias_t = bias_f.defined() ? std::optional(part(bias_f, 0, c0, c1 - c0)) : std::nullopt;
-    if (pointwise) return pointwise_gemm(x_t, w_t, bias_t, g);
+    if (pixels.defined()) return pointwise_gemm(pixels, w_t, bias_t, g);
     return at::convolution(x_t, w_t, bias_t, stride, padding, dilation, false, {0, 0}, k);
   };
   if (tiles.count == 1) return conv(0, g.out_channels).to(x.scalar_type()).contiguous(layout);
