@@ -92,14 +92,16 @@ inline void check_float32(const at::Tensor& t, at::IntArrayRef shape, const char
 }
 
 // With MIXEDPREC_POISON_OUTPUTS=1 (set by the test suite) every kernel output is filled with
-// NaN before the kernel runs, so an element a kernel forgets to write cannot pass as correct.
+// NaN before the kernel runs (integer outputs: all bits set), so an element a kernel forgets to
+// write cannot pass as correct.
 inline at::Tensor poisoned(at::Tensor t) {
   static const bool poison = [] {
     const char* v = std::getenv("MIXEDPREC_POISON_OUTPUTS");
     return v != nullptr && v[0] == '1';
   }();
-  if (poison) t.fill_(std::numeric_limits<float>::quiet_NaN());
-  return t;
+  if (!poison) return t;
+  if (t.is_floating_point()) return t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t.fill_(t.scalar_type() == at::kByte ? 255 : -1);
 }
 
 }  // namespace mixedprec

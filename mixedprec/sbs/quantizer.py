@@ -15,7 +15,7 @@ is decided from the whole batch over every process, so every process decides the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,14 @@ def check_act_grid(grid: str, enabled: bool = True) -> None:
     del enabled
     if grid not in ACT_GRIDS:
         raise ValueError(f"act_grid must be one of {ACT_GRIDS}, got {grid!r}")
+
+
+class FixedGrid(NamedTuple):
+    """The grid a quantizer rounds to at one bitwidth (``BitSharingQuantizer.fixed_grid``)."""
+    bits: int
+    signed: bool
+    clip: Tensor              # 0-dim float32, detached
+    zero_point: Tensor | None  # the asymmetric grid's z0 (0-dim float32), else None
 
 
 class BatchStatistics(Protocol):
@@ -187,6 +195,14 @@ class BitSharingQuantizer(nn.Module):
         if not self.enabled:
             return FLOAT_BITS
         return self.fixed_bits if self.fixed_bits is not None else int(self.chosen_bits)
+
+    def fixed_grid(self) -> FixedGrid | None:
+        """The grid forward rounds to when it rounds at one bitwidth (fixed, or a search in eval
+        mode) with its sign and clip value decided; else None (disabled, searching in training)."""
+        if not self.enabled or not self.clip_ready or self.signed is None or (self.searching and self.training):
+            return None
+        z0 = zero_point(self.offset.detach(), self.bits[0], torch.float32) if self.asymmetric else None
+        return FixedGrid(self.current_bits(), bool(self.signed), self.clip.detach().float(), z0)
 
     def effective_bits(self, differentiable: bool) -> Tensor | int:
         """b_1 + sum_j (g_2 ... g_j)(b_j - b_{j-1}): the bitwidth written through the gates.

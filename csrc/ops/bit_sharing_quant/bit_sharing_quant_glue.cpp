@@ -3,6 +3,8 @@
 //           gates come from it instead of from x
 //   _bwd    (grad_x, sums = [dL/dv, sum grad_y T_j ...])
 //   _stats  the float64 sums of |r_j| (j = 2..K) over x
+//   bit_sharing_codes  (CPU only) one fixed bitwidth's codes as uint8 and their sums over
+//           channels per pixel: the input of PackedConv2d's int8 path
 // Every one takes an optional 0-dim float32 zero_point z0 in [0, 1] (None: 0), the unsigned
 // grid's zero point (the asymmetric activation grid; only with signed=False).
 // Kernels: bit_sharing_quant_cpu.cpp (CPU), bit_sharing_quant.cu (CUDA, SIMT).
@@ -21,6 +23,8 @@ at::Tensor bit_sharing_quant_stats(const at::Tensor& x, const at::Tensor& clip, 
 std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                               const at::Tensor& clip, const at::Tensor& gates,
                                                               const BitSharingParams& p, float z0);
+std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float clip, bool is_signed, float z0,
+                                                     int bits);
 }  // namespace cpu
 namespace MP_DEVICE_NS {  // bit_sharing_quant.cu
 // floats of scratch the launchers need for n elements
@@ -173,6 +177,24 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
   }
 }
 
+#if !defined(MP_SIMT_LIBRARY)
+std::tuple<at::Tensor, at::Tensor> codes(const at::Tensor& x, const at::Tensor& clip, int64_t bits, bool is_signed,
+                                         const std::optional<at::Tensor>& zero_point) {
+  const char* op = "bit_sharing_codes";
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, op,
+              ": x must be a 4-D float32 CPU tensor (N, C, H, W), got ", x.dim(), "-D ", x.scalar_type(), " on ",
+              x.device());
+  TORCH_CHECK(x.size(1) * 255 < (int64_t(1) << 24), op, ": x has ", x.size(1),
+              " channels; their code sums must be exact in float32 (at most 65793)");
+  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be in 1..8, got ", bits);
+  check_stats_args(x, clip, {bits}, is_signed, op);
+  const float v = clip.item<float>();
+  TORCH_CHECK(std::isfinite(v) && v > 0.0f, op, ": clip must be finite and > 0, got ", v);
+  const float z0 = zero_point_value(check_zero_point(zero_point, x, is_signed, op));
+  return cpu::bit_sharing_codes(x, v, is_signed, z0, int(bits));
+}
+#endif
+
 }  // namespace
 }  // namespace mixedprec
 
@@ -184,4 +206,9 @@ TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
         "Tensor? zero_point=None) -> (Tensor, Tensor)", mixedprec::backward<false>, mixedprec::backward<true>);
   MP_OP(m, bit_sharing_quant_stats, "(Tensor x, Tensor clip, int[] bits, bool signed, Tensor? zero_point=None) -> "
         "Tensor", mixedprec::stats<false>, mixedprec::stats<true>);
+#if !defined(MP_SIMT_LIBRARY)
+  m.def("bit_sharing_codes(Tensor x, Tensor clip, int bits, bool signed, Tensor? zero_point=None) -> "
+        "(Tensor, Tensor)");
+  m.impl("bit_sharing_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::codes)));
+#endif
 }

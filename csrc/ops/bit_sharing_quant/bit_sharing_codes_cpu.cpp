@@ -1,0 +1,105 @@
+// The integer codes of SBS's fixed-bit activation quantizer on the CPU, for PackedConv2d's int8
+// path (mixedprec/nn/int8_conv.py): k = rint(z n), z = clamp(x / v + z0, 0, 1) or (signed)
+// (clamp(x / v, -1, 1) + 1) / 2, the k that bit_sharing_quant rounds to
+// (include/mixedprec/bit_sharing.h, spelled the same way), as uint8 in x's layout, and per pixel
+// the sum over channels of k - j, j the zero level (z0 n; signed: (n - 1) / 2, half a step
+// below the grid's middle, which has no level):
+// the int8 convolution's weights have no zero point, so the weight grid's offset is added as
+// offset * (that sum, summed over each output's window). A NaN in x gives some code and a NaN sum
+// at its pixel, which the window sums carry to every output it reaches, as the float path does.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#include "cpu/vec_ops.h"
+#include "mixedprec/bit_sharing.h"
+#include "register/op.h"
+
+namespace mixedprec {
+namespace {
+
+constexpr int kW = Vec::size();
+
+struct CodeParams {
+  float inv_clip, z0, levels, zero_level;
+  bool is_signed;
+};
+
+inline Vec code_of(Vec x, const CodeParams& p) {
+  const Vec z = bs_normalize<VecOps>(x * Vec(p.inv_clip), p.is_signed, p.z0);
+  return VecOps::round_even(z * Vec(p.levels));
+}
+
+// codes[i] = the code of x[i] for i < count (<= kW); returns the codes as floats, 0 past count.
+inline Vec store_codes(const float* x, uint8_t* codes, const CodeParams& p, int count = kW) {
+  const Vec k = code_of(count == kW ? Vec::loadu(x) : Vec::loadu(x, count), p);
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_mask_cvtusepi32_storeu_epi8(codes, __mmask16((1u << count) - 1u), _mm512_cvttps_epi32(k));
+#else
+  alignas(64) float lanes[kW];
+  k.store(lanes);
+  for (int l = 0; l < count; ++l) codes[l] = lanes[l] == lanes[l] ? uint8_t(lanes[l]) : 0;  // NaN: 0
+#endif
+  return count == kW ? k : Vec::set(Vec(0.0f), k, count);
+}
+
+// Channels-last: pixel q's channels are x[q C .. q C + C - 1].
+void channels_last(const float* x, uint8_t* codes, float* sums, int64_t pixels, int64_t c, const CodeParams& p) {
+  at::parallel_for(0, pixels, std::max<int64_t>(1, (1 << 15) / c), [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const float* xq = x + q * c;
+      uint8_t* cq = codes + q * c;
+      Vec acc(0.0f);
+      int64_t i = 0;
+      for (; i + kW <= c; i += kW) acc = acc + store_codes(xq + i, cq + i, p);
+      if (i < c) acc = acc + store_codes(xq + i, cq + i, p, int(c - i));
+      sums[q] = float(lane_sum(acc) - double(c) * p.zero_level);
+    }
+  });
+}
+
+// NCHW: image n's channel planes of hw values each; sums[n hw + i] over the planes.
+void planar(const float* x, uint8_t* codes, float* sums, int64_t images, int64_t c, int64_t hw, const CodeParams& p) {
+  constexpr int64_t kSpan = 256;  // pixels per task step: the span's sums stay in L1 over the planes
+  const int64_t spans = (hw + kSpan - 1) / kSpan;
+  at::parallel_for(0, images * spans, std::max<int64_t>(1, (1 << 15) / (c * kSpan)), [&](int64_t t0, int64_t t1) {
+    alignas(64) float acc[kSpan];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / spans, i0 = (t % spans) * kSpan, len = std::min(kSpan, hw - i0);
+      std::fill(acc, acc + len, -p.zero_level * float(c));
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t at = (n * c + ch) * hw + i0;
+        for (int64_t i = 0; i < len; i += kW) {
+          const int count = int(std::min<int64_t>(kW, len - i));
+          (Vec::loadu(acc + i, count) + store_codes(x + at + i, codes + at + i, p, count)).store(acc + i, count);
+        }
+      }
+      std::copy(acc, acc + len, sums + n * hw + i0);
+    }
+  });
+}
+
+}  // namespace
+
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float clip, bool is_signed, float z0,
+                                                     int bits) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const float levels = float((1 << bits) - 1);
+  const float zero_level = is_signed ? float(((1 << bits) - 2) / 2) : std::nearbyint(z0 * levels);
+  const CodeParams p{1.0f / clip, z0, levels, zero_level, is_signed};
+  at::Tensor codes = poisoned(at::empty_like(x, x.options().dtype(at::kByte)));
+  at::Tensor sums = poisoned(at::empty({n, 1, h, w}, x.options()));
+  const float* xp = x.const_data_ptr<float>();
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
+    channels_last(xp, codes.data_ptr<uint8_t>(), sums.data_ptr<float>(), n * h * w, c, p);
+  else
+    planar(xp, codes.data_ptr<uint8_t>(), sums.data_ptr<float>(), n, c, h * w, p);
+  return {codes, sums};
+}
+
+}  // namespace cpu
+}  // namespace mixedprec

@@ -1,0 +1,222 @@
+"""PackedConv2d's int8 path (mixedprec/nn/int8_conv.py) and the codes it is fed
+(bit_sharing_codes): against the float path's quantizer bit for bit, and against a float64
+convolution of the fake-quantized input with the decoded weight."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixedprec import ops
+from mixedprec.formats import pack_weight
+from mixedprec.nn import PackedConv2d, set_int8_conv
+from mixedprec.nn.int8_conv import GRID_TOLERANCE, int8_conv_available, int8_forward
+from mixedprec.sbs.quantizer import BitSharingQuantizer
+
+pytestmark = pytest.mark.skipif(not int8_conv_available(), reason="no oneDNN int8 convolution or no VNNI")
+
+GRIDS = ("unsigned", "signed", "asymmetric")
+
+
+def quantizer(bits: int, grid: str, x: torch.Tensor) -> BitSharingQuantizer:
+    """A fixed-bit quantizer on ``grid``, its clip (and offset) taken from x as SBS's first batch does."""
+    q = BitSharingQuantizer((bits,), signed={"unsigned": False, "signed": True, "asymmetric": None}[grid],
+                            clip_init=None, negative_grid="asymmetric")
+    with torch.no_grad():
+        q(x)
+    assert q.asymmetric == (grid == "asymmetric")
+    return q
+
+
+def sample(shape, grid: str, seed: int, channels_last: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2
+    if grid == "unsigned":
+        x = x.relu()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def sbs_layer(weight_shape, bits: int, quant, stride=1, padding=0, dilation=1, bias=True, seed=0) -> PackedConv2d:
+    """A layer as SBS packs one: codes into a uniform grid mean + std v (2 k / n - 1), unit scales."""
+    g = torch.Generator().manual_seed(seed)
+    n = (1 << bits) - 1
+    codes = torch.randint(0, n + 1, weight_shape, generator=g)
+    k = torch.arange(n + 1, dtype=torch.float32)
+    grid = (0.7 * (2.0 * (k * (1.0 / n)) - 1.0)) * 0.05 + 0.003
+    packed = pack_weight(codes, grid, torch.ones(weight_shape[0], dtype=torch.float16), bits,
+                         codebook_dtype=torch.float32)
+    b = torch.randn(weight_shape[0], generator=g) if bias else None
+    return PackedConv2d(packed, b, quant, stride, padding, dilation).eval()
+
+
+def check_layer(layer: PackedConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The int8 path's y (checked to be taken) around the float64 convolution of the quantizer's
+    output x_hat with the decoded weight W. Its integer sums are exact; the error is float32
+    rounding of a few products of each of its two terms (main s_x d sum (k - j)(c - m), at most
+    sum |x_hat| (|W| + |c0|), and the offset c0 s_x sum (k - j)), with x_hat rebuilt as s_x (k - j)
+    where the float path rounds three times: 10 u of |main| + |offset|, plus what the grid's
+    affine fit may move each weight (GRID_TOLERANCE eps of the largest level) and u of the bias."""
+    with torch.no_grad():
+        y = int8_forward(layer, x)
+        assert y is not None, "the int8 path did not apply"
+        x_hat = layer.input_quant(x).double()
+    w = layer.packed_weight().decode().double()
+    args = (layer.stride, layer.padding, layer.dilation)
+    bias = None if layer.bias is None else layer.bias.double()
+    expected = F.conv2d(x_hat, w, bias, *args)
+    grid = layer.codebook.double()
+    offset = (grid[0] + (grid[-1] - grid[0]) / (grid.numel() - 1) * (grid.numel() // 2)).abs()
+    eps = torch.finfo(torch.float32).eps
+    window = F.conv2d(x_hat.abs(), torch.ones_like(w), None, *args)
+    u = eps / 2
+    bound = (10 * u * (F.conv2d(x_hat.abs(), w.abs(), None, *args) + 2 * offset * window)
+             + GRID_TOLERANCE * eps * grid.abs().max() * window + (0 if bias is None else u * bias.abs().view(1, -1, 1, 1)))
+    finite = expected.isfinite()
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert ((y.double() - expected).abs()[finite] <= bound[finite]).all(), ((y.double() - expected).abs() / bound).max()
+    assert y.dtype == torch.float32 and y.shape == expected.shape
+    return y
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_codes_give_the_quantizers_output_bit_for_bit(bits, grid, channels_last):
+    x = sample((2, 21, 5, 7), grid, bits, channels_last)
+    q = quantizer(bits, grid, x)
+    x[0, 3, 1, 2], x[1, 0, 0, 0], x[1, 20, 4, 6] = float("inf"), float("-inf"), 1e-30
+    fixed = q.fixed_grid()
+    codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, fixed.clip, bits, fixed.signed, fixed.zero_point)
+    with torch.no_grad():
+        y = q(x)
+    n = (1 << bits) - 1
+    k = codes.float()
+    if fixed.signed:
+        rebuilt, zero = fixed.clip * (2.0 * (k * (1.0 / n)) - 1.0), (n - 1) // 2
+    else:
+        z0 = 0.0 if fixed.zero_point is None else fixed.zero_point
+        rebuilt, zero = fixed.clip * (k * (1.0 / n) - z0), round(float(z0) * n)
+    assert codes.dtype == torch.uint8 and codes.stride() == x.stride()
+    assert int(codes.max()) <= n
+    assert torch.equal(rebuilt, y)
+    assert torch.equal(sums, (codes.double() - zero).sum(1, keepdim=True).float())
+
+
+def test_codes_of_nan_give_a_nan_sum_at_its_pixel():
+    x = sample((1, 19, 3, 4), "unsigned", 0, channels_last=True)
+    x[0, 7, 1, 2] = float("nan")
+    q = quantizer(4, "unsigned", x.nan_to_num())
+    codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, q.clip.detach(), 4, False, None)
+    assert torch.equal(sums.isnan(), x.isnan().any(1, keepdim=True))
+
+
+def test_codes_reject_bad_arguments():
+    x, clip = torch.rand(1, 4, 3, 3), torch.tensor(1.0)
+    codes = torch.ops.mixedprec.bit_sharing_codes
+    with pytest.raises(RuntimeError, match="x must be a 4-D float32"):
+        codes(x.double(), clip, 4, False)
+    with pytest.raises(RuntimeError, match="x must be a 4-D float32"):
+        codes(x[0], clip, 4, False)
+    with pytest.raises(RuntimeError, match="bits must be in 1..8"):
+        codes(x, clip, 9, False)
+    with pytest.raises(RuntimeError, match="clip must be finite and > 0"):
+        codes(x, torch.tensor(float("nan")), 4, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        codes(x.transpose(2, 3), clip, 4, False)
+    with pytest.raises(RuntimeError, match="zero_point is only for the unsigned grid"):
+        codes(x, clip, 4, True, torch.tensor(0.2))
+
+
+GEOMETRIES = [  # (x shape, weight shape, stride, padding, dilation)
+    ((1, 19, 9, 11), (13, 19, 1, 1), 1, 0, 1),
+    ((2, 16, 9, 8), (24, 16, 1, 1), (2, 3), 0, 1),
+    ((1, 8, 10, 7), (17, 8, 3, 3), 1, 1, 1),
+    ((3, 12, 11, 9), (8, 12, 3, 3), 2, 1, 1),
+    ((1, 3, 17, 15), (16, 3, 7, 7), 2, 3, 1),
+    ((1, 6, 12, 12), (10, 6, 3, 3), 1, 2, 2),
+    ((2, 5, 7, 9), (9, 5, 3, 1), 1, (1, 0), 1),
+    ((1, 40, 6, 6), (32, 40, 3, 3), 1, 0, 1),
+]
+
+
+@pytest.mark.parametrize("case", range(len(GEOMETRIES)))
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_int8_path_matches_the_float_convolution(case, grid, channels_last):
+    x_shape, w_shape, stride, padding, dilation = GEOMETRIES[case]
+    for bits, a_bits in ((2, 8), (4, 4), (8, 2)):
+        x = sample(x_shape, grid, case * 10 + bits, channels_last)
+        layer = sbs_layer(w_shape, bits, quantizer(a_bits, grid, x), stride, padding, dilation, bias=case % 2 == 0)
+        y = check_layer(layer, x)
+        with torch.no_grad():
+            set_int8_conv(False)
+            try:
+                float_path = layer(x)
+            finally:
+                set_int8_conv(True)
+            assert torch.equal(layer(x), y)  # forward takes the int8 path
+        torch.testing.assert_close(y, float_path, rtol=1e-5, atol=1e-4 * float_path.abs().max())
+
+
+def test_nan_reaches_the_outputs_the_float_path_reaches():
+    x = sample((1, 8, 9, 9), "unsigned", 3, channels_last=True)
+    layer = sbs_layer((12, 8, 3, 3), 4, quantizer(8, "unsigned", x), padding=1)
+    x[0, 2, 4, 5] = float("nan")
+    y = check_layer(layer, x)
+    assert y.isnan().sum() == 12 * 9
+
+
+def test_int8_path_follows_the_bias_and_the_clip():
+    x = sample((1, 8, 6, 6), "signed", 4)
+    layer = sbs_layer((8, 8, 3, 3), 4, quantizer(8, "signed", x), padding=1)
+    check_layer(layer, x)
+    with torch.no_grad():
+        layer.bias.add_(1.0)
+        layer.input_quant.clip.mul_(0.5)
+    check_layer(layer, x)
+
+
+def test_other_calls_take_the_float_path():
+    x = sample((1, 8, 6, 6), "unsigned", 5)
+    quant = quantizer(4, "unsigned", x)
+    layer = sbs_layer((8, 8, 3, 3), 4, quant, padding=1)
+    assert int8_forward(layer, x) is None  # gradients enabled: the float path's autograd
+    with torch.no_grad():
+        assert int8_forward(layer, x.double()) is None
+        assert int8_forward(layer, x.half()) is None
+        grouped = PackedConv2d(layer.packed_weight(), None, quant, groups=1)
+        assert int8_forward(grouped, x) is not None
+        g = torch.Generator().manual_seed(0)
+        two_groups = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 4, 3, 3), generator=g),
+                                              layer.codebook, torch.ones(8), 4), None, quant, groups=2)
+        assert int8_forward(two_groups, x) is None
+        sparse = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 8, 3, 3), generator=g), layer.codebook,
+                                          torch.ones(8), 4, torch.rand(8, 8, 3, 3, generator=g) > 0.5), None, quant)
+        assert int8_forward(sparse, x) is None
+        lloyd = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 8, 3, 3), generator=g),
+                                         torch.randn(16, generator=g).sort().values, torch.ones(8), 4), None, quant)
+        assert int8_forward(lloyd, x) is None
+        searching = sbs_layer((8, 8, 3, 3), 4, BitSharingQuantizer((2, 4, 8), signed=False, clip_init=2.0), padding=1)
+        assert int8_forward(searching.train(), x) is None  # a search in training mode learns its gates
+        assert int8_forward(searching.eval(), x) is not None  # in eval mode it rounds at its choice
+        assert int8_forward(sbs_layer((8, 8, 3, 3), 4, None, padding=1), x) is None
+        previous = set_int8_conv(False)
+        assert previous and int8_forward(layer, x) is None
+        set_int8_conv(True)
+
+
+def test_copies_and_saved_layers_after_an_int8_call():
+    x = sample((2, 8, 6, 6), "unsigned", 6, channels_last=True)
+    layer = sbs_layer((8, 8, 3, 3), 4, quantizer(8, "unsigned", x), padding=1)
+    with torch.no_grad():
+        y = layer(x)
+        twin = copy.deepcopy(layer)
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)
+        assert torch.equal(layer(x[:1]), y[:1])  # another input shape: its own prepacked weight
