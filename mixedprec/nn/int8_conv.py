@@ -1,7 +1,7 @@
 """PackedConv2d's int8 path on the CPU: inference of an SBS layer as an integer convolution.
 
-An exported SBS layer quantizes its input to an unsigned grid (``BitSharingQuantizer``, fixed
-bits, plain or asymmetric) and decodes a weight whose codebook is a uniform grid. Both are then
+An exported SBS layer quantizes its input to a fixed-bit grid (``BitSharingQuantizer``: unsigned,
+asymmetric or signed) and decodes a weight whose codebook is a uniform grid. Both are then
 integers times a scale, and the layer is one u8 x s8 -> s32 convolution (oneDNN through
 ``torch.ops.onednn.qconv2d_pointwise``, VNNI dot products) with a float32 output: 2.5-5x faster
 than float32 ``conv2d`` on ResNet's and MobileNetV2's dense layers on a Zen 4 CPU. The integer
@@ -9,6 +9,7 @@ sums are exact, so y differs from the float path (fake-quantized x, float convol
 float32 rounding only:
 
     x_hat = s_x (k - j)           k = the quantizer's code (``bit_sharing_codes``), j its zero level
+                                  (a signed grid: s_x (k - j - 1/2), the half step added as a constant)
     W     = d scale_c (c - m) + c0 scale_c    c = the weight code, m = 2^(b-1), c0 = level(m)
     y     = s_x d scale_c conv(k - j, c - m) + c0 scale_c s_x window_sum(sum over channels of k - j)
 
@@ -129,6 +130,7 @@ class Prepacked(NamedTuple):
     shift: Tensor | None   # signed grids: (C,) added to the bias, or (1, C, H_out, W_out) with padding
 
 
+@torch.compiler.disable  # run as it is under torch.compile (a graph break): compiled = eager results
 def int8_forward(layer, x: Tensor) -> Tensor | None:
     """y of ``layer`` (a PackedConv2d) on x through the int8 convolution, or None where the call
     does not qualify (the caller then takes the float path). The layer's ``input_quant`` names
