@@ -99,7 +99,7 @@ def _close(actual, expected, what, atol=1e-4):
 
 
 # An SBS model computed with other float32 roundings (inductor's kernels, the int8 convolutions of
-# nn/int8_conv.py: each layer within 1e-6 of the float path) moves some activations across a rounding
+# nn/int8.py: each layer within 1e-6 of the float path) moves some activations across a rounding
 # boundary of the next quantizer, a whole step each: outputs move by up to ~1e-2 of their scale.
 SBS_OTHER_ROUNDING = 3e-2
 
@@ -114,11 +114,11 @@ def test_compress_pack_save_load_compile(name, method, tmp_path):
         packed = mixedprec.pack(net).eval()
     assert any(isinstance(m, (mixedprec.nn.PackedLinear, mixedprec.nn.PackedConv2d)) for m in packed.modules())
     with torch.no_grad():
-        previous = mixedprec.nn.set_int8_conv(False)  # the float path: the finetuned model's sums
+        previous = mixedprec.nn.set_int8(False)  # the float path: the finetuned model's sums
         try:
             _close(packed(x), net(x), "packed vs finetuned")
         finally:
-            mixedprec.nn.set_int8_conv(previous)
+            mixedprec.nn.set_int8(previous)
         if method == "sbs":
             _close(packed(x), net(x), "packed (int8 convolutions) vs finetuned", SBS_OTHER_ROUNDING)
     path = tmp_path / f"{name}.safetensors"

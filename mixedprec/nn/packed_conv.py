@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.formats import PackedWeight
-from mixedprec.nn.int8_conv import int8_forward
+from mixedprec.nn.int8 import int8_conv2d
 from mixedprec.nn.packed_module import PackedModule
 from mixedprec.ops.checks import conv_pair
 
@@ -57,7 +57,7 @@ class PackedConv2d(PackedModule):
                    conv.groups, backend=backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = int8_forward(self, x)  # SBS layers on the CPU under no_grad: one integer convolution
+        y = int8_conv2d(self, x)  # SBS layers on the CPU under no_grad: one integer convolution
         if y is not None:
             return y
         if self.input_quant is not None:  # SBS models quantize layer inputs

@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from mixedprec import ops
 from mixedprec.formats import PackedWeight
+from mixedprec.nn.int8 import int8_linear
 from mixedprec.nn.packed_module import PackedModule
 
 
@@ -42,6 +43,9 @@ class PackedLinear(PackedModule):
         return self.packed_weight()
 
     def forward(self, x: Tensor) -> Tensor:
+        y = int8_linear(self, x)  # SBS layers on the CPU under no_grad: one integer GEMM
+        if y is not None:
+            return y
         if self.input_quant is not None:
             x = self.input_quant(x)
         return ops.lowbit_linear(x, self.packed_weight(), self.bias, backend=self.backend)

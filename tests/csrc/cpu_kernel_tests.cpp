@@ -95,6 +95,37 @@ void run_bit_sharing(const BitSharingCase& c) {
   check_bit_sharing_backward(c, data<T>(grad_x), data<float>(sums), kWho);
 }
 
+// bit_sharing_codes (the int8 path's input): x of shape (n, c, h, w), stored NCHW or channels-last,
+// against the quantizer's rounding written out (include/mixedprec/bit_sharing.h's spelling).
+void run_bit_sharing_codes(int64_t n, int64_t c, int64_t h, int64_t w, int bits, bool is_signed, float z0,
+                           bool channels_last, std::mt19937& rng) {
+  static auto codes_op = op<Tensors2(const at::Tensor&, const at::Tensor&, int64_t, bool, OptTensor)>(
+      "mixedprec::bit_sharing_codes");
+  std::normal_distribution<float> normal(0.0f, 1.5f);
+  std::vector<float> x(size_t(n * c * h * w));
+  for (float& v : x) v = normal(rng);
+  const float clip = 1.7f, levels = float((1 << bits) - 1), inv_clip = 1.0f / clip;
+  const float zero_level = is_signed ? float(((1 << bits) - 2) / 2) : std::nearbyint(z0 * levels);
+  const at::Tensor xt = channels_last ? view(x, {n, h, w, c}).permute({0, 3, 1, 2}) : view(x, {n, c, h, w});
+  const std::optional<at::Tensor> zp = is_signed ? std::nullopt : std::optional<at::Tensor>(at::full({}, z0));
+  const auto [codes, sums] = codes_op.call(xt, at::full({}, clip), bits, is_signed, zp);
+  const std::string name = "bit_sharing_codes " + std::to_string(bits) + "-bit" + (is_signed ? " signed" : "") +
+                           (channels_last ? " channels-last" : "");
+  expect(codes.strides() == xt.strides(), name + ": codes not in x's layout");
+  const uint8_t* k = reinterpret_cast<const uint8_t*>(codes.const_data_ptr());
+  const float* s = data<float>(sums);
+  std::vector<double> expected_sums(size_t(n * h * w), 0.0);
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float t = x[i] * inv_clip;
+    const float z = is_signed ? (std::min(std::max(t, -1.0f), 1.0f) + 1.0f) * 0.5f : std::min(std::max(t + z0, 0.0f), 1.0f);
+    const float code = std::nearbyint(z * levels);
+    expect(float(k[i]) == code, name + ": code");
+    const int64_t pixel = channels_last ? int64_t(i) / c : (int64_t(i) / (c * h * w)) * h * w + int64_t(i) % (h * w);
+    expected_sums[size_t(pixel)] += code - zero_level;
+  }
+  for (size_t q = 0; q < expected_sums.size(); ++q) expect(double(s[q]) == expected_sums[q], name + ": sum");
+}
+
 template <class T>
 void run_codebook(const CodebookCase& c) {
   static auto forward = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
@@ -212,6 +243,14 @@ int main(int argc, char** argv) {
   }
   run_bit_sharing<Half16>(bit_sharing_case<Half16>(1001, sbs_bits, false, rng, 100, 0.5f));
   run_bit_sharing<BFloat16>(bit_sharing_case<BFloat16>(1001, sbs_bits, false, rng, 100, 1.0f));
+
+  // bit_sharing_codes: channels below, at and above a vector (masked tails), both layouts, grids
+  for (bool channels_last : {false, true}) {
+    run_bit_sharing_codes(2, 3, 5, 7, 8, true, 0.0f, channels_last, rng);
+    run_bit_sharing_codes(1, 16, 3, 3, 4, false, 0.0f, channels_last, rng);
+    run_bit_sharing_codes(3, 37, 4, 5, 2, false, 1.0f / 3.0f, channels_last, rng);
+    run_bit_sharing_codes(2, 21, 1, 1, 1, true, 0.0f, channels_last, rng);
+  }
 
   // codebook_quant: rows shorter than a vector (scalar tail only), odd rows, 1 to 256 levels
   for (int levels : {1, 2, 16, 256}) {

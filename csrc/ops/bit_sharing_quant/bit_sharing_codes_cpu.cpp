@@ -1,5 +1,5 @@
 // The integer codes of SBS's fixed-bit activation quantizer on the CPU, for PackedConv2d's int8
-// path (mixedprec/nn/int8_conv.py): k = rint(z n), z = clamp(x / v + z0, 0, 1) or (signed)
+// path of PackedConv2d and PackedLinear (mixedprec/nn/int8.py): k = rint(z n), z = clamp(x / v + z0, 0, 1) or (signed)
 // (clamp(x / v, -1, 1) + 1) / 2, the k that bit_sharing_quant rounds to
 // (include/mixedprec/bit_sharing.h, spelled the same way), as uint8 in x's layout, and per pixel
 // the sum over channels of k - j, j the zero level (z0 n; signed: (n - 1) / 2, half a step
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float 
   at::Tensor codes = poisoned(at::empty_like(x, x.options().dtype(at::kByte)));
   at::Tensor sums = poisoned(at::empty({n, 1, h, w}, x.options()));
   const float* xp = x.const_data_ptr<float>();
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
+  if (h * w == 1 || (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()))  // pixel-major
     channels_last(xp, codes.data_ptr<uint8_t>(), sums.data_ptr<float>(), n * h * w, c, p);
   else
     planar(xp, codes.data_ptr<uint8_t>(), sums.data_ptr<float>(), n, c, h * w, p);

@@ -1,6 +1,6 @@
-"""PackedConv2d's int8 path (mixedprec/nn/int8_conv.py) and the codes it is fed
+"""The int8 path of PackedConv2d and PackedLinear (mixedprec/nn/int8.py) and the codes it is fed
 (bit_sharing_codes): against the float path's quantizer bit for bit, and against a float64
-convolution of the fake-quantized input with the decoded weight."""
+convolution (GEMM) of the fake-quantized input with the decoded weight."""
 from __future__ import annotations
 
 import copy
@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from mixedprec import ops
 from mixedprec.formats import pack_weight
-from mixedprec.nn import PackedConv2d, set_int8_conv
-from mixedprec.nn.int8_conv import GRID_TOLERANCE, int8_conv_available, int8_forward
+from mixedprec.nn import PackedConv2d, PackedLinear, set_int8
+from mixedprec.nn.int8 import GRID_TOLERANCE, int8_available, int8_conv2d, int8_linear
 from mixedprec.sbs.quantizer import BitSharingQuantizer
 
-pytestmark = pytest.mark.skipif(not int8_conv_available(), reason="no oneDNN int8 convolution or no VNNI")
+pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 convolution or no VNNI")
 
 GRIDS = ("unsigned", "signed", "asymmetric")
 
@@ -39,8 +39,9 @@ def sample(shape, grid: str, seed: int, channels_last: bool = False) -> torch.Te
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def sbs_layer(weight_shape, bits: int, quant, stride=1, padding=0, dilation=1, bias=True, seed=0) -> PackedConv2d:
-    """A layer as SBS packs one: codes into a uniform grid mean + std v (2 k / n - 1), unit scales."""
+def sbs_layer(weight_shape, bits: int, quant, stride=1, padding=0, dilation=1, bias=True, seed=0):
+    """A layer as SBS packs one: codes into a uniform grid mean + std v (2 k / n - 1), unit scales
+    (a PackedLinear for a 2-D weight shape)."""
     g = torch.Generator().manual_seed(seed)
     n = (1 << bits) - 1
     codes = torch.randint(0, n + 1, weight_shape, generator=g)
@@ -49,6 +50,8 @@ def sbs_layer(weight_shape, bits: int, quant, stride=1, padding=0, dilation=1, b
     packed = pack_weight(codes, grid, torch.ones(weight_shape[0], dtype=torch.float16), bits,
                          codebook_dtype=torch.float32)
     b = torch.randn(weight_shape[0], generator=g) if bias else None
+    if len(weight_shape) == 2:
+        return PackedLinear(packed, b, quant).eval()
     return PackedConv2d(packed, b, quant, stride, padding, dilation).eval()
 
 
@@ -59,13 +62,16 @@ def check_layer(layer: PackedConv2d, x: torch.Tensor) -> torch.Tensor:
     sum |x_hat| (|W| + |c0|), and the offset c0 s_x sum (k - j)), with x_hat rebuilt as s_x (k - j)
     where the float path rounds three times: 10 u of |main| + |offset|, plus what the grid's
     affine fit may move each weight (GRID_TOLERANCE eps of the largest level) and u of the bias."""
+    linear = isinstance(layer, PackedLinear)
     with torch.no_grad():
-        y = int8_forward(layer, x)
+        y = (int8_linear if linear else int8_conv2d)(layer, x)
         assert y is not None, "the int8 path did not apply"
         x_hat = layer.input_quant(x).double()
     w = layer.packed_weight().decode().double()
-    args = (layer.stride, layer.padding, layer.dilation)
     bias = None if layer.bias is None else layer.bias.double()
+    if linear:  # a GEMM is the convolution of 1x1 pixels
+        x_hat, w = x_hat.reshape(-1, w.shape[1], 1, 1), w.view(*w.shape, 1, 1)
+    args = (1, 0, 1) if linear else (layer.stride, layer.padding, layer.dilation)
     expected = F.conv2d(x_hat, w, bias, *args)
     grid = layer.codebook.double()
     offset = (grid[0] + (grid[-1] - grid[0]) / (grid.numel() - 1) * (grid.numel() // 2)).abs()
@@ -75,9 +81,10 @@ def check_layer(layer: PackedConv2d, x: torch.Tensor) -> torch.Tensor:
     bound = (10 * u * (F.conv2d(x_hat.abs(), w.abs(), None, *args) + 2 * offset * window)
              + GRID_TOLERANCE * eps * grid.abs().max() * window + (0 if bias is None else u * bias.abs().view(1, -1, 1, 1)))
     finite = expected.isfinite()
-    assert torch.equal(y.isnan(), expected.isnan())
-    assert ((y.double() - expected).abs()[finite] <= bound[finite]).all(), ((y.double() - expected).abs() / bound).max()
-    assert y.dtype == torch.float32 and y.shape == expected.shape
+    out = y.reshape(expected.shape) if linear else y
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert ((out.double() - expected).abs()[finite] <= bound[finite]).all(), ((out.double() - expected).abs() / bound).max()
+    assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], w.shape[0]) if linear else expected.shape
     return y
 
 
@@ -152,11 +159,11 @@ def test_int8_path_matches_the_float_convolution(case, grid, channels_last):
         layer = sbs_layer(w_shape, bits, quantizer(a_bits, grid, x), stride, padding, dilation, bias=case % 2 == 0)
         y = check_layer(layer, x)
         with torch.no_grad():
-            set_int8_conv(False)
+            set_int8(False)
             try:
                 float_path = layer(x)
             finally:
-                set_int8_conv(True)
+                set_int8(True)
             assert torch.equal(layer(x), y)  # forward takes the int8 path
         torch.testing.assert_close(y, float_path, rtol=1e-5, atol=1e-4 * float_path.abs().max())
 
@@ -183,29 +190,29 @@ def test_other_calls_take_the_float_path():
     x = sample((1, 8, 6, 6), "unsigned", 5)
     quant = quantizer(4, "unsigned", x)
     layer = sbs_layer((8, 8, 3, 3), 4, quant, padding=1)
-    assert int8_forward(layer, x) is None  # gradients enabled: the float path's autograd
+    assert int8_conv2d(layer, x) is None  # gradients enabled: the float path's autograd
     with torch.no_grad():
-        assert int8_forward(layer, x.double()) is None
-        assert int8_forward(layer, x.half()) is None
+        assert int8_conv2d(layer, x.double()) is None
+        assert int8_conv2d(layer, x.half()) is None
         grouped = PackedConv2d(layer.packed_weight(), None, quant, groups=1)
-        assert int8_forward(grouped, x) is not None
+        assert int8_conv2d(grouped, x) is not None
         g = torch.Generator().manual_seed(0)
         two_groups = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 4, 3, 3), generator=g),
                                               layer.codebook, torch.ones(8), 4), None, quant, groups=2)
-        assert int8_forward(two_groups, x) is None
+        assert int8_conv2d(two_groups, x) is None
         sparse = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 8, 3, 3), generator=g), layer.codebook,
                                           torch.ones(8), 4, torch.rand(8, 8, 3, 3, generator=g) > 0.5), None, quant)
-        assert int8_forward(sparse, x) is None
+        assert int8_conv2d(sparse, x) is None
         lloyd = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 8, 3, 3), generator=g),
                                          torch.randn(16, generator=g).sort().values, torch.ones(8), 4), None, quant)
-        assert int8_forward(lloyd, x) is None
+        assert int8_conv2d(lloyd, x) is None
         searching = sbs_layer((8, 8, 3, 3), 4, BitSharingQuantizer((2, 4, 8), signed=False, clip_init=2.0), padding=1)
-        assert int8_forward(searching.train(), x) is None  # a search in training mode learns its gates
-        assert int8_forward(searching.eval(), x) is not None  # in eval mode it rounds at its choice
-        assert int8_forward(sbs_layer((8, 8, 3, 3), 4, None, padding=1), x) is None
-        previous = set_int8_conv(False)
-        assert previous and int8_forward(layer, x) is None
-        set_int8_conv(True)
+        assert int8_conv2d(searching.train(), x) is None  # a search in training mode learns its gates
+        assert int8_conv2d(searching.eval(), x) is not None  # in eval mode it rounds at its choice
+        assert int8_conv2d(sbs_layer((8, 8, 3, 3), 4, None, padding=1), x) is None
+        previous = set_int8(False)
+        assert previous and int8_conv2d(layer, x) is None
+        set_int8(True)
 
 
 def test_copies_and_saved_layers_after_an_int8_call():
@@ -220,3 +227,36 @@ def test_copies_and_saved_layers_after_an_int8_call():
         loaded = torch.load(buffer, weights_only=False)
         assert torch.equal(twin(x), y) and torch.equal(loaded(x), y)
         assert torch.equal(layer(x[:1]), y[:1])  # another input shape: its own prepacked weight
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("x_shape", [(1, 37), (5, 64), (3, 4, 29), (16, 128)])
+def test_int8_linear_matches_the_float_gemm(grid, x_shape):
+    for bits, a_bits in ((2, 8), (4, 4), (8, 2)):
+        x = sample(x_shape, grid, bits)
+        layer = sbs_layer((23, x_shape[-1]), bits, quantizer(a_bits, grid, x), bias=bits != 4)
+        y = check_layer(layer, x)
+        with torch.no_grad():
+            assert torch.equal(layer(x), y)  # forward takes the int8 path
+            set_int8(False)
+            try:
+                float_path = layer(x)
+            finally:
+                set_int8(True)
+            if x.dim() == 2:  # a strided input: its rows copied once
+                check_layer(layer, x.t().contiguous().t())
+        torch.testing.assert_close(y, float_path, rtol=1e-5, atol=1e-4 * float_path.abs().max())
+
+
+def test_int8_linear_nan_and_fallbacks():
+    x = sample((4, 32), "unsigned", 7)
+    layer = sbs_layer((9, 32), 4, quantizer(8, "unsigned", x))
+    assert int8_linear(layer, x) is None  # gradients enabled
+    x[2, 5] = float("nan")
+    y = check_layer(layer, x)
+    assert torch.equal(y.isnan().any(1), torch.tensor([False, False, True, False]))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        sparse = PackedLinear(pack_weight(torch.randint(0, 16, (9, 32), generator=g), layer.codebook, torch.ones(9), 4,
+                                          torch.rand(9, 32, generator=g) > 0.3), None, layer.input_quant)
+        assert int8_linear(sparse, x) is None
