@@ -1,8 +1,11 @@
 """Whole models, packed against float, at the batches users run: torchvision ResNet-18, ResNet-50
 and MobileNetV2 at 224x224 (batch 1 and 8), each packed after OPQ at 8x and 20x real bytes and
-after an SBS configuration (bits {2,4,8}, a quarter of the prunable filter groups removed), and a
-Llama-shaped decoder stack (2 blocks, d=2048, SwiGLU 5632, nn.Linear only) decoding one token at
-batch 1 against a 128-token cache, against fp32 and bf16. Weights are random: speed does not
+after an SBS configuration (bits {2,4,8}, 8-bit activations, a quarter of the prunable filter
+groups removed), and a Llama-shaped decoder stack (2 blocks, d=2048, SwiGLU 5632, nn.Linear only)
+decoding one token at batch 1 against a 128-token cache, against fp32 and bf16, packed after OPQ
+at 8x (SBS's export needs a torch.fx trace, which this stack's cache code does not give). SBS
+models run their layers as int8 convolutions (``mixedprec.nn.set_int8``); "sbs float path" is
+the same model with that switched off. Weights are random: speed does not
 depend on their values, only on the bits and sparsity the methods choose for them. The CNNs run
 in both layouts: NCHW, and channels-last (model and input moved with
 ``memory_format=torch.channels_last``, torch's advice for CPU inference), each packed model
@@ -123,9 +126,10 @@ def rows(quick: bool) -> dict:
     found = {}
     for name in NETWORKS:
         model = network(name)
-        variants = {**{f"opq {r}x": opq_packed(model, r) for r in OPQ_RATES}, "sbs": sbs_packed(model, image(2, size))}
-        for packed in variants.values():
-            mixedprec.fold_batchnorm(packed)
+        variants = {**{f"opq {r}x": opq_packed(model, r) for r in OPQ_RATES}, **sbs_variants(model, image(2, size))}
+        for variant, packed in variants.items():
+            if variant != "sbs float path":  # wraps "sbs"'s model, folded already
+                mixedprec.fold_batchnorm(packed)
         for layout, memory_format in LAYOUTS.items():
             def moved(m: nn.Module) -> nn.Module:
                 return copy.deepcopy(m).to(memory_format=memory_format)
@@ -135,6 +139,26 @@ def rows(quick: bool) -> dict:
     x = token(size)
     found["llama decoder", "-"] = (stack, {"bf16": stack_bf16(stack), "opq 8x": opq_packed(stack, 8)}, {1: x})
     return found
+
+
+class FloatPath(nn.Module):
+    """``model`` with the int8 path of its SBS layers switched off (the fake-quant and float kernels)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        previous = mixedprec.nn.set_int8(False)
+        try:
+            return self.model(x)
+        finally:
+            mixedprec.nn.set_int8(previous)
+
+
+def sbs_variants(model: nn.Module, example: torch.Tensor) -> dict:
+    packed = sbs_packed(model, example)
+    return {"sbs": packed, "sbs float path": FloatPath(packed)}
 
 
 def stack_bf16(stack: nn.Module) -> nn.Module:
@@ -151,7 +175,7 @@ class Cast(nn.Module):
         return x.to(self.dtype)
 
 
-NETWORK_VARIANTS = ("float", *(f"opq {r}x" for r in OPQ_RATES), "sbs")
+NETWORK_VARIANTS = ("float", *(f"opq {r}x" for r in OPQ_RATES), "sbs", "sbs float path")
 CASES = ([(n, layout, v, b) for n in NETWORKS for layout in LAYOUTS for v in NETWORK_VARIANTS for b in BATCHES]
          + [("llama decoder", "-", v, 1) for v in ("float", "bf16", "opq 8x")])
 
