@@ -213,6 +213,10 @@ def test_other_calls_take_the_float_path():
         previous = set_int8(False)
         assert previous and int8_conv2d(layer, x) is None
         set_int8(True)
+        with ops.use_backend("reference"):  # a chosen backend runs its own kernels
+            assert int8_conv2d(layer, x) is None
+        layer.backend = "cpu"
+        assert int8_conv2d(layer, x) is None
 
 
 def test_copies_and_saved_layers_after_an_int8_call():

@@ -20,7 +20,8 @@ convolution. A NaN input gives a NaN sum there, which reaches exactly the output
 path's NaN reaches.
 
 It applies to dense (no bitmap), single-group layers under ``torch.no_grad()`` or
-``torch.inference_mode()`` with float32 CPU inputs, on CPUs with VNNI (elsewhere u8 x s8 products
+``torch.inference_mode()`` with float32 CPU inputs and no backend chosen (the layer's
+``backend``, ``ops.use_backend``: those run the float path on that backend), on CPUs with VNNI (elsewhere u8 x s8 products
 can saturate in int16); every other call takes the float path. The layer then holds its weight
 as int8 too (1 byte per weight, per input shape, at most ``Int8Weight.MAX_PREPACKED``), beside
 the packed bytes. ``mixedprec.nn.set_int8`` switches it off.
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixedprec.backends.reference.quant import levels
+from mixedprec.ops.backend import selected
 from mixedprec.ops.checks import conv_pair
 
 _enabled = True
@@ -144,7 +146,8 @@ def _prepare(layer, x: Tensor, dims: int):
     """(weight cache, the input's grid, s_x, j) where the call qualifies, else None."""
     fixed_grid = getattr(layer.input_quant, "fixed_grid", None)
     if (not _enabled or fixed_grid is None or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or x.dim() < dims or (dims == 4 and x.dim() != 4)):
+            or x.dtype != torch.float32 or x.dim() < dims or (dims == 4 and x.dim() != 4)
+            or layer.backend is not None or selected() is not None):  # a backend chosen: its kernels
         return None
     grid = fixed_grid()
     if grid is None:

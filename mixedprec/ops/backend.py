@@ -74,6 +74,11 @@ def use_backend(backend: str | Backend | None) -> Iterator[None]:
         _selected.reset(token)
 
 
+def selected() -> Backend | None:
+    """The backend ``use_backend`` chose for this block, or None (the default choice)."""
+    return _selected.get()
+
+
 def usable(backend: Backend, device: torch.device) -> bool:
     """Whether ``backend`` can run tensors on ``device`` in this process (any op)."""
     if backend is Backend.REFERENCE:
