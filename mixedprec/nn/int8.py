@@ -171,7 +171,9 @@ def _bias(layer, packed: Prepacked) -> Tensor | None:
     return bias
 
 
-@torch.compiler.disable  # run as it is under torch.compile (a graph break): compiled = eager results
+# Under torch.compile it runs as it is, a graph break (compiled = eager results; fullgraph=True on
+# an SBS model needs set_int8(False)); layers without an input quantizer do not call it.
+@torch.compiler.disable
 def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     """y of ``layer`` (a PackedConv2d) on x through the int8 convolution, or None where the call
     does not qualify (the caller then takes the float path). The layer's ``input_quant`` names

@@ -57,7 +57,8 @@ class PackedConv2d(PackedModule):
                    conv.groups, backend=backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = int8_conv2d(self, x)  # SBS layers on the CPU under no_grad: one integer convolution
+        # SBS layers on the CPU under no_grad: one integer convolution (nn/int8.py)
+        y = None if self.input_quant is None else int8_conv2d(self, x)
         if y is not None:
             return y
         if self.input_quant is not None:  # SBS models quantize layer inputs

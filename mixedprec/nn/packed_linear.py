@@ -43,7 +43,8 @@ class PackedLinear(PackedModule):
         return self.packed_weight()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = int8_linear(self, x)  # SBS layers on the CPU under no_grad: one integer GEMM
+        # SBS layers on the CPU under no_grad: one integer GEMM (nn/int8.py)
+        y = None if self.input_quant is None else int8_linear(self, x)
         if y is not None:
             return y
         if self.input_quant is not None:
