@@ -13,10 +13,17 @@ import torch.nn.functional as F
 from mixedprec import ops
 from mixedprec.formats import pack_weight
 from mixedprec.nn import PackedConv2d, PackedLinear, set_int8
+from mixedprec.nn import int8
 from mixedprec.nn.int8 import GRID_TOLERANCE, int8_available, int8_conv2d, int8_linear
 from mixedprec.sbs.quantizer import BitSharingQuantizer
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 convolution or no VNNI")
+
+
+@pytest.fixture(autouse=True)
+def small_layers_too(monkeypatch):
+    """The tests' small layers take the int8 path (below MIN_MACS a call takes the float path)."""
+    monkeypatch.setattr(int8, "MIN_MACS", 0)
 
 GRIDS = ("unsigned", "signed", "asymmetric")
 
@@ -264,3 +271,16 @@ def test_int8_linear_nan_and_fallbacks():
         sparse = PackedLinear(pack_weight(torch.randint(0, 16, (9, 32), generator=g), layer.codebook, torch.ones(9), 4,
                                           torch.rand(9, 32, generator=g) > 0.3), None, layer.input_quant)
         assert int8_linear(sparse, x) is None
+
+
+def test_calls_below_min_macs_take_the_float_path(monkeypatch):
+    monkeypatch.setattr(int8, "MIN_MACS", 1 << 21)
+    x = sample((1, 64, 4, 4), "unsigned", 8)
+    layer = sbs_layer((128, 64, 3, 3), 4, quantizer(8, "unsigned", x), padding=1)  # 1.2M multiply-adds
+    with torch.no_grad():
+        assert int8_conv2d(layer, x) is None
+        assert int8_conv2d(layer, x.expand(2, -1, -1, -1).contiguous()) is not None  # 2.4M
+        strided = sbs_layer((128, 64, 3, 3), 4, layer.input_quant, stride=2, padding=1)
+        assert int8_conv2d(strided, x.expand(2, -1, -1, -1).contiguous()) is None  # a quarter of the pixels
+        assert int8_linear(sbs_layer((512, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is not None  # 2.1M
+        assert int8_linear(sbs_layer((256, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is None

@@ -19,15 +19,17 @@ codes' per-pixel (per-row) channel sums, summed over each output's window by a o
 convolution. A NaN input gives a NaN sum there, which reaches exactly the outputs the float
 path's NaN reaches.
 
-It applies to dense (no bitmap), single-group layers under ``torch.no_grad()`` or
-``torch.inference_mode()`` with float32 CPU inputs and no backend chosen (the layer's
-``backend``, ``ops.use_backend``: those run the float path on that backend), on CPUs with VNNI (elsewhere u8 x s8 products
-can saturate in int16); every other call takes the float path. The layer then holds its weight
+It applies to dense (no bitmap), single-group layers, calls of at least ``MIN_MACS``
+multiply-adds, under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs
+and no backend chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
+that backend), on CPUs with VNNI (elsewhere u8 x s8 products can saturate in int16); every other
+call takes the float path. The layer then holds its weight
 as int8 too (1 byte per weight, per input shape, at most ``Int8Weight.MAX_PREPACKED``), beside
 the packed bytes. ``mixedprec.nn.set_int8`` switches it off.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import NamedTuple
 
@@ -60,6 +62,12 @@ _AVAILABLE = int8_available()
 # layer -> its Int8Weight, off the module so that copies and saved files never hold oneDNN's
 # opaque tensors; rebuilt when the layer's packed weight changes
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# A call costs ~80 us more than the float path's before its arithmetic (the codes, oneDNN's call,
+# the offset term): at batch 1 on this 2-core Zen 4, layers of 1.2M and 3.6M multiply-adds took
+# as long either way (0.09, 0.11 ms), 5.6M and larger ran 1.3-4x faster as int8. Below this the
+# float path runs.
+MIN_MACS = 1 << 21
 
 GRID_TOLERANCE = 8  # float32 eps of the largest level: SBS's grids, computed in float32, are within 2
 
@@ -149,8 +157,13 @@ def _prepare(layer, x: Tensor, dims: int):
             or x.dtype != torch.float32 or x.dim() < dims or (dims == 4 and x.dim() != 4)
             or layer.backend is not None or selected() is not None):  # a backend chosen: its kernels
         return None
+    weight_shape = layer.weight_shape
+    macs = x.numel() * weight_shape[0] * (math.prod(weight_shape[2:]) if dims == 4 else 1)
+    if dims == 4:  # per input pixel, over the stride's share of them
+        stride = layer.stride if isinstance(layer.stride, (tuple, list)) else (layer.stride, layer.stride)
+        macs //= stride[0] * stride[1]
     grid = fixed_grid()
-    if grid is None:
+    if macs < MIN_MACS or grid is None:
         return None
     cache = _WEIGHTS.get(layer)
     if cache is None or cache.packed is not layer.packed_weight():
