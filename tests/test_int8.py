@@ -284,3 +284,17 @@ def test_calls_below_min_macs_take_the_float_path(monkeypatch):
         assert int8_conv2d(strided, x.expand(2, -1, -1, -1).contiguous()) is None  # a quarter of the pixels
         assert int8_linear(sbs_layer((512, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is not None  # 2.1M
         assert int8_linear(sbs_layer((256, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is None
+
+
+def test_strided_inputs_and_wrong_shapes():
+    x = sample((2, 8, 7, 9), "unsigned", 9)
+    layer = sbs_layer((6, 8, 3, 3), 4, quantizer(8, "unsigned", x), padding=1)
+    with torch.no_grad():
+        y = check_layer(layer, x)
+        assert torch.equal(check_layer(layer, x.transpose(2, 3).contiguous().transpose(2, 3)), y)
+        check_layer(layer, x[:, :, 1:, ::2])
+        with pytest.raises(ValueError, match="channels"):  # the float path's error, naming the mismatch
+            layer(x[:, :7])
+        linear = sbs_layer((5, 16), 4, layer.input_quant)
+        with pytest.raises(ValueError, match="in_features|16"):
+            linear(torch.rand(3, 15))

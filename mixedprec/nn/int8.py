@@ -158,6 +158,8 @@ def _prepare(layer, x: Tensor, dims: int):
             or layer.backend is not None or selected() is not None):  # a backend chosen: its kernels
         return None
     weight_shape = layer.weight_shape
+    if x.shape[1 if dims == 4 else -1] != weight_shape[1]:
+        return None  # the float path names the mismatch
     macs = x.numel() * weight_shape[0] * (math.prod(weight_shape[2:]) if dims == 4 else 1)
     if dims == 4:  # per input pixel, over the stride's share of them
         stride = layer.stride if isinstance(layer.stride, (tuple, list)) else (layer.stride, layer.stride)
@@ -195,6 +197,8 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     if prepared is None:
         return None
     cache, grid, x_scale, x_zero = prepared
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
     packed = cache.prepacked(tuple(x.shape), x_scale, x_zero, grid.signed)
     codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, grid.clip, grid.bits, grid.signed, grid.zero_point)
     y = torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zero, packed.weight, cache.scales, cache.zeros,
