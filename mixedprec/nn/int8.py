@@ -29,6 +29,7 @@ the packed bytes. ``mixedprec.nn.set_int8`` switches it off.
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import NamedTuple
@@ -186,9 +187,19 @@ def _bias(layer, packed: Prepacked) -> Tensor | None:
     return bias
 
 
-# Under torch.compile it runs as it is, a graph break (compiled = eager results; fullgraph=True on
-# an SBS model needs set_int8(False)); layers without an input quantizer do not call it.
-@torch.compiler.disable
+def _eager(fn):
+    """fn, run as it is under torch.compile: a graph break (compiled = eager results; fullgraph=True
+    on an SBS model needs set_int8(False)); in eager mode called directly (torch.compiler.disable's
+    wrapper costs ~25 us a call). Layers without an input quantizer do not call it."""
+    disabled = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(layer, x: Tensor) -> Tensor | None:
+        return disabled(layer, x) if torch.compiler.is_compiling() else fn(layer, x)
+    return call
+
+
+@_eager
 def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     """y of ``layer`` (a PackedConv2d) on x through the int8 convolution, or None where the call
     does not qualify (the caller then takes the float path). The layer's ``input_quant`` names
@@ -208,7 +219,7 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     return y if packed.shift is None or packed.shift.dim() == 1 else y.add_(packed.shift)
 
 
-@torch.compiler.disable
+@_eager
 def int8_linear(layer, x: Tensor) -> Tensor | None:
     """y of ``layer`` (a PackedLinear) on x (..., in_features) through the int8 GEMM, or None
     where the call does not qualify (as ``int8_conv2d``)."""
