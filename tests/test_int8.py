@@ -86,7 +86,8 @@ def check_layer(layer: PackedConv2d, x: torch.Tensor) -> torch.Tensor:
     window = F.conv2d(x_hat.abs(), torch.ones_like(w), None, *args)
     u = eps / 2
     bound = (10 * u * (F.conv2d(x_hat.abs(), w.abs(), None, *args) + 2 * offset * window)
-             + GRID_TOLERANCE * eps * grid.abs().max() * window + (0 if bias is None else u * bias.abs().view(1, -1, 1, 1)))
+             + GRID_TOLERANCE * eps * grid.abs().max() * window
+             + (0 if bias is None else u * bias.abs().view(1, -1, 1, 1)))
     finite = expected.isfinite()
     out = y.reshape(expected.shape) if linear else y
     assert torch.equal(out.isnan(), expected.isnan())
@@ -125,6 +126,16 @@ def test_codes_of_nan_give_a_nan_sum_at_its_pixel():
     q = quantizer(4, "unsigned", x.nan_to_num())
     codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, q.clip.detach(), 4, False, None)
     assert torch.equal(sums.isnan(), x.isnan().any(1, keepdim=True))
+
+
+def test_codes_of_empty_tensors():
+    for shape in ((0, 3, 4, 4), (2, 0, 3, 3), (1, 5, 0, 2)):
+        for channels_last in (False, True):
+            x = torch.rand(shape)
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, torch.tensor(1.0), 4, False)
+            assert codes.shape == shape and sums.shape == (shape[0], 1, *shape[2:])
+            assert torch.equal(sums, torch.zeros_like(sums))
 
 
 def test_codes_reject_bad_arguments():

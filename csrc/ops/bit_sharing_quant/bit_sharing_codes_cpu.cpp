@@ -1,12 +1,12 @@
-// The integer codes of SBS's fixed-bit activation quantizer on the CPU, for PackedConv2d's int8
-// path of PackedConv2d and PackedLinear (mixedprec/nn/int8.py): k = rint(z n), z = clamp(x / v + z0, 0, 1) or (signed)
-// (clamp(x / v, -1, 1) + 1) / 2, the k that bit_sharing_quant rounds to
+// The integer codes of SBS's fixed-bit activation quantizer on the CPU, for the int8 path of
+// PackedConv2d and PackedLinear (mixedprec/nn/int8.py): k = rint(z n), z = clamp(x / v + z0, 0, 1)
+// or (signed) (clamp(x / v, -1, 1) + 1) / 2, the k that bit_sharing_quant rounds to
 // (include/mixedprec/bit_sharing.h, spelled the same way), as uint8 in x's layout, and per pixel
-// the sum over channels of k - j, j the zero level (z0 n; signed: (n - 1) / 2, half a step
-// below the grid's middle, which has no level):
-// the int8 convolution's weights have no zero point, so the weight grid's offset is added as
-// offset * (that sum, summed over each output's window). A NaN in x gives some code and a NaN sum
-// at its pixel, which the window sums carry to every output it reaches, as the float path does.
+// the sum over channels of k - j, j the zero level (z0 n; signed: (n - 1) / 2, half a step below
+// the grid's middle, which has no level). The int8 convolution's weights have no zero point, so
+// the weight grid's offset is added as offset * (that sum, summed over each output's window). A
+// NaN in x gives some code and a NaN sum at its pixel, which the window sums carry to every output
+// it reaches, as the float path does.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -47,7 +47,8 @@ inline Vec store_codes(const float* x, uint8_t* codes, const CodeParams& p, int 
 
 // Channels-last: pixel q's channels are x[q C .. q C + C - 1].
 void channels_last(const float* x, uint8_t* codes, float* sums, int64_t pixels, int64_t c, const CodeParams& p) {
-  at::parallel_for(0, pixels, std::max<int64_t>(1, (1 << 15) / c), [&](int64_t q0, int64_t q1) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(c, 1));  // ~32k elements a task
+  at::parallel_for(0, pixels, grain, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const float* xq = x + q * c;
       uint8_t* cq = codes + q * c;
@@ -64,7 +65,8 @@ void channels_last(const float* x, uint8_t* codes, float* sums, int64_t pixels, 
 void planar(const float* x, uint8_t* codes, float* sums, int64_t images, int64_t c, int64_t hw, const CodeParams& p) {
   constexpr int64_t kSpan = 256;  // pixels per task step: the span's sums stay in L1 over the planes
   const int64_t spans = (hw + kSpan - 1) / kSpan;
-  at::parallel_for(0, images * spans, std::max<int64_t>(1, (1 << 15) / (c * kSpan)), [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / (std::max<int64_t>(c, 1) * kSpan));
+  at::parallel_for(0, images * spans, grain, [&](int64_t t0, int64_t t1) {
     alignas(64) float acc[kSpan];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / spans, i0 = (t % spans) * kSpan, len = std::min(kSpan, hw - i0);
