@@ -23,9 +23,9 @@ It applies to dense (no bitmap), single-group layers, calls of at least ``MIN_MA
 multiply-adds, under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs
 and no backend chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
 that backend), on CPUs with VNNI (elsewhere u8 x s8 products can saturate in int16); every other
-call takes the float path. The layer then holds its weight
-as int8 too (1 byte per weight, per input shape, at most ``Int8Weight.MAX_PREPACKED``), beside
-the packed bytes. ``mixedprec.nn.set_int8`` switches it off.
+call takes the float path. The layer then holds its weight as int8 too (1 byte per weight, per
+input shape of a conv, at most ``Int8Weight.MAX_PREPACKED``), beside the packed bytes.
+``mixedprec.nn.set_int8`` switches it off.
 """
 from __future__ import annotations
 
@@ -161,17 +161,16 @@ def _prepare(layer, x: Tensor, dims: int):
     weight_shape = layer.weight_shape
     if x.shape[1 if dims == 4 else -1] != weight_shape[1]:
         return None  # the float path names the mismatch
-    macs = x.numel() * weight_shape[0] * (math.prod(weight_shape[2:]) if dims == 4 else 1)
-    if dims == 4:  # per input pixel, over the stride's share of them
-        stride = layer.stride if isinstance(layer.stride, (tuple, list)) else (layer.stride, layer.stride)
-        macs //= stride[0] * stride[1]
-    grid = fixed_grid()
-    if macs < MIN_MACS or grid is None:
-        return None
     cache = _WEIGHTS.get(layer)
     if cache is None or cache.packed is not layer.packed_weight():
         cache = _WEIGHTS[layer] = Int8Weight(layer)
     if not cache.applies:
+        return None
+    macs = x.numel() * weight_shape[0]
+    if dims == 4:  # per input pixel and tap, over the stride's share of the pixels
+        macs = macs * math.prod(weight_shape[2:]) // math.prod(cache.geometry[0])
+    grid = fixed_grid()
+    if macs < MIN_MACS or grid is None:
         return None
     n, clip = levels(grid.bits), float(grid.clip)
     if grid.signed:  # levels v (2 k / n - 1) = s_x (k - j - 1/2), j = (n - 1) / 2

@@ -4,7 +4,7 @@
 //   _bwd    (grad_x, sums = [dL/dv, sum grad_y T_j ...])
 //   _stats  the float64 sums of |r_j| (j = 2..K) over x
 //   bit_sharing_codes  (CPU only) one fixed bitwidth's codes as uint8 and their sums over
-//           channels per pixel: the input of PackedConv2d's int8 path
+//           channels per pixel: the input of PackedConv2d's and PackedLinear's int8 path
 // Every one takes an optional 0-dim float32 zero_point z0 in [0, 1] (None: 0), the unsigned
 // grid's zero point (the asymmetric activation grid; only with signed=False).
 // Kernels: bit_sharing_quant_cpu.cpp (CPU), bit_sharing_quant.cu (CUDA, SIMT).
