@@ -117,6 +117,8 @@ def test_codes_give_the_quantizers_output_bit_for_bit(bits, grid, channels_last)
     assert codes.dtype == torch.uint8 and codes.stride() == x.stride()
     assert int(codes.max()) <= n
     assert torch.equal(rebuilt, y)
+    with torch.no_grad(), ops.use_backend("reference"):
+        assert torch.equal(rebuilt, q(x))  # and so the reference's rounding
     assert torch.equal(sums, (codes.double() - zero).sum(1, keepdim=True).float())
 
 
