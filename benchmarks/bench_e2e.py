@@ -118,13 +118,16 @@ def token(size: dict) -> torch.Tensor:
     return torch.randn(1, 1, size["d"], generator=torch.Generator().manual_seed(1))
 
 
+DECODER = "llama decoder"
+
+
 @functools.cache
-def rows(quick: bool) -> dict:
-    """(name, layout) -> (float model, {variant: model}, inputs per batch); models are built once
-    per run."""
+def rows(quick: bool, models: tuple[str, ...] = (*NETWORKS, DECODER)) -> dict:
+    """(name, layout) -> (float model, {variant: model}, inputs per batch) of ``models``; models
+    are built once per run."""
     size = QUICK if quick else FULL
     found = {}
-    for name in NETWORKS:
+    for name in (n for n in NETWORKS if n in models):
         model = network(name)
         variants = {**{f"opq {r}x": opq_packed(model, r) for r in OPQ_RATES}, **sbs_variants(model, image(2, size))}
         for variant, packed in variants.items():
@@ -135,9 +138,9 @@ def rows(quick: bool) -> dict:
                 return copy.deepcopy(m).to(memory_format=memory_format)
             found[name, layout] = (moved(model), {v: moved(m) for v, m in variants.items()},
                                    {b: image(b, size).contiguous(memory_format=memory_format) for b in BATCHES})
-    stack = decoder(size)
-    x = token(size)
-    found["llama decoder", "-"] = (stack, {"bf16": stack_bf16(stack), "opq 8x": opq_packed(stack, 8)}, {1: x})
+    if DECODER in models:
+        stack = decoder(size)
+        found[DECODER, "-"] = (stack, {"bf16": stack_bf16(stack), "opq 8x": opq_packed(stack, 8)}, {1: token(size)})
     return found
 
 
@@ -177,7 +180,7 @@ class Cast(nn.Module):
 
 NETWORK_VARIANTS = ("float", *(f"opq {r}x" for r in OPQ_RATES), "sbs", "sbs float path")
 CASES = ([(n, layout, v, b) for n in NETWORKS for layout in LAYOUTS for v in NETWORK_VARIANTS for b in BATCHES]
-         + [("llama decoder", "-", v, 1) for v in ("float", "bf16", "opq 8x")])
+         + [(DECODER, "-", v, 1) for v in ("float", "bf16", "opq 8x")])
 
 
 @pytest.mark.parametrize("name,layout,variant,batch", CASES, ids=lambda v: str(v))
@@ -188,7 +191,7 @@ def test_e2e(benchmark, name, layout, variant, batch):
         benchmark(fn, inputs[batch])
 
 
-def measure(quick: bool, repeats: int) -> dict:
+def measure(quick: bool, repeats: int, models: tuple[str, ...]) -> dict:
     """Median ms per (model, layout, variant, batch) over ``repeats`` rounds; each round takes the
     float model and each of its variants in turn and times the second of two back-to-back calls
     (what a served model sees: its weights as warm in the caches as its own previous call left
@@ -197,7 +200,7 @@ def measure(quick: bool, repeats: int) -> dict:
     1.1x in the next)."""
     times = {}
     with torch.inference_mode():
-        for (name, layout), (model, variants, inputs) in rows(quick).items():
+        for (name, layout), (model, variants, inputs) in rows(quick, models).items():
             models = {"float": model, **variants}
             for batch, x in inputs.items():
                 samples = {v: [] for v in models}
@@ -225,11 +228,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small inputs and decoder (CI's smoke sizes)")
+    parser.add_argument("--models", nargs="+", choices=(*NETWORKS, DECODER), default=(*NETWORKS, DECODER),
+                        help="the rows to build and time (default: all)")
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     print(f"{torch.get_num_threads()} threads, cpu, {size}, median of {args.repeats} rounds, each timing every model "
           f"of a row once, after an untimed call")
-    print_table(measure(args.quick, args.repeats))
+    print_table(measure(args.quick, args.repeats, tuple(args.models)))
 
 
 if __name__ == "__main__":

@@ -175,6 +175,64 @@ def test_cpu_pointwise_gemm():
     torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
+# The CPU kernel's depthwise path (one input and one output channel per group), direct in both
+# layouts: NCHW rows in blocks of four vectors (outputs wider than 64, a masked rest), strides 1,
+# 2 (even lanes of two vectors) and 3 (lane by lane), dilation, asymmetric padding, padding past
+# the kernel's reach (edge outputs that are the bias alone), a kernel wider than x; channels-last
+# pixels inside x in blocks of 8 and the edge pixels around them (up to 8 of them), 70 channels (four vectors and a
+# masked rest), 5x5 and 5x7 kernels.
+DEPTHWISE_GEOMETRIES = [
+    ((2, 5, 6, 7), (3, 3), dict(padding=1)),
+    ((1, 3, 9, 150), (3, 3), dict(padding=(1, 2), stride=2)),
+    ((2, 70, 11, 37), (5, 5), dict(padding=2)),
+    ((1, 6, 13, 29), (3, 3), dict(stride=3, dilation=2, padding=3)),
+    ((1, 4, 5, 6), (3, 3), dict(padding=4)),
+    ((1, 17, 4, 3), (5, 7), dict(padding=(2, 3))),
+    ((3, 33, 20, 21), (3, 3), dict(stride=(2, 1), padding=(0, 1))),
+    ((1, 21, 5, 17), (3, 3), dict(padding=1)),  # inside x: columns 1..15, a block of 8 and 7 edge pixels
+    ((1, 21, 5, 18), (3, 3), dict(padding=1)),  # columns 1..16: two blocks of 8
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", range(len(DEPTHWISE_GEOMETRIES)))
+def test_cpu_depthwise_geometries(case, channels_last):
+    device = require_backend("cpu")
+    x_shape, kernel, conv = DEPTHWISE_GEOMETRIES[case]
+    assert_matches_reference("cpu", device, x_shape, (x_shape[1], 1, *kernel), bits=1 + case % 8, sparsity=0.3,
+                             seed=case, with_bias=case % 3 != 1, channels_last=channels_last, groups=x_shape[1], **conv)
+
+
+def test_cpu_depthwise_inputs():
+    """Every bitwidth and sparsity, fp16/bf16 and strided x; both layouts give the same bits and
+    NaN and inf where the reference has them; no ATen convolution runs."""
+    device = require_backend("cpu")
+    for bits in range(1, 9):
+        for sparsity in (0.0, 0.5, 1.0):
+            assert_matches_reference("cpu", device, (1, 20, 9, 8), (20, 1, 3, 3), bits=bits, sparsity=sparsity,
+                                     seed=bits, padding=1, stride=1 + bits % 2, groups=20)
+    for dtype in (torch.float16, torch.bfloat16):
+        for channels_last in (False, True):
+            assert_matches_reference("cpu", device, (2, 19, 6, 5), (19, 1, 3, 3), dtype=dtype, padding=1, groups=19,
+                                     channels_last=channels_last)
+    assert_matches_reference("cpu", device, (2, 7, 6, 5), (7, 1, 3, 3), strided_x=True, padding=1, groups=7)
+    packed = make_packed((40, 1, 3, 3), 4, 0.3)
+    bias = torch.randn(40)
+    x = torch.randn(2, 40, 9, 30)
+    x[1, 3, 2, 1], x[0, 35, 4, 20] = float("inf"), float("nan")
+    want = reference.lut_conv2d(x, packed, bias, padding=1, groups=40)
+    with torch.profiler.profile() as prof:
+        y = ops.lut_conv2d(x, packed, bias, padding=1, groups=40, backend="cpu")
+    assert not any("conv" in e.name for e in prof.events() if e.name.startswith("aten::")), "an ATen convolution ran"
+    y_cl = ops.lut_conv2d(x.contiguous(memory_format=torch.channels_last), packed, bias, padding=1, groups=40,
+                          backend="cpu")
+    assert torch.equal(torch.isnan(y), torch.isnan(want)) and torch.equal(torch.isinf(y), torch.isinf(want))
+    assert torch.isinf(want).any() and torch.isnan(want).any()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(y[finite], want[finite], rtol=1e-5, atol=1e-5)
+    assert torch.equal(y.nan_to_num(), y_cl.nan_to_num()) and torch.equal(y.isnan(), y_cl.isnan())
+
+
 # The CPU kernel's Winograd F(2x2, 3x3) path (3x3, stride 1, dilation 1, one group, 8 to 2048
 # input channels, 8 or more output channels): tiles straddling rows and images, odd and 1x1
 # outputs, asymmetric padding, a partial output-channel block, two weight decode spans (64 input

@@ -3,7 +3,7 @@
 // and sign of the bit-sharing kernel, the SIMD code decode and its scalar twin (set_cpu_simd)
 // in lowbit_linear (every bits dense and sparse; rows decoded in registers, the decode tile and
 // the sgemm blocks) and lut_conv2d (grouped,
-// depthwise, strided, dilated; Winograd). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
+// depthwise in both layouts, strided, dilated; Winograd). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
 // and run under ASan+UBSan by tests/test_sanitizers.py: the kernels and this program are
 // instrumented, libtorch is not (ASan still sees every tensor's heap block). ASan checks scalar
 // and vector loads and stores; the AVX-512 masked expand-loads of lut_conv2d's bitmap expansion and
@@ -288,6 +288,11 @@ int main(int argc, char** argv) {
   const Conv2dGeometry plain = conv_geometry(2, 3, 5, 6, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1);
   const Conv2dGeometry strided_dilated_grouped = conv_geometry(1, 4, 7, 5, 6, 3, 2, 2, 2, 1, 1, 2, 1, 2);
   const Conv2dGeometry depthwise = conv_geometry(2, 5, 6, 7, 5, 3, 3, 1, 1, 1, 1, 1, 1, 5);
+  // depthwise (ops/lut_conv2d/depthwise_conv.h): stride 2 (two vectors a step from the padded
+  // plane); stride 3 and dilation 2 along rows, 70 channels (channels-last: four vectors and a
+  // masked rest), pixels inside x in blocks of 8 and edge pixels
+  const Conv2dGeometry depthwise_strided = conv_geometry(2, 19, 9, 37, 19, 3, 3, 2, 2, 1, 1, 1, 1, 19);
+  const Conv2dGeometry depthwise_wide = conv_geometry(1, 70, 6, 40, 70, 5, 5, 1, 3, 2, 2, 1, 2, 70);
   const Conv2dGeometry many_channels = conv_geometry(1, 2, 9, 9, 70, 3, 3, 1, 1, 1, 1, 1, 1, 1);
   const Conv2dGeometry deep_wide = conv_geometry(2, 30, 12, 23, 6, 3, 3, 1, 2, 1, 1, 1, 1, 1);
   // Winograd F(2x2, 3x3): tiles straddling rows and images, a partial output-channel block; two
@@ -311,6 +316,10 @@ int main(int argc, char** argv) {
     run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(4, false, false, depthwise, rng));
     run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, pointwise, rng), true);
     run_lut_conv2d<float>(lut_conv2d_case<float>(3, false, true, depthwise, rng), true);
+    for (bool channels_last : {false, true}) {
+      run_lut_conv2d<float>(lut_conv2d_case<float>(4, true, true, depthwise_strided, rng), channels_last);
+      run_lut_conv2d<float>(lut_conv2d_case<float>(6, false, false, depthwise_wide, rng), channels_last);
+    }
   }
   set_simd.call(true);
   return finish();

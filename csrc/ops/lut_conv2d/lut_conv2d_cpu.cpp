@@ -31,6 +31,7 @@
 #include "cpu/switches.h"
 #include "mixedprec/conv2d.h"
 #include "mixedprec/packed_weight.h"
+#include "ops/lut_conv2d/depthwise_conv.h"
 #include "ops/lut_conv2d/winograd_conv3x3.h"
 #include "register/op.h"
 
@@ -153,6 +154,15 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
       return y.to(x.scalar_type()).contiguous(layout);
   }
 #endif
+  if (depthwise_conv_applies(g)) {
+    at::Tensor w_f = at::empty({g.out_channels, g.kernel_h * g.kernel_w}, x_f.options());
+    decoder.decode(0, g.out_channels, w_f.data_ptr<float>());
+    at::Tensor y = poisoned(
+        at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options().memory_format(layout)));
+    depthwise_conv(x_f.data_ptr<float>(), w_f.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                   y.data_ptr<float>(), g, layout == at::MemoryFormat::ChannelsLast);
+    return y.to(x.scalar_type());
+  }
   const Tiles tiles(g);
   const at::Tensor pixels = pointwise_gemm_applies(g, layout) ? pixel_rows(x_f, g) : at::Tensor();
   at::Tensor tile = at::empty({tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w}, x_f.options());
