@@ -169,10 +169,19 @@ GEOMETRIES = [  # (x shape, weight shape, stride, padding, dilation)
 ]
 
 
+@pytest.fixture(params=["small gemm", "onednn"])
+def gemm_route(request, monkeypatch):
+    """1x1 convolutions and GEMMs through torch._int_mm (the tests' layers are small), or with
+    GEMM_MACS = 0 through oneDNN's prepacked weights."""
+    if request.param == "onednn":
+        monkeypatch.setattr(int8, "GEMM_MACS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("case", range(len(GEOMETRIES)))
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_int8_path_matches_the_float_convolution(case, grid, channels_last):
+def test_int8_path_matches_the_float_convolution(case, grid, channels_last, gemm_route):
     x_shape, w_shape, stride, padding, dilation = GEOMETRIES[case]
     for bits, a_bits in ((2, 8), (4, 4), (8, 2)):
         x = sample(x_shape, grid, case * 10 + bits, channels_last)
@@ -255,7 +264,7 @@ def test_copies_and_saved_layers_after_an_int8_call():
 
 @pytest.mark.parametrize("grid", GRIDS)
 @pytest.mark.parametrize("x_shape", [(1, 37), (5, 64), (3, 4, 29), (16, 128)])
-def test_int8_linear_matches_the_float_gemm(grid, x_shape):
+def test_int8_linear_matches_the_float_gemm(grid, x_shape, gemm_route):
     for bits, a_bits in ((2, 8), (4, 4), (8, 2)):
         x = sample(x_shape, grid, bits)
         layer = sbs_layer((23, x_shape[-1]), bits, quantizer(a_bits, grid, x), bias=bits != 4)
@@ -284,6 +293,83 @@ def test_int8_linear_nan_and_fallbacks():
         sparse = PackedLinear(pack_weight(torch.randint(0, 16, (9, 32), generator=g), layer.codebook, torch.ones(9), 4,
                                           torch.rand(9, 32, generator=g) > 0.3), None, layer.input_quant)
         assert int8_linear(sparse, x) is None
+
+
+def routes(fn) -> set[str]:
+    """The int8 kernels a call of fn ran."""
+    with torch.profiler.profile() as prof:
+        fn()
+    names = {"aten::_int_mm": "small gemm", "onednn::qconv2d_pointwise": "qconv",
+             "onednn::qlinear_pointwise": "qlinear"}
+    return {names[e.name] for e in prof.events() if e.name in names}
+
+
+def test_small_gemms_and_the_rest(monkeypatch):
+    """1x1 convolutions (any stride) and GEMMs of at most GEMM_MACS over at most GEMM_ROWS rows run
+    through torch._int_mm; larger ones, and other convolutions, through oneDNN."""
+    monkeypatch.setattr(int8, "GEMM_MACS", 1 << 16)
+    monkeypatch.setattr(int8, "GEMM_ROWS", 64)
+    x = sample((1, 16, 8, 8), "unsigned", 10)
+    quant = quantizer(8, "unsigned", x)
+    with torch.no_grad():
+        pointwise = sbs_layer((32, 16, 1, 1), 4, quant)  # 64 pixels, 32k multiply-adds
+        assert routes(lambda: check_layer(pointwise, x)) == {"small gemm"}
+        assert routes(lambda: check_layer(pointwise, x.expand(2, -1, -1, -1).contiguous())) == {"qconv"}  # 128 rows
+        strided = sbs_layer((32, 16, 1, 1), 4, quant, stride=2)  # 16 pixels of 2 images
+        assert routes(lambda: check_layer(strided, x.expand(2, -1, -1, -1).contiguous())) == {"small gemm"}
+        assert routes(lambda: check_layer(sbs_layer((300, 16, 1, 1), 4, quant), x)) == {"qconv"}  # 307k
+        assert routes(lambda: check_layer(sbs_layer((32, 16, 3, 3), 4, quant, padding=1), x)) == {"qconv"}
+        assert routes(lambda: check_layer(sbs_layer((32, 16, 1, 1), 4, quant, padding=1), x)) == {"qconv"}
+        rows = sample((8, 64), "unsigned", 11)
+        linear = sbs_layer((40, 64), 4, quantizer(8, "unsigned", rows))
+        assert routes(lambda: check_layer(linear, rows)) == {"small gemm"}
+        assert routes(lambda: check_layer(linear, rows.repeat(10, 1))) == {"qlinear"}
+
+
+def test_sums_beyond_int32_take_the_float_path():
+    """Sums of k - 128 times c - m over more than MAX_DEPTH terms could leave int32."""
+    x = sample((2, int8.MAX_DEPTH + 1), "unsigned", 12)
+    with torch.no_grad():
+        layer = sbs_layer((3, x.shape[1]), 2, quantizer(8, "unsigned", x))
+        assert int8_linear(layer, x) is None
+        assert int8_linear(sbs_layer((3, int8.MAX_DEPTH), 2, layer.input_quant), x[:, 1:]) is not None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_int8_epilogue(channels_last):
+    """y = float(acc + offset) factor + bias + window_factor window_sums, in acc's layout; its
+    arguments are checked by name."""
+    g = torch.Generator().manual_seed(13)
+    acc = torch.randint(-2**20, 2**20, (2, 37, 5, 3), generator=g, dtype=torch.int32)
+    if channels_last:
+        acc = acc.contiguous(memory_format=torch.channels_last)
+    offset = torch.randint(-2**20, 2**20, (37,), generator=g, dtype=torch.int32)
+    factor, bias, window_factor = (torch.randn(37, generator=g) for _ in range(3))
+    sums = torch.randn(2, 1, 5, 3, generator=g)
+    epilogue = torch.ops.mixedprec.int8_epilogue
+    channel = (1, -1, 1, 1)
+    for b in (bias, None):
+        y = epilogue(acc, offset, factor, b, sums, window_factor)
+        want = ((acc + offset.view(channel)).double() * factor.view(channel).double()
+                + (0 if b is None else b.view(channel).double()) + window_factor.view(channel).double() * sums.double())
+        # three float32 roundings of the sum's terms (each at most its magnitude) and the conversion
+        terms = ((acc + offset.view(channel)).double().abs() * factor.view(channel).double().abs()
+                 + (0 if b is None else b.view(channel).double().abs())
+                 + (window_factor.view(channel).double() * sums.double()).abs())
+        assert ((y.double() - want).abs() <= 4 * torch.finfo(torch.float32).eps / 2 * terms).all()
+        assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    bad = [
+        ((acc.float(), offset, factor, bias, sums, window_factor), "acc must be"),
+        ((acc.transpose(2, 3), offset, factor, bias, sums, window_factor), "acc must be"),
+        ((acc, offset.long(), factor, bias, sums, window_factor), "offset must be"),
+        ((acc, offset, factor[:3], bias, sums, window_factor), "factor must be"),
+        ((acc, offset, factor, bias.double(), sums, window_factor), "bias must be"),
+        ((acc, offset, factor, bias, sums, window_factor[:-1]), "window_factor must be"),
+        ((acc, offset, factor, bias, sums[:1], window_factor), "window_sums must be"),
+    ]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            epilogue(*args)
 
 
 def test_calls_below_min_macs_take_the_float_path(monkeypatch):

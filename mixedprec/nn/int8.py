@@ -6,8 +6,11 @@ integers times a scale, and a PackedConv2d or PackedLinear is one u8 x s8 -> s32
 GEMM (oneDNN through ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``, VNNI dot
 products) with a float32 output: 2.5-5x faster than float32 ``conv2d`` on ResNet's and
 MobileNetV2's dense layers, and on a 4096x4096 layer as fast as ``lowbit_linear``'s 4-bit GEMV at
-batch 1 and 5-20x faster than it from batch 4 on (Zen 4). The integer sums are exact, so y
-differs from the float path (fake-quantized x, float convolution or GEMM) by float32 rounding:
+batch 1 and 5-20x faster than it from batch 4 on (Zen 4). Small GEMMs (1x1 convolutions over few
+pixels, GEMMs of few rows: ``GEMM_MACS``, ``GEMM_ROWS``) skip oneDNN's per-call cost: s8 x s8
+``torch._int_mm`` on codes shifted by -128 (exact, added back in int32), then one pass
+(``int8_epilogue``) to float32. The integer sums are exact, so y differs from the float path
+(fake-quantized x, float convolution or GEMM) by float32 rounding:
 
     x_hat = s_x (k - j)           k = the quantizer's code (``bit_sharing_codes``), j its zero level
                                   (a signed grid: s_x (k - j - 1/2), the half step added as a constant)
@@ -24,7 +27,9 @@ multiply-adds, under ``torch.no_grad()`` or ``torch.inference_mode()``, with flo
 and no backend chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
 that backend), on CPUs with VNNI (elsewhere u8 x s8 products can saturate in int16); every other
 call takes the float path. The layer then holds its weight as int8 too (1 byte per weight, per
-input shape of a conv, at most ``Int8Weight.MAX_PREPACKED``), beside the packed bytes.
+input shape of a conv, at most ``Int8Weight.MAX_PREPACKED``; and as s8 rows for small GEMMs),
+beside the packed bytes. Depths over ``MAX_DEPTH`` (65793 input features) take the float path:
+their integer sums could leave int32.
 ``mixedprec.nn.set_int8`` switches it off.
 """
 from __future__ import annotations
@@ -56,7 +61,8 @@ def int8_available() -> bool:
     """oneDNN's quantized convolution and GEMM are in this torch build and the CPU has VNNI."""
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
-            and hasattr(torch.ops.onednn, "qlinear_pointwise") and is_vnni is not None and bool(is_vnni()))
+            and hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch, "_int_mm")
+            and is_vnni is not None and bool(is_vnni()))
 
 
 _AVAILABLE = int8_available()
@@ -69,6 +75,18 @@ _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # as long either way (0.09, 0.11 ms), 5.6M and larger ran 1.3-4x faster as int8. Below this the
 # float path runs.
 MIN_MACS = 1 << 21
+
+# GEMMs (PackedLinear, 1x1 convolutions) of at most GEMM_MACS multiply-adds over at most GEMM_ROWS
+# rows (pixels) run as torch._int_mm on unpacked s8 weights: oneDNN's quantized convolution and
+# GEMM cost ~30-40 us a call more (at batch 1: MobileNetV2's 1x1 layers over 7x7..28x28 pixels
+# 25-60% faster, ResNet-50's 7x7..28x28 ones within 10%, a 4096x4096 GEMV 0.22 against 0.34 ms);
+# on more rows or a larger weight their prepacked (blocked) weight is faster (1.1-1.7x on
+# ResNet-50's 1x1 layers at batch 8, 7.6x on one; 1.7x on a 4096x4096 GEMM of 16 rows), and over
+# 12544 pixels of 12 or 24 channels too (1.1-1.2x).
+GEMM_MACS = 1 << 24
+GEMM_ROWS = 1024
+# Sums of k - 128 times c - m (and the offset term) stay in int32 up to this depth: 255 * 128 each.
+MAX_DEPTH = (2**31 - 1) // (255 * 128)
 
 GRID_TOLERANCE = 8  # float32 eps of the largest level: SBS's grids, computed in float32, are within 2
 
@@ -84,7 +102,9 @@ def uniform_grid(codebook: Tensor) -> bool:
 
 
 class Prepacked(NamedTuple):
-    weight: Tensor         # oneDNN's s8 weight
+    weight: Tensor | None  # oneDNN's s8 weight; None for a small GEMM (torch._int_mm on Int8Weight.rows)
+    factor: Tensor         # s_x d scale_c (C,): the small GEMM's sums to y
+    offset: Tensor         # (128 - j) sum_k (c - m) (C,), int32: the small GEMM multiplies k - 128
     window_factor: Tensor  # c0 scale_c s_x (C,): multiplies each output's window sum of k - j
     shift: Tensor | None   # signed grids: (C,) added to the bias, or (1, C, H_out, W_out) with padding
 
@@ -99,7 +119,7 @@ class Int8Weight:
         self.packed = packed = layer.packed_weight()
         self.conv = len(packed.shape) == 4
         self.applies = (_AVAILABLE and getattr(layer, "groups", 1) == 1 and packed.keep_bitmap is None
-                        and uniform_grid(packed.codebook))
+                        and packed.row_length <= MAX_DEPTH and uniform_grid(packed.codebook))
         if not self.applies:
             return
         grid = packed.codebook.double()
@@ -110,22 +130,28 @@ class Int8Weight:
         self.scales = self.step_scale.float()
         self.zeros = torch.zeros(scale.numel(), dtype=torch.int64)
         self.grid_offset = (grid[0] + step * self.mid) * scale  # c0 scale_c
+        self.pointwise = True  # a GEMM: a linear layer, or a 1x1 convolution without padding
         if self.conv:
             self.window = torch.ones(1, 1, *layer.kernel_size)
             self.geometry = [conv_pair("PackedConv2d", name, getattr(layer, name), minimum)
                              for name, minimum in (("stride", 1), ("padding", 0), ("dilation", 1))]
             self.pointwise = tuple(layer.kernel_size) == (1, 1) and not any(self.geometry[1])
+        # c - m as (C, K) s8 rows: the small GEMMs' operand (W X per NCHW image, X W^T on pixel rows)
+        self.rows = (packed.code_values() - self.mid).reshape(scale.numel(), -1).to(torch.int8) if self.pointwise else None
         self._prepacked: dict = {}
 
-    def prepacked(self, x_shape: tuple[int, ...], x_scale: float, x_zero: int, signed: bool) -> Prepacked:
-        """oneDNN's weight for this input shape (its layout follows the shape: a weight packed
-        for another one is reordered on every call, 10-30 ms on 3x3 layers) and activation grid."""
-        key = (x_shape, x_scale, x_zero, signed)
+    def prepacked(self, x_shape: tuple[int, ...], x_scale: float, x_zero: int, signed: bool, gemm: bool) -> Prepacked:
+        """The terms for this input shape and activation grid, with oneDNN's weight unless the call
+        is a small GEMM (``gemm``): its layout follows the shape (a weight packed for another one
+        is reordered on every call, 10-30 ms on 3x3 layers)."""
+        key = (x_shape, x_scale, x_zero, signed, gemm)
         if key not in self._prepacked:
             if len(self._prepacked) >= self.MAX_PREPACKED:
                 self._prepacked.clear()
             codes = self.packed.code_values() - self.mid
-            if self.conv:
+            if gemm:
+                weight = None
+            elif self.conv:
                 weight = torch.ops.onednn.qconv_prepack(codes.to(torch.int8), self.scales, x_scale, x_zero,
                                                         *self.geometry, 1, list(x_shape))
             else:
@@ -141,7 +167,9 @@ class Int8Weight:
                         shift = shift[0, :, 0, 0].contiguous()
                 else:
                     shift = (-0.5 * x_scale * w.sum(1)).float()
-            self._prepacked[key] = Prepacked(weight, (self.grid_offset * x_scale).float(), shift)
+            offset = (128 - x_zero) * codes.reshape(codes.shape[0], -1).sum(1)
+            self._prepacked[key] = Prepacked(weight, (x_scale * self.step_scale).float(), offset.to(torch.int32),
+                                             (self.grid_offset * x_scale).float(), shift)
         return self._prepacked[key]
 
     def window_sums(self, sums: Tensor) -> Tensor:
@@ -151,8 +179,16 @@ class Int8Weight:
         return F.conv2d(sums, self.window, None, *self.geometry)
 
 
-def _prepare(layer, x: Tensor, dims: int):
-    """(weight cache, the input's grid, s_x, j) where the call qualifies, else None."""
+class Call(NamedTuple):
+    cache: Int8Weight
+    grid: object      # the input quantizer's FixedGrid
+    x_scale: float    # s_x
+    x_zero: int       # j
+    gemm: bool        # a small GEMM (GEMM_MACS, GEMM_ROWS): torch._int_mm
+
+
+def _prepare(layer, x: Tensor, dims: int) -> Call | None:
+    """How the int8 path runs this call, or None where it does not qualify."""
     fixed_grid = getattr(layer.input_quant, "fixed_grid", None)
     if (not _enabled or fixed_grid is None or torch.is_grad_enabled() or x.device.type != "cpu"
             or x.dtype != torch.float32 or x.dim() < dims or (dims == 4 and x.dim() != 4)
@@ -172,11 +208,12 @@ def _prepare(layer, x: Tensor, dims: int):
     grid = fixed_grid()
     if macs < MIN_MACS or grid is None:
         return None
+    gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_ROWS * math.prod(weight_shape)
     n, clip = levels(grid.bits), float(grid.clip)
     if grid.signed:  # levels v (2 k / n - 1) = s_x (k - j - 1/2), j = (n - 1) / 2
-        return cache, grid, 2.0 * clip / n, (n - 1) // 2
+        return Call(cache, grid, 2.0 * clip / n, (n - 1) // 2, gemm)
     # levels v (k / n - z0) = s_x (k - j), j = z0 n
-    return cache, grid, clip / n, 0 if grid.zero_point is None else round(float(grid.zero_point) * n)
+    return Call(cache, grid, clip / n, 0 if grid.zero_point is None else round(float(grid.zero_point) * n), gemm)
 
 
 def _bias(layer, packed: Prepacked) -> Tensor | None:
@@ -198,20 +235,43 @@ def _eager(fn):
     return call
 
 
+def _small_gemm(call: Call, packed: Prepacked, codes: Tensor, bias: Tensor | None, window_sums: Tensor) -> Tensor:
+    """y of a 1x1 convolution (codes (N, K, H_out, W_out)) or a GEMM (codes (M, K, 1, 1)) through
+    torch._int_mm: s8 codes k - 128 (an exact shift, added back as ``offset`` in int32) on pixel
+    rows times the weight's rows, or per NCHW image the weight's rows times its codes; then one
+    pass (``int8_epilogue``) to float32 s_x d scale_c (sums + offset) + bias + the offset term."""
+    rows = call.cache.rows
+    q = codes.bitwise_xor_(128).view(torch.int8)  # k - 128
+    n, k, h, w = q.shape
+    if q.is_contiguous() and h * w > 1:
+        acc = torch.empty(n, rows.shape[0], h * w, dtype=torch.int32)
+        for i in range(n):
+            torch._int_mm(rows, q[i].view(k, h * w), out=acc[i])
+        acc = acc.view(n, -1, h, w)
+    else:
+        acc = torch._int_mm(q.permute(0, 2, 3, 1).reshape(-1, k), rows.t()).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return torch.ops.mixedprec.int8_epilogue(acc, packed.offset, packed.factor, bias, window_sums.contiguous(),
+                                             packed.window_factor)
+
+
 @_eager
 def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     """y of ``layer`` (a PackedConv2d) on x through the int8 convolution, or None where the call
     does not qualify (the caller then takes the float path). The layer's ``input_quant`` names
     its grid through ``fixed_grid()`` (``mixedprec.sbs.BitSharingQuantizer``)."""
-    prepared = _prepare(layer, x, 4)
-    if prepared is None:
+    call = _prepare(layer, x, 4)
+    if call is None:
         return None
-    cache, grid, x_scale, x_zero = prepared
+    cache, grid = call.cache, call.grid
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
-    packed = cache.prepacked(tuple(x.shape), x_scale, x_zero, grid.signed)
+    packed = cache.prepacked(tuple(x.shape), call.x_scale, call.x_zero, grid.signed, call.gemm)
     codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, grid.clip, grid.bits, grid.signed, grid.zero_point)
-    y = torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zero, packed.weight, cache.scales, cache.zeros,
+    if call.gemm:
+        stride = cache.geometry[0]
+        return _small_gemm(call, packed, codes[:, :, ::stride[0], ::stride[1]], _bias(layer, packed),
+                           cache.window_sums(sums))
+    y = torch.ops.onednn.qconv2d_pointwise(codes, call.x_scale, call.x_zero, packed.weight, cache.scales, cache.zeros,
                                            _bias(layer, packed), *cache.geometry, 1, 1.0, 0, torch.float32, "none",
                                            [], "")
     y.addcmul_(cache.window_sums(sums), packed.window_factor.view(1, -1, 1, 1))
@@ -222,17 +282,20 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
 def int8_linear(layer, x: Tensor) -> Tensor | None:
     """y of ``layer`` (a PackedLinear) on x (..., in_features) through the int8 GEMM, or None
     where the call does not qualify (as ``int8_conv2d``)."""
-    prepared = _prepare(layer, x, 1)
-    if prepared is None:
+    call = _prepare(layer, x, 1)
+    if call is None:
         return None
-    cache, grid, x_scale, x_zero = prepared
+    cache, grid = call.cache, call.grid
     rows = x.reshape(-1, x.shape[-1]).contiguous()[:, :, None, None]  # (M, K, 1, 1): a row per pixel
     # oneDNN packed it alike for every M tried (1..256 rows of a 2048x2048 layer, each as fast on
     # every packing), so one packing serves every batch and sequence length
-    packed = cache.prepacked((1, x.shape[-1]), x_scale, x_zero, grid.signed)
+    packed = cache.prepacked((1, x.shape[-1]), call.x_scale, call.x_zero, grid.signed, call.gemm)
     codes, sums = torch.ops.mixedprec.bit_sharing_codes(rows, grid.clip, grid.bits, grid.signed, grid.zero_point)
-    y = torch.ops.onednn.qlinear_pointwise(codes.view(rows.shape[0], -1), x_scale, x_zero, packed.weight,
-                                           cache.scales, cache.zeros, _bias(layer, packed), 1.0, 0, torch.float32,
-                                           "none", [], "")
-    y.addcmul_(sums.view(-1, 1), packed.window_factor)
+    if call.gemm:
+        y = _small_gemm(call, packed, codes, _bias(layer, packed), sums).view(rows.shape[0], -1)
+    else:
+        y = torch.ops.onednn.qlinear_pointwise(codes.view(rows.shape[0], -1), call.x_scale, call.x_zero,
+                                               packed.weight, cache.scales, cache.zeros, _bias(layer, packed), 1.0, 0,
+                                               torch.float32, "none", [], "")
+        y.addcmul_(sums.view(-1, 1), packed.window_factor)
     return y.view(*x.shape[:-1], -1)

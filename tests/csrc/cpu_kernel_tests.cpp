@@ -126,6 +126,36 @@ void run_bit_sharing_codes(int64_t n, int64_t c, int64_t h, int64_t w, int bits,
   for (size_t q = 0; q < expected_sums.size(); ++q) expect(double(s[q]) == expected_sums[q], name + ": sum");
 }
 
+// int8_epilogue: the plain loop, operation for operation (built with -ffp-contract=off: the same bits).
+void run_int8_epilogue(int64_t n, int64_t c, int64_t h, int64_t w, bool with_bias, bool channels_last,
+                       std::mt19937& rng) {
+  static auto epilogue = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, OptTensor,
+                                       const at::Tensor&, const at::Tensor&)>("mixedprec::int8_epilogue");
+  std::uniform_int_distribution<int32_t> ints(-(1 << 22), 1 << 22);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<int32_t> acc(static_cast<size_t>(n * c * h * w)), offset(static_cast<size_t>(c));
+  for (int32_t& v : acc) v = ints(rng);
+  for (int32_t& v : offset) v = ints(rng);
+  std::vector<float> factor(static_cast<size_t>(c)), bias(factor), window_factor(factor),
+      sums(static_cast<size_t>(n * h * w));
+  for (auto* v : {&factor, &bias, &window_factor, &sums})
+    for (float& e : *v) e = normal(rng);
+  const at::Tensor acc_t = channels_last ? view(acc, {n, h, w, c}).permute({0, 3, 1, 2}) : view(acc, {n, c, h, w});
+  const std::optional<at::Tensor> b = with_bias ? std::optional<at::Tensor>(view(bias)) : std::nullopt;
+  const at::Tensor y = epilogue.call(acc_t, view(offset), view(factor), b, view(sums, {n, 1, h, w}),
+                                     view(window_factor));
+  const std::string name = std::string("int8_epilogue") + (channels_last ? " channels-last" : "");
+  expect(y.strides() == acc_t.strides(), name + ": y not in acc's layout");
+  const float* yp = y.const_data_ptr<float>();  // in acc's layout, as the loop below indexes it
+  for (int64_t i = 0; i < int64_t(acc.size()); ++i) {
+    const int64_t ch = channels_last ? i % c : i / (h * w) % c;
+    const int64_t pixel = channels_last ? i / c : i / (c * h * w) * h * w + i % (h * w);
+    const float want = (float(acc[i] + offset[ch]) * factor[ch] + (with_bias ? bias[ch] : 0.0f)) +
+                       window_factor[ch] * sums[pixel];
+    expect(yp[i] == want, name + ": y");
+  }
+}
+
 template <class T>
 void run_codebook(const CodebookCase& c) {
   static auto forward = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
@@ -250,6 +280,9 @@ int main(int argc, char** argv) {
     run_bit_sharing_codes(1, 16, 3, 3, 4, false, 0.0f, channels_last, rng);
     run_bit_sharing_codes(3, 37, 4, 5, 2, false, 1.0f / 3.0f, channels_last, rng);
     run_bit_sharing_codes(2, 21, 1, 1, 1, true, 0.0f, channels_last, rng);
+    // int8_epilogue: NCHW planes and pixel rows, with and without a bias, one pixel (a GEMM's rows)
+    run_int8_epilogue(2, 37, 5, 3, true, channels_last, rng);
+    run_int8_epilogue(3, 19, 1, 1, false, channels_last, rng);
   }
 
   // codebook_quant: rows shorter than a vector (scalar tail only), odd rows, 1 to 256 levels

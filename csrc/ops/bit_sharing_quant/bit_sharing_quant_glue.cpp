@@ -5,6 +5,7 @@
 //   _stats  the float64 sums of |r_j| (j = 2..K) over x
 //   bit_sharing_codes  (CPU only) one fixed bitwidth's codes as uint8 and their sums over
 //           channels per pixel: the input of PackedConv2d's and PackedLinear's int8 path
+//   int8_epilogue  (CPU only) that path's small GEMMs' int32 sums to y
 // Every one takes an optional 0-dim float32 zero_point z0 in [0, 1] (None: 0), the unsigned
 // grid's zero point (the asymmetric activation grid; only with signed=False).
 // Kernels: bit_sharing_quant_cpu.cpp (CPU), bit_sharing_quant.cu (CUDA, SIMT).
@@ -25,6 +26,9 @@ std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_backward(const at::Tensor& 
                                                               const BitSharingParams& p, float z0);
 std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float clip, bool is_signed, float z0,
                                                      int bits);
+at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
+                         const at::Tensor& window_factor);
 }  // namespace cpu
 namespace MP_DEVICE_NS {  // bit_sharing_quant.cu
 // floats of scratch the launchers need for n elements
@@ -193,6 +197,33 @@ std::tuple<at::Tensor, at::Tensor> codes(const at::Tensor& x, const at::Tensor& 
   const float z0 = zero_point_value(check_zero_point(zero_point, x, is_signed, op));
   return cpu::bit_sharing_codes(x, v, is_signed, z0, int(bits));
 }
+
+// y = float(acc + offset) factor + bias + window_factor window_sums (per channel c; window_sums
+// per output pixel), in acc's layout.
+at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
+                         const at::Tensor& window_factor) {
+  const char* op = "int8_epilogue";
+  TORCH_CHECK(acc.is_cpu() && acc.scalar_type() == at::kInt && acc.dim() == 4 &&
+                  (acc.is_contiguous() || acc.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              op, ": acc must be a contiguous or channels-last 4-D int32 CPU tensor (N, C, H, W), got ", acc.dim(),
+              "-D ", acc.scalar_type(), " on ", acc.device());
+  const int64_t c = acc.size(1);
+  const auto per_channel = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
+    TORCH_CHECK(t.is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == c && t.is_contiguous(), op,
+                ": ", name, " must be a contiguous ", dtype, " CPU tensor of shape (", c, ",), got ", t.scalar_type(),
+                " of shape ", t.sizes(), " on ", t.device());
+  };
+  per_channel(offset, at::kInt, "offset");
+  per_channel(factor, at::kFloat, "factor");
+  per_channel(window_factor, at::kFloat, "window_factor");
+  if (bias) per_channel(*bias, at::kFloat, "bias");
+  TORCH_CHECK(window_sums.is_cpu() && window_sums.scalar_type() == at::kFloat && window_sums.is_contiguous() &&
+                  window_sums.sizes() == at::IntArrayRef({acc.size(0), 1, acc.size(2), acc.size(3)}),
+              op, ": window_sums must be a contiguous float32 CPU tensor of shape (", acc.size(0), ", 1, ", acc.size(2),
+              ", ", acc.size(3), "), got ", window_sums.scalar_type(), " of shape ", window_sums.sizes());
+  return cpu::int8_epilogue(acc, offset, factor, bias, window_sums, window_factor);
+}
 #endif
 
 }  // namespace
@@ -210,5 +241,8 @@ TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
   m.def("bit_sharing_codes(Tensor x, Tensor clip, int bits, bool signed, Tensor? zero_point=None) -> "
         "(Tensor, Tensor)");
   m.impl("bit_sharing_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::codes)));
+  m.def("int8_epilogue(Tensor acc, Tensor offset, Tensor factor, Tensor? bias, Tensor window_sums, "
+        "Tensor window_factor) -> Tensor");
+  m.impl("int8_epilogue", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::int8_epilogue)));
 #endif
 }
