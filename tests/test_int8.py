@@ -305,16 +305,16 @@ def routes(fn) -> set[str]:
 
 
 def test_small_gemms_and_the_rest(monkeypatch):
-    """1x1 convolutions (any stride) and GEMMs of at most GEMM_MACS over at most GEMM_ROWS rows run
-    through torch._int_mm; larger ones, and other convolutions, through oneDNN."""
+    """1x1 convolutions (any stride) and GEMMs of at most GEMM_MACS multiply-adds and GEMM_OUTPUTS
+    outputs run through torch._int_mm; larger ones, and other convolutions, through oneDNN."""
     monkeypatch.setattr(int8, "GEMM_MACS", 1 << 16)
-    monkeypatch.setattr(int8, "GEMM_ROWS", 64)
+    monkeypatch.setattr(int8, "GEMM_OUTPUTS", 2048)
     x = sample((1, 16, 8, 8), "unsigned", 10)
     quant = quantizer(8, "unsigned", x)
     with torch.no_grad():
         pointwise = sbs_layer((32, 16, 1, 1), 4, quant)  # 64 pixels, 32k multiply-adds
         assert routes(lambda: check_layer(pointwise, x)) == {"small gemm"}
-        assert routes(lambda: check_layer(pointwise, x.expand(2, -1, -1, -1).contiguous())) == {"qconv"}  # 128 rows
+        assert routes(lambda: check_layer(pointwise, x.expand(2, -1, -1, -1).contiguous())) == {"qconv"}  # 4096 outputs
         strided = sbs_layer((32, 16, 1, 1), 4, quant, stride=2)  # 16 pixels of 2 images
         assert routes(lambda: check_layer(strided, x.expand(2, -1, -1, -1).contiguous())) == {"small gemm"}
         assert routes(lambda: check_layer(sbs_layer((300, 16, 1, 1), 4, quant), x)) == {"qconv"}  # 307k
@@ -323,7 +323,7 @@ def test_small_gemms_and_the_rest(monkeypatch):
         rows = sample((8, 64), "unsigned", 11)
         linear = sbs_layer((40, 64), 4, quantizer(8, "unsigned", rows))
         assert routes(lambda: check_layer(linear, rows)) == {"small gemm"}
-        assert routes(lambda: check_layer(linear, rows.repeat(10, 1))) == {"qlinear"}
+        assert routes(lambda: check_layer(linear, rows.repeat(10, 1))) == {"qlinear"}  # 3200 outputs
 
 
 def test_sums_beyond_int32_take_the_float_path():

@@ -6,8 +6,8 @@ integers times a scale, and a PackedConv2d or PackedLinear is one u8 x s8 -> s32
 GEMM (oneDNN through ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``, VNNI dot
 products) with a float32 output: 2.5-5x faster than float32 ``conv2d`` on ResNet's and
 MobileNetV2's dense layers, and on a 4096x4096 layer as fast as ``lowbit_linear``'s 4-bit GEMV at
-batch 1 and 5-20x faster than it from batch 4 on (Zen 4). Small GEMMs (1x1 convolutions over few
-pixels, GEMMs of few rows: ``GEMM_MACS``, ``GEMM_ROWS``) skip oneDNN's per-call cost: s8 x s8
+batch 1 and 5-20x faster than it from batch 4 on (Zen 4). Small GEMMs (1x1 convolutions and GEMMs
+of at most ``GEMM_MACS`` multiply-adds and ``GEMM_OUTPUTS`` outputs) skip oneDNN's per-call cost: s8 x s8
 ``torch._int_mm`` on codes shifted by -128 (exact, added back in int32), then one pass
 (``int8_epilogue``) to float32. The integer sums are exact, so y differs from the float path
 (fake-quantized x, float convolution or GEMM) by float32 rounding:
@@ -76,15 +76,12 @@ _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # float path runs.
 MIN_MACS = 1 << 21
 
-# GEMMs (PackedLinear, 1x1 convolutions) of at most GEMM_MACS multiply-adds over at most GEMM_ROWS
-# rows (pixels) run as torch._int_mm on unpacked s8 weights: oneDNN's quantized convolution and
-# GEMM cost ~30-40 us a call more (at batch 1: MobileNetV2's 1x1 layers over 7x7..28x28 pixels
-# 25-60% faster, ResNet-50's 7x7..28x28 ones within 10%, a 4096x4096 GEMV 0.22 against 0.34 ms);
-# on more rows or a larger weight their prepacked (blocked) weight is faster (1.1-1.7x on
-# ResNet-50's 1x1 layers at batch 8, 7.6x on one; 1.7x on a 4096x4096 GEMM of 16 rows), and over
-# 12544 pixels of 12 or 24 channels too (1.1-1.2x).
-GEMM_MACS = 1 << 24
-GEMM_ROWS = 1024
+# GEMMs (PackedLinear, 1x1 convolutions) of at most GEMM_MACS multiply-adds and GEMM_OUTPUTS
+# outputs run as torch._int_mm on unpacked s8 weights, then one pass to float32: oneDNN's quantized
+# convolution and GEMM cost ~30-40 us a call more. Larger ones go through oneDNN, whose prepacked
+# (blocked) weight and fused output then win (2-core Zen 4; ms in docs/kernels.md).
+GEMM_MACS = 1 << 26
+GEMM_OUTPUTS = 1 << 20
 # Sums of k - 128 times c - m (and the offset term) stay in int32 up to this depth: 255 * 128 each.
 MAX_DEPTH = (2**31 - 1) // (255 * 128)
 
@@ -136,9 +133,18 @@ class Int8Weight:
             self.geometry = [conv_pair("PackedConv2d", name, getattr(layer, name), minimum)
                              for name, minimum in (("stride", 1), ("padding", 0), ("dilation", 1))]
             self.pointwise = tuple(layer.kernel_size) == (1, 1) and not any(self.geometry[1])
-        # c - m as (C, K) s8 rows: the small GEMMs' operand (W X per NCHW image, X W^T on pixel rows)
+        # c - m as (C, K) s8 rows: the small GEMMs' weight (W X per NCHW image, x W^T for one row)
         self.rows = (packed.code_values() - self.mid).reshape(scale.numel(), -1).to(torch.int8) if self.pointwise else None
+        self._columns = None
         self._prepacked: dict = {}
+
+    def columns(self) -> Tensor:
+        """W^T (K, C) contiguous, made at the first use: X W^T on more than one pixel row (49 x 2048
+        by 2048 x 384: 0.13 ms, 0.24 through the transposed view of ``rows``, which is faster for a
+        single row: 0.05 against 0.15 ms at 2048 x 2048)."""
+        if self._columns is None:
+            self._columns = self.rows.t().contiguous()
+        return self._columns
 
     def prepacked(self, x_shape: tuple[int, ...], x_scale: float, x_zero: int, signed: bool, gemm: bool) -> Prepacked:
         """The terms for this input shape and activation grid, with oneDNN's weight unless the call
@@ -184,7 +190,7 @@ class Call(NamedTuple):
     grid: object      # the input quantizer's FixedGrid
     x_scale: float    # s_x
     x_zero: int       # j
-    gemm: bool        # a small GEMM (GEMM_MACS, GEMM_ROWS): torch._int_mm
+    gemm: bool        # a small GEMM (GEMM_MACS, GEMM_OUTPUTS): torch._int_mm
 
 
 def _prepare(layer, x: Tensor, dims: int) -> Call | None:
@@ -208,7 +214,7 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     grid = fixed_grid()
     if macs < MIN_MACS or grid is None:
         return None
-    gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_ROWS * math.prod(weight_shape)
+    gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:])
     n, clip = levels(grid.bits), float(grid.clip)
     if grid.signed:  # levels v (2 k / n - 1) = s_x (k - j - 1/2), j = (n - 1) / 2
         return Call(cache, grid, 2.0 * clip / n, (n - 1) // 2, gemm)
@@ -249,7 +255,9 @@ def _small_gemm(call: Call, packed: Prepacked, codes: Tensor, bias: Tensor | Non
             torch._int_mm(rows, q[i].view(k, h * w), out=acc[i])
         acc = acc.view(n, -1, h, w)
     else:
-        acc = torch._int_mm(q.permute(0, 2, 3, 1).reshape(-1, k), rows.t()).view(n, h, w, -1).permute(0, 3, 1, 2)
+        pixels = q.permute(0, 2, 3, 1).reshape(-1, k)
+        weight = rows.t() if pixels.shape[0] == 1 else call.cache.columns()
+        acc = torch._int_mm(pixels, weight).view(n, h, w, -1).permute(0, 3, 1, 2)
     return torch.ops.mixedprec.int8_epilogue(acc, packed.offset, packed.factor, bias, window_sums.contiguous(),
                                              packed.window_factor)
 
