@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 con
 
 @pytest.fixture(autouse=True)
 def small_layers_too(monkeypatch):
-    """The tests' small layers take the int8 path (below MIN_MACS a call takes the float path)."""
+    """The tests' small layers take the int8 path (below MIN_MACS or MIN_CHANNELS a call takes the
+    float path)."""
     monkeypatch.setattr(int8, "MIN_MACS", 0)
+    monkeypatch.setattr(int8, "MIN_CHANNELS", 1)
 
 GRIDS = ("unsigned", "signed", "asymmetric")
 
@@ -120,6 +122,10 @@ def test_codes_give_the_quantizers_output_bit_for_bit(bits, grid, channels_last)
     with torch.no_grad(), ops.use_backend("reference"):
         assert torch.equal(rebuilt, q(x))  # and so the reference's rounding
     assert torch.equal(sums, (codes.double() - zero).sum(1, keepdim=True).float())
+    centered, centered_sums = torch.ops.mixedprec.bit_sharing_codes(x, fixed.clip, bits, fixed.signed,
+                                                                    fixed.zero_point, True)
+    assert centered.dtype == torch.int8 and centered.stride() == x.stride()
+    assert torch.equal(centered.int(), codes.int() - 128) and torch.equal(centered_sums, sums)
 
 
 def test_codes_of_nan_give_a_nan_sum_at_its_pixel():
@@ -373,6 +379,7 @@ def test_int8_epilogue(channels_last):
 
 
 def test_calls_below_min_macs_take_the_float_path(monkeypatch):
+    """Calls through oneDNN below MIN_MACS; small GEMMs take the int8 path at any size."""
     monkeypatch.setattr(int8, "MIN_MACS", 1 << 21)
     x = sample((1, 64, 4, 4), "unsigned", 8)
     layer = sbs_layer((128, 64, 3, 3), 4, quantizer(8, "unsigned", x), padding=1)  # 1.2M multiply-adds
@@ -381,8 +388,25 @@ def test_calls_below_min_macs_take_the_float_path(monkeypatch):
         assert int8_conv2d(layer, x.expand(2, -1, -1, -1).contiguous()) is not None  # 2.4M
         strided = sbs_layer((128, 64, 3, 3), 4, layer.input_quant, stride=2, padding=1)
         assert int8_conv2d(strided, x.expand(2, -1, -1, -1).contiguous()) is None  # a quarter of the pixels
-        assert int8_linear(sbs_layer((512, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is not None  # 2.1M
+        assert int8_linear(sbs_layer((256, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is not None  # 1M
+        pointwise = sbs_layer((128, 64, 1, 1), 4, layer.input_quant)
+        assert int8_conv2d(pointwise, x) is not None  # 131k
+        monkeypatch.setattr(int8, "GEMM_MACS", 0)  # through oneDNN
+        assert int8_conv2d(pointwise, x) is None
         assert int8_linear(sbs_layer((256, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is None
+        assert int8_linear(sbs_layer((512, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is not None  # 2.1M
+
+
+def test_rgb_stems_take_the_float_path(monkeypatch):
+    """oneDNN convolutions over fewer than MIN_CHANNELS input channels; small GEMMs at any depth."""
+    monkeypatch.setattr(int8, "MIN_CHANNELS", 4)
+    x = sample((1, 3, 9, 9), "signed", 14)
+    quant = quantizer(8, "signed", x)
+    with torch.no_grad():
+        assert int8_conv2d(sbs_layer((8, 3, 3, 3), 4, quant, stride=2, padding=1), x) is None
+        assert int8_conv2d(sbs_layer((8, 3, 1, 1), 4, quant), x) is not None
+        wider = sample((1, 4, 9, 9), "signed", 15)
+        assert int8_conv2d(sbs_layer((8, 4, 3, 3), 4, quantizer(8, "signed", wider), padding=1), wider) is not None
 
 
 def test_strided_inputs_and_wrong_shapes():

@@ -23,7 +23,7 @@ convolution. A NaN input gives a NaN sum there, which reaches exactly the output
 path's NaN reaches.
 
 It applies to dense (no bitmap), single-group layers, calls of at least ``MIN_MACS``
-multiply-adds, under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs
+multiply-adds over at least ``MIN_CHANNELS`` input channels (any small GEMM), under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs
 and no backend chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
 that backend), on CPUs with VNNI (elsewhere u8 x s8 products can saturate in int16); every other
 call takes the float path. The layer then holds its weight as int8 too (1 byte per weight, per
@@ -70,11 +70,17 @@ _AVAILABLE = int8_available()
 # opaque tensors; rebuilt when the layer's packed weight changes
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# A call costs ~80 us more than the float path's before its arithmetic (the codes, oneDNN's call,
-# the offset term): at batch 1 on this 2-core Zen 4, layers of 1.2M and 3.6M multiply-adds took
-# as long either way (0.09, 0.11 ms), 5.6M and larger ran 1.3-4x faster as int8. Below this the
-# float path runs.
+# A call through oneDNN costs ~80 us more than the float path's before its arithmetic (the codes,
+# oneDNN's call, the offset term): at batch 1 on this 2-core Zen 4, layers of 1.2M and 3.6M
+# multiply-adds took as long either way (0.09, 0.11 ms), 5.6M and larger ran 1.3-4x faster as
+# int8. Below this such calls take the float path. Small GEMMs (below) cost less: at 0.07-1.8M
+# multiply-adds they took 0.05-0.07 ms against the float path's 0.05-0.16 (a GEMV of 512 x 512
+# 0.054 against 0.045), so they take the int8 path at any size.
 MIN_MACS = 1 << 21
+# oneDNN's int8 convolution over RGB stems (3 input channels) ran at 0.25-1.1x the float path
+# (MobileNetV2's 3x3 stride-2 stem 0.96 against 0.35 ms channels-last at batch 1, ResNet-18's 7x7
+# 1.24 against 1.37 ms NCHW): convolutions over fewer input channels than this take the float path.
+MIN_CHANNELS = 4
 
 # GEMMs (PackedLinear, 1x1 convolutions) of at most GEMM_MACS multiply-adds and GEMM_OUTPUTS
 # outputs run as torch._int_mm on unpacked s8 weights, then one pass to float32: oneDNN's quantized
@@ -178,10 +184,15 @@ class Int8Weight:
                                              (self.grid_offset * x_scale).float(), shift)
         return self._prepacked[key]
 
+    def strided(self, t: Tensor) -> Tensor:
+        """A 1x1 convolution's pixels of t (N, ., H, W): every stride-th (no slicing at stride 1)."""
+        (sh, sw) = self.geometry[0]
+        return t if sh == sw == 1 else t[:, :, ::sh, ::sw]
+
     def window_sums(self, sums: Tensor) -> Tensor:
         """(N, 1, H_out, W_out): the per-pixel sums summed over each output's window."""
         if self.pointwise:  # the window is the pixel
-            return sums[:, :, ::self.geometry[0][0], ::self.geometry[0][1]]
+            return self.strided(sums)
         return F.conv2d(sums, self.window, None, *self.geometry)
 
 
@@ -211,10 +222,10 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     macs = x.numel() * weight_shape[0]
     if dims == 4:  # per input pixel and tap, over the stride's share of the pixels
         macs = macs * math.prod(weight_shape[2:]) // math.prod(cache.geometry[0])
-    grid = fixed_grid()
-    if macs < MIN_MACS or grid is None:
-        return None
     gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:])
+    grid = fixed_grid()
+    if (not gemm and (macs < MIN_MACS or weight_shape[1] < MIN_CHANNELS)) or grid is None:
+        return None
     n, clip = levels(grid.bits), float(grid.clip)
     if grid.signed:  # levels v (2 k / n - 1) = s_x (k - j - 1/2), j = (n - 1) / 2
         return Call(cache, grid, 2.0 * clip / n, (n - 1) // 2, gemm)
@@ -241,13 +252,12 @@ def _eager(fn):
     return call
 
 
-def _small_gemm(call: Call, packed: Prepacked, codes: Tensor, bias: Tensor | None, window_sums: Tensor) -> Tensor:
-    """y of a 1x1 convolution (codes (N, K, H_out, W_out)) or a GEMM (codes (M, K, 1, 1)) through
-    torch._int_mm: s8 codes k - 128 (an exact shift, added back as ``offset`` in int32) on pixel
-    rows times the weight's rows, or per NCHW image the weight's rows times its codes; then one
-    pass (``int8_epilogue``) to float32 s_x d scale_c (sums + offset) + bias + the offset term."""
+def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, window_sums: Tensor) -> Tensor:
+    """y of a 1x1 convolution (q (N, K, H_out, W_out)) or a GEMM (q (M, K, 1, 1)) through
+    torch._int_mm on q = k - 128 (``bit_sharing_codes``' centered codes, int8; the shift is added
+    back as ``offset`` in int32): pixel rows times W^T, or per NCHW image W times its codes; then
+    one pass (``int8_epilogue``) to float32 s_x d scale_c (sums + offset) + bias + the offset term."""
     rows = call.cache.rows
-    q = codes.bitwise_xor_(128).view(torch.int8)  # k - 128
     n, k, h, w = q.shape
     if q.is_contiguous() and h * w > 1:
         acc = torch.empty(n, rows.shape[0], h * w, dtype=torch.int32)
@@ -274,11 +284,10 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     packed = cache.prepacked(tuple(x.shape), call.x_scale, call.x_zero, grid.signed, call.gemm)
-    codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, grid.clip, grid.bits, grid.signed, grid.zero_point)
+    codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, grid.clip, grid.bits, grid.signed, grid.zero_point,
+                                                        call.gemm)
     if call.gemm:
-        stride = cache.geometry[0]
-        return _small_gemm(call, packed, codes[:, :, ::stride[0], ::stride[1]], _bias(layer, packed),
-                           cache.window_sums(sums))
+        return _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums))
     y = torch.ops.onednn.qconv2d_pointwise(codes, call.x_scale, call.x_zero, packed.weight, cache.scales, cache.zeros,
                                            _bias(layer, packed), *cache.geometry, 1, 1.0, 0, torch.float32, "none",
                                            [], "")
@@ -298,7 +307,8 @@ def int8_linear(layer, x: Tensor) -> Tensor | None:
     # oneDNN packed it alike for every M tried (1..256 rows of a 2048x2048 layer, each as fast on
     # every packing), so one packing serves every batch and sequence length
     packed = cache.prepacked((1, x.shape[-1]), call.x_scale, call.x_zero, grid.signed, call.gemm)
-    codes, sums = torch.ops.mixedprec.bit_sharing_codes(rows, grid.clip, grid.bits, grid.signed, grid.zero_point)
+    codes, sums = torch.ops.mixedprec.bit_sharing_codes(rows, grid.clip, grid.bits, grid.signed, grid.zero_point,
+                                                        call.gemm)
     if call.gemm:
         y = _small_gemm(call, packed, codes, _bias(layer, packed), sums).view(rows.shape[0], -1)
     else:

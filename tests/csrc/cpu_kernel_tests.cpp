@@ -98,8 +98,8 @@ void run_bit_sharing(const BitSharingCase& c) {
 // bit_sharing_codes (the int8 path's input): x of shape (n, c, h, w), stored NCHW or channels-last,
 // against the quantizer's rounding written out (include/mixedprec/bit_sharing.h's spelling).
 void run_bit_sharing_codes(int64_t n, int64_t c, int64_t h, int64_t w, int bits, bool is_signed, float z0,
-                           bool channels_last, std::mt19937& rng) {
-  static auto codes_op = op<Tensors2(const at::Tensor&, const at::Tensor&, int64_t, bool, OptTensor)>(
+                           bool channels_last, std::mt19937& rng, bool centered = false) {
+  static auto codes_op = op<Tensors2(const at::Tensor&, const at::Tensor&, int64_t, bool, OptTensor, bool)>(
       "mixedprec::bit_sharing_codes");
   std::normal_distribution<float> normal(0.0f, 1.5f);
   std::vector<float> x(size_t(n * c * h * w));
@@ -108,10 +108,11 @@ void run_bit_sharing_codes(int64_t n, int64_t c, int64_t h, int64_t w, int bits,
   const float zero_level = is_signed ? float(((1 << bits) - 2) / 2) : std::nearbyint(z0 * levels);
   const at::Tensor xt = channels_last ? view(x, {n, h, w, c}).permute({0, 3, 1, 2}) : view(x, {n, c, h, w});
   const std::optional<at::Tensor> zp = is_signed ? std::nullopt : std::optional<at::Tensor>(at::full({}, z0));
-  const auto [codes, sums] = codes_op.call(xt, at::full({}, clip), bits, is_signed, zp);
+  const auto [codes, sums] = codes_op.call(xt, at::full({}, clip), bits, is_signed, zp, centered);
   const std::string name = "bit_sharing_codes " + std::to_string(bits) + "-bit" + (is_signed ? " signed" : "") +
-                           (channels_last ? " channels-last" : "");
+                           (channels_last ? " channels-last" : "") + (centered ? " centered" : "");
   expect(codes.strides() == xt.strides(), name + ": codes not in x's layout");
+  expect(codes.scalar_type() == (centered ? at::kChar : at::kByte), name + ": codes' dtype");
   const uint8_t* k = reinterpret_cast<const uint8_t*>(codes.const_data_ptr());
   const float* s = data<float>(sums);
   std::vector<double> expected_sums(size_t(n * h * w), 0.0);
@@ -119,7 +120,7 @@ void run_bit_sharing_codes(int64_t n, int64_t c, int64_t h, int64_t w, int bits,
     const float t = x[i] * inv_clip;
     const float z = is_signed ? (std::min(std::max(t, -1.0f), 1.0f) + 1.0f) * 0.5f : std::min(std::max(t + z0, 0.0f), 1.0f);
     const float code = std::nearbyint(z * levels);
-    expect(float(k[i]) == code, name + ": code");
+    expect(float(centered ? int8_t(k[i]) + 128 : k[i]) == code, name + ": code");
     const int64_t pixel = channels_last ? int64_t(i) / c : (int64_t(i) / (c * h * w)) * h * w + int64_t(i) % (h * w);
     expected_sums[size_t(pixel)] += code - zero_level;
   }
@@ -280,6 +281,7 @@ int main(int argc, char** argv) {
     run_bit_sharing_codes(1, 16, 3, 3, 4, false, 0.0f, channels_last, rng);
     run_bit_sharing_codes(3, 37, 4, 5, 2, false, 1.0f / 3.0f, channels_last, rng);
     run_bit_sharing_codes(2, 21, 1, 1, 1, true, 0.0f, channels_last, rng);
+    run_bit_sharing_codes(2, 37, 3, 5, 8, false, 0.25f, channels_last, rng, true);
     // int8_epilogue: NCHW planes and pixel rows, with and without a bias, one pixel (a GEMM's rows)
     run_int8_epilogue(2, 37, 5, 3, true, channels_last, rng);
     run_int8_epilogue(3, 19, 1, 1, false, channels_last, rng);

@@ -1,7 +1,8 @@
 // The integer codes of SBS's fixed-bit activation quantizer on the CPU, for the int8 path of
 // PackedConv2d and PackedLinear (mixedprec/nn/int8.py): k = rint(z n), z = clamp(x / v + z0, 0, 1)
 // or (signed) (clamp(x / v, -1, 1) + 1) / 2, the k that bit_sharing_quant rounds to
-// (include/mixedprec/bit_sharing.h, spelled the same way), as uint8 in x's layout, and per pixel
+// (include/mixedprec/bit_sharing.h, spelled the same way), as uint8 in x's layout (centered: k - 128
+// as int8, the operand of s8 x s8 GEMMs), and per pixel
 // the sum over channels of k - j, j the zero level (z0 n; signed: (n - 1) / 2, half a step below
 // the grid's middle, which has no level). The int8 convolution's weights have no zero point, so
 // the weight grid's offset is added as offset * (that sum, summed over each output's window). A
@@ -31,6 +32,7 @@ constexpr int kW = Vec::size();
 struct CodeParams {
   float inv_clip, z0, levels, zero_level;
   bool is_signed;
+  uint8_t flip;  // 0x80 when centered: k ^ 0x80 is k - 128 as int8
 };
 
 inline Vec code_of(Vec x, const CodeParams& p) {
@@ -42,11 +44,12 @@ inline Vec code_of(Vec x, const CodeParams& p) {
 inline Vec store_codes(const float* x, uint8_t* codes, const CodeParams& p, int count = kW) {
   const Vec k = code_of(count == kW ? Vec::loadu(x) : Vec::loadu(x, count), p);
 #if defined(CPU_CAPABILITY_AVX512)
-  _mm512_mask_cvtusepi32_storeu_epi8(codes, __mmask16((1u << count) - 1u), _mm512_cvttps_epi32(k));
+  _mm512_mask_cvtusepi32_storeu_epi8(codes, __mmask16((1u << count) - 1u),
+                                     _mm512_xor_si512(_mm512_cvttps_epi32(k), _mm512_set1_epi32(p.flip)));
 #else
   alignas(64) float lanes[kW];
   k.store(lanes);
-  for (int l = 0; l < count; ++l) codes[l] = lanes[l] == lanes[l] ? uint8_t(lanes[l]) : 0;  // NaN: 0
+  for (int l = 0; l < count; ++l) codes[l] = lanes[l] == lanes[l] ? uint8_t(uint8_t(lanes[l]) ^ p.flip) : 0;  // NaN: 0
 #endif
   return count == kW ? k : Vec::set(Vec(0.0f), k, count);
 }
@@ -94,11 +97,11 @@ void planar(const float* x, uint8_t* codes, float* sums, int64_t images, int64_t
 namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float clip, bool is_signed, float z0,
-                                                     int bits) {
+                                                     int bits, bool centered) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const float levels = float((1 << bits) - 1);
   const float zero_level = is_signed ? float(((1 << bits) - 2) / 2) : std::nearbyint(z0 * levels);
-  const CodeParams p{1.0f / clip, z0, levels, zero_level, is_signed};
+  const CodeParams p{1.0f / clip, z0, levels, zero_level, is_signed, uint8_t(centered ? 0x80 : 0)};
   at::Tensor codes = poisoned(at::empty_like(x, x.options().dtype(at::kByte)));
   at::Tensor sums = poisoned(at::empty({n, 1, h, w}, x.options()));
   const float* xp = x.const_data_ptr<float>();
@@ -106,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float 
     channels_last(xp, codes.data_ptr<uint8_t>(), sums.data_ptr<float>(), n * h * w, c, p);
   else
     planar(xp, codes.data_ptr<uint8_t>(), sums.data_ptr<float>(), n, c, h * w, p);
-  return {codes, sums};
+  return {centered ? codes.view(at::kChar) : codes, sums};
 }
 
 at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,

@@ -3,8 +3,9 @@
 //           gates come from it instead of from x
 //   _bwd    (grad_x, sums = [dL/dv, sum grad_y T_j ...])
 //   _stats  the float64 sums of |r_j| (j = 2..K) over x
-//   bit_sharing_codes  (CPU only) one fixed bitwidth's codes as uint8 and their sums over
-//           channels per pixel: the input of PackedConv2d's and PackedLinear's int8 path
+//   bit_sharing_codes  (CPU only) one fixed bitwidth's codes as uint8 (centered: k - 128 as int8)
+//           and their sums over channels per pixel: the input of PackedConv2d's and PackedLinear's
+//           int8 path
 //   int8_epilogue  (CPU only) that path's small GEMMs' int32 sums to y
 // Every one takes an optional 0-dim float32 zero_point z0 in [0, 1] (None: 0), the unsigned
 // grid's zero point (the asymmetric activation grid; only with signed=False).
@@ -25,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_backward(const at::Tensor& 
                                                               const at::Tensor& clip, const at::Tensor& gates,
                                                               const BitSharingParams& p, float z0);
 std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float clip, bool is_signed, float z0,
-                                                     int bits);
+                                                     int bits, bool centered);
 at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
                          const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
                          const at::Tensor& window_factor);
@@ -183,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
 
 #if !defined(MP_SIMT_LIBRARY)
 std::tuple<at::Tensor, at::Tensor> codes(const at::Tensor& x, const at::Tensor& clip, int64_t bits, bool is_signed,
-                                         const std::optional<at::Tensor>& zero_point) {
+                                         const std::optional<at::Tensor>& zero_point, bool centered) {
   const char* op = "bit_sharing_codes";
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, op,
               ": x must be a 4-D float32 CPU tensor (N, C, H, W), got ", x.dim(), "-D ", x.scalar_type(), " on ",
@@ -195,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> codes(const at::Tensor& x, const at::Tensor& 
   const float v = clip.item<float>();
   TORCH_CHECK(std::isfinite(v) && v > 0.0f, op, ": clip must be finite and > 0, got ", v);
   const float z0 = zero_point_value(check_zero_point(zero_point, x, is_signed, op));
-  return cpu::bit_sharing_codes(x, v, is_signed, z0, int(bits));
+  return cpu::bit_sharing_codes(x, v, is_signed, z0, int(bits), centered);
 }
 
 // y = float(acc + offset) factor + bias + window_factor window_sums (per channel c; window_sums
@@ -238,8 +239,8 @@ TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
   MP_OP(m, bit_sharing_quant_stats, "(Tensor x, Tensor clip, int[] bits, bool signed, Tensor? zero_point=None) -> "
         "Tensor", mixedprec::stats<false>, mixedprec::stats<true>);
 #if !defined(MP_SIMT_LIBRARY)
-  m.def("bit_sharing_codes(Tensor x, Tensor clip, int bits, bool signed, Tensor? zero_point=None) -> "
-        "(Tensor, Tensor)");
+  m.def("bit_sharing_codes(Tensor x, Tensor clip, int bits, bool signed, Tensor? zero_point=None, "
+        "bool centered=False) -> (Tensor, Tensor)");
   m.impl("bit_sharing_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::codes)));
   m.def("int8_epilogue(Tensor acc, Tensor offset, Tensor factor, Tensor? bias, Tensor window_sums, "
         "Tensor window_factor) -> Tensor");
