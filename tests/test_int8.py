@@ -95,6 +95,8 @@ def check_layer(layer: PackedConv2d, x: torch.Tensor) -> torch.Tensor:
     assert torch.equal(out.isnan(), expected.isnan())
     assert ((out.double() - expected).abs()[finite] <= bound[finite]).all(), ((out.double() - expected).abs() / bound).max()
     assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], w.shape[0]) if linear else expected.shape
+    if not linear:  # channels-last, oneDNN's layout, whatever x's: a model stays in it from there on
+        assert y.is_contiguous(memory_format=torch.channels_last)
     return y
 
 
@@ -397,15 +399,18 @@ def test_calls_below_min_macs_take_the_float_path(monkeypatch):
         assert int8_linear(sbs_layer((512, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is not None  # 2.1M
 
 
-def test_rgb_stems_take_the_float_path(monkeypatch):
-    """oneDNN convolutions over fewer than MIN_CHANNELS input channels; small GEMMs at any depth."""
+def test_channels_last_rgb_stems_take_the_float_path(monkeypatch):
+    """Channels-last oneDNN convolutions over fewer than MIN_CHANNELS input channels; NCHW ones
+    and small GEMMs keep the int8 path."""
     monkeypatch.setattr(int8, "MIN_CHANNELS", 4)
-    x = sample((1, 3, 9, 9), "signed", 14)
+    x = sample((1, 3, 9, 9), "signed", 14, channels_last=True)
     quant = quantizer(8, "signed", x)
+    stem = sbs_layer((8, 3, 3, 3), 4, quant, stride=2, padding=1)
     with torch.no_grad():
-        assert int8_conv2d(sbs_layer((8, 3, 3, 3), 4, quant, stride=2, padding=1), x) is None
+        assert int8_conv2d(stem, x) is None
+        assert int8_conv2d(stem, x.contiguous()) is not None
         assert int8_conv2d(sbs_layer((8, 3, 1, 1), 4, quant), x) is not None
-        wider = sample((1, 4, 9, 9), "signed", 15)
+        wider = sample((1, 4, 9, 9), "signed", 15, channels_last=True)
         assert int8_conv2d(sbs_layer((8, 4, 3, 3), 4, quantizer(8, "signed", wider), padding=1), wider) is not None
 
 

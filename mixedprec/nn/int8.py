@@ -23,7 +23,7 @@ convolution. A NaN input gives a NaN sum there, which reaches exactly the output
 path's NaN reaches.
 
 It applies to dense (no bitmap), single-group layers, calls of at least ``MIN_MACS``
-multiply-adds over at least ``MIN_CHANNELS`` input channels (any small GEMM), under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs
+multiply-adds (channels-last ones over at least ``MIN_CHANNELS`` input channels; any small GEMM), under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs
 and no backend chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
 that backend), on CPUs with VNNI (elsewhere u8 x s8 products can saturate in int16); every other
 call takes the float path. The layer then holds its weight as int8 too (1 byte per weight, per
@@ -77,9 +77,12 @@ _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # multiply-adds they took 0.05-0.07 ms against the float path's 0.05-0.16 (a GEMV of 512 x 512
 # 0.054 against 0.045), so they take the int8 path at any size.
 MIN_MACS = 1 << 21
-# oneDNN's int8 convolution over RGB stems (3 input channels) ran at 0.25-1.1x the float path
-# (MobileNetV2's 3x3 stride-2 stem 0.96 against 0.35 ms channels-last at batch 1, ResNet-18's 7x7
-# 1.24 against 1.37 ms NCHW): convolutions over fewer input channels than this take the float path.
+# oneDNN's int8 convolution over an RGB stem (3 input channels) in channels-last ran at 0.25-0.9x
+# the float path (MobileNetV2's 3x3 stride-2 stem 0.96 against 0.35 ms at batch 1, ResNet-18's 7x7
+# 1.55 against 1.38): channels-last convolutions over fewer input channels than this take the
+# float path. NCHW ones keep the int8 path: its channels-last output moves the network to the
+# layout its later layers and torch's pooling run faster in (NCHW ResNet-18 at batch 1: 7.7 ms
+# against 11.2 with the stem on the float path; MobileNetV2 8.2 against 7.8).
 MIN_CHANNELS = 4
 
 # GEMMs (PackedLinear, 1x1 convolutions) of at most GEMM_MACS multiply-adds and GEMM_OUTPUTS
@@ -224,7 +227,8 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
         macs = macs * math.prod(weight_shape[2:]) // math.prod(cache.geometry[0])
     gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:])
     grid = fixed_grid()
-    if (not gemm and (macs < MIN_MACS or weight_shape[1] < MIN_CHANNELS)) or grid is None:
+    few_channels = weight_shape[1] < MIN_CHANNELS and not x.is_contiguous()  # channels-last (see MIN_CHANNELS)
+    if (not gemm and (macs < MIN_MACS or few_channels)) or grid is None:
         return None
     n, clip = levels(grid.bits), float(grid.clip)
     if grid.signed:  # levels v (2 k / n - 1) = s_x (k - j - 1/2), j = (n - 1) / 2
@@ -253,21 +257,15 @@ def _eager(fn):
 
 
 def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, window_sums: Tensor) -> Tensor:
-    """y of a 1x1 convolution (q (N, K, H_out, W_out)) or a GEMM (q (M, K, 1, 1)) through
-    torch._int_mm on q = k - 128 (``bit_sharing_codes``' centered codes, int8; the shift is added
-    back as ``offset`` in int32): pixel rows times W^T, or per NCHW image W times its codes; then
-    one pass (``int8_epilogue``) to float32 s_x d scale_c (sums + offset) + bias + the offset term."""
-    rows = call.cache.rows
+    """y of a 1x1 convolution (q (N, K, H_out, W_out), its pixels picked from x's) or a GEMM (q
+    (M, K, 1, 1)) through torch._int_mm on q = k - 128 (``bit_sharing_codes``' centered codes; the
+    shift is added back as ``offset`` in int32): pixel rows times W^T, a channels-last y as
+    oneDNN's convolutions give. Then one pass (``int8_epilogue``) to float32 s_x d scale_c (sums +
+    offset) + bias + the offset term."""
     n, k, h, w = q.shape
-    if q.is_contiguous() and h * w > 1:
-        acc = torch.empty(n, rows.shape[0], h * w, dtype=torch.int32)
-        for i in range(n):
-            torch._int_mm(rows, q[i].view(k, h * w), out=acc[i])
-        acc = acc.view(n, -1, h, w)
-    else:
-        pixels = q.permute(0, 2, 3, 1).reshape(-1, k)
-        weight = rows.t() if pixels.shape[0] == 1 else call.cache.columns()
-        acc = torch._int_mm(pixels, weight).view(n, h, w, -1).permute(0, 3, 1, 2)
+    pixels = q.permute(0, 2, 3, 1).reshape(-1, k)  # a view of channels-last codes, else one copy
+    weight = call.cache.rows.t() if pixels.shape[0] == 1 else call.cache.columns()
+    acc = torch._int_mm(pixels, weight).view(n, h, w, -1).permute(0, 3, 1, 2)
     return torch.ops.mixedprec.int8_epilogue(acc, packed.offset, packed.factor, bias, window_sums.contiguous(),
                                              packed.window_factor)
 
