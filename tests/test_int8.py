@@ -414,6 +414,16 @@ def test_channels_last_rgb_stems_take_the_float_path(monkeypatch):
         assert int8_conv2d(sbs_layer((8, 4, 3, 3), 4, quantizer(8, "signed", wider), padding=1), wider) is not None
 
 
+def test_empty_inputs_take_the_float_path():
+    x = sample((2, 8, 5, 5), "signed", 16)
+    quant = quantizer(8, "signed", x)
+    with torch.no_grad():
+        for layer in (sbs_layer((6, 8, 1, 1), 4, quant), sbs_layer((6, 8, 3, 3), 4, quant, padding=1)):
+            assert int8_conv2d(layer, x[:0]) is None
+            assert layer(x[:0]).shape == (0, 6, 5, 5)
+        assert int8_linear(sbs_layer((6, 8), 4, quant), torch.zeros(0, 8)) is None
+
+
 def test_strided_inputs_and_wrong_shapes():
     x = sample((2, 8, 7, 9), "unsigned", 9)
     layer = sbs_layer((6, 8, 3, 3), 4, quantizer(8, "unsigned", x), padding=1)

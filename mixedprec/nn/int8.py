@@ -23,8 +23,9 @@ convolution. A NaN input gives a NaN sum there, which reaches exactly the output
 path's NaN reaches.
 
 It applies to dense (no bitmap), single-group layers, calls of at least ``MIN_MACS``
-multiply-adds (channels-last ones over at least ``MIN_CHANNELS`` input channels; any small GEMM), under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs
-and no backend chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
+multiply-adds (channels-last ones over at least ``MIN_CHANNELS`` input channels; any small GEMM),
+under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs and no backend
+chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
 that backend), on CPUs with VNNI (elsewhere u8 x s8 products can saturate in int16); every other
 call takes the float path. The layer then holds its weight as int8 too (1 byte per weight, per
 input shape of a conv, at most ``Int8Weight.MAX_PREPACKED``; and as s8 rows for small GEMMs),
@@ -142,8 +143,10 @@ class Int8Weight:
             self.geometry = [conv_pair("PackedConv2d", name, getattr(layer, name), minimum)
                              for name, minimum in (("stride", 1), ("padding", 0), ("dilation", 1))]
             self.pointwise = tuple(layer.kernel_size) == (1, 1) and not any(self.geometry[1])
-        # c - m as (C, K) s8 rows: the small GEMMs' weight (W X per NCHW image, x W^T for one row)
-        self.rows = (packed.code_values() - self.mid).reshape(scale.numel(), -1).to(torch.int8) if self.pointwise else None
+        # c - m as (C, K) s8 rows: the small GEMMs' weight (x W^T through this view for one row)
+        self.rows = None
+        if self.pointwise:
+            self.rows = (packed.code_values() - self.mid).reshape(scale.numel(), -1).to(torch.int8)
         self._columns = None
         self._prepacked: dict = {}
 
@@ -155,11 +158,13 @@ class Int8Weight:
             self._columns = self.rows.t().contiguous()
         return self._columns
 
-    def prepacked(self, x_shape: tuple[int, ...], x_scale: float, x_zero: int, signed: bool, gemm: bool) -> Prepacked:
-        """The terms for this input shape and activation grid, with oneDNN's weight unless the call
-        is a small GEMM (``gemm``): its layout follows the shape (a weight packed for another one
-        is reordered on every call, 10-30 ms on 3x3 layers)."""
-        key = (x_shape, x_scale, x_zero, signed, gemm)
+    def prepacked(self, x_shape: tuple[int, ...], x_scale: float, x_zero: int, signed: bool,
+                  gemm: bool) -> Prepacked:
+        """The terms for this activation grid, with oneDNN's weight for this input shape unless the
+        call is a small GEMM (``gemm``, whose terms serve every shape): its layout follows the
+        shape (a weight packed for another one is reordered on every call, 10-30 ms on 3x3
+        layers)."""
+        key = (None if gemm else x_shape, x_scale, x_zero, signed)
         if key not in self._prepacked:
             if len(self._prepacked) >= self.MAX_PREPACKED:
                 self._prepacked.clear()
@@ -211,7 +216,7 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     """How the int8 path runs this call, or None where it does not qualify."""
     fixed_grid = getattr(layer.input_quant, "fixed_grid", None)
     if (not _enabled or fixed_grid is None or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or x.dim() < dims or (dims == 4 and x.dim() != 4)
+            or x.dtype != torch.float32 or x.dim() < dims or (dims == 4 and x.dim() != 4) or x.numel() == 0
             or layer.backend is not None or selected() is not None):  # a backend chosen: its kernels
         return None
     weight_shape = layer.weight_shape

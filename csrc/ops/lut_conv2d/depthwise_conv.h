@@ -135,7 +135,8 @@ inline void plane(const PaddedPlane& x, const float* w, float bias, float* y, co
 // (V is a constant), the last one masked to `last` lanes.
 template <int V>
 inline void pixel_block(const float* x_image, const float* w_taps, const float* bias, float* out, int64_t c0,
-                        int64_t last, int64_t oh, int64_t ow, const Conv2dGeometry& g, const std::vector<Column>& cols) {
+                        int64_t last, int64_t oh, int64_t ow, const Conv2dGeometry& g,
+                        const std::vector<Column>& cols) {
   const int64_t channels = g.out_channels;
   const auto lanes = [&](int v) { return v == V - 1 ? last : kLanes; };
   Vec acc[V];
@@ -224,7 +225,10 @@ inline void depthwise_conv(const float* x, const float* w, const float* bias, fl
     for (int64_t t = 0; t < taps; ++t) w_taps[t * g.out_channels + c] = w[c * taps + t];
   // the outputs whose taps all lie inside x's columns
   int64_t inside_lo = 0, inside_hi = g.out_width;
-  for (const depthwise::Column& col : cols) inside_lo = std::max(inside_lo, col.lo), inside_hi = std::min(inside_hi, col.hi);
+  for (const depthwise::Column& col : cols) {
+    inside_lo = std::max(inside_lo, col.lo);
+    inside_hi = std::min(inside_hi, col.hi);
+  }
   const int64_t row_work = std::max<int64_t>(1, taps * g.out_width * g.out_channels);
   at::parallel_for(0, g.batch * g.out_height, std::max<int64_t>(1, depthwise::kTaskWork / row_work),
                    [&](int64_t r0, int64_t r1) {
