@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--bits", default=",".join(map(str, BITS)), help="comma-separated subset of 1..8")
     parser.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both")
+    parser.add_argument("--layers", nargs="+", choices=GEOMETRIES, default=list(GEOMETRIES),
+                        help="the geometries to time (default: all)")
     args = parser.parse_args()
     bits = [int(b) for b in args.bits.split(",")]
     layouts = list(LAYOUTS) if args.layout == "both" else [args.layout]
@@ -80,7 +82,7 @@ def main() -> None:
         for layout, batch in itertools.product(layouts, BATCHES):
             print(f"\n{layout}, batch {batch}\n\n| layer | bits | " + " | ".join(f"{s}% sparse" for s in SPARSITY) + " |")
             print("|---" * (len(SPARSITY) + 2) + "|")
-            for name in GEOMETRIES:
+            for name in args.layers:
                 for b in bits:
                     cells = []
                     for s in SPARSITY:
