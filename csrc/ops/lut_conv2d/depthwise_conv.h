@@ -175,8 +175,13 @@ inline void pixel(const float* x_image, const float* w_taps, const float* bias, 
 
 // Channels-last, kPixels pixels [ow0, ow0 + kPixels) of row oh whose taps all lie inside x's
 // columns: each vector of channels at a time, each tap's weights loaded once for all the pixels.
+// K > 0: rows of K taps at stride 1 without dilation, whose kPixels + K - 1 inputs are loaded once
+// and shared by the taps that read them (3x3: 10 loads for 24 multiply-adds, not 24; 1.0-1.4x on
+// MobileNetV2's stride-1 channels-last layers, one thread; at stride 2 the 17 inputs held at once
+// made 72 x 112 x 112 1.6x slower, so other rows take K = 0: any stride and dilation).
 constexpr int kPixels = 8;
 
+template <int K>
 inline void interior_block(const float* x_image, const float* w_taps, const float* bias, float* out_row, int64_t oh,
                            int64_t ow0, const Conv2dGeometry& g) {
   const int64_t channels = g.out_channels, step = g.stride_w * channels;
@@ -189,52 +194,32 @@ inline void interior_block(const float* x_image, const float* w_taps, const floa
       const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
       if (ih < 0 || ih >= g.height) continue;
       const float* in = x_image + (ih * g.width + ow0 * g.stride_w - g.pad_w) * channels + c0;
-      for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
-        const Vec tap = Vec::loadu(w_taps + (kh * g.kernel_w + kw) * channels + c0, n);
-        const float* src = in + kw * g.dil_w * channels;
-        for (int p = 0; p < kPixels; ++p) acc[p] = at::vec::fmadd(tap, Vec::loadu(src + p * step, n), acc[p]);
+      const float* taps = w_taps + kh * g.kernel_w * channels + c0;
+      if constexpr (K > 0) {
+        Vec inputs[kPixels + K - 1];
+        for (int i = 0; i < kPixels + K - 1; ++i) inputs[i] = Vec::loadu(in + i * channels, n);
+        for (int kw = 0; kw < K; ++kw) {
+          const Vec tap = Vec::loadu(taps + kw * channels, n);
+          for (int p = 0; p < kPixels; ++p) acc[p] = at::vec::fmadd(tap, inputs[p + kw], acc[p]);
+        }
+      } else {
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          const Vec tap = Vec::loadu(taps + kw * channels, n);
+          const float* src = in + kw * g.dil_w * channels;
+          for (int p = 0; p < kPixels; ++p) acc[p] = at::vec::fmadd(tap, Vec::loadu(src + p * step, n), acc[p]);
+        }
       }
     }
     for (int p = 0; p < kPixels; ++p) acc[p].store(out_row + (ow0 + p) * channels + c0, n);
   }
 }
 
-// The same for rows of K taps at stride 1 without dilation: the kPixels + K - 1 inputs of a kernel
-// row are loaded once and shared by the taps that read them (3x3: 10 loads for 24 multiply-adds,
-// not 24). 1.0-1.4x the general block on MobileNetV2's stride-1 channels-last layers (one
-// thread); at stride 2 the 17 inputs held at once made 72 x 112 x 112 1.6x slower.
-template <int K>
-inline void interior_block_stride1(const float* x_image, const float* w_taps, const float* bias, float* out_row,
-                                   int64_t oh, int64_t ow0, const Conv2dGeometry& g) {
-  constexpr int kInputs = kPixels + K - 1;
-  const int64_t channels = g.out_channels;
-  for (int64_t c0 = 0; c0 < channels; c0 += kLanes) {
-    const int64_t n = std::min(kLanes, channels - c0);
-    const Vec b = bias ? Vec::loadu(bias + c0, n) : Vec(0.0f);
-    Vec acc[kPixels];
-    for (int p = 0; p < kPixels; ++p) acc[p] = b;
-    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-      const int64_t ih = oh * g.stride_h - g.pad_h + kh * g.dil_h;
-      if (ih < 0 || ih >= g.height) continue;
-      const float* in = x_image + (ih * g.width + ow0 - g.pad_w) * channels + c0;
-      Vec inputs[kInputs];
-      for (int i = 0; i < kInputs; ++i) inputs[i] = Vec::loadu(in + i * channels, n);
-      for (int kw = 0; kw < K; ++kw) {
-        const Vec tap = Vec::loadu(w_taps + (kh * K + kw) * channels + c0, n);
-        for (int p = 0; p < kPixels; ++p) acc[p] = at::vec::fmadd(tap, inputs[p + kw], acc[p]);
-      }
-    }
-    for (int p = 0; p < kPixels; ++p) acc[p].store(out_row + (ow0 + p) * channels + c0, n);
-  }
-}
-
-// interior_block, through interior_block_stride1 for 3- and 5-wide rows at stride 1.
 inline void interior(const float* x_image, const float* w_taps, const float* bias, float* out_row, int64_t oh,
                      int64_t ow0, const Conv2dGeometry& g) {
   const bool stride1 = g.stride_w == 1 && g.dil_w == 1;
-  if (stride1 && g.kernel_w == 3) return interior_block_stride1<3>(x_image, w_taps, bias, out_row, oh, ow0, g);
-  if (stride1 && g.kernel_w == 5) return interior_block_stride1<5>(x_image, w_taps, bias, out_row, oh, ow0, g);
-  interior_block(x_image, w_taps, bias, out_row, oh, ow0, g);
+  if (stride1 && g.kernel_w == 3) return interior_block<3>(x_image, w_taps, bias, out_row, oh, ow0, g);
+  if (stride1 && g.kernel_w == 5) return interior_block<5>(x_image, w_taps, bias, out_row, oh, ow0, g);
+  interior_block<0>(x_image, w_taps, bias, out_row, oh, ow0, g);
 }
 
 }  // namespace depthwise
