@@ -182,11 +182,12 @@ def test_inference_calls_match_the_autograd_op(kernel_backend, dtype):
 
 
 GEMM_BATCH = 16  # csrc/ops/lowbit_linear/lowbit_linear_cpu.cpp: kGemmBatch
+TILE_BATCH = 512  # and kTileBatch
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.75, 0.9])
-@pytest.mark.parametrize("batch", [1, 3, 4, 5, 70])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 70, 512])
 @pytest.mark.parametrize("shape", [(37, 203), (9, 276)])
 def test_cpu_kernel_grid(bits, sparsity, batch, shape):
     """The CPU kernel at every bits and sparsity on odd shapes (rows neither 8- nor 64-weight
@@ -194,7 +195,7 @@ def test_cpu_kernel_grid(bits, sparsity, batch, shape):
     the interleaved order, 1 or 2 blocks then a 16-lane step and a tail; 7- and 8-bit rows decode
     64 codes at a time, past the row's and the stream's end), batch 1 (GEMV), 3 and 4 (rows
     decoded in registers: 4 is the AVX-512 register-blocked limit, 3 the AVX2 one), 5 (decode
-    tile) and 70 (decoded blocks through sgemm): forward and backward against the reference with
+    tile), 70 (decoded blocks through sgemm) and 512 (the whole weight decoded, one sgemm): forward and backward against the reference with
     the SIMD decode on and off, the two bit-identical, and below the sgemm batches every batch row
     equal to the same row in a batch of two and to the row run alone."""
     require_backend("cpu")
@@ -246,6 +247,16 @@ def test_cpu_sparse_rows_still_meet_non_finite_x_at_pruned_columns(batch, bad):
         assert torch.isnan(y[0]).all() and torch.isnan(expected[0]).all()
         assert torch.equal(y[1:], others)
         torch.testing.assert_close(y[1:].double(), expected[1:], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_tiled_batches_span_several_tiles():
+    """From TILE_BATCH rows on the CPU kernel decodes W into tiles of at most 2^22 floats, each
+    multiplied with all of x by one sgemm: 2049 x 2048 makes two tiles (1025 rows, then 1024);
+    forward and backward against the reference."""
+    require_backend("cpu")
+    packed = make_packed(2049, 2048, 5, 0.3, seed=5)
+    x = torch.randn(TILE_BATCH, 2048, generator=torch.Generator().manual_seed(5))
+    lowbit_check("cpu", "cpu", packed, x, torch.randn(2049), mixed=True)
 
 
 @pytest.mark.parametrize("bits,sparsity", [(3, 0.0), (8, 0.5)])

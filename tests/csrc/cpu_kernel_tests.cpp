@@ -1,8 +1,8 @@
 // The CPU kernels (csrc/cpu/*.cpp) called through the torch dispatcher on small odd shapes,
 // against the plain loops of kernel_cases.h: every op, each storage type, every instantiated K
 // and sign of the bit-sharing kernel, the SIMD code decode and its scalar twin (set_cpu_simd)
-// in lowbit_linear (every bits dense and sparse; rows decoded in registers, the decode tile and
-// the sgemm blocks) and lut_conv2d (grouped,
+// in lowbit_linear (every bits dense and sparse; rows decoded in registers, the decode tile, the
+// sgemm blocks and the tiled large batches) and lut_conv2d (grouped,
 // depthwise in both layouts, strided, dilated; Winograd). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
 // and run under ASan+UBSan by tests/test_sanitizers.py: the kernels and this program are
 // instrumented, libtorch is not (ASan still sees every tensor's heap block). ASan checks scalar
@@ -302,6 +302,7 @@ int main(int argc, char** argv) {
   std::vector<LowbitCase> lowbit_cases = {
       lowbit_case(130, 40, 3, 1, 0.7, rng),   // 3 output-channel chunks in the backward
       lowbit_case(150, 37, 17, 2, 0.8, rng),  // M >= 16: 64-row blocks through sgemm, the last partial
+      lowbit_case(21, 45, 512, 5, 0.6, rng),  // M >= 512: the whole weight decoded, one sgemm
       lowbit_case(3, 1, 2, 2, 1.0, rng),      // one input feature
       lowbit_case(11, 280, 3, 4, 1.0, rng),   // dense byte-aligned 4-bit rows, M <= 4: interleaved fused decode
       lowbit_case(7, 272, 1, 2, 1.0, rng),    // dense byte-aligned 2-bit rows, GEMV: interleaved fused decode

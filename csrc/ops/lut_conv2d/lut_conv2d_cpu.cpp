@@ -101,35 +101,14 @@ struct TileDecoder {
   TileDecoder(const PackedView& weight, const Conv2dGeometry& geometry)
       : w(weight), g(geometry), simd(cpu_simd.load(std::memory_order_relaxed)) {}
 
-  // Levels of the flat weights [f0, f0 + count) (the scale not applied, 0 where pruned): one walk
-  // of the code stream, however many channels it spans.
-  void levels(int64_t f0, int64_t count, float* out) const { mixedprec::decode_span(w, f0, count, out, simd); }
-
-  // Each level times its channel's scale, rounded once (mul_rn; the scale is > 0, so pruned
-  // weights stay +0): count multiplies, not one per codebook entry (a depthwise row holds 9
-  // weights, an 8-bit codebook 256 levels).
-  void scale(int64_t c, int64_t count, float* out) const {
-    const float s = w.channel_scale[c];
-    for (int64_t i = 0; i < count; ++i) out[i] = mul_rn(s, out[i]);
-  }
-
   // W[c, k0 : k0 + count] (scale applied, 0 where pruned), flat over (C_in/G, kh, kw).
   void decode_span(int64_t c, int64_t k0, int64_t count, float* out) const {
-    levels(c * g.row_length() + k0, count, out);
-    scale(c, count, out);
+    mixedprec::decode_span(w, c * g.row_length() + k0, count, out, simd);
+    apply_scale(w.channel_scale[c], count, out);
   }
 
-  // Channels [c0, c1) of W into tile (c1 - c0, C_in/G, kh, kw): each task's channels decoded as
-  // one run (per-channel calls cost more than a depthwise row's 9 weights), tasks of >= 32k
-  // weights (small layers on one thread: a parallel region costs more than their decode).
-  void decode(int64_t c0, int64_t c1, float* tile) const {
-    const int64_t row = g.row_length();
-    at::parallel_for(c0, c1, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, row)), [&](int64_t b0, int64_t b1) {
-      float* dst = tile + (b0 - c0) * row;
-      levels(b0 * row, (b1 - b0) * row, dst);
-      for (int64_t c = b0; c < b1; ++c) scale(c, row, dst + (c - b0) * row);
-    });
-  }
+  // Channels [c0, c1) of W into tile (c1 - c0, C_in/G, kh, kw).
+  void decode(int64_t c0, int64_t c1, float* tile) const { decode_scaled_rows(w, c0, c1, tile, simd); }
 };
 
 }  // namespace
