@@ -191,6 +191,9 @@ DEPTHWISE_GEOMETRIES = [
     ((3, 33, 20, 21), (3, 3), dict(stride=(2, 1), padding=(0, 1))),
     ((1, 21, 5, 17), (3, 3), dict(padding=1)),  # inside x: columns 1..15, a block of 8 and 7 edge pixels
     ((1, 21, 5, 18), (3, 3), dict(padding=1)),  # columns 1..16: two blocks of 8
+    ((2, 40, 7, 7), (7, 7), dict(padding=3)),  # ConvNeXt's last stage: no pixel has its taps inside x
+    ((1, 19, 9, 21), (7, 7), dict(padding=(3, 2))),  # 19 outputs a row, 15 inside x: a block of 8
+    ((1, 5, 6, 4), (5, 5), dict(padding=(1, 3))),  # 6 outputs a row, none inside x
 ]
 
 

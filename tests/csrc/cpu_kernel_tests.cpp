@@ -329,9 +329,11 @@ int main(int argc, char** argv) {
   // masked rest), pixels inside x in blocks of 8 and edge pixels
   const Conv2dGeometry depthwise_strided = conv_geometry(2, 19, 9, 37, 19, 3, 3, 2, 2, 1, 1, 1, 1, 19);
   const Conv2dGeometry depthwise_wide = conv_geometry(1, 70, 6, 40, 70, 5, 5, 1, 3, 2, 2, 1, 2, 70);
-  // stride-1 rows of 3 and 5 taps (channels-last: blocks of 8 pixels sharing their inputs)
+  // stride-1 rows of 3 and 5 taps (channels-last: blocks of 8 pixels sharing their inputs); 7x7
+  // on a 5 x 6 image: no pixel has all its taps inside x
   const Conv2dGeometry depthwise_rows3 = conv_geometry(1, 37, 5, 20, 37, 3, 3, 1, 1, 1, 1, 1, 1, 37);
   const Conv2dGeometry depthwise_rows5 = conv_geometry(2, 21, 6, 23, 21, 5, 5, 1, 1, 2, 2, 1, 1, 21);
+  const Conv2dGeometry depthwise_rows7 = conv_geometry(2, 18, 5, 6, 18, 7, 7, 1, 1, 3, 3, 1, 1, 18);
   const Conv2dGeometry many_channels = conv_geometry(1, 2, 9, 9, 70, 3, 3, 1, 1, 1, 1, 1, 1, 1);
   const Conv2dGeometry deep_wide = conv_geometry(2, 30, 12, 23, 6, 3, 3, 1, 2, 1, 1, 1, 1, 1);
   // Winograd F(2x2, 3x3): tiles straddling rows and images, a partial output-channel block; two
@@ -360,6 +362,7 @@ int main(int argc, char** argv) {
       run_lut_conv2d<float>(lut_conv2d_case<float>(6, false, false, depthwise_wide, rng), channels_last);
       run_lut_conv2d<float>(lut_conv2d_case<float>(2, true, true, depthwise_rows3, rng), channels_last);
       run_lut_conv2d<float>(lut_conv2d_case<float>(5, false, true, depthwise_rows5, rng), channels_last);
+      run_lut_conv2d<float>(lut_conv2d_case<float>(7, true, true, depthwise_rows7, rng), channels_last);
     }
   }
   set_simd.call(true);
