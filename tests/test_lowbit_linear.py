@@ -168,6 +168,22 @@ def test_kernel_op_checks_name_the_argument():
         torch.ops.mixedprec.lowbit_linear_fwd(*args)
 
 
+@pytest.mark.parametrize("x_shape", [(0, 40), (2, 0, 40)])
+def test_empty_batches(kernel_backend, x_shape):
+    """An empty batch (a detector's zero proposals) gives an empty y and an empty grad_x, with and
+    without a gradient to track, as F.linear does; no kernel runs on it."""
+    backend, device = kernel_backend
+    packed = make_packed(9, 40, 4, 0.3, device)
+    x = torch.randn(x_shape, device=device, requires_grad=True)
+    bias = torch.randn(9, device=device, requires_grad=True)
+    y = ops.lowbit_linear(x, packed, bias, backend=backend)
+    assert y.shape == (*x_shape[:-1], 9)
+    y.sum().backward()
+    assert x.grad.shape == x_shape and torch.equal(bias.grad, torch.zeros_like(bias))
+    with torch.inference_mode():
+        assert ops.lowbit_linear(x.detach(), packed, backend=backend).shape == (*x_shape[:-1], 9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_calls_match_the_autograd_op(kernel_backend, dtype):
     """Without a gradient to track the kernel is called directly (no custom-op dispatch): the

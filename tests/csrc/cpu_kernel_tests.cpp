@@ -342,6 +342,9 @@ int main(int argc, char** argv) {
   const Conv2dGeometry winograd_spans = conv_geometry(1, 70, 5, 4, 9, 3, 3, 1, 1, 0, 2, 1, 1, 1);
   // channels-last 1x1 over few pixels: the pixel rows times the decoded tile (sgemm), strided
   const Conv2dGeometry pointwise = conv_geometry(2, 19, 7, 6, 11, 1, 1, 2, 3, 0, 0, 1, 1, 1);
+  // 1x1 over fewer than 16 pixels: lowbit_linear on the pixel rows (SE layers' 1 x 1 maps; strided)
+  const Conv2dGeometry pointwise_few = conv_geometry(3, 21, 1, 1, 13, 1, 1, 1, 1, 0, 0, 1, 1, 1);
+  const Conv2dGeometry pointwise_few_strided = conv_geometry(1, 37, 5, 4, 9, 1, 1, 2, 2, 0, 0, 1, 1, 1);
   for (bool simd : {true, false}) {
     set_simd.call(simd);
     for (int bits : {1, 4, 8})
@@ -356,6 +359,9 @@ int main(int argc, char** argv) {
     run_lut_conv2d<Half16>(lut_conv2d_case<Half16>(4, true, true, plain, rng));
     run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(4, false, false, depthwise, rng));
     run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, pointwise, rng), true);
+    run_lut_conv2d<float>(lut_conv2d_case<float>(7, true, true, pointwise_few, rng));
+    for (bool channels_last : {false, true})
+      run_lut_conv2d<float>(lut_conv2d_case<float>(4, false, true, pointwise_few_strided, rng), channels_last);
     run_lut_conv2d<float>(lut_conv2d_case<float>(3, false, true, depthwise, rng), true);
     for (bool channels_last : {false, true}) {
       run_lut_conv2d<float>(lut_conv2d_case<float>(4, true, true, depthwise_strided, rng), channels_last);

@@ -38,6 +38,7 @@
 #include "cpu/switches.h"
 #include "cpu/vec_ops.h"
 #include "mixedprec/packed_weight.h"
+#include "ops/lowbit_linear/lowbit_linear_cpu.h"
 #include "register/op.h"
 
 #if defined(MP_DECODE_AVX512) && !defined(MP_LOWBIT_SIMD)

@@ -1,14 +1,11 @@
 // lowbit_linear's torch glue: y = x W^T (forward) and grad_x = grad_y W (backward) with W (out, in)
 // a packed weight (register/packed_weight.h), all float32 (mixedprec/ops/lowbit_linear.py widens x, grad_y,
 // codebook and channel_scale). Kernels: lowbit_linear_cpu.cpp (CPU), lowbit_linear.cu (CUDA, SIMT).
+#include "ops/lowbit_linear/lowbit_linear_cpu.h"
 #include "register/op.h"
 #include "register/packed_weight.h"
 
 namespace mixedprec {
-namespace cpu {  // lowbit_linear_cpu.cpp
-at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w);
-at::Tensor lowbit_linear_backward(const at::Tensor& grad_y, const PackedView& w);
-}  // namespace cpu
 namespace MP_DEVICE_NS {  // lowbit_linear.cu: x (M, in), y (M, out), grad_y (M, out), grad_x (M, in)
 const char* lowbit_linear_forward(const float* x, float* y, int64_t m_rows, const PackedView& w, void* stream);
 const char* lowbit_linear_backward(const float* grad_y, float* grad_x, int64_t m_rows, const PackedView& w,
@@ -42,6 +39,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const char* op = "lowbit_linear_fwd";
   const auto [w, m_rows] = check_args(x, "x", false, codes, codebook, channel_scale, keep_bitmap, code_offsets,
                                       weight_shape, bits, op);
+  if (m_rows == 0) return at::empty({0, w.out}, x.options());  // an empty batch: no kernel to run
   if constexpr (!kDevice) {
     return cpu::lowbit_linear_forward(x, w);
   } else {
@@ -60,6 +58,7 @@ at::Tensor backward(const at::Tensor& grad_y, const at::Tensor& codes, const at:
   const char* op = "lowbit_linear_bwd";
   const auto [w, m_rows] = check_args(grad_y, "grad_y", true, codes, codebook, channel_scale, keep_bitmap,
                                       code_offsets, weight_shape, bits, op);
+  if (m_rows == 0) return at::empty({0, w.row_length}, grad_y.options());
   if constexpr (!kDevice) {
     return cpu::lowbit_linear_backward(grad_y, w);
   } else {
