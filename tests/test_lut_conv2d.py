@@ -145,24 +145,26 @@ def test_cpu_larger_shapes():
 
 
 def test_cpu_pointwise_few_pixels_take_lowbit_linear():
-    """1x1 layers over fewer than 16 output pixels (squeeze-and-excitation layers on 1 x 1 maps)
-    run as lowbit_linear on the pixel rows, in both layouts: every bitwidth dense and sparse, with
-    and without bias, strided, a batch of 15 and 2 x 2 maps, bfloat16; the output keeps x's
-    layout and F.conv2d's strides; no ATen convolution or GEMM runs; 16 pixels take the
-    convolution again. Non-finite x reaches exactly its pixel's outputs."""
+    """1x1 layers over fewer than 16 output pixels with 64 or more input channels (squeeze-and-
+    excitation layers on 1 x 1 maps) run as lowbit_linear on the pixel rows, in both layouts:
+    every bitwidth dense and sparse, with and without bias, strided, a batch of 15 and 2 x 2 maps,
+    bfloat16; the output keeps x's layout and F.conv2d's strides; no ATen convolution or GEMM
+    runs; 16 pixels, or 63 input channels, take the convolution again. Non-finite x reaches
+    exactly its pixel's outputs."""
     device = require_backend("cpu")
     for bits in range(1, 9):
         for x_shape, channels_last in (((1, 70, 1, 1), False), ((1, 70, 2, 3), False), ((1, 70, 2, 3), True)):
             assert_matches_reference("cpu", device, x_shape, (33, 70, 1, 1), bits=bits, sparsity=0.5 * (bits % 2),
                                      seed=bits, channels_last=channels_last, with_bias=bits % 3 != 0)
-    assert_matches_reference("cpu", device, (15, 40, 1, 1), (24, 40, 1, 1), bits=4)
+    assert_matches_reference("cpu", device, (15, 64, 1, 1), (24, 64, 1, 1), bits=4)
     for channels_last in (False, True):
-        assert_matches_reference("cpu", device, (2, 19, 3, 4), (11, 19, 1, 1), bits=3, sparsity=0.3, stride=2,
+        assert_matches_reference("cpu", device, (2, 67, 3, 4), (11, 67, 1, 1), bits=3, sparsity=0.3, stride=2,
                                  channels_last=channels_last)
-        assert_matches_reference("cpu", device, (1, 12, 2, 2), (9, 12, 1, 1), dtype=torch.bfloat16,
+        assert_matches_reference("cpu", device, (1, 65, 2, 2), (9, 65, 1, 1), dtype=torch.bfloat16,
                                  channels_last=channels_last)
-    packed = make_packed((24, 40, 1, 1), 4, 0.3)
-    for shape, linear in (((3, 40, 1, 1), True), ((1, 40, 3, 5), True), ((16, 40, 1, 1), False)):
+    for shape, linear in (((3, 64, 1, 1), True), ((1, 64, 3, 5), True), ((16, 64, 1, 1), False),
+                          ((3, 63, 1, 1), False)):
+        packed = make_packed((24, shape[1], 1, 1), 4, 0.3)
         for channels_last in (False, True):
             x = torch.randn(shape)
             if channels_last:
@@ -172,7 +174,8 @@ def test_cpu_pointwise_few_pixels_take_lowbit_linear():
             names = {e.name for e in prof.events()}
             assert ("aten::convolution" not in names and "aten::mm" not in names) == linear, (shape, names)
             assert y.stride() == F.conv2d(x, packed.decode()).stride(), (shape, channels_last)
-    x = torch.randn(4, 40, 1, 1)
+    packed = make_packed((24, 64, 1, 1), 4, 0.3)
+    x = torch.randn(4, 64, 1, 1)
     x[1, 3], x[2, 7] = float("inf"), float("nan")
     y, want = ops.lut_conv2d(x, packed, backend="cpu"), reference.lut_conv2d(x, packed)
     assert torch.equal(torch.isfinite(y), torch.isfinite(want)) and torch.isfinite(want[[0, 3]]).all()

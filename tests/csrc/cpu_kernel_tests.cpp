@@ -342,9 +342,10 @@ int main(int argc, char** argv) {
   const Conv2dGeometry winograd_spans = conv_geometry(1, 70, 5, 4, 9, 3, 3, 1, 1, 0, 2, 1, 1, 1);
   // channels-last 1x1 over few pixels: the pixel rows times the decoded tile (sgemm), strided
   const Conv2dGeometry pointwise = conv_geometry(2, 19, 7, 6, 11, 1, 1, 2, 3, 0, 0, 1, 1, 1);
-  // 1x1 over fewer than 16 pixels: lowbit_linear on the pixel rows (SE layers' 1 x 1 maps; strided)
-  const Conv2dGeometry pointwise_few = conv_geometry(3, 21, 1, 1, 13, 1, 1, 1, 1, 0, 0, 1, 1, 1);
-  const Conv2dGeometry pointwise_few_strided = conv_geometry(1, 37, 5, 4, 9, 1, 1, 2, 2, 0, 0, 1, 1, 1);
+  // 1x1 over fewer than 16 pixels, 64+ channels: lowbit_linear on the pixel rows (SE layers' 1 x 1
+  // maps; strided)
+  const Conv2dGeometry pointwise_few = conv_geometry(3, 71, 1, 1, 13, 1, 1, 1, 1, 0, 0, 1, 1, 1);
+  const Conv2dGeometry pointwise_few_strided = conv_geometry(1, 67, 5, 4, 9, 1, 1, 2, 2, 0, 0, 1, 1, 1);
   for (bool simd : {true, false}) {
     set_simd.call(simd);
     for (int bits : {1, 4, 8})

@@ -20,7 +20,8 @@
 // 0.9 ms at 2 bits for lowbit_simd.h's generic decode with vpermb, 2.5 ms before it). Every path
 // of such weights (register-decoded small batches, decode tile, scalar twin) uses that order.
 //
-// From kGemmBatch batch rows on, blocks of decoded rows go through ATen's sgemm (below).
+// From kGemmBatch batch rows on, blocks of decoded rows go through ATen's sgemm (below); from
+// kTileBatch on, tiles of the decoded weight meet all of x in one sgemm over every thread.
 //
 // Backward: grad_x = (grad_y * scale) W. Output channels split into a fixed number of chunks (by
 // shape, not thread count: results are deterministic), each adding its blocks of decoded rows

@@ -7,7 +7,8 @@
 // weight is decoded through the codebook one tile of output channels at a time, and each tile
 // runs through ATen's float32 convolution (oneDNN where torch has it), or, for channels-last 1x1
 // convolutions over few pixels, through ATen's sgemm (pointwise_gemm). 1x1 convolutions over
-// fewer than 16 pixels are lowbit_linear's forward, with no tile (linear_applies). The decode is AVX-512
+// fewer than 16 pixels and 64+ input channels are lowbit_linear's forward, with no tile
+// (linear_applies). The decode is AVX-512
 // codebook lookups (code_decode.h) turning bits/8 B per weight into the float tile.
 // Scratch: one tile of at most kTileFloats floats (4.7 MB), whatever the layer's size. A layer
 // whose float weight fits is decoded whole into it, transiently (the packed weight is what stays
@@ -58,15 +59,18 @@ bool pointwise_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
   return layout == at::MemoryFormat::ChannelsLast && pointwise(g) && g.batch * g.out_pixels() <= kPointwiseGemmPixels;
 }
 
-// A 1x1 convolution over fewer output pixels than this (squeeze-and-excitation layers on their
-// 1 x 1 maps, at batches below it) is lowbit_linear's forward on x's pixel rows, in either layout:
-// its small-batch paths read the codes in registers, with no float tile and no ATen convolution
-// (Zen 4, 2 threads, 4-/7-bit: 960 -> 240 at batch 1 75-93 against 106-128 us NCHW, 44-57 against
-// 265-356 channels-last; at batch 8 2-4.6x; 2048 -> 512 2.2-12x; 48 -> 1152 0.75-0.92x NCHW).
+// A 1x1 convolution over fewer output pixels than kLinearPixels (squeeze-and-excitation layers on
+// their 1 x 1 maps, at batches below it) with rows of at least kLinearDepth input channels is
+// lowbit_linear's forward on x's pixel rows, in either layout: its small-batch paths read the
+// codes in registers, with no float tile and no ATen convolution (Zen 4, 2 threads, 4-/7-bit:
+// 960 -> 240 at batch 1 75-93 against 106-128 us; at batch 8 2-4.6x; 2048 -> 512 2.2-2.8x;
+// EfficientNet's 1152 -> 48 26 against 41 us). Shorter rows cost it more per row than the tile
+// (EfficientNet's SE expansions, 6-bit: 28 -> 672 55 against 28 us, 20 -> 480 41 against 25).
 constexpr int64_t kLinearPixels = 16;
+constexpr int64_t kLinearDepth = 64;
 bool linear_applies(const Conv2dGeometry& g) {
-  const int64_t pixels = g.batch * g.out_pixels();
-  return pointwise(g) && pixels > 0 && pixels < kLinearPixels;  // lowbit_linear's kernels take M >= 1
+  const int64_t pixels = g.batch * g.out_pixels();  // lowbit_linear's kernels take M >= 1
+  return pointwise(g) && pixels > 0 && pixels < kLinearPixels && g.in_channels >= kLinearDepth;
 }
 
 // x's pixel rows (N * H_out * W_out, C_in) for a 1x1 convolution: a view of a
