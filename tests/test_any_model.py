@@ -98,9 +98,11 @@ def _close(actual, expected, what, atol=1e-4):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
-# An SBS model computed with other float32 roundings (inductor's kernels, the int8 convolutions of
-# nn/int8.py: each layer within 1e-6 of the float path) moves some activations across a rounding
-# boundary of the next quantizer, a whole step each: outputs move by up to ~1e-2 of their scale.
+# An SBS model computed with other float32 roundings than the finetuned model's F.conv2d / F.linear
+# (inductor's kernels, the int8 convolutions of nn/int8.py, and on the float path lut_conv2d's
+# Winograd layers and lowbit_linear's sums, which 1x1 layers over few pixels use too: each layer
+# within ~1e-6 of F.conv2d) moves some activations across a rounding boundary of the next
+# quantizer, a whole step each: outputs move by up to ~1e-2 of their scale.
 SBS_OTHER_ROUNDING = 3e-2
 
 
@@ -114,9 +116,9 @@ def test_compress_pack_save_load_compile(name, method, tmp_path):
         packed = mixedprec.pack(net).eval()
     assert any(isinstance(m, (mixedprec.nn.PackedLinear, mixedprec.nn.PackedConv2d)) for m in packed.modules())
     with torch.no_grad():
-        previous = mixedprec.nn.set_int8(False)  # the float path: the finetuned model's sums
+        previous = mixedprec.nn.set_int8(False)  # the float path
         try:
-            _close(packed(x), net(x), "packed vs finetuned")
+            _close(packed(x), net(x), "packed vs finetuned", SBS_OTHER_ROUNDING if method == "sbs" else 1e-4)
         finally:
             mixedprec.nn.set_int8(previous)
         if method == "sbs":
