@@ -14,7 +14,7 @@ from mixedprec import ops
 from mixedprec.formats import pack_weight
 from mixedprec.nn import PackedConv2d, PackedLinear, set_int8
 from mixedprec.nn import int8
-from mixedprec.nn.int8 import GRID_TOLERANCE, int8_available, int8_conv2d, int8_linear
+from mixedprec.nn.int8 import GRID_TOLERANCE, Int8Weight, int8_available, int8_conv2d, int8_linear
 from mixedprec.sbs.quantizer import BitSharingQuantizer
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 convolution or no VNNI")
@@ -234,8 +234,10 @@ def test_other_calls_take_the_float_path():
         grouped = PackedConv2d(layer.packed_weight(), None, quant, groups=1)
         assert int8_conv2d(grouped, x) is not None
         g = torch.Generator().manual_seed(0)
-        two_groups = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 4, 3, 3), generator=g),
-                                              layer.codebook, torch.ones(8), 4), None, quant, groups=2)
+        two_groups = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 4, 3, 3), generator=g), layer.codebook,
+                                              torch.ones(8), 4, codebook_dtype=torch.float32), None, quant, 1, 1,
+                                  groups=2)  # a uniform grid (a float16 codebook is not one within GRID_TOLERANCE)
+        assert Int8Weight(PackedConv2d(two_groups.packed_weight(), None, quant, 1, 1)).applies
         assert int8_conv2d(two_groups, x) is None
         sparse = PackedConv2d(pack_weight(torch.randint(0, 16, (8, 8, 3, 3), generator=g), layer.codebook,
                                           torch.ones(8), 4, torch.rand(8, 8, 3, 3, generator=g) > 0.5), None, quant)
