@@ -211,9 +211,10 @@ def test_cpu_kernel_grid(bits, sparsity, batch, shape):
     the interleaved order, 1 or 2 blocks then a 16-lane step and a tail; 7- and 8-bit rows decode
     64 codes at a time, past the row's and the stream's end), batch 1 (GEMV), 3 and 4 (rows
     decoded in registers: 4 is the AVX-512 register-blocked limit, 3 the AVX2 one), 5 (decode
-    tile), 70 (decoded blocks through sgemm) and 512 (the whole weight decoded, one sgemm): forward and backward against the reference with
-    the SIMD decode on and off, the two bit-identical, and below the sgemm batches every batch row
-    equal to the same row in a batch of two and to the row run alone."""
+    tile), 70 (decoded blocks through sgemm) and 512 (the whole weight decoded, one sgemm):
+    forward and backward against the reference with the SIMD decode on and off, the two
+    bit-identical, and below the sgemm batches every batch row equal to the same row in a batch
+    of two and to the row run alone."""
     require_backend("cpu")
     out, in_features = shape
     packed = make_packed(out, in_features, bits, sparsity, seed=10 * bits + batch)

@@ -372,7 +372,8 @@ at::Tensor lowbit_linear_backward(const at::Tensor& grad_y, const PackedView& w)
   const int64_t chunks = std::min(kMaxChunks, ceil_div(out, kGemmRows));
   at::Tensor partial = at::zeros({chunks, m_rows, in}, grad_y.options());
   float* pp = partial.data_ptr<float>();
-  at::parallel_for(0, chunks, grain(w, ceil_div(out, std::max<int64_t>(chunks, 1)) * m_rows), [&](int64_t t0, int64_t t1) {
+  const int64_t chunk_grain = grain(w, ceil_div(out, std::max<int64_t>(chunks, 1)) * m_rows);
+  at::parallel_for(0, chunks, chunk_grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> tile(kGemmRows * in);
     for (int64_t chunk = t0; chunk < t1; ++chunk)
       for_each_decoded_block(w, false, out * chunk / chunks, out * (chunk + 1) / chunks, tile,
