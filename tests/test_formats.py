@@ -179,3 +179,8 @@ def test_packed_weight_validation():
         PackedWeight(p.shape, 2, p.codebook, p.channel_scale, p.codes[:-1], p.keep_bitmap)
     with pytest.raises(ValueError, match="codebook must be float16 or float32"):
         PackedWeight(p.shape, 2, p.codebook.double(), p.channel_scale, p.codes, p.keep_bitmap)
+    p, _, _ = make_packed(3, 7, 4, 0.5)  # 21 weights: the bitmap's last byte holds 3 unused bits
+    bitmap = p.keep_bitmap.clone()
+    bitmap[-1] |= 0x80
+    with pytest.raises(ValueError, match=r"keep_bitmap's bits past the weight's 21 entries must be 0 \(its last byte"):
+        PackedWeight(p.shape, 4, p.codebook, p.channel_scale, p.codes, bitmap)

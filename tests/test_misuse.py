@@ -408,6 +408,16 @@ def _lowbit_args(offset_step: int | None = None, codes_short: bool = False, bitm
             None if bitmap_alone else offsets, [4, 40], 2)
 
 
+def _padding_bit_args():
+    """A (3, 7) weight (21 bitmap bits in 3 bytes) whose bitmap also sets bit 23."""
+    p = packed((3, 7), 4, sparse=True, seed=3)
+    bitmap = p.keep_bitmap.clone()
+    bitmap[-1] |= 0x80
+    kept = p.kept + 1  # as many codes as the set bits would take
+    codes = torch.zeros(-(-kept * 4 // 8), dtype=torch.uint8)
+    return (torch.randn(2, 7), codes, p.codebook.float(), p.channel_scale.float(), bitmap, p.code_offsets, [3, 7], 4)
+
+
 def _lut_conv2d_args(codes_short: bool = False, stride=(1, 1)):
     p = packed((2, 3, 3, 3), 4, seed=2)
     codes = p.codes[:-1] if codes_short else p.codes
@@ -422,10 +432,14 @@ def _mixedprec_op(name: str, namespace: str = "mixedprec"):
 KERNEL_ROWS: dict[str, Row] = {
     "lowbit_linear_fwd: a code offset step beyond 64": Row(
         lambda: _mixedprec_op("lowbit_linear_fwd")(*_lowbit_args(offset_step=100)), RuntimeError,
-        r"code_offsets must rise by 0\.\.64 per block, but block 0 goes from 0 to 100"),
+        rf"code_offsets must count keep_bitmap's kept weights before each block of 64, but block 1 starts at 100 "
+        rf"where the bitmap keeps {int(_LOWBIT.code_offsets[1])}"),
     "mixedprec_simt lowbit_linear_fwd: a negative code offset step": Row(
         lambda: _mixedprec_op("lowbit_linear_fwd", "mixedprec_simt")(*_lowbit_args(offset_step=-50)), RuntimeError,
-        r"code_offsets must rise by 0\.\.64 per block, but block 0 goes from 0 to -50"),
+        r"block 1 starts at -50 where the bitmap keeps"),
+    "lowbit_linear_fwd: a bitmap bit set past the weight's entries": Row(
+        lambda: _mixedprec_op("lowbit_linear_fwd")(*_padding_bit_args()), RuntimeError,
+        r"keep_bitmap's bits past the weight's 21 entries must be 0"),
     "lowbit_linear_bwd: one code byte short": Row(
         lambda: _mixedprec_op("lowbit_linear_bwd")(torch.randn(3, 4), *_lowbit_args(codes_short=True)[1:]), RuntimeError,
         rf"codes hold {_LOWBIT.codes.numel() - 1} bytes but {_LOWBIT.kept} kept 2-bit codes need {_LOWBIT.codes.numel()}"),
@@ -480,6 +494,42 @@ def test_kernel_op_misuse_raises_without_crashing(name, kernel_outcomes):
     row, outcome = KERNEL_ROWS[name], outcomes[name]
     assert outcome["error"] == row.error.__name__, outcome
     assert re.search(row.match, outcome["message"]), f"{outcome['message']!r} does not match {row.match!r}"
+
+
+@pytest.mark.skipif(not _extension.CPU_BUILT, reason="needs the CPU kernels")
+def test_sparse_index_checked_again_after_writes_and_for_new_tensors():
+    """The glue checks a sparse index once per version of its (code_offsets, keep_bitmap) tensors
+    (register/packed_weight.h): in-place writes to either, new data under ``.data``, and new
+    tensors made after freeing checked ones are checked again. Every bad index here stays within the code stream, so a missed check would
+    give wrong numbers, not a crash."""
+    op = _mixedprec_op("lowbit_linear_fwd")
+    args = list(_lowbit_args())
+    args[4] = args[4].clone()
+    offsets, bitmap = args[5], args[4]
+    expected = op(*args)
+    torch.testing.assert_close(op(*args), expected, rtol=0, atol=0)
+    offsets[1] += 1
+    with pytest.raises(RuntimeError, match="block 1 starts at"):
+        op(*args)
+    offsets[1] -= 1
+    torch.testing.assert_close(op(*args), expected, rtol=0, atol=0)
+    lowest = int(bitmap[0]) & -int(bitmap[0])  # a kept weight of block 0 pruned: block 1's offset is one too high
+    bitmap[0] ^= lowest
+    with pytest.raises(RuntimeError, match="block 1 starts at"):
+        op(*args)
+    bitmap[0] ^= lowest
+    torch.testing.assert_close(op(*args), expected, rtol=0, atol=0)
+    good, bad = offsets.tolist(), offsets.tolist()
+    bad[1] += 1
+    offsets.data = torch.tensor(bad)  # new data, same tensor and version
+    with pytest.raises(RuntimeError, match="block 1 starts at"):
+        op(*args)
+    for _ in range(20):  # fresh tensors at version 0, often where the last one lived
+        args[5] = torch.tensor(good)
+        op(*args)
+        args[5] = torch.tensor(bad)
+        with pytest.raises(RuntimeError, match="block 1 starts at"):
+            op(*args)
 
 
 # ---------------------------------------------------------------------------------------------

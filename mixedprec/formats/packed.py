@@ -174,6 +174,9 @@ def _validate(p: PackedWeight) -> None:
     if p.keep_bitmap is not None and (p.keep_bitmap.dtype != torch.uint8 or p.keep_bitmap.shape != (-(-numel // 8),)):
         raise ValueError(f"{op}: keep_bitmap must be uint8 of shape ({-(-numel // 8)},), got "
                          f"{p.keep_bitmap.dtype} {tuple(p.keep_bitmap.shape)}")
+    if p.keep_bitmap is not None and numel % 8 and int(p.keep_bitmap[-1]) >> numel % 8:
+        raise ValueError(f"{op}: keep_bitmap's bits past the weight's {numel} entries must be 0 (its last byte is "
+                         f"{int(p.keep_bitmap[-1]):#04x})")
     kept = numel if p.keep_bitmap is None else int(_unpack_bits(p.keep_bitmap, 1, numel).sum())
     if p.codes.dtype != torch.uint8 or p.codes.shape != (-(-kept * p.bits // 8),):
         raise ValueError(f"{op}: codes must be uint8 of shape ({-(-kept * p.bits // 8)},) for {kept} kept "
