@@ -246,6 +246,24 @@ def test_packed_linear_first_run_under_inference_mode_trains_afterwards():
     assert torch.equal(y.detach(), expected) and x.grad is not None
 
 
+def test_packed_layer_with_an_inference_mode_bitmap_holds_one_normal_copy():
+    """Buffers assigned (or loaded) under torch.inference_mode are inference tensors. The
+    PackedWeight made over them copies the bitmap out (the C++ glue checks a sparse index once per
+    version of its tensors, and inference tensors have none; autograd cannot save them), and the
+    layer keeps that copy as its buffer rather than holding two bitmaps."""
+    layer = _packed_linear(1)
+    x = torch.randn(3, 40)
+    expected = layer(x).detach()
+    with torch.inference_mode():
+        layer.keep_bitmap = layer.keep_bitmap.clone()
+        assert layer.keep_bitmap.is_inference()
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    assert not layer.keep_bitmap.is_inference() and layer.keep_bitmap is layer.packed_weight().keep_bitmap
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None
+
+
 def test_packed_weight_derived_tensors_are_not_saved(tmp_path):
     layer = _packed_linear(1, torch.float16)
     layer.packed_weight()

@@ -43,24 +43,26 @@ namespace detail {
 // branch-free pass, then the culprit on failure.
 inline int64_t count_index(const PackedView& w, const char* op) {
   const int64_t blocks = ceil_div(w.numel(), kCodeBlock), bytes = w.bitmap_bytes();
-  const auto block_bits = [&](int64_t b) {
-    uint64_t block = 0;
-    const int64_t first = b * (kCodeBlock / 8);
-    std::memcpy(&block, w.keep_bitmap + first, size_t(std::min<int64_t>(kCodeBlock / 8, bytes - first)));
+  const auto block_bits = [&](int64_t b) {  // whole blocks: one 8-byte load
+    uint64_t block;
+    std::memcpy(&block, w.keep_bitmap + b * (kCodeBlock / 8), sizeof block);
     return block;
   };
-  const uint64_t last = block_bits(blocks - 1);
+  uint64_t last = 0;  // the last block: its bytes, the bits past numel clear in a valid bitmap
+  const int64_t last_first = (blocks - 1) * (kCodeBlock / 8);
+  std::memcpy(&last, w.keep_bitmap + last_first, size_t(bytes - last_first));
   const int64_t last_bits = w.numel() - (blocks - 1) * kCodeBlock;  // 1..64
   // kernels read the last byte whole: its bits past numel must be clear
   TORCH_CHECK(last_bits == 64 || (last >> last_bits) == 0, op, ": keep_bitmap's bits past the weight's ", w.numel(),
               " entries must be 0");
+  const auto count = [&](int64_t b) { return __builtin_popcountll(b + 1 < blocks ? block_bits(b) : last); };
   int64_t kept = 0;
   uint64_t bad = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     bad |= uint64_t(w.code_offsets[b] ^ kept);
-    kept += __builtin_popcountll(b + 1 < blocks ? block_bits(b) : last);
+    kept += count(b);
   }
-  for (int64_t b = 0, before = 0; bad && b < blocks; before += __builtin_popcountll(block_bits(b)), ++b)
+  for (int64_t b = 0, before = 0; bad && b < blocks; before += count(b), ++b)
     TORCH_CHECK(w.code_offsets[b] == before, op, ": code_offsets must count keep_bitmap's kept weights before "
                 "each block of ", kCodeBlock, ", but block ", b, " starts at ", w.code_offsets[b],
                 " where the bitmap keeps ", before);
@@ -71,7 +73,8 @@ inline int64_t count_index(const PackedView& w, const char* op) {
 // 4096 x 4096 GEMV at batch 1 on every call. Entries hold weak references, which keep a freed
 // tensor's TensorImpl allocated: no new tensor can take its address, so an entry matches only the
 // tensors it counted. An in-place write bumps a tensor's version; `.data =` swaps its data pointer.
-// Inference tensors have no version: they are counted on every call.
+// Inference tensors have no version: they are counted on every call (formats.PackedWeight copies
+// an inference-mode bitmap out).
 struct CheckedIndex {
   c10::weak_intrusive_ptr<c10::TensorImpl> offsets, bitmap;
   int64_t offsets_version, bitmap_version;

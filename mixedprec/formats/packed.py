@@ -30,8 +30,12 @@ class PackedWeight:
     def __post_init__(self):
         _validate(self)
         # Normal tensors even when first built under torch.inference_mode (a layer rebuilds its
-        # PackedWeight at its next forward), so that autograd may save them later.
+        # PackedWeight at its next forward), so that autograd may save them later; an inference-mode
+        # bitmap is copied out too: the C++ glue checks a sparse index once per version of its
+        # tensors, and inference tensors have none.
         with torch.inference_mode(False):
+            if self.keep_bitmap is not None and self.keep_bitmap.is_inference():
+                object.__setattr__(self, "keep_bitmap", self.keep_bitmap.clone())
             object.__setattr__(self, "code_offsets", _code_offsets(self))
             object.__setattr__(self, "codebook_float32", self.codebook.detach().to(torch.float32))
             object.__setattr__(self, "channel_scale_float32", self.channel_scale.detach().to(torch.float32))

@@ -39,6 +39,7 @@ class PackedModule(nn.Module):
         """The weight as a validated PackedWeight over this layer's buffers."""
         if self._packed is None:
             self._packed = PackedWeight(self.weight_shape, self.bits, *(getattr(self, n) for n in PACKED_BUFFERS))
+            self._buffers["keep_bitmap"] = self._packed.keep_bitmap  # PackedWeight's copy of an inference tensor
         return self._packed
 
     def report_weight(self) -> LayerWeight:
