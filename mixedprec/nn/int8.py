@@ -215,7 +215,7 @@ class Call(NamedTuple):
 def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     """How the int8 path runs this call, or None where it does not qualify."""
     fixed_grid = getattr(layer.input_quant, "fixed_grid", None)
-    if (not _enabled or fixed_grid is None or torch.is_grad_enabled() or x.device.type != "cpu"
+    if (not _enabled or fixed_grid is None or torch.is_grad_enabled() or not x.is_cpu
             or x.dtype != torch.float32 or x.dim() < dims or (dims == 4 and x.dim() != 4) or x.numel() == 0
             or layer.backend is not None or selected() is not None):  # a backend chosen: its kernels
         return None
@@ -231,9 +231,11 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     if dims == 4:  # per input pixel and tap, over the stride's share of the pixels
         macs = macs * math.prod(weight_shape[2:]) // math.prod(cache.geometry[0])
     gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:])
-    grid = fixed_grid()
     few_channels = weight_shape[1] < MIN_CHANNELS and not x.is_contiguous()  # channels-last (see MIN_CHANNELS)
-    if (not gemm and (macs < MIN_MACS or few_channels)) or grid is None:
+    if not gemm and (macs < MIN_MACS or few_channels):
+        return None
+    grid = fixed_grid()  # after the size checks: it costs a few microseconds, a small layer's call
+    if grid is None:
         return None
     n, clip = levels(grid.bits), float(grid.clip)
     if grid.signed:  # levels v (2 k / n - 1) = s_x (k - j - 1/2), j = (n - 1) / 2

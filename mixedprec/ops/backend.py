@@ -116,8 +116,9 @@ def kernels_built(op: str) -> dict[str, bool]:
     return KERNELS_BUILT.setdefault(op, {b.value: kernel_built(op, b) for b in Backend})
 
 
-# The default choice on each device type, fastest first (then the reference).
-_PREFERRED = {"cpu": (Backend.CPU,), "cuda": (Backend.CUDA, Backend.TRITON)}
+# The default choice on each device type, fastest first (then the reference), with each one's
+# key in KERNELS_BUILT (Enum.value is a property: a lookup per call of every op).
+_PREFERRED = {"cpu": ((Backend.CPU, "cpu"),), "cuda": ((Backend.CUDA, "cuda"), (Backend.TRITON, "triton"))}
 
 
 def resolve(op: str, backend: str | Backend | None, x: Tensor, built: dict[str, bool]) -> Backend:
@@ -128,8 +129,8 @@ def resolve(op: str, backend: str | Backend | None, x: Tensor, built: dict[str, 
     device = x.device
     if asked is None:
         if x.dtype in KERNEL_DTYPES:
-            for b in _PREFERRED.get(device.type, ()):
-                if built[b.value] and usable(b, device):
+            for b, name in _PREFERRED.get(device.type, ()):
+                if built[name] and usable(b, device):
                     return b
         return Backend.REFERENCE
     if not usable(asked, device):

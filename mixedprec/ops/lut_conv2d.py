@@ -53,7 +53,8 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     if x.shape[1] != c_in_per_group * groups:
         raise ValueError(f"{op}: x has {x.shape[1]} channels but the packed weight {packed.shape} with "
                          f"groups={groups} expects {c_in_per_group * groups}")
-    if min(_output_shape(x.shape, packed.shape, stride, padding, dilation)[2:]) < 1:
+    _, _, out_height, out_width = _output_shape(x.shape, packed.shape, stride, padding, dilation)
+    if out_height < 1 or out_width < 1:
         raise ValueError(f"{op}: the output would be empty: x {tuple(x.shape)}, kernel {(kh, kw)}, "
                          f"padding {padding}, dilation {dilation}")
     checks.bias(op, bias, x, c_out)
@@ -65,9 +66,10 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
 
 
 def _output_shape(x_shape, weight_shape, stride, padding, dilation) -> list[int]:
-    hw = [(x_shape[2 + i] + 2 * padding[i] - dilation[i] * (weight_shape[2 + i] - 1) - 1) // stride[i] + 1
-          for i in range(2)]
-    return [x_shape[0], weight_shape[0], *hw]
+    n, _, height, width = x_shape
+    c_out, _, kh, kw = weight_shape
+    return [n, c_out, (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+            (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1]
 
 
 def _forward(family: Backend, x: Tensor, *args) -> Tensor:
