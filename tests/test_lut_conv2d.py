@@ -172,7 +172,7 @@ def test_cpu_pointwise_few_pixels_take_lowbit_linear():
             with torch.profiler.profile() as prof:
                 y = ops.lut_conv2d(x, packed, backend="cpu")
             names = {e.name for e in prof.events()}
-            assert ("aten::convolution" not in names and "aten::mm" not in names) == linear, (shape, names)
+            assert (not names & {"aten::convolution", "aten::mm", "aten::addmm", "aten::bmm"}) == linear, (shape, names)
             assert y.stride() == F.conv2d(x, packed.decode()).stride(), (shape, channels_last)
     packed = make_packed((24, 64, 1, 1), 4, 0.3)
     x = torch.randn(4, 64, 1, 1)
@@ -198,10 +198,8 @@ def test_cpu_pointwise_gemm():
                              stride=2, mixed=True)
     assert_matches_reference("cpu", device, (1, 12, 7, 5), (9, 12, 1, 1), dtype=torch.bfloat16, channels_last=True)
     assert_matches_reference("cpu", device, (1, 8, 27, 19), (5, 8, 1, 1), channels_last=True)  # 513 pixels
-    for x_shape, gemm in (((2, 8, 16, 16), True), ((1, 8, 27, 19), False), ((2, 8, 16, 16), False)):
-        x = torch.randn(x_shape)
-        if gemm or x_shape[2] == 27:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for x_shape, gemm in (((2, 8, 16, 16), True), ((1, 8, 27, 19), False)):  # NCHW: test_cpu_nchw_pointwise_gemm
+        x = torch.randn(x_shape).contiguous(memory_format=torch.channels_last)
         with torch.profiler.profile() as prof:
             ops.lut_conv2d(x, make_packed((5, 8, 1, 1), 4), backend="cpu")
         assert any(e.name in ("aten::mm", "aten::addmm") for e in prof.events()) == gemm, x_shape
@@ -210,6 +208,42 @@ def test_cpu_pointwise_gemm():
     x[1, 3, 2, 1], x[0, 5, 4, 3] = float("inf"), float("nan")
     y, want = ops.lut_conv2d(x, packed, backend="cpu"), reference.lut_conv2d(x, packed)
     assert torch.equal(torch.isfinite(y), torch.isfinite(want)) and not torch.isfinite(want[1, :, 2, 1]).any()
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_nchw_pointwise_gemm():
+    """NCHW 1x1 layers at stride 1 whose channel counts are not both multiples of 16 go through a
+    GEMM per image (oneDNN's NCHW convolution is several times slower on such counts), at batch 1
+    or on maps of 128 pixels or more: batches 1 and 3, with and without bias, every bitwidth dense
+    and sparse, two tiles (1400 x 1030), bfloat16, a strided x, and 1 x 1 maps at batches 5 and 16
+    (one GEMM over x's rows). Counts that are both multiples of 16, stride 2, and batches of
+    smaller maps keep the convolution; the output is NCHW. Non-finite x reaches exactly the
+    outputs of its pixel."""
+    device = require_backend("cpu")
+    for bits in range(1, 9):
+        x_shape = (3, 40, 12, 11) if bits % 2 else (1, 40, 5, 6)
+        assert_matches_reference("cpu", device, x_shape, (23 + bits, 40, 1, 1), bits=bits, sparsity=0.5 * (bits % 2),
+                                 seed=bits, with_bias=bits % 3 != 0)
+    assert_matches_reference("cpu", device, (1, 1030, 3, 4), (1400, 1030, 1, 1), bits=4, sparsity=0.3, mixed=True)
+    assert_matches_reference("cpu", device, (1, 12, 7, 5), (9, 12, 1, 1), dtype=torch.bfloat16)
+    assert_matches_reference("cpu", device, (2, 13, 12, 11), (9, 13, 1, 1), strided_x=True)
+    for x_shape in ((5, 40, 1, 1), (16, 70, 1, 1)):
+        assert_matches_reference("cpu", device, x_shape, (24, x_shape[1], 1, 1), bits=3, sparsity=0.3)
+    for in_channels, out_channels, stride, gemm, maps in ((8, 5, 1, True, (1, 9, 7)), (16, 40, 1, True, (2, 16, 8)),
+                                                          (40, 16, 1, True, (1, 9, 7)), (16, 32, 1, False, (1, 9, 7)),
+                                                          (8, 5, 2, False, (1, 9, 7)), (8, 5, 1, False, (2, 9, 7))):
+        x = torch.randn(maps[0], in_channels, *maps[1:])
+        with torch.profiler.profile() as prof:
+            y = ops.lut_conv2d(x, make_packed((out_channels, in_channels, 1, 1), 4), stride=stride, backend="cpu")
+        names = {e.name for e in prof.events()}
+        assert ("aten::convolution" not in names) == gemm, (in_channels, out_channels, stride, names)
+        assert y.is_contiguous()
+    packed = make_packed((6, 8, 1, 1), 4, 0.5)
+    x = torch.randn(1, 8, 5, 4)
+    x[0, 3, 2, 1], x[0, 5, 4, 3] = float("inf"), float("nan")
+    y, want = ops.lut_conv2d(x, packed, backend="cpu"), reference.lut_conv2d(x, packed)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(want)) and not torch.isfinite(want[0, :, 2, 1]).any()
     finite = torch.isfinite(want)
     torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
 

@@ -6,7 +6,8 @@
 // convolutions when ops.set_cpu_winograd(false), or where x holds a NaN or inf) goes direct: the
 // weight is decoded through the codebook one tile of output channels at a time, and each tile
 // runs through ATen's float32 convolution (oneDNN where torch has it), or, for channels-last 1x1
-// convolutions over few pixels, through ATen's sgemm (pointwise_gemm). 1x1 convolutions over
+// convolutions over few pixels and NCHW 1x1 convolutions over channel counts that are not
+// multiples of 16, through ATen's sgemm (pointwise_gemm, nchw_gemm). 1x1 convolutions over
 // fewer than 16 pixels and 64+ input channels are lowbit_linear's forward, with no tile
 // (linear_applies). The decode is AVX-512
 // codebook lookups (code_decode.h) turning bits/8 B per weight into the float tile.
@@ -48,7 +49,7 @@ constexpr int64_t kChannelUnit = 16;  // channels per tile step when groups == 1
 // of x's pixel rows with the decoded tile (ATen's sgemm): oneDNN's channels-last 1x1 convolution
 // is slow on few pixels (Zen 4, 2 threads, batch 1 at 7x7: 2048 -> 512 in 2.0 ms as a
 // convolution, 0.77 ms as a GEMM; 512 -> 2048 1.17 against 0.70; at 14x14 and at batch 8 on 7x7
-// the two are within noise; NCHW convolutions are as fast as the GEMM and keep the convolution).
+// the two are within noise; NCHW ones: nchw_gemm_applies).
 constexpr int64_t kPointwiseGemmPixels = 512;
 
 bool pointwise(const Conv2dGeometry& g) {
@@ -57,6 +58,23 @@ bool pointwise(const Conv2dGeometry& g) {
 
 bool pointwise_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
   return layout == at::MemoryFormat::ChannelsLast && pointwise(g) && g.batch * g.out_pixels() <= kPointwiseGemmPixels;
+}
+
+// An NCHW 1x1 convolution at stride 1 whose channel counts are not both multiples of 16 (pruned
+// and narrow networks: ShuffleNet's 116, RegNet's 104 and 440, EfficientNet's 40 and 240) is a
+// GEMM per image, the tile's rows times x's (C_in, H W) matrix: oneDNN's NCHW convolution is
+// several times slower on such counts (Zen 4, 2 threads, F.conv2d against addmm on the same float
+// weight, batch 1: 116 -> 116 at 14x14 156 against 68 us, 58 -> 58 at 28x28 197 against 74,
+// 72 -> 24 at 56x56 348 against 111, 232 -> 232 at 7x7 72 against 75; with both counts multiples
+// of 16, 0.9-1.6x either way, and those keep the convolution). Batches of small maps keep it too:
+// at batch 8 on 7x7 the per-image GEMMs ran at 0.76-1.04x (440 -> 440, 232 -> 232), on 14x14 at
+// 1.0-1.4x and on 28x28 at 1.7-4.9x.
+constexpr int64_t kNchwGemmPixels = 128;  // per image, at batches above 1
+bool nchw_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
+  const int64_t pixels = g.height * g.width;  // stride 1: the output's
+  return layout == at::MemoryFormat::Contiguous && pointwise(g) && g.stride_h == 1 && g.stride_w == 1 &&
+         (g.in_channels % 16 != 0 || g.out_channels % 16 != 0) &&
+         (g.batch == 1 || pixels == 1 || pixels >= kNchwGemmPixels);
 }
 
 // A 1x1 convolution over fewer output pixels than kLinearPixels (squeeze-and-excitation layers on
@@ -88,6 +106,25 @@ at::Tensor pointwise_gemm(const at::Tensor& rows, const at::Tensor& w_tile, cons
   const at::Tensor w_t = w_tile.view({w_tile.size(0), g.in_channels}).t();
   const at::Tensor y = bias ? at::addmm(*bias, rows, w_t) : at::mm(rows, w_t);
   return y.view({g.batch, g.out_height, g.out_width, w_tile.size(0)}).permute({0, 3, 1, 2});
+}
+
+// y[:, channels of w_tile] as an NCHW (N, rows, H, W) tensor from an NCHW x (nchw_gemm_applies).
+at::Tensor nchw_gemm(const at::Tensor& x, const at::Tensor& w_tile, const std::optional<at::Tensor>& bias,
+                     const Conv2dGeometry& g) {
+  const int64_t rows = w_tile.size(0);
+  const at::Tensor w = w_tile.view({rows, g.in_channels});
+  const at::Tensor images = x.view({g.batch, g.in_channels, g.height * g.width});
+  at::Tensor y;
+  if (g.height * g.width == 1) {  // one pixel per image: x's rows, one GEMM for the batch
+    const at::Tensor pixels = x.view({g.batch, g.in_channels});
+    y = bias ? at::addmm(*bias, pixels, w.t()) : at::mm(pixels, w.t());
+  } else if (g.batch == 1) {
+    y = bias ? at::addmm(bias->view({rows, 1}), w, images[0]) : at::mm(w, images[0]);
+  } else {
+    y = at::matmul(w, images);
+    if (bias) y.add_(bias->view({1, rows, 1}));
+  }
+  return y.view({g.batch, rows, g.out_height, g.out_width});
 }
 
 
@@ -171,6 +208,7 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
   }
   const Tiles tiles(g);
   const at::Tensor pixels = pointwise_gemm_applies(g, layout) ? pixel_rows(x_f, g) : at::Tensor();
+  const bool per_image_gemm = nchw_gemm_applies(g, layout);
   at::Tensor tile = at::empty({tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w}, x_f.options());
   const auto conv = [&](int64_t c0, int64_t c1) {
     const int64_t k = g.groups > 1 ? (c1 - c0) / g.group_out() : 1;
@@ -179,6 +217,7 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
     const at::Tensor w_t = part(tile, 0, 0, c1 - c0);
     const std::optional<at::Tensor> bias_t = bias_f.defined() ? std::optional(part(bias_f, 0, c0, c1 - c0)) : std::nullopt;
     if (pixels.defined()) return pointwise_gemm(pixels, w_t, bias_t, g);
+    if (per_image_gemm) return nchw_gemm(x_f, w_t, bias_t, g);
     return at::convolution(x_t, w_t, bias_t, stride, padding, dilation, false, {0, 0}, k);
   };
   if (tiles.count == 1) return conv(0, g.out_channels).to(x.scalar_type()).contiguous(layout);
