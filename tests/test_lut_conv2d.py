@@ -217,8 +217,8 @@ def test_cpu_nchw_pointwise_gemm():
     GEMM per image (oneDNN's NCHW convolution is several times slower on such counts), at batch 1
     or on maps of 128 pixels or more: batches 1 and 3, with and without bias, every bitwidth dense
     and sparse, two tiles (1400 x 1030), bfloat16, a strided x, and 1 x 1 maps at batches 5 and 16
-    (one GEMM over x's rows). Counts that are both multiples of 16, stride 2, and batches of
-    smaller maps keep the convolution; the output is NCHW. Non-finite x reaches exactly the
+    (one GEMM over x's rows); the backward to x likewise, with W^T. Counts that are both multiples
+    of 16, stride 2, and batches of smaller maps keep the convolution; the output is NCHW. Non-finite x reaches exactly the
     outputs of its pixel."""
     device = require_backend("cpu")
     for bits in range(1, 9):
@@ -233,9 +233,10 @@ def test_cpu_nchw_pointwise_gemm():
     for in_channels, out_channels, stride, gemm, maps in ((8, 5, 1, True, (1, 9, 7)), (16, 40, 1, True, (2, 16, 8)),
                                                           (40, 16, 1, True, (1, 9, 7)), (16, 32, 1, False, (1, 9, 7)),
                                                           (8, 5, 2, False, (1, 9, 7)), (8, 5, 1, False, (2, 9, 7))):
-        x = torch.randn(maps[0], in_channels, *maps[1:])
-        with torch.profiler.profile() as prof:
+        x = torch.randn(maps[0], in_channels, *maps[1:], requires_grad=True)
+        with torch.profiler.profile() as prof:  # the backward takes the same route
             y = ops.lut_conv2d(x, make_packed((out_channels, in_channels, 1, 1), 4), stride=stride, backend="cpu")
+            y.sum().backward()
         names = {e.name for e in prof.events()}
         assert ("aten::convolution" not in names) == gemm, (in_channels, out_channels, stride, names)
         assert y.is_contiguous()

@@ -7,7 +7,7 @@
 // weight is decoded through the codebook one tile of output channels at a time, and each tile
 // runs through ATen's float32 convolution (oneDNN where torch has it), or, for channels-last 1x1
 // convolutions over few pixels and NCHW 1x1 convolutions over channel counts that are not
-// multiples of 16, through ATen's sgemm (pointwise_gemm, nchw_gemm). 1x1 convolutions over
+// multiples of 16, through ATen's sgemm (pointwise_gemm, per_image_gemm). 1x1 convolutions over
 // fewer than 16 pixels and 64+ input channels are lowbit_linear's forward, with no tile
 // (linear_applies). The decode is AVX-512
 // codebook lookups (code_decode.h) turning bits/8 B per weight into the float tile.
@@ -68,7 +68,7 @@ bool pointwise_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
 // 72 -> 24 at 56x56 348 against 111, 232 -> 232 at 7x7 72 against 75; with both counts multiples
 // of 16, 0.9-1.6x either way, and those keep the convolution). Batches of small maps keep it too:
 // at batch 8 on 7x7 the per-image GEMMs ran at 0.76-1.04x (440 -> 440, 232 -> 232), on 14x14 at
-// 1.0-1.4x and on 28x28 at 1.7-4.9x.
+// 1.0-1.4x and on 28x28 at 1.7-4.9x. The backward (always NCHW) takes the same route, with W^T.
 constexpr int64_t kNchwGemmPixels = 128;  // per image, at batches above 1
 bool nchw_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
   const int64_t pixels = g.height * g.width;  // stride 1: the output's
@@ -108,25 +108,20 @@ at::Tensor pointwise_gemm(const at::Tensor& rows, const at::Tensor& w_tile, cons
   return y.view({g.batch, g.out_height, g.out_width, w_tile.size(0)}).permute({0, 3, 1, 2});
 }
 
-// y[:, channels of w_tile] as an NCHW (N, rows, H, W) tensor from an NCHW x (nchw_gemm_applies).
-at::Tensor nchw_gemm(const at::Tensor& x, const at::Tensor& w_tile, const std::optional<at::Tensor>& bias,
-                     const Conv2dGeometry& g) {
-  const int64_t rows = w_tile.size(0);
-  const at::Tensor w = w_tile.view({rows, g.in_channels});
-  const at::Tensor images = x.view({g.batch, g.in_channels, g.height * g.width});
-  at::Tensor y;
-  if (g.height * g.width == 1) {  // one pixel per image: x's rows, one GEMM for the batch
-    const at::Tensor pixels = x.view({g.batch, g.in_channels});
-    y = bias ? at::addmm(*bias, pixels, w.t()) : at::mm(pixels, w.t());
-  } else if (g.batch == 1) {
-    y = bias ? at::addmm(bias->view({rows, 1}), w, images[0]) : at::mm(w, images[0]);
-  } else {
-    y = at::matmul(w, images);
-    if (bias) y.add_(bias->view({1, rows, 1}));
+// a (M, K) times each image of `images` (N, K, P), plus bias (M,): (N, M, P), for the 1x1 layers of
+// nchw_gemm_applies (forward: W times x's images; backward: W^T times grad_y's). One GEMM at batch
+// 1, and over the images' rows when each is one pixel.
+at::Tensor per_image_gemm(const at::Tensor& a, const at::Tensor& images, const std::optional<at::Tensor>& bias) {
+  const int64_t n = images.size(0), m = a.size(0), p = images.size(2);
+  if (p == 1) {
+    const at::Tensor rows = images.reshape({n, a.size(1)});
+    return (bias ? at::addmm(*bias, rows, a.t()) : at::mm(rows, a.t())).view({n, m, 1});
   }
-  return y.view({g.batch, rows, g.out_height, g.out_width});
+  if (n == 1) return (bias ? at::addmm(bias->view({m, 1}), a, images[0]) : at::mm(a, images[0])).unsqueeze(0);
+  at::Tensor y = at::matmul(a, images);
+  if (bias) y.add_(bias->view({1, m, 1}));
+  return y;
 }
-
 
 // Output-channel tiles: whole groups each (kChannelUnit channels when groups == 1), as many as
 // fit kTileFloats, balanced.
@@ -208,7 +203,7 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
   }
   const Tiles tiles(g);
   const at::Tensor pixels = pointwise_gemm_applies(g, layout) ? pixel_rows(x_f, g) : at::Tensor();
-  const bool per_image_gemm = nchw_gemm_applies(g, layout);
+  const bool nchw_gemm = nchw_gemm_applies(g, layout);
   at::Tensor tile = at::empty({tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w}, x_f.options());
   const auto conv = [&](int64_t c0, int64_t c1) {
     const int64_t k = g.groups > 1 ? (c1 - c0) / g.group_out() : 1;
@@ -217,7 +212,10 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
     const at::Tensor w_t = part(tile, 0, 0, c1 - c0);
     const std::optional<at::Tensor> bias_t = bias_f.defined() ? std::optional(part(bias_f, 0, c0, c1 - c0)) : std::nullopt;
     if (pixels.defined()) return pointwise_gemm(pixels, w_t, bias_t, g);
-    if (per_image_gemm) return nchw_gemm(x_f, w_t, bias_t, g);
+    if (nchw_gemm) {
+      return per_image_gemm(w_t.view({c1 - c0, g.in_channels}), x_f.view({g.batch, g.in_channels, g.height * g.width}),
+                            bias_t).view({g.batch, c1 - c0, g.out_height, g.out_width});
+    }
     return at::convolution(x_t, w_t, bias_t, stride, padding, dilation, false, {0, 0}, k);
   };
   if (tiles.count == 1) return conv(0, g.out_channels).to(x.scalar_type()).contiguous(layout);
@@ -242,8 +240,14 @@ at::Tensor lut_conv2d_backward(const at::Tensor& grad_y, const PackedView& w, co
   const Tiles tiles(g);
   const TileDecoder decoder(w, g);
   at::Tensor tile = at::empty({tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w}, grad_y_f.options());
+  const bool nchw_gemm = nchw_gemm_applies(g, at::MemoryFormat::Contiguous);
   const auto conv_transpose = [&](int64_t c0, int64_t c1) {
     decoder.decode(c0, c1, tile.data_ptr<float>());
+    if (nchw_gemm) {
+      const at::Tensor grads = part(grad_y_f, 1, c0, c1 - c0).reshape({g.batch, c1 - c0, g.height * g.width});
+      return per_image_gemm(tile.narrow(0, 0, c1 - c0).view({c1 - c0, g.in_channels}).t(), grads, std::nullopt)
+          .view({g.batch, g.in_channels, g.height, g.width});
+    }
     return at::convolution(part(grad_y_f, 1, c0, c1 - c0), part(tile, 0, 0, c1 - c0), std::nullopt, stride, padding,
                            dilation, true, output_padding, g.groups > 1 ? (c1 - c0) / g.group_out() : 1);
   };
