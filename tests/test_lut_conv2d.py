@@ -218,8 +218,8 @@ def test_cpu_nchw_pointwise_gemm():
     or on maps of 128 pixels or more: batches 1 and 3, with and without bias, every bitwidth dense
     and sparse, two tiles (1400 x 1030), bfloat16, a strided x, and 1 x 1 maps at batches 5 and 16
     (one GEMM over x's rows); the backward to x likewise, with W^T. Counts that are both multiples
-    of 16, stride 2, and batches of smaller maps keep the convolution; the output is NCHW. Non-finite x reaches exactly the
-    outputs of its pixel."""
+    of 16, stride 2, and batches of smaller maps keep the convolution; the output is NCHW.
+    Non-finite x reaches exactly the outputs of its pixel."""
     device = require_backend("cpu")
     for bits in range(1, 9):
         x_shape = (3, 40, 12, 11) if bits % 2 else (1, 40, 5, 6)

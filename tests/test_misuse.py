@@ -500,8 +500,8 @@ def test_kernel_op_misuse_raises_without_crashing(name, kernel_outcomes):
 def test_sparse_index_checked_again_after_writes_and_for_new_tensors():
     """The glue checks a sparse index once per version of its (code_offsets, keep_bitmap) tensors
     (register/packed_weight.h): in-place writes to either, new data under ``.data``, and new
-    tensors made after freeing checked ones are checked again. Every bad index here stays within the code stream, so a missed check would
-    give wrong numbers, not a crash."""
+    tensors made after freeing checked ones are checked again. Every bad index here stays within
+    the code stream, so a missed check would give wrong numbers, not a crash."""
     op = _mixedprec_op("lowbit_linear_fwd")
     args = list(_lowbit_args())
     args[4] = args[4].clone()
@@ -524,7 +524,7 @@ def test_sparse_index_checked_again_after_writes_and_for_new_tensors():
     offsets.data = torch.tensor(bad)  # new data, same tensor and version
     with pytest.raises(RuntimeError, match="block 1 starts at"):
         op(*args)
-    for _ in range(20):  # fresh tensors at version 0, often where the last one lived
+    for _ in range(20):  # fresh tensors at version 0, their data often where the last one's was
         args[5] = torch.tensor(good)
         op(*args)
         args[5] = torch.tensor(bad)
