@@ -30,9 +30,10 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     of output channels into the transformed weight (``set_cpu_winograd`` switches it off: its
     float32 error differs), and the rest by decoding output-channel tiles into a bounded scratch
     (4.7 MB) and convolving each with ATen's float32 convolution (a channels-last 1x1 layer over
-    at most 512 output pixels: a GEMM of x's pixel rows with the tile; a 1x1 layer over fewer
-    than 16 pixels and 64 or more input channels: ``lowbit_linear`` on the pixel rows;
-    docs/kernels.md).
+    at most 512 output pixels: a GEMM of x's pixel rows with the tile; an NCHW 1x1 layer at
+    stride 1 whose channel counts are not both multiples of 16: a GEMM per image, forward and
+    backward; a 1x1 layer over fewer than 16 pixels and 64 or more input channels:
+    ``lowbit_linear`` on the pixel rows; docs/kernels.md).
     Gradients: grad_x (the transposed convolution through the codebook) and grad_bias; the packed
     weight is constant and takes no gradient. A NaN or inf in x makes every output whose window
     covers it NaN or inf (pruned weights multiply too), as conv2d. A channels-last x gives a

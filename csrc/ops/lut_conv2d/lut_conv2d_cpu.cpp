@@ -245,7 +245,7 @@ at::Tensor lut_conv2d_backward(const at::Tensor& grad_y, const PackedView& w, co
     decoder.decode(c0, c1, tile.data_ptr<float>());
     if (nchw_gemm) {
       const at::Tensor grads = part(grad_y_f, 1, c0, c1 - c0).reshape({g.batch, c1 - c0, g.height * g.width});
-      return per_image_gemm(tile.narrow(0, 0, c1 - c0).view({c1 - c0, g.in_channels}).t(), grads, std::nullopt)
+      return per_image_gemm(part(tile, 0, 0, c1 - c0).view({c1 - c0, g.in_channels}).t(), grads, std::nullopt)
           .view({g.batch, g.in_channels, g.height, g.width});
     }
     return at::convolution(part(grad_y_f, 1, c0, c1 - c0), part(tile, 0, 0, c1 - c0), std::nullopt, stride, padding,
