@@ -16,7 +16,8 @@
 //   RegLut<B>      B <= Isa::kRegLutBits: the codebook in registers, one permute on the low
 //                  kLutBits bits (vpermps: 3; vpermt2ps: 5) and a blend tree on the bits above;
 //                  GatherLut (larger B): vgatherdps from the codebook; ByteLut<B> (B = 7, 8 on
-//                  AVX-512 VBMI): 64 codes at once, looked up in four byte planes (vpermi2b)
+//                  AVX-512 VBMI): 64 codes at once, looked up in byte planes (vpermi2b): two,
+//                  widened by vcvtph2ps, when every level is a float16 value, else four
 //   DenseSrc       a dense row: codes at kLanes B bits per step
 //   SparseSrc      a row with a bitmap, its kept codes read first as one run (the decode
 //                  follows the kept codes): ByteSparseSrc (B <= 5 on AVX-512 VBMI2) spreads the
