@@ -70,9 +70,8 @@ def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity, in_features, batch,
     """333: rows start mid-byte (decode tile, column order). 336 and 600, dense 1-, 2- and
     4-bit: byte-aligned rows run in the interleaved column order (whole 64-byte blocks, then a
     tail), register-decoded at batch 3, through the decode tile at batch 6; 7- and 8-bit codes
-    are looked up 64 at a time in byte planes: two (the float16 bits) for a float16 codebook,
-    four for a float32 one. Every path must equal the scalar twin bit for bit, and the
-    reference within float32 tolerance."""
+    are looked up 64 at a time in byte planes, float16 and float32 levels alike. Every path must
+    equal the scalar twin bit for bit, and the reference within float32 tolerance."""
     require_backend("cpu")
     packed = make_packed(19, in_features, bits, sparsity, codebook_dtype=codebook_dtype)
     x = torch.randn(batch, in_features)

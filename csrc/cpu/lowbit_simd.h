@@ -16,8 +16,7 @@
 //   RegLut<B>      B <= Isa::kRegLutBits: the codebook in registers, one permute on the low
 //                  kLutBits bits (vpermps: 3; vpermt2ps: 5) and a blend tree on the bits above;
 //                  GatherLut (larger B): vgatherdps from the codebook; ByteLut<B> (B = 7, 8 on
-//                  AVX-512 VBMI): 64 codes at once, looked up in byte planes (vpermi2b): two,
-//                  widened by vcvtph2ps, when every level is a float16 value, else four
+//                  AVX-512 VBMI): 64 codes at once, looked up in four byte planes (vpermi2b)
 //   DenseSrc       a dense row: codes at kLanes B bits per step
 //   SparseSrc      a row with a bitmap, its kept codes read first as one run (the decode
 //                  follows the kept codes): ByteSparseSrc (B <= 5 on AVX-512 VBMI2) spreads the
@@ -285,62 +284,36 @@ struct ByteCodes {
   }
 };
 
-// 7- and 8-bit codes, 64 per call: the codebook as byte planes, each looked up for 64 codes by
-// one vpermi2b per 128 entries, the planes then interleaved into 64 levels. Per 16 codes this
-// costs about 4 shuffles, where RegLut<8> takes 8 vpermt2ps and 7 blends. A codebook whose levels
-// are all float16 values (pack_weight's default codebook dtype) needs two planes, the float16 bits,
-// widened by vcvtph2ps (exact): half the lookups and a quarter of the interleaving.
+// 7- and 8-bit codes, 64 per call: the codebook as four byte planes (byte q of every level), each
+// looked up for 64 codes by one vpermi2b per 128 entries, the planes then interleaved into 64
+// levels. Per 16 codes this costs about 4 shuffles, where RegLut<8> takes 8 vpermt2ps and 7 blends.
 template <int B>
 constexpr bool kByteLut = B >= 7;
 
 template <int B>
 struct ByteLut {
   static constexpr int kHalves = 1 << (B - 7);
-  bool half = true;                 // every level is a float16 value: planes 0, 1 hold its bits
   __m512i plane[4][2 * kHalves];
   explicit ByteLut(const float* codebook) {
-    alignas(64) uint16_t h[256];
-    for (int k = 0; k < 128 * kHalves; k += 16) {
-      const __m512 v = _mm512_loadu_ps(codebook + k);
-      const __m256i bits = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm256_store_si256((__m256i*)(h + k), bits);
-      half = half && _mm512_cmp_ps_mask(_mm512_cvtph_ps(bits), v, _CMP_EQ_OQ) == 0xffff;
-    }
     alignas(64) uint8_t bytes[4][256];
     for (int k = 0; k < 128 * kHalves; ++k) {
-      uint32_t v = h[k];
-      if (!half) std::memcpy(&v, codebook + k, 4);
+      uint32_t v;
+      std::memcpy(&v, codebook + k, 4);
       for (int q = 0; q < 4; ++q) bytes[q][k] = uint8_t(v >> (8 * q));
     }
     for (int q = 0; q < 4; ++q)
-      for (int j = 0; j < 2 * kHalves; ++j) plane[q][j] = _mm512_load_si512(bytes[q] + 64 * j);
-  }
-  // Byte t of every level of code byte t of v (t < 64), plane q.
-  __m512i look_up(int q, __m512i v, __mmask64 high) const {
-    const __m512i b = _mm512_permutex2var_epi8(plane[q][0], v, plane[q][1]);
-    if constexpr (B == 8) return _mm512_mask_blend_epi8(high, b, _mm512_permutex2var_epi8(plane[q][2], v, plane[q][3]));
-    else return b;
+      for (int h = 0; h < 2 * kHalves; ++h) plane[q][h] = _mm512_load_si512(bytes[q] + 64 * h);
   }
   // levels[t] = level of code byte t of `codes` (t < 64).
   void operator()(__m512i codes, float* levels) const {
-    if (half) {
-      // qwords of codes 0-7, 32-39, 8-15, 40-47, ...: the unpacks then give float16 levels
-      // 0-15 | 16-31 in the low words' halves, 32-47 | 48-63 in the high words'
-      const __m512i v = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7), codes);
-      const __mmask64 high = _mm512_movepi8_mask(v);  // bit 7 (B = 8): the upper 128 entries
-      const __m512i b0 = look_up(0, v, high), b1 = look_up(1, v, high);
-      const __m512i lo = _mm512_unpacklo_epi8(b0, b1), hi = _mm512_unpackhi_epi8(b0, b1);
-      _mm512_storeu_ps(levels, _mm512_cvtph_ps(_mm512_castsi512_si256(lo)));
-      _mm512_storeu_ps(levels + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(lo, 1)));
-      _mm512_storeu_ps(levels + 32, _mm512_cvtph_ps(_mm512_castsi512_si256(hi)));
-      _mm512_storeu_ps(levels + 48, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(hi, 1)));
-      return;
-    }
     // dword 4L + k takes codes 16k + 4L .. + 3: the unpacks below then give levels in column order
     const __m512i v = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), codes);
-    const __mmask64 high = _mm512_movepi8_mask(v);
+    const __mmask64 high = _mm512_movepi8_mask(v);  // bit 7 (B = 8): the upper 128 entries
     __m512i b[4];
-    for (int q = 0; q < 4; ++q) b[q] = look_up(q, v, high);
+    for (int q = 0; q < 4; ++q) {
+      b[q] = _mm512_permutex2var_epi8(plane[q][0], v, plane[q][1]);
+      if constexpr (B == 8) b[q] = _mm512_mask_blend_epi8(high, b[q], _mm512_permutex2var_epi8(plane[q][2], v, plane[q][3]));
+    }
     const __m512i lo01 = _mm512_unpacklo_epi8(b[0], b[1]), hi01 = _mm512_unpackhi_epi8(b[0], b[1]);
     const __m512i lo23 = _mm512_unpacklo_epi8(b[2], b[3]), hi23 = _mm512_unpackhi_epi8(b[2], b[3]);
     _mm512_storeu_si512(levels, _mm512_unpacklo_epi16(lo01, lo23));
