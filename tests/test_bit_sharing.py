@@ -620,3 +620,59 @@ def test_kernel_ops_check_zero_point_in_cpp(backend):
         fwd(x, clip, thr, [2, 4, 8], False, None, torch.tensor(0.5, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="zero_point must have shape"):
         fwd(x, clip, thr, [2, 4, 8], False, None, torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("grid", ["signed", "unsigned", "asymmetric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "channels_last"])
+def test_fixed_quant_is_the_op_at_one_bitwidth(kernel_backend, grid, dtype, layout):
+    """fixed_quant on a grid checked once gives bit_sharing_quant's output bit for bit (and its
+    gradient to x), on every backend, in x's layout."""
+    from mixedprec.backends.reference.quant import zero_point
+    from mixedprec.ops.bit_sharing_quant import fixed_grid, fixed_quant
+    backend, device = kernel_backend
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(2, 3, 5, 8, generator=g) * 2).to(dtype)
+    x = {"contiguous": x, "strided": x[:, :, :, ::2],
+         "channels_last": x.contiguous(memory_format=torch.channels_last)}[layout].to(device)
+    if grid == "unsigned":
+        x = x.relu()
+    clip, offset = torch.tensor(1.7, device=device), torch.tensor(0.3, device=device)
+    signed = grid == "signed"
+    for bits in (1, 3, 8):
+        options = {"offset": offset} if grid == "asymmetric" else {}
+        z0 = zero_point(offset, bits, torch.float32) if grid == "asymmetric" else None
+        fixed = fixed_grid(clip, bits, signed, z0)
+        want = ops.bit_sharing_quant(x, clip, clip.new_empty(0), (bits,), signed, backend=backend, **options).output
+        with torch.no_grad():
+            y = fixed_quant(x, fixed, backend=backend)
+        assert torch.equal(y, want) and y.dtype == dtype and y.stride() == want.stride()
+        tracked = x.detach().requires_grad_()
+        fixed_quant(tracked, fixed, backend=backend).sum().backward()
+        reference_x = x.detach().requires_grad_()
+        ops.bit_sharing_quant(reference_x, clip, clip.new_empty(0), (bits,), signed, backend=backend,
+                              **options).output.sum().backward()
+        assert torch.equal(tracked.grad, reference_x.grad)
+
+
+def test_fixed_grid_and_fixed_quant_check_their_arguments():
+    from mixedprec.ops.bit_sharing_quant import fixed_grid, fixed_quant
+    clip = torch.tensor(1.0)
+    for args, message in [((float("nan"), 4, True), "clip must be finite"), ((0.0, 4, True), "clip must be finite"),
+                          ((1.0, 0, True), "bits"), ((1.0, 4, 1), "signed must be a bool")]:
+        with pytest.raises(ValueError, match=message):
+            fixed_grid(torch.tensor(args[0]), *args[1:])
+    with pytest.raises(ValueError, match="clip must be a 0-dim tensor"):
+        fixed_grid(torch.ones(1), 4, True)
+    with pytest.raises(ValueError, match="zero_point must be finite"):
+        fixed_grid(clip, 4, False, torch.tensor(float("inf")))
+    with pytest.raises(ValueError, match="zero_point must be a 0-dim tensor of an unsigned grid"):
+        fixed_grid(clip, 4, True, torch.tensor(0.25))
+    grid = fixed_grid(clip.requires_grad_(), 4, True)
+    assert not grid.clip.requires_grad and grid.clip.dtype == torch.float32
+    with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16"):
+        fixed_quant(torch.ones(3, dtype=torch.float64), grid)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        fixed_quant(torch.ones(3, dtype=torch.int32), grid)
+    with pytest.raises(ValueError, match="x is on meta but the grid is on cpu"):
+        fixed_quant(torch.ones(3, device="meta"), grid)

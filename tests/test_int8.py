@@ -22,9 +22,11 @@ pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 con
 
 @pytest.fixture(autouse=True)
 def small_layers_too(monkeypatch):
-    """The tests' small layers take the int8 path (below MIN_MACS or MIN_CHANNELS a call takes the
-    float path)."""
+    """The tests' small layers take the int8 path (below MIN_MACS, WINOGRAD_MIN_MACS,
+    MIN_GEMM_MACS or MIN_CHANNELS a call takes the float path)."""
     monkeypatch.setattr(int8, "MIN_MACS", 0)
+    monkeypatch.setattr(int8, "WINOGRAD_MIN_MACS", 0)
+    monkeypatch.setattr(int8, "MIN_GEMM_MACS", 0)
     monkeypatch.setattr(int8, "MIN_CHANNELS", 1)
 
 GRIDS = ("unsigned", "signed", "asymmetric")
@@ -383,22 +385,32 @@ def test_int8_epilogue(channels_last):
 
 
 def test_calls_below_min_macs_take_the_float_path(monkeypatch):
-    """Calls through oneDNN below MIN_MACS; small GEMMs take the int8 path at any size."""
+    """Calls through oneDNN below MIN_MACS (3x3 stride-1 ones below WINOGRAD_MIN_MACS), small
+    GEMMs below MIN_GEMM_MACS."""
     monkeypatch.setattr(int8, "MIN_MACS", 1 << 21)
+    monkeypatch.setattr(int8, "WINOGRAD_MIN_MACS", 1 << 22)
+    monkeypatch.setattr(int8, "MIN_GEMM_MACS", 1 << 16)
     x = sample((1, 64, 4, 4), "unsigned", 8)
-    layer = sbs_layer((128, 64, 3, 3), 4, quantizer(8, "unsigned", x), padding=1)  # 1.2M multiply-adds
+    quant = quantizer(8, "unsigned", x)
+    strided = sbs_layer((128, 64, 3, 3), 4, quant, stride=2, padding=1)  # 4 output pixels: 0.29M a map
+    dilated = sbs_layer((128, 64, 3, 3), 4, quant, padding=2, dilation=2)  # 1.2M a map: not Winograd's
+    layer = sbs_layer((128, 64, 3, 3), 4, quant, padding=1)  # 1.2M multiply-adds a map
+    pointwise = sbs_layer((128, 64, 1, 1), 4, quant)  # 131k a map
+    linear = sbs_layer((256, 4096), 4, quant)  # 1M a row
     with torch.no_grad():
-        assert int8_conv2d(layer, x) is None
-        assert int8_conv2d(layer, x.expand(2, -1, -1, -1).contiguous()) is not None  # 2.4M
-        strided = sbs_layer((128, 64, 3, 3), 4, layer.input_quant, stride=2, padding=1)
-        assert int8_conv2d(strided, x.expand(2, -1, -1, -1).contiguous()) is None  # a quarter of the pixels
-        assert int8_linear(sbs_layer((256, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is not None  # 1M
-        pointwise = sbs_layer((128, 64, 1, 1), 4, layer.input_quant)
-        assert int8_conv2d(pointwise, x) is not None  # 131k
+        assert int8_conv2d(strided, x.expand(7, -1, -1, -1).contiguous()) is None  # 2.06M
+        assert int8_conv2d(strided, x.expand(8, -1, -1, -1).contiguous()) is not None  # 2.36M
+        assert int8_conv2d(dilated, x.expand(2, -1, -1, -1).contiguous()) is not None  # 2.4M
+        assert int8_conv2d(layer, x.expand(2, -1, -1, -1).contiguous()) is None  # 2.4M
+        assert int8_conv2d(layer, x.expand(4, -1, -1, -1).contiguous()) is not None  # 4.7M
+        assert int8_conv2d(pointwise, x) is not None
+        assert int8_conv2d(pointwise, x[:, :, :2, :2]) is None  # 32k
+        assert int8_linear(linear, torch.rand(1, 4096)) is not None
+        assert int8_linear(sbs_layer((256, 128), 4, quant), torch.rand(1, 128)) is None  # 32k
         monkeypatch.setattr(int8, "GEMM_MACS", 0)  # through oneDNN
         assert int8_conv2d(pointwise, x) is None
-        assert int8_linear(sbs_layer((256, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is None
-        assert int8_linear(sbs_layer((512, 4096), 4, layer.input_quant), torch.rand(1, 4096)) is not None  # 2.1M
+        assert int8_linear(linear, torch.rand(1, 4096)) is None
+        assert int8_linear(sbs_layer((512, 4096), 4, quant), torch.rand(1, 4096)) is not None  # 2.1M
 
 
 def test_channels_last_rgb_stems_take_the_float_path(monkeypatch):

@@ -148,3 +148,61 @@ def test_state_dicts_float_to_sbs_and_sbs_to_sbs():
     partial = {k: v for k, v in sbs.state_dict().items() if k != "2.w_quant.clip"}
     with pytest.raises(RuntimeError, match="2.w_quant.clip"):  # a partial SBS state is still an error
         other.load_state_dict(partial)
+
+
+@pytest.mark.parametrize("negative_grid", ["signed", "asymmetric"])
+def test_inference_checks_the_grid_once_and_follows_every_change(monkeypatch, negative_grid, tmp_path):
+    """Under no_grad a fixed (or eval-mode) quantizer rounds on a grid checked once: no host read
+    of clip per call, the op's output bit for bit, and a new grid after any change of bits, sign,
+    clip or offset (written in place, replaced, cast)."""
+    import copy
+    import mixedprec
+    from mixedprec.formats import pack_weight
+    from mixedprec.nn import PackedLinear
+    from mixedprec.ops import checks
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 33, generator=g)
+    q = BitSharingQuantizer((2, 4, 8), signed=None, clip_init=None, negative_grid=negative_grid)
+    q(x)  # the first batch: sign (and offset), clip
+    q.eval()
+    reads = []
+    monkeypatch.setattr(checks, "clip", lambda op, value: reads.append(op))
+
+    def expected(x=x):  # the quantizer's forward with autograd
+        options = {"offset": mixedprec.backends.reference.quant.zero_point(q.offset, 2, torch.promote_types(
+            x.dtype, torch.float32))} if q.asymmetric else {}
+        return ops.bit_sharing_quant(x, q.clip, q.thresholds[:0], (q.current_bits(),), q.signed, **options).output
+
+    def check(read: bool):
+        want = expected()
+        reads.clear()
+        with torch.no_grad():
+            assert torch.equal(q(x), want)
+        assert reads == (["fixed_grid"] if read else []), reads
+
+    check(True)
+    check(False)
+    with torch.no_grad():
+        q.clip.mul_(0.5)
+    check(True)
+    q.fix(4)
+    check(True)
+    q.clip = nn.Parameter(torch.tensor(0.8))
+    check(True)
+    if q.asymmetric:
+        with torch.no_grad():
+            q.offset.fill_(0.6)
+        check(True)
+    assert copy.deepcopy(q).__dict__.get("_fixed_grid") is None
+    q.double()  # the parameters' storage swapped: float64 x takes the op (its grid in float64)
+    check(True)
+    want = expected(x.double())
+    with torch.no_grad():
+        assert torch.equal(q(x.double()), want)
+    q.float()
+    layer = PackedLinear(pack_weight(torch.randint(0, 4, (5, 33), generator=g), torch.linspace(-1, 1, 4),
+                                     torch.ones(5), 2), None, q).eval()
+    with torch.no_grad():
+        y = layer(x)
+        mixedprec.save(layer, tmp_path / "layer.safetensors")  # the cached grid is not saved
+        assert torch.equal(mixedprec.load(tmp_path / "layer.safetensors")(x), y)

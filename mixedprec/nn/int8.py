@@ -23,7 +23,8 @@ convolution. A NaN input gives a NaN sum there, which reaches exactly the output
 path's NaN reaches.
 
 It applies to dense (no bitmap), single-group layers, calls of at least ``MIN_MACS``
-multiply-adds (channels-last ones over at least ``MIN_CHANNELS`` input channels; any small GEMM),
+multiply-adds (3x3 stride-1 ones: ``WINOGRAD_MIN_MACS``; channels-last ones over at least
+``MIN_CHANNELS`` input channels; small GEMMs: ``MIN_GEMM_MACS``),
 under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs and no backend
 chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
 that backend), on CPUs with VNNI (elsewhere u8 x s8 products can saturate in int16); every other
@@ -72,12 +73,17 @@ _AVAILABLE = int8_available()
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # A call through oneDNN costs ~80 us more than the float path's before its arithmetic (the codes,
-# oneDNN's call, the offset term): at batch 1 on this 2-core Zen 4, layers of 1.2M and 3.6M
-# multiply-adds took as long either way (0.09, 0.11 ms), 5.6M and larger ran 1.3-4x faster as
-# int8. Below this such calls take the float path. Small GEMMs (below) cost less: at 0.07-1.8M
-# multiply-adds they took 0.05-0.07 ms against the float path's 0.05-0.16 (a GEMV of 512 x 512
-# 0.054 against 0.045), so they take the int8 path at any size.
-MIN_MACS = 1 << 21
+# oneDNN's call, the offset term), and its code leaves the caches cold for the layers after it
+# (the BatchNorm after it took 21 us instead of 10). Timed in a chain (a float conv, BatchNorm,
+# ReLU, then the SBS layer, BatchNorm, ReLU; 2-core Zen 4, batch 1 unless named), 3x3 stride-2
+# layers of 2.4M multiply-adds ran 1.05x slower as int8, 7.2M and 9.4M 0.89-0.91x faster. Below
+# MIN_MACS such calls take the float path.
+MIN_MACS = 1 << 22
+# 3x3 stride-1 layers, whose float path is lut_conv2d's Winograd F(2x2, 3x3), ran 1.03-1.26x
+# slower as int8 from 2.4M up to 18.9M multiply-adds (16 to 128 channels, batch 1 to 8: every
+# 3x3 layer of a CIFAR ResNet at batch 1 and 8), even at 37.7M (64 channels at 32x32: 1.00x), and
+# 0.86-0.89x faster from 28.9M (128 channels at 14x14) and 116M (64 at 56x56, 128 at 28x28).
+WINOGRAD_MIN_MACS = 1 << 25
 # oneDNN's int8 convolution over an RGB stem (3 input channels) in channels-last ran at 0.25-0.9x
 # the float path (MobileNetV2's 3x3 stride-2 stem 0.96 against 0.35 ms at batch 1, ResNet-18's 7x7
 # 1.55 against 1.38): channels-last convolutions over fewer input channels than this take the
@@ -92,6 +98,11 @@ MIN_CHANNELS = 4
 # (blocked) weight and fused output then win (2-core Zen 4; ms in docs/kernels.md).
 GEMM_MACS = 1 << 26
 GEMM_OUTPUTS = 1 << 20
+# Smaller GEMMs take the float path: timed after a float nn.Linear at batch 1, int8 ran at
+# 0.96-1.01x from 128 x 10 to 1024 x 1024 (8 rows of 256 x 256: 0.93x), and in the demo's SBS
+# model its 128 -> 10 classifier took 54 us as int8 against 39 us (and its first layer 8-12 us
+# more) once the float path's quantizer stopped checking its grid on every call.
+MIN_GEMM_MACS = 1 << 16
 # Sums of k - 128 times c - m (and the offset term) stay in int32 up to this depth: 255 * 128 each.
 MAX_DEPTH = (2**31 - 1) // (255 * 128)
 
@@ -143,6 +154,9 @@ class Int8Weight:
             self.geometry = [conv_pair("PackedConv2d", name, getattr(layer, name), minimum)
                              for name, minimum in (("stride", 1), ("padding", 0), ("dilation", 1))]
             self.pointwise = tuple(layer.kernel_size) == (1, 1) and not any(self.geometry[1])
+        # the float path's geometry for Winograd F(2x2, 3x3) (lut_conv2d's CPU kernel; see WINOGRAD_MIN_MACS)
+        self.winograd = (self.conv and tuple(layer.kernel_size) == (3, 3) and self.geometry[0] == [1, 1]
+                         and self.geometry[2] == [1, 1] and 8 <= packed.shape[1] <= 2048 and packed.shape[0] >= 8)
         # c - m as (C, K) s8 rows: the small GEMMs' weight (x W^T through this view for one row)
         self.rows = None
         if self.pointwise:
@@ -231,8 +245,10 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     if dims == 4:  # per input pixel and tap, over the stride's share of the pixels
         macs = macs * math.prod(weight_shape[2:]) // math.prod(cache.geometry[0])
     gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:])
+    if gemm and macs < MIN_GEMM_MACS:
+        return None
     few_channels = weight_shape[1] < MIN_CHANNELS and not x.is_contiguous()  # channels-last (see MIN_CHANNELS)
-    if not gemm and (macs < MIN_MACS or few_channels):
+    if not gemm and (macs < (WINOGRAD_MIN_MACS if cache.winograd else MIN_MACS) or few_channels):
         return None
     grid = fixed_grid()  # after the size checks: it costs a few microseconds, a small layer's call
     if grid is None:

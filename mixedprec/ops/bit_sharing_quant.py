@@ -12,7 +12,7 @@ from torch import Tensor
 from mixedprec.backends import reference
 from mixedprec.backends.reference.quant import compute_dtype, zero_point as offset_zero_point
 from mixedprec.ops import checks
-from mixedprec.ops.backend import Backend, kernel, kernels_built, resolve
+from mixedprec.ops.backend import KERNEL_DTYPES, Backend, kernel, kernels_built, resolve
 from mixedprec.ops.library import (cast, custom_op, define, dense, empty_as, memory_format, register_autograd,
                                    through_autograd)
 
@@ -108,6 +108,65 @@ def bit_sharing_quant(
     # tensor ops fewer on every call of a fixed quantizer, a packed SBS layer's input)
     gates = (residual_mean > thresholds).float() if len(bits) > 1 else residual_mean
     return BitSharingResult(y, residual_mean, gates)
+
+
+class FixedGrid(NamedTuple):
+    """One bitwidth's grid with its parameters checked once (``fixed_grid``): what a quantizer
+    fixed at one bitwidth rounds to (``fixed_quant``; the int8 path's codes, nn/int8.py). In
+    float32, the dtype every backend computes float32, float16 and bfloat16 inputs in."""
+    bits: int
+    signed: bool
+    clip: Tensor               # 0-dim float32, detached
+    zero_point: Tensor | None  # the asymmetric grid's z0 (0-dim float32, detached), else None
+    thresholds: Tensor         # empty float32: one bitwidth has no gates
+
+
+def fixed_grid(clip: Tensor, bits: int, signed: bool, zero_point: Tensor | None = None) -> FixedGrid:
+    """The grid ``bit_sharing_quant(x, clip, thresholds[:0], (bits,), signed, offset=o)`` rounds
+    to, its values checked here once (clip finite and > 0, z0 finite: a host read each) rather
+    than on every call. zero_point: the asymmetric grid's z0 (``reference.quant.zero_point`` of
+    the offset, in float32), or None. The tensors are detached: ``fixed_quant`` passes no
+    gradient to them."""
+    op = "fixed_grid"
+    checks.tensor(op, "clip", clip)
+    if clip.dim() != 0:
+        raise ValueError(f"{op}: clip must be a 0-dim tensor, got shape {tuple(clip.shape)}")
+    checks.bits(op, (bits,))
+    if not isinstance(signed, bool):
+        raise ValueError(f"{op}: signed must be a bool, got {signed!r}")
+    # normal tensors even under inference_mode, as the op's arguments are in every mode
+    with torch.inference_mode(False):
+        clip = clip.detach().float()
+        checks.clip(op, clip)
+        if zero_point is not None:
+            checks.tensor(op, "zero_point", zero_point, clip.device)
+            if zero_point.dim() != 0 or signed:
+                raise ValueError(f"{op}: zero_point must be a 0-dim tensor of an unsigned grid, got shape "
+                                 f"{tuple(zero_point.shape)}, signed={signed}")
+            zero_point = zero_point.detach().float()
+            checks.finite(op, "zero_point", zero_point)
+        return FixedGrid(bits, signed, clip, zero_point, clip.new_empty(0))
+
+
+def fixed_quant(x: Tensor, grid: FixedGrid, *, backend: str | Backend | None = None) -> Tensor:
+    """``bit_sharing_quant(...).output`` at one bitwidth on a grid checked once (``fixed_grid``):
+    the call of a quantizer fixed at one bitwidth at inference, without the per-call checks of
+    the grid's values (a host read: a device sync per call on CUDA) and without the gates. x:
+    float32, float16 or bfloat16 on the grid's device. A gradient reaches x (straight through, as
+    the op's), none the grid's parameters."""
+    checks.tensor(OP, "x", x)
+    if x.device != grid.clip.device:
+        raise ValueError(f"fixed_quant: x is on {x.device} but the grid is on {grid.clip.device}")
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"fixed_quant: x must be float32, float16 or bfloat16 (the grid is float32), got {x.dtype}")
+    backend = resolve(OP, backend, x, KERNELS_BUILT)
+    if backend is Backend.REFERENCE:
+        return reference.bit_sharing_quant(x, grid.clip, grid.thresholds, (grid.bits,), grid.signed,
+                                           zero_point=grid.zero_point)[0]
+    args = (x, grid.clip, grid.thresholds, [grid.bits], grid.signed, None, grid.zero_point)
+    if through_autograd(x):
+        return custom_op(backend, OP)(*args)[0]
+    return kernel(backend, OP, "forward")(dense(x), *args[1:])[0]  # the grid's values are checked
 
 
 def _reduced_residual_mean(x: Tensor, clip: Tensor, zero_point: Tensor | None, bits: tuple[int, ...], signed: bool,

@@ -15,12 +15,14 @@ is decided from the whole batch over every process, so every process decides the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from mixedprec import ops
+from mixedprec.ops.backend import KERNEL_DTYPES
+from mixedprec.ops.bit_sharing_quant import FixedGrid, fixed_quant, fixed_grid as checked_grid
 from mixedprec.metrics.compression import FLOAT_BITS
 from mixedprec.backends.reference.quant import ste_gate, zero_point
 
@@ -46,14 +48,6 @@ def check_act_grid(grid: str, enabled: bool = True) -> None:
     del enabled
     if grid not in ACT_GRIDS:
         raise ValueError(f"act_grid must be one of {ACT_GRIDS}, got {grid!r}")
-
-
-class FixedGrid(NamedTuple):
-    """The grid a quantizer rounds to at one bitwidth (``BitSharingQuantizer.fixed_grid``)."""
-    bits: int
-    signed: bool
-    clip: Tensor              # 0-dim float32, detached
-    zero_point: Tensor | None  # the asymmetric grid's z0 (0-dim float32), else None
 
 
 class BatchStatistics(Protocol):
@@ -117,6 +111,7 @@ class BitSharingQuantizer(nn.Module):
     # modules are rebuilt without running __init__, nn/module_tree.py).
     negative_grid = "signed"
     asymmetric = False
+    DERIVED_ATTRIBUTES = ("_fixed_grid",)  # a cache of fixed_grid(), never saved (nn/module_tree.py)
 
     def __init__(self, bits: Sequence[int] = (2, 4, 8), signed: bool | None = True,
                  clip_init: float | None = 1.0, enabled: bool = True, negative_grid: str = "signed"):
@@ -154,6 +149,10 @@ class BitSharingQuantizer(nn.Module):
             return x
         if not self.clip_ready:
             self._init_from(x)
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()) and x.dtype in KERNEL_DTYPES:
+            grid = self.fixed_grid()  # inference at one bitwidth: the grid checked once (fixed_quant)
+            if grid is not None:
+                return fixed_quant(x, grid)
         signed = bool(self.signed)
         options = {}  # the backend: ops.use_backend's choice, else the fastest available
         if self.asymmetric:
@@ -201,8 +200,14 @@ class BitSharingQuantizer(nn.Module):
         mode) with its sign and clip value decided; else None (disabled, searching in training)."""
         if not self.enabled or not self.clip_ready or self.signed is None or (self.searching and self.training):
             return None
-        z0 = zero_point(self.offset.detach(), self.bits[0], torch.float32) if self.asymmetric else None
-        return FixedGrid(self.current_bits(), bool(self.signed), self.clip.detach().float(), z0)
+        # made again when the bitwidth, the sign or a parameter changes (replaced, moved, written)
+        clip, offset = self.clip, self.offset if self.asymmetric else None
+        key = (self.current_bits(), bool(self.signed), _identity(clip), _identity(offset))
+        cached = self.__dict__.get("_fixed_grid")
+        if cached is None or cached[0] != key:
+            z0 = None if offset is None else zero_point(offset.detach(), self.bits[0], torch.float32)
+            cached = self.__dict__["_fixed_grid"] = (key, checked_grid(clip, key[0], key[1], z0))
+        return cached[1]
 
     def effective_bits(self, differentiable: bool) -> Tensor | int:
         """b_1 + sum_j (g_2 ... g_j)(b_j - b_{j-1}): the bitwidth written through the gates.
@@ -246,12 +251,17 @@ class BitSharingQuantizer(nn.Module):
         load_optional_state(super()._load_from_state_dict, state_dict, prefix, *args)
 
     def __getstate__(self):  # the gates hold this step's graph, the statistics a process group
-        return {**self.__dict__, "gates": None, "batch_statistics": None}
+        return {**self.__dict__, "gates": None, "batch_statistics": None, "_fixed_grid": None}
 
     def extra_repr(self) -> str:
         mode = "disabled" if not self.enabled else (
             f"fixed={self.fixed_bits}" if self.fixed_bits is not None else f"bits={self.bits}")
         return f"{mode}, signed={self.signed}" + (", asymmetric" if self.asymmetric else "")
+
+
+def _identity(t: Tensor | None) -> tuple[int, int, int] | None:
+    """Which tensor, which write of it, which storage (a move swaps ``.data`` in place)."""
+    return None if t is None else (id(t), t._version, t.data_ptr())
 
 
 def load_optional_state(load, state_dict, prefix, local_metadata, strict, missing_keys,
