@@ -58,7 +58,8 @@ def results_table(results: Sequence[MethodResult], baseline: MethodResult) -> st
                      "-" if report is None else f"{report.real_rate:.2f}x",
                      "-" if report is None else f"{report.paper_rate:.2f}x",
                      "-" if r.latency_ms is None else f"{r.latency_ms:.2f}", f"{r.seconds:.1f}"))
-    legend = ("b1 ms: median latency of one forward at batch 1 (the deployed model as reloaded); "
+    legend = ("b1 ms: median latency of one forward at batch 1 (the deployed models as reloaded, timed in "
+              "alternation); "
               "BOPs count: dense = kept channels x weight bits x activation bits (SBS, float); "
               + "; ".join(f"{flag} = {text}" for flag, text in BOPS_FLAGS.items()) + " (OPQ)")
     return format_table(header, rows) + "\n" + legend

@@ -102,3 +102,25 @@ def test_without_a_float_twin_the_report_says_why_in_one_line(packed):
     assert timed["float_ms"] is None and "normalized_shape" in timed["float_unavailable"]
     line = latency_line(timed)
     assert "float model not timed" in line and "\n" not in line
+
+
+def test_models_are_timed_in_rounds_each_in_its_own_mode_and_flag_restored():
+    """models_latency calls the models in turn, one call each per round (warm-up too), with the
+    same example, and restores each model's training flag."""
+    calls = []
+
+    class Named(Probe):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return super().forward(x)
+
+    models = [Named("a").train(), Named("b").eval()]
+    timed = mixedprec.metrics.models_latency(models, (4,), batch=2, repeats=3, warmup=1)
+    assert [t.runs for t in timed] == [3, 3] and all(t.median_ms > 0 for t in timed)
+    assert calls == ["a", "b"] * 4
+    assert all(m.seen == [(False, True, 2)] * 4 for m in models)
+    assert [m.training for m in models] == [True, False]

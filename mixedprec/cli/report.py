@@ -10,7 +10,7 @@ from mixedprec.cli.common import UsageError, resolve_device
 from mixedprec.cli.inputs import parse_model_args
 from mixedprec.nn import factory
 from mixedprec.cli.pipeline import RECORD_FORMAT, record_path
-from mixedprec.metrics.latency import model_latency
+from mixedprec.metrics.latency import models_latency
 from mixedprec.nn.float_twin import float_twin
 from mixedprec.reporting import Reference, model_report
 
@@ -82,14 +82,16 @@ def run(args: argparse.Namespace) -> dict:
 def latency(model, input_shape: tuple[int, ...], device) -> dict:
     """Batch-1 latency of ``model`` and of its float twin (``float_twin``: same architecture,
     plain conv/linear layers at the original widths, random weights), or why there is no twin."""
-    timed = model_latency(model, input_shape, budget_s=LATENCY_BUDGET_S)
-    result = {"batch": 1, "device": str(device), "model_ms": timed.median_ms, "model_runs": timed.runs}
     try:
-        twin = float_twin(model)
+        models, missing = [model, float_twin(model)], None
     except ValueError as exc:
-        return {**result, "float_ms": None, "float_unavailable": str(exc)}
-    base = model_latency(twin, input_shape, budget_s=LATENCY_BUDGET_S)
-    return {**result, "float_ms": base.median_ms, "float_runs": base.runs, "speedup": base.median_ms / timed.median_ms}
+        models, missing = [model], str(exc)
+    timed = models_latency(models, input_shape, budget_s=LATENCY_BUDGET_S)  # in alternation: their ratio holds
+    result = {"batch": 1, "device": str(device), "model_ms": timed[0].median_ms, "model_runs": timed[0].runs}
+    if missing is not None:
+        return {**result, "float_ms": None, "float_unavailable": missing}
+    base = timed[1]
+    return {**result, "float_ms": base.median_ms, "float_runs": base.runs, "speedup": base.median_ms / timed[0].median_ms}
 
 
 def latency_line(timed: dict) -> str:

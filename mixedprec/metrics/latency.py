@@ -3,9 +3,10 @@ time things. A model's latency is the median of repeated eval-mode, inference-mo
 warm-up, cut short by a time budget so that a large model does not run for minutes."""
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,18 +38,31 @@ def time_calls(fn: Callable[[], object], repeats: int = 20, warmup: int = 2, dev
                budget_s: float = float("inf")) -> Latency:
     """Median of up to ``repeats`` timed calls after ``warmup`` untimed ones. Once ``budget_s``
     seconds have gone (warm-up included) no further call starts; at least one call is timed."""
+    return time_rounds([fn], repeats, warmup, [device], budget_s)[0]
+
+
+def time_rounds(fns: Sequence[Callable[[], object]], repeats: int = 20, warmup: int = 2,
+                devices: Sequence[torch.device | str] | None = None, budget_s: float = float("inf")) -> list[Latency]:
+    """``time_calls`` of each of ``fns``, timed in rounds of one call of each in turn, so that a
+    slow phase of the machine (another process, a frequency change) falls on all of them alike
+    and the ratios between them hold (timed one after another, the demo's models moved 1.6x
+    between runs on a 2-core VM). ``budget_s`` is per function; ``devices``: each function's
+    (default: the CPU)."""
     if repeats < 1 or warmup < 0 or budget_s <= 0:
         raise ValueError(f"time_calls: need repeats >= 1, warmup >= 0 and budget_s > 0, got {repeats}, {warmup}, "
                          f"{budget_s}")
-    deadline = time.perf_counter() + budget_s
+    devices = ["cpu"] * len(fns) if devices is None else devices
+    deadline = time.perf_counter() + budget_s * len(fns)
     for _ in range(warmup):
         if time.perf_counter() >= deadline:
             break
-        fn()
-    samples = [elapsed_ms(fn, device)]
-    while len(samples) < repeats and time.perf_counter() < deadline:
-        samples.append(elapsed_ms(fn, device))
-    return Latency(statistics.median(samples), len(samples))
+        for fn in fns:
+            fn()
+    samples = [[elapsed_ms(fn, device)] for fn, device in zip(fns, devices)]
+    while len(samples[0]) < repeats and time.perf_counter() < deadline:
+        for timed, fn, device in zip(samples, fns, devices):
+            timed.append(elapsed_ms(fn, device))
+    return [Latency(statistics.median(timed), len(timed)) for timed in samples]
 
 
 def model_latency(model: nn.Module, example: Example, *, batch: int = 1, repeats: int = 20, warmup: int = 2,
@@ -57,15 +71,25 @@ def model_latency(model: nn.Module, example: Example, *, batch: int = 1, repeats
     example (C, H, W) stands for zeros of (batch, C, H, W); example tensors are repeated along
     their batch dim to ``batch``. Eval mode under torch.inference_mode; the model's training flag
     is restored afterwards."""
+    return models_latency([model], example, batch=batch, repeats=repeats, warmup=warmup, budget_s=budget_s)[0]
+
+
+def models_latency(models: Sequence[nn.Module], example: Example, *, batch: int = 1, repeats: int = 20,
+                   warmup: int = 2, budget_s: float = 2.0) -> list[Latency]:
+    """``model_latency`` of each of ``models`` on the same example, timed in rounds
+    (``time_rounds``): what a comparison of models (a packed model against its float one) needs.
+    ``budget_s`` is per model."""
     if batch < 1:
         raise ValueError(f"model_latency: batch must be >= 1, got {batch}")
-    tensors = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous()
-                    for t in as_tensors(example, model, "model_latency"))
-    device = tensors[0].device
-    was_training = model.training
-    model.eval()
+    inputs = [tuple(t[:1].expand(batch, *t.shape[1:]).contiguous()
+                    for t in as_tensors(example, model, "model_latency")) for model in models]
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
     try:
         with torch.inference_mode():
-            return time_calls(lambda: model(*tensors), repeats, warmup, device, budget_s)
+            return time_rounds([functools.partial(model, *tensors) for model, tensors in zip(models, inputs)],
+                               repeats, warmup, [tensors[0].device for tensors in inputs], budget_s)
     finally:
-        model.train(was_training)
+        for model, training in zip(models, was_training):
+            model.train(training)
