@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mixedprec import ops
 from mixedprec.formats import pack_weight
@@ -450,3 +451,29 @@ def test_strided_inputs_and_wrong_shapes():
         linear = sbs_layer((5, 16), 4, layer.input_quant)
         with pytest.raises(ValueError, match="in_features|16"):
             linear(torch.rand(3, 15))
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("grid", GRIDS)
+def test_padding_modes_pad_x_first_on_every_path(padding_mode, grid):
+    """A PackedConv2d with nn.Conv2d's other padding modes pads x as nn.Conv2d does, then convolves
+    without padding: the int8 path, the float path and every kernel backend give nn.Conv2d's y on
+    the quantizer's output and the decoded weight."""
+    from mixedprec.ops.backend import available_backends
+    x = sample((2, 16, 7, 9), grid, 17)
+    quant = quantizer(8, grid, x)
+    layer = sbs_layer((24, 16, 3, 5), 4, quant, stride=(2, 1), padding=(1, 3), dilation=(1, 2))
+    layer.padding_mode = padding_mode
+    plain = nn.Conv2d(16, 24, (3, 5), (2, 1), (1, 3), (1, 2), padding_mode=padding_mode).double()
+    with torch.no_grad():
+        plain.weight.copy_(layer.packed_weight().decode().double())
+        plain.bias.copy_(layer.bias.double())
+        want = plain(quant(x).double())
+        y = layer(x)  # the int8 path
+        assert int8_conv2d(layer, F.pad(x, (6, 6, 1, 1), mode=padding_mode)) is not None
+        assert y.shape == want.shape and (y.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        for backend in ("reference", *available_backends("cpu")):
+            layer.backend = backend  # a backend chosen: the float path on it
+            assert (layer(x).double() - want).abs().max() <= 1e-5 * want.abs().max(), backend
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        sbs_layer((24, 16, 3, 5), 4, quant).__class__(layer.packed_weight(), padding_mode="constant")

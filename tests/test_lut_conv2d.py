@@ -500,6 +500,29 @@ def test_packed_conv2d_module():
         PackedConv2d.from_float(torch.nn.Conv2d(6, 8, 5), packed)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_packed_conv2d_from_float_keeps_the_padding_mode(padding_mode):
+    """from_float takes nn.Conv2d's padding (numbers, "valid", symmetric "same") and padding mode:
+    y and grad_x as the float conv's with the decoded weight; "same" with one more on the right
+    is refused by name."""
+    packed = make_packed((8, 3, 3, 5), 4, 0.25)
+    x = torch.randn(2, 6, 7, 9)
+    for padding in ((1, 2), "same", "valid"):
+        conv = torch.nn.Conv2d(6, 8, (3, 5), padding=padding, groups=2, padding_mode=padding_mode).double()
+        layer = PackedConv2d.from_float(conv, packed)
+        assert layer.padding_mode == padding_mode and (padding_mode in repr(layer)) == (padding_mode != "zeros")
+        with torch.no_grad():
+            conv.weight.copy_(packed.decode().double())
+        x_layer, x_conv = x.clone().requires_grad_(), x.double().requires_grad_()
+        y, want = layer(x_layer), conv(x_conv)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+        y.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(x_layer.grad.double(), x_conv.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pads one side more than the other"):
+        PackedConv2d.from_float(torch.nn.Conv2d(6, 8, (3, 4), padding="same", groups=2), packed)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 

@@ -238,18 +238,20 @@ class _Scaled(nn.Linear):
 
 
 class Awkward(nn.Module):
-    """A Conv1d, a Linear subclass, attention with add_bias_kv and a reflect-padded conv."""
+    """A Conv1d, a Linear subclass, attention with add_bias_kv, a conv padded "same" with one more
+    on the right (not packed) and a reflect-padded conv (packed)."""
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.conv = nn.Conv2d(3, 8, 4, padding="same")
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
         self.seq = nn.Conv1d(8, 8, 3, padding=1)
         self.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
         self.scaled = _Scaled(8, 8)
         self.head = nn.Linear(8, 10)
 
     def forward(self, x):
-        x = self.seq(self.conv(x).flatten(2)).transpose(1, 2)
+        x = self.seq(self.reflect(self.conv(x)).flatten(2)).transpose(1, 2)
         return self.head(self.scaled(self.attn(x, x, x, need_weights=False)[0]).mean(1))
 
 
@@ -266,10 +268,11 @@ def test_layers_that_cannot_be_handled_stay_float_named_in_warnings(method, tmp_
         packed = mixedprec.pack(net.eval())
     text = " ".join(str(w.message) for w in caught)
     for name in ("seq (Conv1d)", "scaled (_Scaled)", "['attn']", "attn.out_proj (NonDynamicallyQuantizableLinear)",
-                 "conv (padding=(1, 1), padding_mode='reflect')"):  # the last: compressed, but not packed
+                 "conv (padding='same', dilation=(1, 1), kernel_size=(4, 4))"):  # the last: compressed, not packed
         assert name in text, text
     forms = {r.name: r.form for r in model_report(packed, (3, 6, 6)).layers}
-    assert forms["seq"] == forms["scaled"] == forms["attn.out_proj"] == "float" and forms["head"] == "packed"
+    assert forms["seq"] == forms["scaled"] == forms["attn.out_proj"] == "float"
+    assert forms["head"] == forms["reflect"] == "packed" and packed.reflect.padding_mode == "reflect"
     assert forms["conv"] == method
     mixedprec.save(packed, tmp_path / "awkward.safetensors")
     with warnings.catch_warnings():

@@ -151,8 +151,10 @@ class Int8Weight:
         self.pointwise = True  # a GEMM: a linear layer, or a 1x1 convolution without padding
         if self.conv:
             self.window = torch.ones(1, 1, *layer.kernel_size)
-            self.geometry = [conv_pair("PackedConv2d", name, getattr(layer, name), minimum)
-                             for name, minimum in (("stride", 1), ("padding", 0), ("dilation", 1))]
+            # the padding the convolution applies (a padding_mode other than zeros padded x already)
+            self.geometry = [conv_pair("PackedConv2d", name, value, minimum) for name, value, minimum in
+                             (("stride", layer.stride, 1), ("padding", layer.conv_padding, 0),
+                              ("dilation", layer.dilation, 1))]
             self.pointwise = tuple(layer.kernel_size) == (1, 1) and not any(self.geometry[1])
         # the float path's geometry for Winograd F(2x2, 3x3) (lut_conv2d's CPU kernel; see WINOGRAD_MIN_MACS)
         self.winograd = (self.conv and tuple(layer.kernel_size) == (3, 3) and self.geometry[0] == [1, 1]

@@ -4,8 +4,7 @@ Each method registers a packer for its layer classes (``register_packer``; mixed
 mixedprec/opq/packing.py): it gives the layer's PackedWeight and the activation quantizer the
 packed layer applies first, or None to leave the layer as it is (a float layer).
 Plain float layers are left as they are. A layer the packed kernels cannot run (a conv with
-non-zero padding modes, or "same" padding that is not symmetric) stays as it was finetuned, named
-in one warning. A layer narrowed by ``sbs.export`` keeps its original widths (``pruned_from``), so
+"same" padding that is not symmetric) stays as it was finetuned, named in one warning. A layer narrowed by ``sbs.export`` keeps its original widths (``pruned_from``), so
 that its file loads into a freshly built model.
 """
 from __future__ import annotations
@@ -20,7 +19,7 @@ from collections.abc import Callable
 
 from mixedprec.formats import PackedWeight
 from mixedprec.nn.attention import keep_off_fused_paths
-from mixedprec.nn.packed_conv import PackedConv2d
+from mixedprec.nn.packed_conv import PackedConv2d, symmetric_padding
 from mixedprec.nn.packed_linear import PackedLinear
 
 # packer(layer, where) -> (its PackedWeight, the input quantizer or None), or None to keep the layer
@@ -56,28 +55,18 @@ def pack(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             result = None if packer is None else packer(child, where)
             if result is None:
                 continue
-            padding = zero_padding(child) if isinstance(child, nn.Conv2d) else None
-            if padding == "unsupported":
-                unpackable.append(f"{where} (padding={child.padding!r}, padding_mode={child.padding_mode!r})")
+            padding = symmetric_padding(child) if isinstance(child, nn.Conv2d) else None
+            if isinstance(child, nn.Conv2d) and padding is None:
+                unpackable.append(f"{where} (padding={child.padding!r}, dilation={child.dilation}, "
+                                  f"kernel_size={child.kernel_size})")
                 continue
             setattr(parent, name, _packed_layer(child, *result, padding))
     if unpackable:
-        warnings.warn(f"pack: the packed convolution pads with zeros only; layers {unpackable} stay as they were "
-                      f"finetuned (fake-quantized, float weights)", stacklevel=2)
+        warnings.warn(f"pack: the packed convolution pads both sides alike; layers {unpackable} (\"same\" padding "
+                      f"with one more on the right) stay as they were finetuned (fake-quantized, float weights)",
+                      stacklevel=2)
     keep_off_fused_paths(model)
     return model
-
-
-def zero_padding(conv: nn.Conv2d) -> tuple[int, int] | str:
-    """The conv's padding as the packed conv takes it (numbers, zeros), or "unsupported"."""
-    if conv.padding_mode != "zeros":
-        return "unsupported"
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":  # torch pads dilation * (k - 1) in all, the odd one on the right
-        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        return "unsupported" if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
-    return tuple(conv.padding)
 
 
 def _packed_layer(layer: nn.Module, packed: PackedWeight, input_quant, padding) -> nn.Module:
@@ -86,7 +75,7 @@ def _packed_layer(layer: nn.Module, packed: PackedWeight, input_quant, padding) 
         new = PackedLinear(packed, bias, input_quant)
     else:
         new = PackedConv2d(packed, bias, input_quant, stride=layer.stride, padding=padding,
-                           dilation=layer.dilation, groups=layer.groups)
+                           dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode)
     if hasattr(layer, "pruned_from"):
         new.pruned_from = dict(layer.pruned_from)
     return new.to(layer.weight.device).train(layer.training)

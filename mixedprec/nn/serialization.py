@@ -32,7 +32,7 @@ from mixedprec.nn import factory as factories
 from mixedprec.nn.attention import keep_off_fused_paths
 from mixedprec.nn.module_tree import (ALLOWED_PREFIXES, build, child_prefix, class_path, decode, deduplicate, describe,
                                       describe_parts, encode_checked, rebuild, validate_packed)
-from mixedprec.nn.pack import zero_padding
+from mixedprec.nn.packed_conv import symmetric_padding
 
 _SHOWN = 6  # problems named in one error message
 
@@ -208,12 +208,13 @@ def _narrow(modules: dict, name: str, widths: dict, tensors: dict, problems: lis
 def _signature(m: nn.Module) -> tuple[str, dict] | None:
     """What a layer and its packed twin must agree on (conv, linear or attention geometry)."""
     if hasattr(m, "kernel_size") and hasattr(m, "out_channels"):
-        padding = zero_padding(m) if isinstance(m, nn.Conv2d) else m.padding
+        padding = symmetric_padding(m) if isinstance(m, nn.Conv2d) else m.padding
         pair = nn.modules.utils._pair
         return "conv", {"in_channels": m.in_channels, "out_channels": m.out_channels,
-                        "kernel_size": tuple(m.kernel_size), "stride": pair(m.stride), "padding": padding if
-                        isinstance(padding, str) else pair(padding), "dilation": pair(m.dilation),
-                        "groups": m.groups, "bias": m.bias is not None}
+                        "kernel_size": tuple(m.kernel_size), "stride": pair(m.stride),
+                        "padding": m.padding if padding is None else pair(padding), "dilation": pair(m.dilation),
+                        "groups": m.groups, "bias": m.bias is not None,
+                        "padding_mode": getattr(m, "padding_mode", "zeros")}
     if hasattr(m, "in_features") and hasattr(m, "out_features"):
         return "linear", {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
     if hasattr(m, "embed_dim") and hasattr(m, "num_heads"):
