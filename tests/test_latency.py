@@ -45,6 +45,9 @@ def test_time_calls_stops_at_its_budget_but_times_one_call():
     assert 1 <= timed.runs < 10 and time.perf_counter() - start < 1.0
     assert timed.median_ms >= 50
     assert time_calls(lambda: time.sleep(0.02), repeats=5, budget_s=1e-9).runs == 1
+    calls = []
+    timed = time_calls(lambda: (calls.append(1), time.sleep(0.01)), repeats=100, warmup=1000, budget_s=0.4)
+    assert len(calls) - timed.runs <= 12 and timed.runs >= 15  # warm-up: a quarter of the budget
     with pytest.raises(ValueError, match="budget_s > 0"):
         time_calls(lambda: None, budget_s=0)
 
