@@ -15,8 +15,10 @@ from mixedprec.formats.packed import PackedWeight
 
 FORMAT_NAME = "mixedprec.packed"
 # 2: float32 codebooks allowed (version 1 held float16 only); 3: models of any architecture
-# (mixedprec subtrees described by module path, loaded into a freshly built model; nn/serialization.py)
-FORMAT_VERSION = 3
+# (mixedprec subtrees described by module path, loaded into a freshly built model; nn/serialization.py);
+# 4: packed convs with nn.Conv2d's other padding modes (a ``padding_mode`` attribute, which a reader of
+# version 3 would ignore: wrong outputs, so it must refuse the file)
+FORMAT_VERSION = 4
 FIELDS = ("codebook", "channel_scale", "codes", "keep_bitmap")  # the stored tensors of a PackedWeight
 
 

@@ -47,7 +47,8 @@ class PackedConv2d(PackedModule):
         self.in_channels, self.out_channels = self.weight_shape[1] * groups, self.weight_shape[0]
         self.kernel_size = self.weight_shape[2:]
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.padding_mode = padding_mode
+        if padding_mode != "zeros":  # the class default otherwise: files of zero-padded convs stay as they were
+            self.padding_mode = padding_mode
         self.backend = backend
         if bias is not None and tuple(bias.shape) != (self.out_channels,):
             raise ValueError(f"PackedConv2d: bias must have shape ({self.out_channels},), got {tuple(bias.shape)}")
