@@ -671,6 +671,11 @@ def test_fixed_grid_and_fixed_quant_check_their_arguments():
         fixed_grid(clip, 4, True, torch.tensor(0.25))
     grid = fixed_grid(clip.requires_grad_(), 4, True)
     assert not grid.clip.requires_grad and grid.clip.dtype == torch.float32
+    with torch.inference_mode():  # made there, used with autograd: its tensors are normal ones
+        made = fixed_grid(torch.tensor(1.0), 4, False, torch.tensor(0.25))
+    tracked = torch.randn(5, requires_grad=True)
+    fixed_quant(tracked, made).sum().backward()
+    assert tracked.grad is not None
     with pytest.raises(ValueError, match="x must be float32, float16 or bfloat16"):
         fixed_quant(torch.ones(3, dtype=torch.float64), grid)
     with pytest.raises(ValueError, match="x must be a floating-point tensor"):

@@ -4,8 +4,9 @@ Each method registers a packer for its layer classes (``register_packer``; mixed
 mixedprec/opq/packing.py): it gives the layer's PackedWeight and the activation quantizer the
 packed layer applies first, or None to leave the layer as it is (a float layer).
 Plain float layers are left as they are. A layer the packed kernels cannot run (a conv with
-"same" padding that is not symmetric) stays as it was finetuned, named in one warning. A layer narrowed by ``sbs.export`` keeps its original widths (``pruned_from``), so
-that its file loads into a freshly built model.
+"same" padding that is not symmetric) stays as it was finetuned, named in one warning. A layer
+narrowed by ``sbs.export`` keeps its original widths (``pruned_from``), so that its file loads into
+a freshly built model.
 """
 from __future__ import annotations
 

@@ -134,16 +134,16 @@ def fixed_grid(clip: Tensor, bits: int, signed: bool, zero_point: Tensor | None 
     checks.bits(op, (bits,))
     if not isinstance(signed, bool):
         raise ValueError(f"{op}: signed must be a bool, got {signed!r}")
-    # normal tensors even under inference_mode, as the op's arguments are in every mode
+    # normal tensors (copies) even of tensors made in inference mode: autograd may save them later
     with torch.inference_mode(False):
-        clip = clip.detach().float()
+        clip = clip.detach().to(torch.float32, copy=True)
         checks.clip(op, clip)
         if zero_point is not None:
             checks.tensor(op, "zero_point", zero_point, clip.device)
             if zero_point.dim() != 0 or signed:
                 raise ValueError(f"{op}: zero_point must be a 0-dim tensor of an unsigned grid, got shape "
                                  f"{tuple(zero_point.shape)}, signed={signed}")
-            zero_point = zero_point.detach().float()
+            zero_point = zero_point.detach().to(torch.float32, copy=True)
             checks.finite(op, "zero_point", zero_point)
         return FixedGrid(bits, signed, clip, zero_point, clip.new_empty(0))
 
