@@ -59,10 +59,10 @@ def time_rounds(fns: Sequence[Callable[[], object]], repeats: int = 20, warmup: 
         raise ValueError(f"time_calls: need repeats >= 1, warmup >= 0 and budget_s > 0, got {repeats}, {warmup}, "
                          f"{budget_s}")
     devices = ["cpu"] * len(fns) if devices is None else devices
-    start = time.perf_counter()
-    deadline = start + budget_s * len(fns)
-    for _ in range(warmup):  # at most a quarter of the budget
-        if time.perf_counter() >= start + budget_s * len(fns) / 4:
+    start, budget = time.perf_counter(), budget_s * len(fns)
+    deadline, warm_until = start + budget, start + budget / 4  # warm-up: at most a quarter of the budget
+    for _ in range(warmup):
+        if time.perf_counter() >= warm_until:
             break
         for fn in fns:
             fn()
