@@ -59,6 +59,11 @@ def set_int8(enabled: bool) -> bool:
     return previous
 
 
+def int8_enabled() -> bool:
+    """``set_int8``'s setting."""
+    return _enabled
+
+
 def int8_available() -> bool:
     """oneDNN's quantized convolution and GEMM are in this torch build and the CPU has VNNI."""
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
@@ -260,6 +265,11 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
         return Call(cache, grid, 2.0 * clip / n, (n - 1) // 2, gemm)
     # levels v (k / n - z0) = s_x (k - j), j = z0 n
     return Call(cache, grid, clip / n, 0 if grid.zero_point is None else round(float(grid.zero_point) * n), gemm)
+
+
+def takes_int8(layer, x: Tensor) -> bool:
+    """Whether ``int8_conv2d`` (a 4-D x into a conv layer) or ``int8_linear`` would run x."""
+    return _prepare(layer, x, 4 if len(layer.weight_shape) == 4 else 1) is not None
 
 
 def _bias(layer, packed: Prepacked) -> Tensor | None:

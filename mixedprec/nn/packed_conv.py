@@ -2,14 +2,16 @@
 (mixedprec.formats.PackedWeight), run through mixedprec.ops.lut_conv2d."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixedprec import ops
 from mixedprec.formats import PackedWeight
 from mixedprec.nn.int8 import int8_conv2d
 from mixedprec.nn.packed_module import PackedModule
+from mixedprec.ops.lut_conv2d import lut_conv2d_call
 from mixedprec.ops.checks import conv_pair
 
 
@@ -79,14 +81,20 @@ class PackedConv2d(PackedModule):
         if self.padding_mode != "zeros":
             (ph, pw) = conv_pair("PackedConv2d", "padding", self.padding, 0)
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+        call = self.inference_call(x)
+        if call is not None:
+            return call(x)
         # SBS layers on the CPU under no_grad: one integer convolution (nn/int8.py)
         y = None if self.input_quant is None else int8_conv2d(self, x)
         if y is not None:
             return y
         if self.input_quant is not None:  # SBS models quantize layer inputs
             x = self.input_quant(x)
-        return ops.lut_conv2d(x, self.packed_weight(), self.bias, self.stride, self.conv_padding, self.dilation,
-                              self.groups, backend=self.backend)
+        return self.op_call(x)(x)
+
+    def op_call(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        return lut_conv2d_call(x, self.packed_weight(), self.bias, self.stride, self.conv_padding, self.dilation,
+                               self.groups, backend=self.backend)
 
     def extra_repr(self) -> str:
         sparse = "" if self.keep_bitmap is None else ", sparse"

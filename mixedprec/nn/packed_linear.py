@@ -1,12 +1,14 @@
 """PackedLinear: an inference linear layer whose weight lives only in the packed format."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
-from mixedprec import ops
 from mixedprec.formats import PackedWeight
 from mixedprec.nn.int8 import int8_linear
 from mixedprec.nn.packed_module import PackedModule
+from mixedprec.ops.lowbit_linear import lowbit_linear_call
 
 
 class PackedLinear(PackedModule):
@@ -43,13 +45,19 @@ class PackedLinear(PackedModule):
         return self.packed_weight()
 
     def forward(self, x: Tensor) -> Tensor:
+        call = self.inference_call(x)
+        if call is not None:
+            return call(x)
         # SBS layers on the CPU under no_grad: one integer GEMM (nn/int8.py)
         y = None if self.input_quant is None else int8_linear(self, x)
         if y is not None:
             return y
         if self.input_quant is not None:
             x = self.input_quant(x)
-        return ops.lowbit_linear(x, self.packed_weight(), self.bias, backend=self.backend)
+        return self.op_call(x)(x)
+
+    def op_call(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        return lowbit_linear_call(x, self.packed_weight(), self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

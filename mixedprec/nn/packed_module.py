@@ -1,15 +1,29 @@
 """PackedModule: what PackedLinear and PackedConv2d share about holding a packed weight."""
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 from mixedprec.formats import PackedWeight
 from mixedprec.metrics.compression import FLOAT_BITS
 from mixedprec.metrics.report import LayerWeight
+from mixedprec.nn.int8 import int8_enabled, takes_int8
+from mixedprec.ops.backend import call_key
 
 PACKED_BUFFERS = ("codebook", "channel_scale", "codes", "keep_bitmap")  # PackedWeight's order
 # Index buffers of earlier versions, named in the module trees of files they saved: dropped on load.
 _FORMER_BUFFERS = ("row_code_offsets", "group_code_offsets")
+
+
+class InferencePlan(NamedTuple):
+    """What a layer does to inputs of one ``call_key`` at inference (``PackedModule.inference_call``)."""
+    key: tuple
+    quant: Callable | None          # the input quantizer's inference call, or None (no quantizer)
+    call: Callable | None           # quantizer and kernel as one call; None: forward's general path
 
 
 class PackedModule(nn.Module):
@@ -26,7 +40,8 @@ class PackedModule(nn.Module):
 
     weight_shape: tuple[int, ...]  # set (or computed) by the subclass from its geometry
     bits: int
-    DERIVED_ATTRIBUTES = ("_packed",)  # rebuilt from the buffers, never saved (nn/module_tree.py)
+    # rebuilt from the buffers, or kept for the inputs of the last call; never saved (nn/module_tree.py)
+    DERIVED_ATTRIBUTES = ("_packed", "_plan")
 
     def _set_packed(self, packed: PackedWeight) -> None:
         self.bits = packed.bits
@@ -58,7 +73,48 @@ class PackedModule(nn.Module):
         self._packed = None
         self.packed_weight()
 
+    def inference_call(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """forward on x, and on every tensor of its ``call_key``, under no_grad or inference_mode
+        outside torch.compile: the input quantizer's inference call and the op's prepared call
+        (``ops.lut_conv2d_call``, ``lowbit_linear_call``) as one call, kept for the last inputs'
+        key. A small layer's argument checks, backend choice and module calls cost more than its
+        kernels (the demo's 4-bit SBS layers: ~30 us a layer). None where forward takes its general
+        path: autograd, compile, the int8 path, a quantizer with hooks or not at one bitwidth.
+        The plan is made again when the key, the quantizer's call or the int8 switch changes, and
+        after any assignment to the layer (its packed buffers, bias, geometry, backend; a device
+        move or ``load_state_dict``, which rebuild the PackedWeight)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or type(x) is not Tensor:
+            return None
+        quantizer, quant = self.input_quant, None
+        if quantizer is not None:
+            if _hooked(quantizer) or not hasattr(quantizer, "inference_call"):
+                return None  # called as a module: its hooks run
+            quant = quantizer.inference_call(x)
+            if quant is None:
+                return None
+        key = (call_key(x), int8_enabled())
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan.key != key or plan.quant is not quant:
+            plan = self.__dict__["_plan"] = InferencePlan(key, quant, self._plan_call(x, quant))
+        return plan.call
+
+    def _plan_call(self, x: Tensor, quant: Callable | None) -> Callable[[Tensor], Tensor] | None:
+        """``quant`` then the op's call (None where the int8 path takes x)."""
+        if self.input_quant is not None and takes_int8(self, x):
+            return None
+        op = self.op_call(x if quant is None else quant(x))
+        return op if quant is None else lambda x: op(quant(x))
+
+    def op_call(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """The packed op's prepared call (``ops.lut_conv2d_call``, ``ops.lowbit_linear_call``) with
+        this layer's weight and arguments for the (quantized) input x."""
+        raise NotImplementedError
+
+    def __getstate__(self):  # the plan's calls hold this layer's tensors: a copy makes its own
+        return {**super().__getstate__(), "_plan": None}
+
     def __setattr__(self, name, value):
+        self.__dict__.pop("_plan", None)  # the plan holds attributes (bias, geometry, backend)
         if name in PACKED_BUFFERS:
             if isinstance(value, nn.Parameter):
                 raise ValueError(f"{type(self).__name__}: {name} is a frozen packed buffer and cannot become a Parameter")
@@ -91,3 +147,9 @@ class PackedModule(nn.Module):
     def sparsity(self) -> float:
         packed = self.packed_weight()
         return 1.0 - packed.kept / packed.numel
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling module runs forward hooks (its own, or every module's)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)

@@ -79,6 +79,13 @@ def selected() -> Backend | None:
     return _selected.get()
 
 
+def call_key(x: Tensor) -> tuple:
+    """What an op's prepared call (``lut_conv2d_call``, ``lowbit_linear_call``, ``fixed_quant_call``)
+    holds for, besides its other arguments: x's shape, strides, dtype and device, and the backend
+    ``use_backend`` chose. A caller keeping such a call compares the key of each new x to it."""
+    return (x.shape, x.stride(), x.dtype, x.device, _selected.get())
+
+
 def usable(backend: Backend, device: torch.device) -> bool:
     """Whether ``backend`` can run tensors on ``device`` in this process (any op)."""
     if backend is Backend.REFERENCE:

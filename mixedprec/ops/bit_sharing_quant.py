@@ -154,6 +154,12 @@ def fixed_quant(x: Tensor, grid: FixedGrid, *, backend: str | Backend | None = N
     the grid's values (a host read: a device sync per call on CUDA) and without the gates. x:
     float32, float16 or bfloat16 on the grid's device. A gradient reaches x (straight through, as
     the op's), none the grid's parameters."""
+    return fixed_quant_call(x, grid, backend=backend)(x)
+
+
+def fixed_quant_call(x: Tensor, grid: FixedGrid, *, backend: str | Backend | None = None) -> Callable[[Tensor], Tensor]:
+    """``fixed_quant``'s arguments checked and its backend resolved for x: the call, for x and
+    every tensor of its ``backend.call_key`` under the same grad mode (as ``lut_conv2d_call``)."""
     checks.tensor(OP, "x", x)
     if x.device != grid.clip.device:
         raise ValueError(f"fixed_quant: x is on {x.device} but the grid is on {grid.clip.device}")
@@ -161,12 +167,14 @@ def fixed_quant(x: Tensor, grid: FixedGrid, *, backend: str | Backend | None = N
         raise ValueError(f"fixed_quant: x must be float32, float16 or bfloat16 (the grid is float32), got {x.dtype}")
     backend = resolve(OP, backend, x, KERNELS_BUILT)
     if backend is Backend.REFERENCE:
-        return reference.bit_sharing_quant(x, grid.clip, grid.thresholds, (grid.bits,), grid.signed,
-                                           zero_point=grid.zero_point)[0]
-    args = (x, grid.clip, grid.thresholds, [grid.bits], grid.signed, None, grid.zero_point)
+        return lambda x: reference.bit_sharing_quant(x, grid.clip, grid.thresholds, (grid.bits,), grid.signed,
+                                                     zero_point=grid.zero_point)[0]
+    args = (grid.clip, grid.thresholds, [grid.bits], grid.signed, None, grid.zero_point)
     if through_autograd(x):
-        return custom_op(backend, OP)(*args)[0]
-    return kernel(backend, OP, "forward")(dense(x), *args[1:])[0]  # the grid's values are checked
+        autograd_op = custom_op(backend, OP)
+        return lambda x: autograd_op(x, *args)[0]
+    forward = kernel(backend, OP, "forward")
+    return lambda x: forward(dense(x), *args)[0]  # the grid's values are checked
 
 
 def _reduced_residual_mean(x: Tensor, clip: Tensor, zero_point: Tensor | None, bits: tuple[int, ...], signed: bool,

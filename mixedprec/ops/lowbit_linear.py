@@ -3,6 +3,8 @@ function, its custom ops, fakes and autograd. Kernels: csrc/ops/lowbit_linear/,
 mixedprec/backends/triton/lowbit_linear.py; the oracle: mixedprec/backends/reference/."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,13 @@ def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str
     bias; none reach the packed tensors. A NaN or inf in a row of x makes that row's outputs NaN or
     inf (pruned and zero weights multiply too: inf * 0 = NaN), as in x @ W.T.
     """
+    return lowbit_linear_call(x, packed, bias, backend=backend)(x)
+
+
+def lowbit_linear_call(x: Tensor, packed, bias: Tensor | None = None, *,
+                       backend: str | Backend | None = None) -> Callable[[Tensor], Tensor]:
+    """``lowbit_linear``'s arguments checked and its backend resolved for x: the call, for x and
+    every tensor of its ``backend.call_key`` under the same grad mode (as ``lut_conv2d_call``)."""
     checks.tensor(OP, "x", x)
     checks.packed_weight(OP, x, packed, 2, "2-D (out, in)")
     out_features, in_features = packed.shape
@@ -34,15 +43,19 @@ def lowbit_linear(x: Tensor, packed, bias: Tensor | None = None, *, backend: str
     checks.bias(OP, bias, x, out_features)
     backend = resolve(OP, backend, x, KERNELS_BUILT)
     if backend is Backend.REFERENCE:
-        return reference.lowbit_linear(x, packed, bias)
-    args = (x, *packed_args.kernel_args(packed))
+        return lambda x: reference.lowbit_linear(x, packed, bias)
+    args = packed_args.kernel_args(packed)
     autograd = through_autograd(x)
-    y = custom_op(backend, OP)(*args) if autograd else _forward(backend, *args)
-    if bias is None:
-        return y
-    bias = cast(bias, y.dtype)
+    autograd_op = custom_op(backend, OP) if autograd else None
     # Without autograd y is the kernel's fresh output: add the bias into it (no second output tensor).
-    return y + bias if autograd or through_autograd(bias) else y.add_(bias)
+    in_place = not (autograd or through_autograd(bias))
+
+    def call(x: Tensor) -> Tensor:
+        y = autograd_op(x, *args) if autograd else _forward(backend, x, *args)
+        if bias is None:
+            return y
+        return y.add_(cast(bias, y.dtype)) if in_place else y + cast(bias, y.dtype)
+    return call
 
 
 def _flat_call(family: Backend, role: str, t: Tensor, args: tuple, features: int) -> Tensor:

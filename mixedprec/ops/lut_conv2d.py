@@ -3,6 +3,8 @@ its custom ops, fakes and autograd. Kernels: csrc/ops/lut_conv2d/,
 mixedprec/backends/triton/lut_conv2d.py; the oracle: mixedprec/backends/reference/."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -40,6 +42,14 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     channels-last output, as conv2d does (the CPU kernel convolves it so, without copies into NCHW
     and back).
     """
+    return lut_conv2d_call(x, packed, bias, stride, padding, dilation, groups, backend=backend)(x)
+
+
+def lut_conv2d_call(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                    groups: int = 1, *, backend: str | Backend | None = None) -> Callable[[Tensor], Tensor]:
+    """``lut_conv2d``'s arguments checked and its backend resolved for x: the call, for x and every
+    tensor of its ``backend.call_key`` under the same grad mode. Layers keep one for their inputs
+    at inference (nn/packed_module.py), where the checks cost more than a small layer's kernel."""
     op = OP
     checks.tensor(op, "x", x)
     if x.dim() != 4:
@@ -61,9 +71,12 @@ def lut_conv2d(x: Tensor, packed, bias: Tensor | None = None, stride=1, padding=
     checks.bias(op, bias, x, c_out)
     backend = resolve(op, backend, x, KERNELS_BUILT)
     if backend is Backend.REFERENCE:
-        return reference.lut_conv2d(x, packed, bias, stride, padding, dilation, groups)
-    args = (x, *packed_args.kernel_args(packed), bias, stride, padding, dilation, groups)
-    return custom_op(backend, OP)(*args) if through_autograd(x, bias) else _forward(backend, *args)
+        return lambda x: reference.lut_conv2d(x, packed, bias, stride, padding, dilation, groups)
+    args = (*packed_args.kernel_args(packed), bias, stride, padding, dilation, groups)
+    if through_autograd(x, bias):
+        autograd_op = custom_op(backend, OP)
+        return lambda x: autograd_op(x, *args)
+    return lambda x: _forward(backend, x, *args)
 
 
 def _output_shape(x_shape, weight_shape, stride, padding, dilation) -> list[int]:

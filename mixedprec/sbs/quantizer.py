@@ -14,15 +14,15 @@ is decided from the whole batch over every process, so every process decides the
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from mixedprec import ops
-from mixedprec.ops.backend import KERNEL_DTYPES
-from mixedprec.ops.bit_sharing_quant import FixedGrid, fixed_quant, fixed_grid as checked_grid
+from mixedprec.ops.backend import KERNEL_DTYPES, call_key
+from mixedprec.ops.bit_sharing_quant import FixedGrid, fixed_quant_call, fixed_grid as checked_grid
 from mixedprec.metrics.compression import FLOAT_BITS
 from mixedprec.backends.reference.quant import ste_gate, zero_point
 
@@ -111,7 +111,8 @@ class BitSharingQuantizer(nn.Module):
     # modules are rebuilt without running __init__, nn/module_tree.py).
     negative_grid = "signed"
     asymmetric = False
-    DERIVED_ATTRIBUTES = ("_fixed_grid",)  # a cache of fixed_grid(), never saved (nn/module_tree.py)
+    # caches of fixed_grid() and inference_call(), never saved (nn/module_tree.py)
+    DERIVED_ATTRIBUTES = ("_fixed_grid", "_fixed_call")
 
     def __init__(self, bits: Sequence[int] = (2, 4, 8), signed: bool | None = True,
                  clip_init: float | None = 1.0, enabled: bool = True, negative_grid: str = "signed"):
@@ -149,10 +150,9 @@ class BitSharingQuantizer(nn.Module):
             return x
         if not self.clip_ready:
             self._init_from(x)
-        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()) and x.dtype in KERNEL_DTYPES:
-            grid = self.fixed_grid()  # inference at one bitwidth: the grid checked once (fixed_quant)
-            if grid is not None:
-                return fixed_quant(x, grid)
+        call = self.inference_call(x)
+        if call is not None:
+            return call(x)
         signed = bool(self.signed)
         options = {}  # the backend: ops.use_backend's choice, else the fastest available
         if self.asymmetric:
@@ -194,6 +194,25 @@ class BitSharingQuantizer(nn.Module):
         if not self.enabled:
             return FLOAT_BITS
         return self.fixed_bits if self.fixed_bits is not None else int(self.chosen_bits)
+
+    def inference_call(self, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+        """What forward does to x, and to every tensor of its ``call_key``, at inference (no_grad or
+        inference_mode, not compiling) at one bitwidth: ``fixed_quant``'s call on ``fixed_grid()``
+        (the grid checked once, the arguments too), kept while both hold; the identity when
+        disabled. None where forward takes the op: autograd, torch.compile, float64, a search in
+        training, a clip value still to be set from the first batch."""
+        if not self.enabled:
+            return _unchanged
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dtype not in KERNEL_DTYPES:
+            return None
+        grid = self.fixed_grid()
+        if grid is None:
+            return None
+        key = call_key(x)
+        cached = self.__dict__.get("_fixed_call")
+        if cached is None or cached[0] is not grid or cached[1] != key:
+            cached = self.__dict__["_fixed_call"] = (grid, key, fixed_quant_call(x, grid))
+        return cached[2]
 
     def fixed_grid(self) -> FixedGrid | None:
         """The grid forward rounds to when it rounds at one bitwidth (fixed, or a search in eval
@@ -251,12 +270,17 @@ class BitSharingQuantizer(nn.Module):
         load_optional_state(super()._load_from_state_dict, state_dict, prefix, *args)
 
     def __getstate__(self):  # the gates hold this step's graph, the statistics a process group
-        return {**self.__dict__, "gates": None, "batch_statistics": None, "_fixed_grid": None}
+        return {**super().__getstate__(), "gates": None, "batch_statistics": None, "_fixed_grid": None,
+                "_fixed_call": None}
 
     def extra_repr(self) -> str:
         mode = "disabled" if not self.enabled else (
             f"fixed={self.fixed_bits}" if self.fixed_bits is not None else f"bits={self.bits}")
         return f"{mode}, signed={self.signed}" + (", asymmetric" if self.asymmetric else "")
+
+
+def _unchanged(x: Tensor) -> Tensor:
+    return x
 
 
 def _identity(t: Tensor | None) -> tuple[int, int, int] | None:
