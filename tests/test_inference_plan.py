@@ -147,3 +147,19 @@ def test_the_plan_leaves_int8_calls_to_the_int8_path_and_follows_its_switch(monk
                     assert torch.equal(layer(x), want if enabled else general)
             finally:
                 set_int8(previous)
+
+
+def test_a_model_loaded_under_inference_mode_runs_and_follows_writes_there(tmp_path):
+    """Tensors made under inference_mode keep no version counter and can be written in place
+    there: the quantizer's grid then keys on clip's value."""
+    layer, x = _layer("asymmetric", conv=True)
+    mixedprec.save(layer, tmp_path / "layer.safetensors")
+    with torch.inference_mode():
+        want = layer(x)
+        loaded = mixedprec.load(tmp_path / "layer.safetensors").eval()
+        assert loaded.input_quant.clip.is_inference()
+        assert torch.equal(loaded(x), want)
+        for model in (layer, loaded):
+            model.input_quant.clip.mul_(0.5)
+        want = layer(x)
+        assert torch.equal(loaded(x), want)

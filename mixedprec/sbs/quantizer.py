@@ -283,9 +283,13 @@ def _unchanged(x: Tensor) -> Tensor:
     return x
 
 
-def _identity(t: Tensor | None) -> tuple[int, int, int] | None:
-    """Which tensor, which write of it, which storage (a move swaps ``.data`` in place)."""
-    return None if t is None else (id(t), t._version, t.data_ptr())
+def _identity(t: Tensor | None) -> tuple | None:
+    """Which tensor, which write of it, which storage (a move swaps ``.data`` in place). A tensor
+    made under inference_mode (a model built or loaded there) has no version counter, and can be
+    written in place there: its value stands for the write (a host read per call)."""
+    if t is None:
+        return None
+    return (id(t), t.data_ptr(), t.tolist() if t.is_inference() else t._version)
 
 
 def load_optional_state(load, state_dict, prefix, local_metadata, strict, missing_keys,
