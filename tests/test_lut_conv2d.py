@@ -335,6 +335,22 @@ def test_cpu_winograd_geometries(case):
 
 
 @needs_avx512
+@pytest.mark.parametrize("case", range(len(WINOGRAD_GEOMETRIES)))
+def test_cpu_winograd_channels_last_is_the_nchw_path_bit_for_bit(case):
+    """A channels-last x runs the Winograd path in NHWC (channels in the vector lanes, no copy into
+    NCHW and back) with every sum in the NCHW path's order: y channels-last and equal bit for bit."""
+    require_backend("cpu")
+    x_shape, weight_shape, conv = WINOGRAD_GEOMETRIES[case]
+    g = torch.Generator().manual_seed(case)
+    packed = make_packed(weight_shape, 3 + case, sparsity=0.3, seed=case)
+    x, bias = torch.randn(x_shape, generator=g), torch.randn(weight_shape[0], generator=g)
+    y = ops.lut_conv2d(x, packed, bias if case % 2 else None, backend="cpu", **conv)
+    y_cl = ops.lut_conv2d(x.contiguous(memory_format=torch.channels_last), packed, bias if case % 2 else None,
+                          backend="cpu", **conv)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(y_cl, y)
+
+
+@needs_avx512
 def test_cpu_winograd_every_bitwidth_and_sparsity():
     """Codes decoded in spans of 64 input channels (576 weights) that start mid-byte and, with a
     bitmap, mid-word; x as fp16, bf16 and a strided view."""

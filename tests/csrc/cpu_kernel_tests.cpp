@@ -354,9 +354,11 @@ int main(int argc, char** argv) {
     run_lut_conv2d<float>(lut_conv2d_case<float>(2, false, true, depthwise, rng));
     run_lut_conv2d<float>(lut_conv2d_case<float>(4, true, true, many_channels, rng));
     run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, deep_wide, rng));
-    run_lut_conv2d<float>(lut_conv2d_case<float>(4, false, true, winograd, rng));
-    run_lut_conv2d<float>(lut_conv2d_case<float>(3, true, false, winograd_spans, rng));
-    run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(2, true, true, winograd, rng));
+    for (bool channels_last : {false, true}) {  // Winograd in NCHW and in NHWC
+      run_lut_conv2d<float>(lut_conv2d_case<float>(4, false, true, winograd, rng), channels_last);
+      run_lut_conv2d<float>(lut_conv2d_case<float>(3, true, false, winograd_spans, rng), channels_last);
+      run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(2, true, true, winograd, rng), channels_last);
+    }
     run_lut_conv2d<Half16>(lut_conv2d_case<Half16>(4, true, true, plain, rng));
     run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(4, false, false, depthwise, rng));
     run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, pointwise, rng), true);

@@ -171,18 +171,19 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
                               const Conv2dGeometry& g) {
   const int64_t stride[2] = {g.stride_h, g.stride_w}, padding[2] = {g.pad_h, g.pad_w}, dilation[2] = {g.dil_h, g.dil_w};
   // x's layout is y's (ops/library.py memory_format: channels-last when x is that and not also
-  // contiguous). oneDNN runs channels-last inputs as they come; Winograd reads NCHW only.
+  // contiguous). oneDNN and Winograd run channels-last inputs as they come.
   const auto layout = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
                           ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x_f = x.to(at::kFloat).contiguous(layout);
   const TileDecoder decoder(w, g);
 #if defined(MP_DECODE_AVX512)
   if (winograd_conv3x3_applies(g)) {
-    at::Tensor y = poisoned(at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options()));
+    at::Tensor y = poisoned(
+        at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options().memory_format(layout)));
     const auto decode_span = [&](int64_t o, int64_t k0, int64_t n, float* out) { decoder.decode_span(o, k0, n, out); };
-    if (winograd_conv3x3(x_f.contiguous().data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                         y.data_ptr<float>(), g, decode_span))
-      return y.to(x.scalar_type()).contiguous(layout);
+    if (winograd_conv3x3(x_f.data_ptr<float>(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                         y.data_ptr<float>(), g, decode_span, layout == at::MemoryFormat::ChannelsLast))
+      return y.to(x.scalar_type());
   }
 #endif
   if (depthwise_conv_applies(g)) {
