@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mixedprec
 from mixedprec import ops
 from mixedprec.formats import pack_weight
 from mixedprec.nn import PackedConv2d, PackedLinear, set_int8
 from mixedprec.nn import int8
 from mixedprec.nn.int8 import GRID_TOLERANCE, Int8Weight, int8_available, int8_conv2d, int8_linear
+from mixedprec.ops.library import memory_format
 from mixedprec.sbs.quantizer import BitSharingQuantizer
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 convolution or no VNNI")
@@ -98,8 +100,8 @@ def check_layer(layer: PackedConv2d, x: torch.Tensor) -> torch.Tensor:
     assert torch.equal(out.isnan(), expected.isnan())
     assert ((out.double() - expected).abs()[finite] <= bound[finite]).all(), ((out.double() - expected).abs() / bound).max()
     assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], w.shape[0]) if linear else expected.shape
-    if not linear:  # channels-last, oneDNN's layout, whatever x's: a model stays in it from there on
-        assert y.is_contiguous(memory_format=torch.channels_last)
+    if not linear:  # x's layout, as F.conv2d's (oneDNN's is channels-last)
+        assert y.is_contiguous(memory_format=memory_format(x))
     return y
 
 
@@ -414,19 +416,49 @@ def test_calls_below_min_macs_take_the_float_path(monkeypatch):
         assert int8_linear(sbs_layer((512, 4096), 4, quant), torch.rand(1, 4096)) is not None  # 2.1M
 
 
-def test_channels_last_rgb_stems_take_the_float_path(monkeypatch):
-    """Channels-last oneDNN convolutions over fewer than MIN_CHANNELS input channels; NCHW ones
-    and small GEMMs keep the int8 path."""
+def test_rgb_stems_take_the_float_path(monkeypatch):
+    """oneDNN convolutions over fewer than MIN_CHANNELS input channels, in either layout; small
+    GEMMs keep the int8 path."""
     monkeypatch.setattr(int8, "MIN_CHANNELS", 4)
     x = sample((1, 3, 9, 9), "signed", 14, channels_last=True)
     quant = quantizer(8, "signed", x)
     stem = sbs_layer((8, 3, 3, 3), 4, quant, stride=2, padding=1)
     with torch.no_grad():
-        assert int8_conv2d(stem, x) is None
-        assert int8_conv2d(stem, x.contiguous()) is not None
+        assert int8_conv2d(stem, x) is None and int8_conv2d(stem, x.contiguous()) is None
         assert int8_conv2d(sbs_layer((8, 3, 1, 1), 4, quant), x) is not None
         wider = sample((1, 4, 9, 9), "signed", 15, channels_last=True)
         assert int8_conv2d(sbs_layer((8, 4, 3, 3), 4, quantizer(8, "signed", wider), padding=1), wider) is not None
+
+
+def test_an_nchw_model_stays_nchw_and_can_view_a_conv_output():
+    """A user's model that flattens a conv's output with .view runs packed as it ran in float
+    (oneDNN's channels-last output, returned as it was, made .view raise)."""
+    from mixedprec import sbs
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), View(), nn.Linear(64 * 16 * 16, 10))
+    x = torch.rand(2, 64, 32, 32)
+    net = sbs.convert(model.eval(), sbs.SBSPolicy())
+    with torch.no_grad():
+        net(x)
+    for layer in sbs.sbs_layers(net).values():
+        layer.fix(8, 8 if layer.a_quant.enabled else None)
+    packed = mixedprec.pack(sbs.export(net.eval()).model).eval()
+    with torch.no_grad():
+        assert int8_conv2d(packed[0], x) is not None  # the int8 path takes the conv
+        torch.testing.assert_close(packed(x), _float_path(packed, x), rtol=1e-4, atol=1e-4)
+
+
+class View(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+def _float_path(model, x):
+    previous = set_int8(False)
+    try:
+        return model(x)
+    finally:
+        set_int8(previous)
 
 
 def test_empty_inputs_take_the_float_path():

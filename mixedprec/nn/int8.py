@@ -23,7 +23,7 @@ convolution. A NaN input gives a NaN sum there, which reaches exactly the output
 path's NaN reaches.
 
 It applies to dense (no bitmap), single-group layers, calls of at least ``MIN_MACS``
-multiply-adds (3x3 stride-1 ones: ``WINOGRAD_MIN_MACS``; channels-last ones over at least
+multiply-adds (3x3 stride-1 ones: ``WINOGRAD_MIN_MACS``; convolutions over at least
 ``MIN_CHANNELS`` input channels; small GEMMs: ``MIN_GEMM_MACS``),
 under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs and no backend
 chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
@@ -48,6 +48,7 @@ from torch import Tensor
 from mixedprec.backends.reference.quant import levels
 from mixedprec.ops.backend import selected
 from mixedprec.ops.checks import conv_pair
+from mixedprec.ops.library import memory_format
 
 _enabled = True
 
@@ -91,10 +92,9 @@ MIN_MACS = 1 << 22
 WINOGRAD_MIN_MACS = 1 << 25
 # oneDNN's int8 convolution over an RGB stem (3 input channels) in channels-last ran at 0.25-0.9x
 # the float path (MobileNetV2's 3x3 stride-2 stem 0.96 against 0.35 ms at batch 1, ResNet-18's 7x7
-# 1.55 against 1.38): channels-last convolutions over fewer input channels than this take the
-# float path. NCHW ones keep the int8 path: its channels-last output moves the network to the
-# layout its later layers and torch's pooling run faster in (NCHW ResNet-18 at batch 1: 7.7 ms
-# against 11.2 with the stem on the float path; MobileNetV2 8.2 against 7.8).
+# 1.55 against 1.38): convolutions over fewer input channels than this take the float path. (NCHW
+# stems kept the int8 path while its output was channels-last whatever x's layout, for the
+# layout it moved the network to; its output now follows x's, as every conv's.)
 MIN_CHANNELS = 4
 
 # GEMMs (PackedLinear, 1x1 convolutions) of at most GEMM_MACS multiply-adds and GEMM_OUTPUTS
@@ -254,7 +254,7 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:])
     if gemm and macs < MIN_GEMM_MACS:
         return None
-    few_channels = weight_shape[1] < MIN_CHANNELS and not x.is_contiguous()  # channels-last (see MIN_CHANNELS)
+    few_channels = weight_shape[1] < MIN_CHANNELS  # RGB stems (see MIN_CHANNELS)
     if not gemm and (macs < (WINOGRAD_MIN_MACS if cache.winograd else MIN_MACS) or few_channels):
         return None
     grid = fixed_grid()  # after the size checks: it costs a few microseconds, a small layer's call
@@ -294,8 +294,8 @@ def _eager(fn):
 def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, window_sums: Tensor) -> Tensor:
     """y of a 1x1 convolution (q (N, K, H_out, W_out), its pixels picked from x's) or a GEMM (q
     (M, K, 1, 1)) through torch._int_mm on q = k - 128 (``bit_sharing_codes``' centered codes; the
-    shift is added back as ``offset`` in int32): pixel rows times W^T, a channels-last y as
-    oneDNN's convolutions give. Then one pass (``int8_epilogue``) to float32 s_x d scale_c (sums +
+    shift is added back as ``offset`` in int32): pixel rows times W^T, a channels-last y (the
+    caller lays it out as x). Then one pass (``int8_epilogue``) to float32 s_x d scale_c (sums +
     offset) + bias + the offset term."""
     n, k, h, w = q.shape
     pixels = q.permute(0, 2, 3, 1).reshape(-1, k)  # a view of channels-last codes, else one copy
@@ -320,12 +320,17 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, grid.clip, grid.bits, grid.signed, grid.zero_point,
                                                         call.gemm)
     if call.gemm:
-        return _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums))
-    y = torch.ops.onednn.qconv2d_pointwise(codes, call.x_scale, call.x_zero, packed.weight, cache.scales, cache.zeros,
-                                           _bias(layer, packed), *cache.geometry, 1, 1.0, 0, torch.float32, "none",
-                                           [], "")
-    y.addcmul_(cache.window_sums(sums), packed.window_factor.view(1, -1, 1, 1))
-    return y if packed.shift is None or packed.shift.dim() == 1 else y.add_(packed.shift)
+        y = _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums))
+    else:
+        y = torch.ops.onednn.qconv2d_pointwise(codes, call.x_scale, call.x_zero, packed.weight, cache.scales,
+                                               cache.zeros, _bias(layer, packed), *cache.geometry, 1, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        y.addcmul_(cache.window_sums(sums), packed.window_factor.view(1, -1, 1, 1))
+        if packed.shift is not None and packed.shift.dim() > 1:
+            y.add_(packed.shift)
+    # oneDNN's layout is channels-last; y takes x's, as F.conv2d's does: an NCHW model stays NCHW
+    # (a channels-last y broke models that .view() a conv's output)
+    return y.contiguous(memory_format=memory_format(x))
 
 
 @_eager
