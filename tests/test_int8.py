@@ -321,18 +321,24 @@ def routes(fn) -> set[str]:
 
 def test_small_gemms_and_the_rest(monkeypatch):
     """1x1 convolutions (any stride) and GEMMs of at most GEMM_MACS multiply-adds and GEMM_OUTPUTS
-    outputs run through torch._int_mm; larger ones, and other convolutions, through oneDNN."""
+    outputs run through torch._int_mm; larger ones, and other convolutions, through oneDNN. NCHW
+    1x1 convolutions of any size run through torch._int_mm (per image, y in NCHW)."""
     monkeypatch.setattr(int8, "GEMM_MACS", 1 << 16)
     monkeypatch.setattr(int8, "GEMM_OUTPUTS", 2048)
-    x = sample((1, 16, 8, 8), "unsigned", 10)
+    x = sample((1, 16, 8, 8), "unsigned", 10, channels_last=True)
+    two = x.expand(2, -1, -1, -1).contiguous(memory_format=torch.channels_last)
     quant = quantizer(8, "unsigned", x)
     with torch.no_grad():
         pointwise = sbs_layer((32, 16, 1, 1), 4, quant)  # 64 pixels, 32k multiply-adds
         assert routes(lambda: check_layer(pointwise, x)) == {"small gemm"}
-        assert routes(lambda: check_layer(pointwise, x.expand(2, -1, -1, -1).contiguous())) == {"qconv"}  # 4096 outputs
+        assert routes(lambda: check_layer(pointwise, two)) == {"qconv"}  # 4096 outputs
+        assert routes(lambda: check_layer(pointwise, two.contiguous())) == {"small gemm"}  # NCHW
         strided = sbs_layer((32, 16, 1, 1), 4, quant, stride=2)  # 16 pixels of 2 images
-        assert routes(lambda: check_layer(strided, x.expand(2, -1, -1, -1).contiguous())) == {"small gemm"}
-        assert routes(lambda: check_layer(sbs_layer((300, 16, 1, 1), 4, quant), x)) == {"qconv"}  # 307k
+        assert routes(lambda: check_layer(strided, two)) == {"small gemm"}
+        assert routes(lambda: check_layer(strided, two.contiguous())) == {"small gemm"}
+        wide = sbs_layer((300, 16, 1, 1), 4, quant)  # 307k
+        assert routes(lambda: check_layer(wide, x)) == {"qconv"}
+        assert routes(lambda: check_layer(wide, x.contiguous())) == {"small gemm"}
         assert routes(lambda: check_layer(sbs_layer((32, 16, 3, 3), 4, quant, padding=1), x)) == {"qconv"}
         assert routes(lambda: check_layer(sbs_layer((32, 16, 1, 1), 4, quant, padding=1), x)) == {"qconv"}
         rows = sample((8, 64), "unsigned", 11)
@@ -410,8 +416,9 @@ def test_calls_below_min_macs_take_the_float_path(monkeypatch):
         assert int8_conv2d(pointwise, x[:, :, :2, :2]) is None  # 32k
         assert int8_linear(linear, torch.rand(1, 4096)) is not None
         assert int8_linear(sbs_layer((256, 128), 4, quant), torch.rand(1, 128)) is None  # 32k
-        monkeypatch.setattr(int8, "GEMM_MACS", 0)  # through oneDNN
-        assert int8_conv2d(pointwise, x) is None
+        monkeypatch.setattr(int8, "GEMM_MACS", 0)  # through oneDNN, except NCHW 1x1 convolutions
+        assert int8_conv2d(pointwise, x.contiguous(memory_format=torch.channels_last)) is None
+        assert int8_conv2d(pointwise, x) is not None
         assert int8_linear(linear, torch.rand(1, 4096)) is None
         assert int8_linear(sbs_layer((512, 4096), 4, quant), torch.rand(1, 4096)) is not None  # 2.1M
 

@@ -100,7 +100,8 @@ MIN_CHANNELS = 4
 # GEMMs (PackedLinear, 1x1 convolutions) of at most GEMM_MACS multiply-adds and GEMM_OUTPUTS
 # outputs run as torch._int_mm on unpacked s8 weights, then one pass to float32: oneDNN's quantized
 # convolution and GEMM cost ~30-40 us a call more. Larger ones go through oneDNN, whose prepacked
-# (blocked) weight and fused output then win (2-core Zen 4; ms in docs/kernels.md).
+# (blocked) weight and fused output then win (2-core Zen 4; ms in docs/kernels.md), except NCHW
+# 1x1 convolutions: oneDNN's channels-last output would need a transposing copy.
 GEMM_MACS = 1 << 26
 GEMM_OUTPUTS = 1 << 20
 # Smaller GEMMs take the float path: timed after a float nn.Linear at batch 1, int8 ran at
@@ -251,7 +252,9 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     macs = x.numel() * weight_shape[0]
     if dims == 4:  # per input pixel and tap, over the stride's share of the pixels
         macs = macs * math.prod(weight_shape[2:]) // math.prod(cache.geometry[0])
-    gemm = cache.pointwise and macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:])
+    # NCHW 1x1 layers of any size: oneDNN's channels-last y would need a transposing copy (_small_gemm)
+    nchw = dims == 4 and memory_format(x) is torch.contiguous_format
+    gemm = cache.pointwise and (nchw or macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:]))
     if gemm and macs < MIN_GEMM_MACS:
         return None
     few_channels = weight_shape[1] < MIN_CHANNELS  # RGB stems (see MIN_CHANNELS)
@@ -291,16 +294,26 @@ def _eager(fn):
     return call
 
 
-def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, window_sums: Tensor) -> Tensor:
+def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, window_sums: Tensor,
+                nchw: bool = False) -> Tensor:
     """y of a 1x1 convolution (q (N, K, H_out, W_out), its pixels picked from x's) or a GEMM (q
     (M, K, 1, 1)) through torch._int_mm on q = k - 128 (``bit_sharing_codes``' centered codes; the
-    shift is added back as ``offset`` in int32): pixel rows times W^T, a channels-last y (the
-    caller lays it out as x). Then one pass (``int8_epilogue``) to float32 s_x d scale_c (sums +
-    offset) + bias + the offset term."""
+    shift is added back as ``offset`` in int32), in x's layout: for an NCHW x (``nchw``) per image
+    W (C, K) times its codes (K, H W); else pixel rows times W^T, channels-last. (Pixel rows from
+    NCHW codes, and their y laid out back, cost two transposing copies: 3x the GEMM at 144 output
+    channels and 56 x 56, 6.5x at 256.) Then one pass (``int8_epilogue``) to float32 s_x d
+    scale_c (sums + offset) + bias + the offset term."""
     n, k, h, w = q.shape
-    pixels = q.permute(0, 2, 3, 1).reshape(-1, k)  # a view of channels-last codes, else one copy
-    weight = call.cache.rows.t() if pixels.shape[0] == 1 else call.cache.columns()
-    acc = torch._int_mm(pixels, weight).view(n, h, w, -1).permute(0, 3, 1, 2)
+    if nchw and h * w > 1:
+        q = q.contiguous()
+        acc = torch.empty(n, call.cache.rows.shape[0], h * w, dtype=torch.int32)
+        for image in range(n):
+            torch._int_mm(call.cache.rows, q[image].view(k, h * w), out=acc[image])
+        acc = acc.view(n, -1, h, w)
+    else:
+        pixels = q.permute(0, 2, 3, 1).reshape(-1, k)  # a view of channels-last codes, else one copy
+        weight = call.cache.rows.t() if pixels.shape[0] == 1 else call.cache.columns()
+        acc = torch._int_mm(pixels, weight).view(n, h, w, -1).permute(0, 3, 1, 2)
     return torch.ops.mixedprec.int8_epilogue(acc, packed.offset, packed.factor, bias, window_sums.contiguous(),
                                              packed.window_factor)
 
@@ -320,7 +333,8 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, grid.clip, grid.bits, grid.signed, grid.zero_point,
                                                         call.gemm)
     if call.gemm:
-        y = _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums))
+        y = _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums),
+                        memory_format(x) is torch.contiguous_format)
     else:
         y = torch.ops.onednn.qconv2d_pointwise(codes, call.x_scale, call.x_zero, packed.weight, cache.scales,
                                                cache.zeros, _bias(layer, packed), *cache.geometry, 1, 1.0, 0,
