@@ -6,8 +6,9 @@ integers times a scale, and a PackedConv2d or PackedLinear is one u8 x s8 -> s32
 GEMM (oneDNN through ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``, VNNI dot
 products) with a float32 output: 2.5-5x faster than float32 ``conv2d`` on ResNet's and
 MobileNetV2's dense layers, and on a 4096x4096 layer as fast as ``lowbit_linear``'s 4-bit GEMV at
-batch 1 and 5-20x faster than it from batch 4 on (Zen 4). Small GEMMs (1x1 convolutions and GEMMs
-of at most ``GEMM_MACS`` multiply-adds and ``GEMM_OUTPUTS`` outputs) skip oneDNN's per-call cost: s8 x s8
+batch 1 and 5-20x faster than it from batch 4 on (Zen 4). y comes in x's layout, as F.conv2d's.
+Small GEMMs (1x1 convolutions and GEMMs of at most ``GEMM_MACS`` multiply-adds and ``GEMM_OUTPUTS``
+outputs; NCHW 1x1 convolutions of any size) skip oneDNN's per-call cost: s8 x s8
 ``torch._int_mm`` on codes shifted by -128 (exact, added back in int32), then one pass
 (``int8_epilogue``) to float32. The integer sums are exact, so y differs from the float path
 (fake-quantized x, float convolution or GEMM) by float32 rounding:
@@ -232,6 +233,7 @@ class Call(NamedTuple):
     x_scale: float    # s_x
     x_zero: int       # j
     gemm: bool        # a small GEMM (GEMM_MACS, GEMM_OUTPUTS): torch._int_mm
+    nchw: bool        # a 4-D x laid out NCHW (or not dense: made so), y laid out alike
 
 
 def _prepare(layer, x: Tensor, dims: int) -> Call | None:
@@ -265,9 +267,10 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
         return None
     n, clip = levels(grid.bits), float(grid.clip)
     if grid.signed:  # levels v (2 k / n - 1) = s_x (k - j - 1/2), j = (n - 1) / 2
-        return Call(cache, grid, 2.0 * clip / n, (n - 1) // 2, gemm)
+        return Call(cache, grid, 2.0 * clip / n, (n - 1) // 2, gemm, nchw)
     # levels v (k / n - z0) = s_x (k - j), j = z0 n
-    return Call(cache, grid, clip / n, 0 if grid.zero_point is None else round(float(grid.zero_point) * n), gemm)
+    return Call(cache, grid, clip / n, 0 if grid.zero_point is None else round(float(grid.zero_point) * n), gemm,
+                nchw)
 
 
 def takes_int8(layer, x: Tensor) -> bool:
@@ -294,17 +297,16 @@ def _eager(fn):
     return call
 
 
-def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, window_sums: Tensor,
-                nchw: bool = False) -> Tensor:
+def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, window_sums: Tensor) -> Tensor:
     """y of a 1x1 convolution (q (N, K, H_out, W_out), its pixels picked from x's) or a GEMM (q
     (M, K, 1, 1)) through torch._int_mm on q = k - 128 (``bit_sharing_codes``' centered codes; the
-    shift is added back as ``offset`` in int32), in x's layout: for an NCHW x (``nchw``) per image
+    shift is added back as ``offset`` in int32), in x's layout: for an NCHW x (``call.nchw``) per image
     W (C, K) times its codes (K, H W); else pixel rows times W^T, channels-last. (Pixel rows from
     NCHW codes, and their y laid out back, cost two transposing copies: 3x the GEMM at 144 output
     channels and 56 x 56, 6.5x at 256.) Then one pass (``int8_epilogue``) to float32 s_x d
     scale_c (sums + offset) + bias + the offset term."""
     n, k, h, w = q.shape
-    if nchw and h * w > 1:
+    if call.nchw and h * w > 1:
         q = q.contiguous()
         acc = torch.empty(n, call.cache.rows.shape[0], h * w, dtype=torch.int32)
         for image in range(n):
@@ -333,8 +335,7 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, grid.clip, grid.bits, grid.signed, grid.zero_point,
                                                         call.gemm)
     if call.gemm:
-        y = _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums),
-                        memory_format(x) is torch.contiguous_format)
+        y = _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums))
     else:
         y = torch.ops.onednn.qconv2d_pointwise(codes, call.x_scale, call.x_zero, packed.weight, cache.scales,
                                                cache.zeros, _bias(layer, packed), *cache.geometry, 1, 1.0, 0,
@@ -344,7 +345,7 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
             y.add_(packed.shift)
     # oneDNN's layout is channels-last; y takes x's, as F.conv2d's does: an NCHW model stays NCHW
     # (a channels-last y broke models that .view() a conv's output)
-    return y.contiguous(memory_format=memory_format(x))
+    return y.contiguous() if call.nchw else y
 
 
 @_eager
