@@ -115,6 +115,12 @@ def test_the_plan_gives_the_general_path_and_follows_every_change(monkeypatch, t
         check(1)  # no plan: the quantizer runs as a module (its kept call), its hook with it
         assert len(seen) == 2
         handle.remove()
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: seen.append(type(module)) if module is layer.input_quant else None)
+        check(1)  # a hook on every module: the same
+        assert len(seen) == 4
+        handle.remove()
+        check(0)  # the plan made before the hooks
     with ops.use_backend("reference"):
         check(calls)
     check(calls)

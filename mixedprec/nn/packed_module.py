@@ -149,7 +149,12 @@ class PackedModule(nn.Module):
         return 1.0 - packed.kept / packed.numel
 
 
+# torch's registries of hooks on every module (register_module_forward_hook, ..._pre_hook): dicts
+# that registering and removing change in place; empty ones where a torch version lacks them
+_GLOBAL_HOOKS = tuple(getattr(torch_module, name, {}) for name in ("_global_forward_hooks",
+                                                                    "_global_forward_pre_hooks"))
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether calling module runs forward hooks (its own, or every module's)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or any(_GLOBAL_HOOKS))
