@@ -270,8 +270,8 @@ class BitSharingQuantizer(nn.Module):
         load_optional_state(super()._load_from_state_dict, state_dict, prefix, *args)
 
     def __getstate__(self):  # the gates hold this step's graph, the statistics a process group
-        return {**super().__getstate__(), "gates": None, "batch_statistics": None, "_fixed_grid": None,
-                "_fixed_call": None}
+        return {**super().__getstate__(), "gates": None, "batch_statistics": None,
+                **dict.fromkeys(self.DERIVED_ATTRIBUTES)}
 
     def extra_repr(self) -> str:
         mode = "disabled" if not self.enabled else (

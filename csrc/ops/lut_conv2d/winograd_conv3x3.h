@@ -124,6 +124,19 @@ inline void weight_transform(const __m512 g[9], __m512 u[16]) {
   }
 }
 
+// out[r][s] = (A^T m A)[r][s] + beta for 4x4 tiles m (element 4 * row + column), one tile per lane.
+inline void output_transform(const __m512 m[16], __m512 beta, __m512 out[2][2]) {
+  __m512 z[8];  // A^T m: 2 rows of 4
+  for (int s = 0; s < 4; ++s) {
+    z[s] = _mm512_add_ps(_mm512_add_ps(m[s], m[4 + s]), m[8 + s]);
+    z[4 + s] = _mm512_sub_ps(_mm512_sub_ps(m[4 + s], m[8 + s]), m[12 + s]);
+  }
+  for (int r = 0; r < 2; ++r) {
+    out[r][0] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(z[4 * r], z[4 * r + 1]), z[4 * r + 2]), beta);
+    out[r][1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(z[4 * r + 1], z[4 * r + 2]), z[4 * r + 3]), beta);
+  }
+}
+
 struct Plan {
   int64_t batch, C, O, H, W, OH, OW, pad_h, pad_w;
   int64_t tiles_h, tiles_w, tiles;  // 2x2 output tiles, n-major then row-major
@@ -354,19 +367,11 @@ inline void transform_outputs(const Plan& p, const float* m, int64_t o0, int64_t
     for (int64_t o = o0; o < std::min(O, o0 + p.block); ++o) {
       __m512 mt[16];
       for (int e = 0; e < kTerms; ++e) mt[e] = _mm512_loadu_ps(m + e * m_plane + (o - o0) * range + vec * kLanes);
-      __m512 z[8];  // A^T M: 2 rows of 4
-      for (int s = 0; s < 4; ++s) {
-        z[s] = _mm512_add_ps(_mm512_add_ps(mt[s], mt[4 + s]), mt[8 + s]);
-        z[4 + s] = _mm512_sub_ps(_mm512_sub_ps(mt[4 + s], mt[8 + s]), mt[12 + s]);
-      }
-      const __m512 beta = _mm512_set1_ps(bias ? bias[o] : 0.f);
-      __m512 row[2][2];  // (A^T M) A + bias, interleaved: output row r, columns of lanes 0-7 and 8-15
+      __m512 out[2][2], row[2][2];  // row: out interleaved, output row r, columns of lanes 0-7 and 8-15
+      output_transform(mt, _mm512_set1_ps(bias ? bias[o] : 0.f), out);
       for (int r = 0; r < 2; ++r) {
-        const __m512 left = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(z[4 * r], z[4 * r + 1]), z[4 * r + 2]), beta);
-        const __m512 right =
-            _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(z[4 * r + 1], z[4 * r + 2]), z[4 * r + 3]), beta);
-        row[r][0] = _mm512_permutex2var_ps(left, lo, right);
-        row[r][1] = _mm512_permutex2var_ps(left, hi, right);
+        row[r][0] = _mm512_permutex2var_ps(out[r][0], lo, out[r][1]);
+        row[r][1] = _mm512_permutex2var_ps(out[r][0], hi, out[r][1]);
       }
       for (int i = 0; i < n_seg; ++i) {
         const Segment& sg = seg[i];
@@ -471,20 +476,11 @@ inline void transform_outputs_nhwc(const Plan& p, const float* m, int64_t o0, in
       const __mmask16 lanes = lane_range(0, o1 - o);
       __m512 mt[16];
       for (int e = 0; e < kTerms; ++e) mt[e] = _mm512_loadu_ps(m + e * m_plane + (j - a) * p.block + (o - o0));
-      __m512 z[8];  // A^T M: 2 rows of 4
-      for (int s = 0; s < 4; ++s) {
-        z[s] = _mm512_add_ps(_mm512_add_ps(mt[s], mt[4 + s]), mt[8 + s]);
-        z[4 + s] = _mm512_sub_ps(_mm512_sub_ps(mt[4 + s], mt[8 + s]), mt[12 + s]);
-      }
-      const __m512 beta = bias ? _mm512_maskz_loadu_ps(lanes, bias + o) : _mm512_setzero_ps();
-      for (int r = 0; r < 2 && h0 + r < OH; ++r) {  // (A^T M) A + bias
-        const __m512 left = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(z[4 * r], z[4 * r + 1]), z[4 * r + 2]), beta);
-        _mm512_mask_storeu_ps(pixel + r * OW * O + o, lanes, left);
-        if (w0 + 1 < OW) {
-          const __m512 right =
-              _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(z[4 * r + 1], z[4 * r + 2]), z[4 * r + 3]), beta);
-          _mm512_mask_storeu_ps(pixel + r * OW * O + O + o, lanes, right);
-        }
+      __m512 out[2][2];
+      output_transform(mt, bias ? _mm512_maskz_loadu_ps(lanes, bias + o) : _mm512_setzero_ps(), out);
+      for (int r = 0; r < 2 && h0 + r < OH; ++r) {
+        _mm512_mask_storeu_ps(pixel + r * OW * O + o, lanes, out[r][0]);
+        if (w0 + 1 < OW) _mm512_mask_storeu_ps(pixel + r * OW * O + O + o, lanes, out[r][1]);
       }
     }
   }
