@@ -133,6 +133,30 @@ def test_codes_give_the_quantizers_output_bit_for_bit(bits, grid, channels_last)
                                                                     fixed.zero_point, True)
     assert centered.dtype == torch.int8 and centered.stride() == x.stride()
     assert torch.equal(centered.int(), codes.int() - 128) and torch.equal(centered_sums, sums)
+    for centered in (False, True):  # channels-last codes, whatever x's layout (oneDNN's convolution's input)
+        laid_out, laid_out_sums = torch.ops.mixedprec.bit_sharing_codes(x, fixed.clip, bits, fixed.signed,
+                                                                        fixed.zero_point, centered, True)
+        assert laid_out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(laid_out.int(), codes.int() - (128 if centered else 0))
+        assert torch.equal(laid_out_sums, sums)
+
+
+@pytest.mark.parametrize("shape", [(1, 37, 9, 15), (3, 16, 8, 8), (2, 5, 1, 1), (1, 1, 3, 70), (2, 130, 2, 3)])
+def test_channels_last_codes_of_nchw_x_on_every_tile_edge(shape):
+    """NCHW x coded into channels-last codes, 16 channels x 16 pixels at a time over spans of
+    64 pixels: the codes and sums of x's own layout, at every cut of channels and pixels."""
+    x = sample(shape, "asymmetric", 3)
+    x[0, 0, 0, -1] = float("nan")
+    q = quantizer(5, "asymmetric", x.nan_to_num())
+    fixed = q.fixed_grid()
+    args = (fixed.clip, 5, fixed.signed, fixed.zero_point)
+    codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, *args)
+    laid_out, laid_out_sums = torch.ops.mixedprec.bit_sharing_codes(x, *args, False, True)
+    assert laid_out.is_contiguous(memory_format=torch.channels_last) and laid_out.shape == x.shape
+    assert torch.equal(laid_out_sums.isnan(), x.isnan().any(1, keepdim=True))
+    assert torch.equal(laid_out_sums.nan_to_num(), sums.nan_to_num())
+    finite = ~x.isnan()
+    assert torch.equal(laid_out[finite], codes[finite])
 
 
 def test_codes_of_nan_give_a_nan_sum_at_its_pixel():
@@ -148,9 +172,11 @@ def test_codes_of_empty_tensors():
         for channels_last in (False, True):
             x = torch.rand(shape)
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-            codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, torch.tensor(1.0), 4, False)
-            assert codes.shape == shape and sums.shape == (shape[0], 1, *shape[2:])
-            assert torch.equal(sums, torch.zeros_like(sums))
+            for laid_out in (False, True):
+                codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, torch.tensor(1.0), 4, False, None, False,
+                                                                    laid_out)
+                assert codes.shape == shape and sums.shape == (shape[0], 1, *shape[2:])
+                assert torch.equal(sums, torch.zeros_like(sums))
 
 
 def test_codes_reject_bad_arguments():
@@ -387,6 +413,35 @@ def test_int8_epilogue(channels_last):
         ((acc, offset, factor, bias.double(), sums, window_factor), "bias must be"),
         ((acc, offset, factor, bias, sums, window_factor[:-1]), "window_factor must be"),
         ((acc, offset, factor, bias, sums[:1], window_factor), "window_sums must be"),
+    ]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            epilogue(*args)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 5, 3), (3, 16, 9, 16), (1, 5, 1, 1), (2, 1, 7, 5), (1, 64, 11, 13)])
+def test_int8_nchw_epilogue(shape):
+    """oneDNN's channels-last y laid out as NCHW with the offset term (and a padded signed grid's
+    shift) added, each product and sum rounded in turn, bit for bit, on tiles cut at every edge;
+    its arguments are checked by name."""
+    g = torch.Generator().manual_seed(14)
+    n, c, h, w = shape
+    y = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+    sums, window_factor = torch.randn(n, 1, h, w, generator=g), torch.randn(c, generator=g)
+    shift = torch.randn(1, c, h, w, generator=g)
+    epilogue = torch.ops.mixedprec.int8_nchw_epilogue
+    for s in (shift, None):
+        out = epilogue(y, sums, window_factor, s)
+        want = y + sums * window_factor.view(1, -1, 1, 1)
+        want = (want if s is None else want + s).contiguous()
+        assert out.is_contiguous() and out.shape == y.shape
+        assert torch.equal(out, want)
+    bad = [
+        ((y.contiguous() if c > 1 and h * w > 1 else y.double(), sums, window_factor, shift), "y must be"),
+        ((y, sums, window_factor.double(), shift), "window_factor must be"),
+        ((y, sums, window_factor[:-1], shift), "window_factor must be"),
+        ((y, sums[:, :, :-1], window_factor, shift), "window_sums must be"),
+        ((y, sums, window_factor, shift.expand(2, -1, -1, -1)), "shift must be"),
     ]
     for args, message in bad:
         with pytest.raises(RuntimeError, match=message):

@@ -332,20 +332,23 @@ def int8_conv2d(layer, x: Tensor) -> Tensor | None:
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     packed = cache.prepacked(tuple(x.shape), call.x_scale, call.x_zero, grid.signed, call.gemm)
+    # oneDNN's convolution takes channels-last codes (it copied NCHW ones so, slowly); small GEMMs, x's layout
     codes, sums = torch.ops.mixedprec.bit_sharing_codes(x, grid.clip, grid.bits, grid.signed, grid.zero_point,
-                                                        call.gemm)
+                                                        call.gemm, not call.gemm)
     if call.gemm:
-        y = _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums))
-    else:
-        y = torch.ops.onednn.qconv2d_pointwise(codes, call.x_scale, call.x_zero, packed.weight, cache.scales,
-                                               cache.zeros, _bias(layer, packed), *cache.geometry, 1, 1.0, 0,
-                                               torch.float32, "none", [], "")
-        y.addcmul_(cache.window_sums(sums), packed.window_factor.view(1, -1, 1, 1))
-        if packed.shift is not None and packed.shift.dim() > 1:
-            y.add_(packed.shift)
-    # oneDNN's layout is channels-last; y takes x's, as F.conv2d's does: an NCHW model stays NCHW
-    # (a channels-last y broke models that .view() a conv's output)
-    return y.contiguous() if call.nchw else y
+        return _small_gemm(call, packed, cache.strided(codes), _bias(layer, packed), cache.window_sums(sums))
+    y = torch.ops.onednn.qconv2d_pointwise(codes, call.x_scale, call.x_zero, packed.weight, cache.scales,
+                                           cache.zeros, _bias(layer, packed), *cache.geometry, 1, 1.0, 0,
+                                           torch.float32, "none", [], "")
+    window_sums = cache.window_sums(sums)
+    shift = packed.shift if packed.shift is not None and packed.shift.dim() > 1 else None
+    if call.nchw:
+        # oneDNN's layout is channels-last; y takes x's, as F.conv2d's does: an NCHW model stays
+        # NCHW (a channels-last y broke models that .view() a conv's output). One pass lays it out
+        # and adds the terms: torch's transposing copy took 4-16x a plain copy's time.
+        return torch.ops.mixedprec.int8_nchw_epilogue(y, window_sums, packed.window_factor, shift)
+    y.addcmul_(window_sums, packed.window_factor.view(1, -1, 1, 1))
+    return y if shift is None else y.add_(shift)
 
 
 @_eager

@@ -96,10 +96,11 @@ void run_bit_sharing(const BitSharingCase& c) {
 }
 
 // bit_sharing_codes (the int8 path's input): x of shape (n, c, h, w), stored NCHW or channels-last,
-// against the quantizer's rounding written out (include/mixedprec/bit_sharing.h's spelling).
+// codes in x's layout or (to_channels_last) channels-last, against the quantizer's rounding written
+// out (include/mixedprec/bit_sharing.h's spelling).
 void run_bit_sharing_codes(int64_t n, int64_t c, int64_t h, int64_t w, int bits, bool is_signed, float z0,
-                           bool channels_last, std::mt19937& rng, bool centered = false) {
-  static auto codes_op = op<Tensors2(const at::Tensor&, const at::Tensor&, int64_t, bool, OptTensor, bool)>(
+                           bool channels_last, std::mt19937& rng, bool centered = false, bool to_channels_last = false) {
+  static auto codes_op = op<Tensors2(const at::Tensor&, const at::Tensor&, int64_t, bool, OptTensor, bool, bool)>(
       "mixedprec::bit_sharing_codes");
   std::normal_distribution<float> normal(0.0f, 1.5f);
   std::vector<float> x(size_t(n * c * h * w));
@@ -108,10 +109,14 @@ void run_bit_sharing_codes(int64_t n, int64_t c, int64_t h, int64_t w, int bits,
   const float zero_level = is_signed ? float(((1 << bits) - 2) / 2) : std::nearbyint(z0 * levels);
   const at::Tensor xt = channels_last ? view(x, {n, h, w, c}).permute({0, 3, 1, 2}) : view(x, {n, c, h, w});
   const std::optional<at::Tensor> zp = is_signed ? std::nullopt : std::optional<at::Tensor>(at::full({}, z0));
-  const auto [codes, sums] = codes_op.call(xt, at::full({}, clip), bits, is_signed, zp, centered);
+  const auto [codes, sums] = codes_op.call(xt, at::full({}, clip), bits, is_signed, zp, centered, to_channels_last);
   const std::string name = "bit_sharing_codes " + std::to_string(bits) + "-bit" + (is_signed ? " signed" : "") +
-                           (channels_last ? " channels-last" : "") + (centered ? " centered" : "");
-  expect(codes.strides() == xt.strides(), name + ": codes not in x's layout");
+                           (channels_last ? " channels-last" : "") + (centered ? " centered" : "") +
+                           (to_channels_last ? " to channels-last" : "");
+  const bool codes_channels_last = channels_last || to_channels_last;
+  const std::vector<int64_t> nchw{c * h * w, h * w, w, 1}, nhwc{h * w * c, 1, w * c, c};
+  expect(h * w == 1 || codes.strides() == at::IntArrayRef(codes_channels_last ? nhwc : nchw),
+         name + ": codes' layout");
   expect(codes.scalar_type() == (centered ? at::kChar : at::kByte), name + ": codes' dtype");
   const uint8_t* k = reinterpret_cast<const uint8_t*>(codes.const_data_ptr());
   const float* s = data<float>(sums);
@@ -120,8 +125,10 @@ void run_bit_sharing_codes(int64_t n, int64_t c, int64_t h, int64_t w, int bits,
     const float t = x[i] * inv_clip;
     const float z = is_signed ? (std::min(std::max(t, -1.0f), 1.0f) + 1.0f) * 0.5f : std::min(std::max(t + z0, 0.0f), 1.0f);
     const float code = std::nearbyint(z * levels);
-    expect(float(centered ? int8_t(k[i]) + 128 : k[i]) == code, name + ": code");
+    const int64_t ch = channels_last ? int64_t(i) % c : int64_t(i) / (h * w) % c;
     const int64_t pixel = channels_last ? int64_t(i) / c : (int64_t(i) / (c * h * w)) * h * w + int64_t(i) % (h * w);
+    const int64_t at = codes_channels_last ? pixel * c + ch : pixel / (h * w) * c * h * w + ch * h * w + pixel % (h * w);
+    expect(float(centered ? int8_t(k[at]) + 128 : k[at]) == code, name + ": code");
     expected_sums[size_t(pixel)] += code - zero_level;
   }
   for (size_t q = 0; q < expected_sums.size(); ++q) expect(double(s[q]) == expected_sums[q], name + ": sum");
@@ -154,6 +161,29 @@ void run_int8_epilogue(int64_t n, int64_t c, int64_t h, int64_t w, bool with_bia
     const float want = (float(acc[i] + offset[ch]) * factor[ch] + (with_bias ? bias[ch] : 0.0f)) +
                        window_factor[ch] * sums[pixel];
     expect(yp[i] == want, name + ": y");
+  }
+}
+
+// int8_nchw_epilogue: channels-last y to NCHW, the plain loop operation for operation.
+void run_int8_nchw_epilogue(int64_t n, int64_t c, int64_t h, int64_t w, bool with_shift, std::mt19937& rng) {
+  static auto epilogue = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, OptTensor)>(
+      "mixedprec::int8_nchw_epilogue");
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> y(static_cast<size_t>(n * h * w * c)), window_factor(static_cast<size_t>(c)),
+      sums(static_cast<size_t>(n * h * w)), shift(static_cast<size_t>(c * h * w));
+  for (auto* v : {&y, &window_factor, &sums, &shift})
+    for (float& e : *v) e = normal(rng);
+  const std::optional<at::Tensor> s = with_shift ? std::optional<at::Tensor>(view(shift, {1, c, h, w})) : std::nullopt;
+  const at::Tensor out = epilogue.call(view(y, {n, h, w, c}).permute({0, 3, 1, 2}), view(sums, {n, 1, h, w}),
+                                       view(window_factor), s);
+  const std::string name = std::string("int8_nchw_epilogue") + (with_shift ? " shifted" : "");
+  expect(out.is_contiguous(), name + ": out not NCHW");
+  const float* o = out.const_data_ptr<float>();
+  for (int64_t i = 0; i < int64_t(y.size()); ++i) {  // i in y's channels-last order
+    const int64_t ch = i % c, pixel = i / c, q = pixel % (h * w);
+    const float want = (y[size_t(i)] + window_factor[size_t(ch)] * sums[size_t(pixel)]) +
+                       (with_shift ? shift[size_t(ch * h * w + q)] : 0.0f);
+    expect(o[(pixel / (h * w) * c + ch) * h * w + q] == want, name + ": out");
   }
 }
 
@@ -282,10 +312,17 @@ int main(int argc, char** argv) {
     run_bit_sharing_codes(3, 37, 4, 5, 2, false, 1.0f / 3.0f, channels_last, rng);
     run_bit_sharing_codes(2, 21, 1, 1, 1, true, 0.0f, channels_last, rng);
     run_bit_sharing_codes(2, 37, 3, 5, 8, false, 0.25f, channels_last, rng, true);
+    // channels-last codes of any x: tiles of 16 channels x 16 pixels cut at both edges, spans of 64 pixels
+    run_bit_sharing_codes(2, 37, 9, 11, 4, false, 0.25f, channels_last, rng, false, true);
+    run_bit_sharing_codes(1, 16, 4, 16, 8, true, 0.0f, channels_last, rng, true, true);
     // int8_epilogue: NCHW planes and pixel rows, with and without a bias, one pixel (a GEMM's rows)
     run_int8_epilogue(2, 37, 5, 3, true, channels_last, rng);
     run_int8_epilogue(3, 19, 1, 1, false, channels_last, rng);
   }
+  // int8_nchw_epilogue: tiles cut at both edges, spans of 64 pixels, with and without the shift
+  run_int8_nchw_epilogue(2, 37, 9, 11, true, rng);
+  run_int8_nchw_epilogue(1, 16, 8, 8, false, rng);
+  run_int8_nchw_epilogue(2, 5, 1, 1, true, rng);
 
   // codebook_quant: rows shorter than a vector (scalar tail only), odd rows, 1 to 256 levels
   for (int levels : {1, 2, 16, 256}) {

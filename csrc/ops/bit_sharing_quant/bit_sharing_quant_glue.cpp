@@ -4,9 +4,11 @@
 //   _bwd    (grad_x, sums = [dL/dv, sum grad_y T_j ...])
 //   _stats  the float64 sums of |r_j| (j = 2..K) over x
 //   bit_sharing_codes  (CPU only) one fixed bitwidth's codes as uint8 (centered: k - 128 as int8)
-//           and their sums over channels per pixel: the input of PackedConv2d's and PackedLinear's
-//           int8 path
+//           in x's layout (channels_last: channels-last whatever x's) and their sums over channels
+//           per pixel: the input of PackedConv2d's and PackedLinear's int8 path
 //   int8_epilogue  (CPU only) that path's small GEMMs' int32 sums to y
+//   int8_nchw_epilogue  (CPU only) oneDNN's channels-last y of an NCHW call to NCHW, the offset
+//           term added
 // Every one takes an optional 0-dim float32 zero_point z0 in [0, 1] (None: 0), the unsigned
 // grid's zero point (the asymmetric activation grid; only with signed=False).
 // Kernels: bit_sharing_quant_cpu.cpp (CPU), bit_sharing_quant.cu (CUDA, SIMT).
@@ -26,10 +28,12 @@ std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_backward(const at::Tensor& 
                                                               const at::Tensor& clip, const at::Tensor& gates,
                                                               const BitSharingParams& p, float z0);
 std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float clip, bool is_signed, float z0,
-                                                     int bits, bool centered);
+                                                     int bits, bool centered, bool channels_last);
 at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
                          const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
                          const at::Tensor& window_factor);
+at::Tensor int8_nchw_epilogue(const at::Tensor& y, const at::Tensor& window_sums, const at::Tensor& window_factor,
+                              const std::optional<at::Tensor>& shift);
 }  // namespace cpu
 namespace MP_DEVICE_NS {  // bit_sharing_quant.cu
 // floats of scratch the launchers need for n elements
@@ -184,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_y, const at::
 
 #if !defined(MP_SIMT_LIBRARY)
 std::tuple<at::Tensor, at::Tensor> codes(const at::Tensor& x, const at::Tensor& clip, int64_t bits, bool is_signed,
-                                         const std::optional<at::Tensor>& zero_point, bool centered) {
+                                         const std::optional<at::Tensor>& zero_point, bool centered,
+                                         bool channels_last) {
   const char* op = "bit_sharing_codes";
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, op,
               ": x must be a 4-D float32 CPU tensor (N, C, H, W), got ", x.dim(), "-D ", x.scalar_type(), " on ",
@@ -196,7 +201,23 @@ std::tuple<at::Tensor, at::Tensor> codes(const at::Tensor& x, const at::Tensor& 
   const float v = clip.item<float>();
   TORCH_CHECK(std::isfinite(v) && v > 0.0f, op, ": clip must be finite and > 0, got ", v);
   const float z0 = zero_point_value(check_zero_point(zero_point, x, is_signed, op));
-  return cpu::bit_sharing_codes(x, v, is_signed, z0, int(bits), centered);
+  return cpu::bit_sharing_codes(x, v, is_signed, z0, int(bits), centered, channels_last);
+}
+
+// The epilogues' per-channel vectors: contiguous (c,) of dtype.
+void check_per_channel(const at::Tensor& t, at::ScalarType dtype, int64_t c, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == c && t.is_contiguous(), op, ": ",
+              name, " must be a contiguous ", dtype, " CPU tensor of shape (", c, ",), got ", t.scalar_type(),
+              " of shape ", t.sizes(), " on ", t.device());
+}
+
+// The epilogues' planes: contiguous float32 (images, channels) of y's H x W.
+void check_planes(const at::Tensor& t, int64_t images, int64_t channels, const at::Tensor& y, const char* op,
+                  const char* name) {
+  TORCH_CHECK(t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                  t.sizes() == at::IntArrayRef({images, channels, y.size(2), y.size(3)}),
+              op, ": ", name, " must be a contiguous float32 CPU tensor of shape (", images, ", ", channels, ", ",
+              y.size(2), ", ", y.size(3), "), got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
 }
 
 // y = float(acc + offset) factor + bias + window_factor window_sums (per channel c; window_sums
@@ -210,20 +231,27 @@ at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const 
               op, ": acc must be a contiguous or channels-last 4-D int32 CPU tensor (N, C, H, W), got ", acc.dim(),
               "-D ", acc.scalar_type(), " on ", acc.device());
   const int64_t c = acc.size(1);
-  const auto per_channel = [&](const at::Tensor& t, at::ScalarType dtype, const char* name) {
-    TORCH_CHECK(t.is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == c && t.is_contiguous(), op,
-                ": ", name, " must be a contiguous ", dtype, " CPU tensor of shape (", c, ",), got ", t.scalar_type(),
-                " of shape ", t.sizes(), " on ", t.device());
-  };
-  per_channel(offset, at::kInt, "offset");
-  per_channel(factor, at::kFloat, "factor");
-  per_channel(window_factor, at::kFloat, "window_factor");
-  if (bias) per_channel(*bias, at::kFloat, "bias");
-  TORCH_CHECK(window_sums.is_cpu() && window_sums.scalar_type() == at::kFloat && window_sums.is_contiguous() &&
-                  window_sums.sizes() == at::IntArrayRef({acc.size(0), 1, acc.size(2), acc.size(3)}),
-              op, ": window_sums must be a contiguous float32 CPU tensor of shape (", acc.size(0), ", 1, ", acc.size(2),
-              ", ", acc.size(3), "), got ", window_sums.scalar_type(), " of shape ", window_sums.sizes());
+  check_per_channel(offset, at::kInt, c, op, "offset");
+  check_per_channel(factor, at::kFloat, c, op, "factor");
+  check_per_channel(window_factor, at::kFloat, c, op, "window_factor");
+  if (bias) check_per_channel(*bias, at::kFloat, c, op, "bias");
+  check_planes(window_sums, acc.size(0), 1, acc, op, "window_sums");
   return cpu::int8_epilogue(acc, offset, factor, bias, window_sums, window_factor);
+}
+
+// out = (y + window_factor window_sums) + shift, y channels-last, out NCHW (window_factor per
+// channel; window_sums per output pixel; shift, when given, per channel and pixel).
+at::Tensor int8_nchw_epilogue(const at::Tensor& y, const at::Tensor& window_sums, const at::Tensor& window_factor,
+                              const std::optional<at::Tensor>& shift) {
+  const char* op = "int8_nchw_epilogue";
+  TORCH_CHECK(y.is_cpu() && y.scalar_type() == at::kFloat && y.dim() == 4 &&
+                  y.is_contiguous(at::MemoryFormat::ChannelsLast),
+              op, ": y must be a channels-last 4-D float32 CPU tensor (N, C, H, W), got ", y.dim(), "-D ",
+              y.scalar_type(), " on ", y.device());
+  check_per_channel(window_factor, at::kFloat, y.size(1), op, "window_factor");
+  check_planes(window_sums, y.size(0), 1, y, op, "window_sums");
+  if (shift) check_planes(*shift, 1, y.size(1), y, op, "shift");
+  return cpu::int8_nchw_epilogue(y, window_sums, window_factor, shift);
 }
 #endif
 
@@ -240,10 +268,12 @@ TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
         "Tensor", mixedprec::stats<false>, mixedprec::stats<true>);
 #if !defined(MP_SIMT_LIBRARY)
   m.def("bit_sharing_codes(Tensor x, Tensor clip, int bits, bool signed, Tensor? zero_point=None, "
-        "bool centered=False) -> (Tensor, Tensor)");
+        "bool centered=False, bool channels_last=False) -> (Tensor, Tensor)");
   m.impl("bit_sharing_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::codes)));
   m.def("int8_epilogue(Tensor acc, Tensor offset, Tensor factor, Tensor? bias, Tensor window_sums, "
         "Tensor window_factor) -> Tensor");
   m.impl("int8_epilogue", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::int8_epilogue)));
+  m.def("int8_nchw_epilogue(Tensor y, Tensor window_sums, Tensor window_factor, Tensor? shift) -> Tensor");
+  m.impl("int8_nchw_epilogue", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::int8_nchw_epilogue)));
 #endif
 }
