@@ -384,8 +384,8 @@ def test_sums_beyond_int32_take_the_float_path():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_int8_epilogue(channels_last):
-    """y = float(acc + offset) factor + bias + window_factor window_sums, in acc's layout; its
-    arguments are checked by name."""
+    """y = float(acc + offset) factor + bias + window_factor window_sums, written over acc as
+    float32 in acc's layout; its arguments are checked by name."""
     g = torch.Generator().manual_seed(13)
     acc = torch.randint(-2**20, 2**20, (2, 37, 5, 3), generator=g, dtype=torch.int32)
     if channels_last:
@@ -393,10 +393,12 @@ def test_int8_epilogue(channels_last):
     offset = torch.randint(-2**20, 2**20, (37,), generator=g, dtype=torch.int32)
     factor, bias, window_factor = (torch.randn(37, generator=g) for _ in range(3))
     sums = torch.randn(2, 1, 5, 3, generator=g)
-    epilogue = torch.ops.mixedprec.int8_epilogue
+    epilogue = torch.ops.mixedprec.int8_epilogue_
     channel = (1, -1, 1, 1)
     for b in (bias, None):
-        y = epilogue(acc, offset, factor, b, sums, window_factor)
+        written = acc.clone()
+        assert epilogue(written, offset, factor, b, sums, window_factor) is None
+        y = written.view(torch.float32)
         want = ((acc + offset.view(channel)).double() * factor.view(channel).double()
                 + (0 if b is None else b.view(channel).double()) + window_factor.view(channel).double() * sums.double())
         # three float32 roundings of the sum's terms (each at most its magnitude) and the conversion
@@ -404,7 +406,7 @@ def test_int8_epilogue(channels_last):
                  + (0 if b is None else b.view(channel).double().abs())
                  + (window_factor.view(channel).double() * sums.double()).abs())
         assert ((y.double() - want).abs() <= 4 * torch.finfo(torch.float32).eps / 2 * terms).all()
-        assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert written.stride() == acc.stride()
     bad = [
         ((acc.float(), offset, factor, bias, sums, window_factor), "acc must be"),
         ((acc.transpose(2, 3), offset, factor, bias, sums, window_factor), "acc must be"),

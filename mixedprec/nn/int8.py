@@ -10,7 +10,7 @@ batch 1 and 5-20x faster than it from batch 4 on (Zen 4). y comes in x's layout,
 Small GEMMs (1x1 convolutions and GEMMs of at most ``GEMM_MACS`` multiply-adds and ``GEMM_OUTPUTS``
 outputs; NCHW 1x1 convolutions of any size) skip oneDNN's per-call cost: s8 x s8
 ``torch._int_mm`` on codes shifted by -128 (exact, added back in int32), then one pass
-(``int8_epilogue``) to float32. The integer sums are exact, so y differs from the float path
+(``int8_epilogue_``) to float32. The integer sums are exact, so y differs from the float path
 (fake-quantized x, float convolution or GEMM) by float32 rounding:
 
     x_hat = s_x (k - j)           k = the quantizer's code (``bit_sharing_codes``), j its zero level
@@ -303,8 +303,8 @@ def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, w
     shift is added back as ``offset`` in int32), in x's layout: for an NCHW x (``call.nchw``) per image
     W (C, K) times its codes (K, H W); else pixel rows times W^T, channels-last. (Pixel rows from
     NCHW codes, and their y laid out back, cost two transposing copies: 3x the GEMM at 144 output
-    channels and 56 x 56, 6.5x at 256.) Then one pass (``int8_epilogue``) to float32 s_x d
-    scale_c (sums + offset) + bias + the offset term."""
+    channels and 56 x 56, 6.5x at 256.) Then one pass (``int8_epilogue_``) to float32 s_x d
+    scale_c (sums + offset) + bias + the offset term, written over the sums."""
     n, k, h, w = q.shape
     if call.nchw and h * w > 1:
         q = q.contiguous()
@@ -316,8 +316,9 @@ def _small_gemm(call: Call, packed: Prepacked, q: Tensor, bias: Tensor | None, w
         pixels = q.permute(0, 2, 3, 1).reshape(-1, k)  # a view of channels-last codes, else one copy
         weight = call.cache.rows.t() if pixels.shape[0] == 1 else call.cache.columns()
         acc = torch._int_mm(pixels, weight).view(n, h, w, -1).permute(0, 3, 1, 2)
-    return torch.ops.mixedprec.int8_epilogue(acc, packed.offset, packed.factor, bias, window_sums.contiguous(),
-                                             packed.window_factor)
+    torch.ops.mixedprec.int8_epilogue_(acc, packed.offset, packed.factor, bias, window_sums.contiguous(),
+                                       packed.window_factor)
+    return acc.view(torch.float32)  # y, written over the sums
 
 
 @_eager

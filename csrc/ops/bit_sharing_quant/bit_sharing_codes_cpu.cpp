@@ -9,9 +9,10 @@
 // NaN in x gives some code and a NaN sum at its pixel, which the window sums carry to every output
 // it reaches, as the float path does.
 //
-// int8_epilogue turns the int32 sums of the int8 path's small GEMMs (torch._int_mm) into y, one
-// pass: y = float(acc + offset_c) factor_c + bias_c + window_factor_c window_sum, each operation
-// rounded in turn (in the order written), in acc's layout.
+// int8_epilogue_ turns the int32 sums of the int8 path's small GEMMs (torch._int_mm) into y in
+// place, one pass: y = float(acc + offset_c) factor_c + bias_c + window_factor_c window_sum, each
+// operation rounded in turn (in the order written), written over acc as float32 (y is then acc's
+// bytes: no second activation-sized buffer, whose fresh pages cost ~1 us each to fault in).
 //
 // int8_nchw_epilogue lays oneDNN's channels-last y of an NCHW call out as NCHW and adds the offset
 // term in the same pass (torch's transposing copy alone took 4-16x a plain copy's time):
@@ -162,25 +163,30 @@ std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float 
   return {centered ? codes.view(at::kChar) : codes, sums};
 }
 
-at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
-                         const at::Tensor& window_factor) {
+void int8_epilogue_(at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
+                    const at::Tensor& window_factor) {
   const int64_t c = acc.size(1), hw = acc.size(2) * acc.size(3), pixels = acc.size(0) * hw;
   const bool pixel_major = hw == 1 || (acc.is_contiguous(at::MemoryFormat::ChannelsLast) && !acc.is_contiguous());
-  at::Tensor y = poisoned(at::empty_like(acc, acc.options().dtype(at::kFloat)));
   const std::vector<float> zeros(bias ? 0 : c, 0.0f);
-  const int32_t* a = acc.const_data_ptr<int32_t>();
+  int32_t* a = acc.data_ptr<int32_t>();  // read as int32, written over as float32 through vectors (no aliasing)
   const int32_t* off = offset.const_data_ptr<int32_t>();
   const float *f = factor.const_data_ptr<float>(), *b = bias ? bias->const_data_ptr<float>() : zeros.data();
   const float *ws = window_sums.const_data_ptr<float>(), *wf = window_factor.const_data_ptr<float>();
-  float* out = y.data_ptr<float>();
+  // y[i] = (float(a[i] + o) * fc + bc) + wc * s for count (<= kW) values, each operand a vector
+  const auto pass = [](int32_t* at, VecIndex o, Vec fc, Vec bc, Vec wc, Vec s, int count) {
+    const Vec sums = at::vec::convert<float>(VecIndex::loadu(at, count) + o);
+    ((sums * fc + bc) + wc * s).store(at, count);
+  };
   if (pixel_major) {  // pixel q's channels at q C .. q C + C - 1
     at::parallel_for(0, pixels, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(c, 1)), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
-        const int32_t* aq = a + q * c;
-        float* yq = out + q * c;
-        const float s = ws[q];
-        for (int64_t ch = 0; ch < c; ++ch) yq[ch] = (float(aq[ch] + off[ch]) * f[ch] + b[ch]) + wf[ch] * s;
+        const Vec s(ws[q]);
+        for (int64_t ch = 0; ch < c; ch += kW) {
+          const int count = int(std::min<int64_t>(kW, c - ch));
+          pass(a + q * c + ch, VecIndex::loadu(off + ch, count), Vec::loadu(f + ch, count), Vec::loadu(b + ch, count),
+               Vec::loadu(wf + ch, count), s, count);
+        }
       }
     });
   } else {  // NCHW: plane (n, ch) of hw values, image n's window sums at n hw
@@ -188,16 +194,15 @@ at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const 
                      [&](int64_t p0, int64_t p1) {
       for (int64_t plane = p0; plane < p1; ++plane) {
         const int64_t ch = plane % c;
-        const int32_t* ap = a + plane * hw;
         const float* wsn = ws + plane / c * hw;
-        float* yp = out + plane * hw;
-        const int32_t o = off[ch];
-        const float fc = f[ch], bc = b[ch], wc = wf[ch];
-        for (int64_t i = 0; i < hw; ++i) yp[i] = (float(ap[i] + o) * fc + bc) + wc * wsn[i];
+        for (int64_t i = 0; i < hw; i += kW) {
+          const int count = int(std::min<int64_t>(kW, hw - i));
+          pass(a + plane * hw + i, VecIndex(off[ch]), Vec(f[ch]), Vec(b[ch]), Vec(wf[ch]), Vec::loadu(wsn + i, count),
+               count);
+        }
       }
     });
   }
-  return y;
 }
 
 at::Tensor int8_nchw_epilogue(const at::Tensor& y, const at::Tensor& window_sums, const at::Tensor& window_factor,

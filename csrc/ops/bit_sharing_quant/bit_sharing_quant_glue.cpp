@@ -6,7 +6,7 @@
 //   bit_sharing_codes  (CPU only) one fixed bitwidth's codes as uint8 (centered: k - 128 as int8)
 //           in x's layout (channels_last: channels-last whatever x's) and their sums over channels
 //           per pixel: the input of PackedConv2d's and PackedLinear's int8 path
-//   int8_epilogue  (CPU only) that path's small GEMMs' int32 sums to y
+//   int8_epilogue_  (CPU only) that path's small GEMMs' int32 sums to y, in place (float32 over acc)
 //   int8_nchw_epilogue  (CPU only) oneDNN's channels-last y of an NCHW call to NCHW, the offset
 //           term added
 // Every one takes an optional 0-dim float32 zero_point z0 in [0, 1] (None: 0), the unsigned
@@ -29,9 +29,9 @@ std::tuple<at::Tensor, at::Tensor> bit_sharing_quant_backward(const at::Tensor& 
                                                               const BitSharingParams& p, float z0);
 std::tuple<at::Tensor, at::Tensor> bit_sharing_codes(const at::Tensor& x, float clip, bool is_signed, float z0,
                                                      int bits, bool centered, bool channels_last);
-at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
-                         const at::Tensor& window_factor);
+void int8_epilogue_(at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
+                    const at::Tensor& window_factor);
 at::Tensor int8_nchw_epilogue(const at::Tensor& y, const at::Tensor& window_sums, const at::Tensor& window_factor,
                               const std::optional<at::Tensor>& shift);
 }  // namespace cpu
@@ -221,11 +221,11 @@ void check_planes(const at::Tensor& t, int64_t images, int64_t channels, const a
 }
 
 // y = float(acc + offset) factor + bias + window_factor window_sums (per channel c; window_sums
-// per output pixel), in acc's layout.
-at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
-                         const at::Tensor& window_factor) {
-  const char* op = "int8_epilogue";
+// per output pixel), as float32 over acc (acc.view(float32) is then y).
+void int8_epilogue_(at::Tensor& acc, const at::Tensor& offset, const at::Tensor& factor,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& window_sums,
+                    const at::Tensor& window_factor) {
+  const char* op = "int8_epilogue_";
   TORCH_CHECK(acc.is_cpu() && acc.scalar_type() == at::kInt && acc.dim() == 4 &&
                   (acc.is_contiguous() || acc.is_contiguous(at::MemoryFormat::ChannelsLast)),
               op, ": acc must be a contiguous or channels-last 4-D int32 CPU tensor (N, C, H, W), got ", acc.dim(),
@@ -236,7 +236,7 @@ at::Tensor int8_epilogue(const at::Tensor& acc, const at::Tensor& offset, const 
   check_per_channel(window_factor, at::kFloat, c, op, "window_factor");
   if (bias) check_per_channel(*bias, at::kFloat, c, op, "bias");
   check_planes(window_sums, acc.size(0), 1, acc, op, "window_sums");
-  return cpu::int8_epilogue(acc, offset, factor, bias, window_sums, window_factor);
+  cpu::int8_epilogue_(acc, offset, factor, bias, window_sums, window_factor);
 }
 
 // out = (y + window_factor window_sums) + shift, y channels-last, out NCHW (window_factor per
@@ -270,9 +270,9 @@ TORCH_LIBRARY_FRAGMENT(MP_LIBRARY, m) {
   m.def("bit_sharing_codes(Tensor x, Tensor clip, int bits, bool signed, Tensor? zero_point=None, "
         "bool centered=False, bool channels_last=False) -> (Tensor, Tensor)");
   m.impl("bit_sharing_codes", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::codes)));
-  m.def("int8_epilogue(Tensor acc, Tensor offset, Tensor factor, Tensor? bias, Tensor window_sums, "
-        "Tensor window_factor) -> Tensor");
-  m.impl("int8_epilogue", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::int8_epilogue)));
+  m.def("int8_epilogue_(Tensor(a!) acc, Tensor offset, Tensor factor, Tensor? bias, Tensor window_sums, "
+        "Tensor window_factor) -> ()");
+  m.impl("int8_epilogue_", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::int8_epilogue_)));
   m.def("int8_nchw_epilogue(Tensor y, Tensor window_sums, Tensor window_factor, Tensor? shift) -> Tensor");
   m.impl("int8_nchw_epilogue", torch::dispatch(c10::DispatchKey::CPU, TORCH_FN(mixedprec::int8_nchw_epilogue)));
 #endif
