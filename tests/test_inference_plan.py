@@ -140,7 +140,7 @@ def test_the_plan_gives_the_general_path_and_follows_every_change(monkeypatch, t
 @pytest.mark.parametrize("conv", [True, False], ids=["conv", "linear"])
 def test_the_plan_leaves_int8_calls_to_the_int8_path_and_follows_its_switch(monkeypatch, conv):
     layer, x = _layer("signed", conv, sparse=False)  # a uniform grid, no bitmap
-    for name in ("MIN_MACS", "WINOGRAD_MIN_MACS", "MIN_GEMM_MACS"):  # no size threshold: int8 takes x
+    for name in ("MIN_MACS", "WINOGRAD_MIN_MACS", "MIN_GEMM_MACS", "MIN_ROW_CHANNELS"):  # no threshold: int8 takes x
         monkeypatch.setattr(int8, name, 0)
     general = _general(layer, x)
     with torch.inference_mode():

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(not int8_available(), reason="no oneDNN int8 con
 @pytest.fixture(autouse=True)
 def small_layers_too(monkeypatch):
     """The tests' small layers take the int8 path (below MIN_MACS, WINOGRAD_MIN_MACS,
-    MIN_GEMM_MACS or MIN_CHANNELS a call takes the float path)."""
+    MIN_GEMM_MACS, MIN_CHANNELS or MIN_ROW_CHANNELS a call takes the float path)."""
+    monkeypatch.setattr(int8, "MIN_ROW_CHANNELS", 1)
     monkeypatch.setattr(int8, "MIN_MACS", 0)
     monkeypatch.setattr(int8, "WINOGRAD_MIN_MACS", 0)
     monkeypatch.setattr(int8, "MIN_GEMM_MACS", 0)
@@ -478,6 +479,27 @@ def test_calls_below_min_macs_take_the_float_path(monkeypatch):
         assert int8_conv2d(pointwise, x) is not None
         assert int8_linear(linear, torch.rand(1, 4096)) is None
         assert int8_linear(sbs_layer((512, 4096), 4, quant), torch.rand(1, 4096)) is not None  # 2.1M
+
+
+def test_narrow_row_gemms_take_the_float_path(monkeypatch):
+    """GEMMs over pixel rows (channels-last 1x1 convolutions, linear layers) with fewer than
+    MIN_ROW_CHANNELS input or output channels; NCHW 1x1 convolutions keep the int8 path."""
+    monkeypatch.setattr(int8, "MIN_ROW_CHANNELS", 16)
+    x = sample((2, 16, 6, 6), "unsigned", 16, channels_last=True)
+    quant = quantizer(8, "unsigned", x)
+    rows = x.permute(0, 2, 3, 1).reshape(-1, 16)
+    narrow = x[:, 1:].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for route in ("small gemm", "onednn"):
+            monkeypatch.setattr(int8, "GEMM_MACS", 1 << 26 if route == "small gemm" else 0)
+            assert int8_conv2d(sbs_layer((16, 16, 1, 1), 4, quant), x) is not None
+            assert int8_conv2d(sbs_layer((15, 16, 1, 1), 4, quant), x) is None
+            assert int8_conv2d(sbs_layer((15, 16, 1, 1), 4, quant), x.contiguous()) is not None  # NCHW
+            assert int8_conv2d(sbs_layer((16, 15, 1, 1), 4, quant), narrow) is None
+            assert int8_linear(sbs_layer((16, 16), 4, quant), rows) is not None
+            assert int8_linear(sbs_layer((12, 16), 4, quant), rows) is None
+            assert int8_linear(sbs_layer((16, 12), 4, quant), rows[:, 4:]) is None
+        assert int8_conv2d(sbs_layer((8, 16, 3, 3), 4, quant, padding=1), x) is not None  # not a GEMM
 
 
 def test_rgb_stems_take_the_float_path(monkeypatch):

@@ -25,7 +25,8 @@ path's NaN reaches.
 
 It applies to dense (no bitmap), single-group layers, calls of at least ``MIN_MACS``
 multiply-adds (3x3 stride-1 ones: ``WINOGRAD_MIN_MACS``; convolutions over at least
-``MIN_CHANNELS`` input channels; small GEMMs: ``MIN_GEMM_MACS``),
+``MIN_CHANNELS`` input channels; small GEMMs: ``MIN_GEMM_MACS``; GEMMs over pixel rows with at
+least ``MIN_ROW_CHANNELS`` input and output channels),
 under ``torch.no_grad()`` or ``torch.inference_mode()``, with float32 CPU inputs and no backend
 chosen (the layer's ``backend``, ``ops.use_backend``: those run the float path on
 that backend), on CPUs with VNNI (elsewhere u8 x s8 products can saturate in int16); every other
@@ -110,6 +111,14 @@ GEMM_OUTPUTS = 1 << 20
 # model its 128 -> 10 classifier took 54 us as int8 against 39 us (and its first layer 8-12 us
 # more) once the float path's quantizer stopped checking its grid on every call.
 MIN_GEMM_MACS = 1 << 16
+# GEMMs over pixel rows (channels-last 1x1 convolutions, linear layers) with fewer input or output
+# channels than this take the float path: their sums are cheap next to the extra pass over y (the
+# grid-offset term) and the codes, and torch._int_mm runs narrow shapes slowly. MobileNetV2's
+# 24 -> 12 and 12 -> 72 layers at 112 x 112 took 0.24 and 0.33 ms as int8 against 0.15 and 0.22 on
+# the float path at batch 1, 1.29 and 2.86 against 0.83 and 2.05 at batch 8; its 24 -> 108,
+# 72 -> 24 and 108 -> 24 layers ran 0.66-0.9x faster as int8. (NCHW 1x1 layers, per image W times
+# the codes, ran as fast or faster as int8 at both sizes.)
+MIN_ROW_CHANNELS = 16
 # Sums of k - 128 times c - m (and the offset term) stay in int32 up to this depth: 255 * 128 each.
 MAX_DEPTH = (2**31 - 1) // (255 * 128)
 
@@ -257,7 +266,7 @@ def _prepare(layer, x: Tensor, dims: int) -> Call | None:
     # NCHW 1x1 layers of any size: oneDNN's channels-last y would need a transposing copy (_small_gemm)
     nchw = dims == 4 and memory_format(x) is torch.contiguous_format
     gemm = cache.pointwise and (nchw or macs <= GEMM_MACS and macs <= GEMM_OUTPUTS * math.prod(weight_shape[1:]))
-    if gemm and macs < MIN_GEMM_MACS:
+    if gemm and macs < MIN_GEMM_MACS or cache.pointwise and not nchw and min(weight_shape[:2]) < MIN_ROW_CHANNELS:
         return None
     few_channels = weight_shape[1] < MIN_CHANNELS  # RGB stems (see MIN_CHANNELS)
     if not gemm and (macs < (WINOGRAD_MIN_MACS if cache.winograd else MIN_MACS) or few_channels):
