@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "cpu/code_decode.h"
+#include "cpu/kept_buffer.h"
 #include "cpu/lowbit_simd.h"
 #include "cpu/switches.h"
 #include "cpu/vec_ops.h"
@@ -274,7 +275,8 @@ at::Tensor tiled_forward(const at::Tensor& x, const PackedView& w) {
   const int64_t count = ceil_div(out, std::max<int64_t>(1, kTileFloats / std::max<int64_t>(1, in)));
   const int64_t per_tile = ceil_div(out, count);
   const bool simd = cpu_simd.load(std::memory_order_relaxed);
-  at::Tensor tile = at::empty({per_tile, in}, x.options());
+  static thread_local std::vector<float> kept;  // the decoded tile (cpu/kept_buffer.h)
+  const at::Tensor tile = kept_tensor(kept, {per_tile, in});
   if (count == 1) {
     decode_scaled_rows(w, 0, out, tile.data_ptr<float>(), simd);
     return at::mm(x, tile.t());

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/code_decode.h"
+#include "cpu/kept_buffer.h"
 #include "cpu/switches.h"
 #include "mixedprec/conv2d.h"
 #include "mixedprec/packed_weight.h"
@@ -205,7 +206,8 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
   const Tiles tiles(g);
   const at::Tensor pixels = pointwise_gemm_applies(g, layout) ? pixel_rows(x_f, g) : at::Tensor();
   const bool nchw_gemm = nchw_gemm_applies(g, layout);
-  at::Tensor tile = at::empty({tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w}, x_f.options());
+  static thread_local std::vector<float> kept;  // the decoded tile (cpu/kept_buffer.h)
+  const at::Tensor tile = kept_tensor(kept, {tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w});
   const auto conv = [&](int64_t c0, int64_t c1) {
     const int64_t k = g.groups > 1 ? (c1 - c0) / g.group_out() : 1;
     decoder.decode(c0, c1, tile.data_ptr<float>());

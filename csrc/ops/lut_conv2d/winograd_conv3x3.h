@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu/code_decode.h"
+#include "cpu/kept_buffer.h"
 #include "cpu/switches.h"
 #include "mixedprec/conv2d.h"
 
@@ -55,11 +56,6 @@ constexpr int kMaxVecs = 3;                    // tile vectors per GEMM register
 constexpr int64_t kChunkBytes = 4 << 20;       // transformed inputs of a chunk of tiles
 constexpr int64_t kBlockBytes = 256 << 10;     // transformed weight block (at least 16 channels)
 constexpr int64_t kItemBytes = 128 << 10;      // GEMM results of one pass over a block
-
-inline float* kept_buffer(std::vector<float>& buffer, int64_t floats) {
-  if (int64_t(buffer.size()) < floats) buffer.resize(floats);
-  return buffer.data();
-}
 
 // r[i] lane j <- r[j] lane i.
 inline void transpose16(__m512 r[16]) {
