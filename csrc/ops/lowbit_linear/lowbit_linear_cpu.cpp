@@ -66,7 +66,9 @@ constexpr int64_t kGemmRows = 64;
 // multiply-adds, which outweighs streaming the tile through the cache. Below it the per-task
 // blocks above, which stay in L2, were faster (Zen 4, 2 threads: 4096 x 4096 at 128 rows 26-27
 // against 31-32 ms, 256 rows 48-58 against 52-67; at 512 rows 108-111 against 99-102; ConvNeXt's
-// 3136 x 96 -> 384 1.7-2.7 against 1.3-1.9 ms, 784 x 192 -> 768 1.4-2.8 against 1.3-2.5).
+// 3136 x 96 -> 384 1.7-2.7 against 1.3-1.9 ms, 784 x 192 -> 768 1.4-2.8 against 1.3-2.5). With
+// the tile kept across calls (no fresh pages) the blocks still won below 512 rows: 384 -> 1536 at
+// 32-256 rows 0.33-1.75 against 0.41-1.76 ms tiled, 4096 x 4096 8.2-47 against 26.5-67.9.
 constexpr int64_t kTileBatch = 512;
 constexpr int64_t kTileFloats = int64_t(1) << 22;
 // Weights per task at least: small layers run on one thread (a parallel region costs more).
