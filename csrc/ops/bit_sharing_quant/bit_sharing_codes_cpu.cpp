@@ -122,7 +122,7 @@ void planar(const float* x, uint8_t* codes, float* sums, int64_t images, int64_t
 // coded from the planes and transposed through a float tile.
 void planar_to_channels_last(const float* x, uint8_t* codes, float* sums, int64_t images, int64_t c, int64_t hw,
                              const CodeParams& p) {
-  constexpr int64_t kSpan = 4 * kW;  // pixels per task: 256 bytes of each plane
+  constexpr int64_t kSpan = 4 * kW;  // pixels per task: 4 vectors of each plane
   const int64_t spans = (hw + kSpan - 1) / kSpan;
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / (std::max<int64_t>(c, 1) * kSpan));
   at::parallel_for(0, images * spans, grain, [&](int64_t t0, int64_t t1) {
@@ -221,7 +221,7 @@ void int8_epilogue_(at::Tensor& acc, const at::Tensor& offset, const at::Tensor&
 
 at::Tensor int8_nchw_epilogue(const at::Tensor& y, const at::Tensor& window_sums, const at::Tensor& window_factor,
                               const std::optional<at::Tensor>& shift) {
-  constexpr int64_t kTile = 16, kSpan = 4 * kTile;  // 16x16 transposes; pixels per task: 256 bytes of each plane
+  constexpr int64_t kTile = kW, kSpan = 4 * kTile;  // vector-square transposes; 4 vectors of pixels a task
   const int64_t c = y.size(1), hw = y.size(2) * y.size(3), spans = (hw + kSpan - 1) / kSpan;
   at::Tensor out = poisoned(at::empty(y.sizes(), y.options()));
   const float *yp = y.const_data_ptr<float>(), *ws = window_sums.const_data_ptr<float>();
