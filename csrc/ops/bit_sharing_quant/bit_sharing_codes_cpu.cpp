@@ -90,12 +90,11 @@ void planar(const float* x, uint8_t* codes, float* sums, int64_t images, int64_t
   const int64_t wanted = 4 * at::get_num_threads();  // tasks: a few per thread
   const int64_t blocks = std::clamp<int64_t>(wanted / std::max<int64_t>(images, 1), 1, std::max<int64_t>(c / 8, 1));
   const int64_t block = (c + blocks - 1) / blocks;
-  std::vector<float> partial(size_t(images * blocks * hw));
+  std::vector<float> partial(size_t(images * blocks * hw), 0.0f);
   at::parallel_for(0, images * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / blocks, c0 = (t % blocks) * block, c1 = std::min(c, c0 + block);
       float* acc = partial.data() + t * hw;
-      std::fill(acc, acc + hw, 0.0f);
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t at = (n * c + ch) * hw;
         for (int64_t i = 0; i < hw; i += kW) {
@@ -118,8 +117,8 @@ void planar(const float* x, uint8_t* codes, float* sums, int64_t images, int64_t
 }
 
 // NCHW x, channels-last codes (oneDNN's convolution takes them so; torch's transposing copy of
-// NCHW codes took 3-7x the time of a plain copy): per image, 16 channels x 16 pixels at a time,
-// coded from the planes and transposed through a float tile.
+// NCHW codes took 3-7x the time of a plain copy): per image, a vector's width of channels and of
+// pixels at a time (16 x 16 on AVX-512), coded from the planes and transposed through a float tile.
 void planar_to_channels_last(const float* x, uint8_t* codes, float* sums, int64_t images, int64_t c, int64_t hw,
                              const CodeParams& p) {
   constexpr int64_t kSpan = 4 * kW;  // pixels per task: 4 vectors of each plane
@@ -188,9 +187,9 @@ void int8_epilogue_(at::Tensor& acc, const at::Tensor& offset, const at::Tensor&
   const float *f = factor.const_data_ptr<float>(), *b = bias ? bias->const_data_ptr<float>() : zeros.data();
   const float *ws = window_sums.const_data_ptr<float>(), *wf = window_factor.const_data_ptr<float>();
   // y[i] = (float(a[i] + o) * fc + bc) + wc * s for count (<= kW) values, each operand a vector
-  const auto pass = [](int32_t* at, VecIndex o, Vec fc, Vec bc, Vec wc, Vec s, int count) {
-    const Vec sums = at::vec::convert<float>(VecIndex::loadu(at, count) + o);
-    ((sums * fc + bc) + wc * s).store(at, count);
+  const auto pass = [](int32_t* values, VecIndex o, Vec fc, Vec bc, Vec wc, Vec s, int count) {
+    const Vec sums = at::vec::convert<float>(VecIndex::loadu(values, count) + o);
+    ((sums * fc + bc) + wc * s).store(values, count);
   };
   if (pixel_major) {  // pixel q's channels at q C .. q C + C - 1
     at::parallel_for(0, pixels, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(c, 1)), [&](int64_t q0, int64_t q1) {
