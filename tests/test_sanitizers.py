@@ -76,8 +76,8 @@ def _torch_cmake_options() -> list[str] | None:
 @pytest.mark.parametrize("arch", [None, "x86-64-v3"], ids=["native", "avx2"])
 def test_cpu_kernels_under_address_sanitizer(arch, monkeypatch):
     """The CPU kernels as this machine builds them (-march=native), and as a CPU with AVX2 but no
-    AVX-512 does (x86-64-v3: 8-lane vectors, no AVX-512 paths), a build this machine's never is:
-    the epilogue's 16x16 tiles once read past 8-lane vectors there."""
+    AVX-512 builds them (x86-64-v3: 8-lane vectors, no AVX-512 paths), which this machine's own
+    build never exercises: int8_nchw_epilogue's 16x16 tiles once read past 8-lane vectors there."""
     if arch is not None:
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
             pytest.skip("this CPU cannot run an AVX2 build")
