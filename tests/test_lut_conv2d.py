@@ -184,9 +184,9 @@ def test_cpu_pointwise_few_pixels_take_lowbit_linear():
 
 def test_cpu_pointwise_gemm():
     """Channels-last 1x1 layers over at most 512 output pixels go through sgemm: strides 1, 2 and
-    (2, 3) (the strided pixels gathered), with and without bias, two tiles (1024 x 1400), every
-    bitwidth dense and sparse, bfloat16; 513 pixels keep the convolution. Non-finite x reaches
-    exactly the outputs of its pixel, as conv2d."""
+    (2, 3) (the strided pixels gathered), with and without bias, two tiles (1024 x 1400 over 144
+    pixels, each written into y in place), every bitwidth dense and sparse, bfloat16; 513 pixels
+    keep the convolution. Non-finite x reaches exactly the outputs of its pixel, as conv2d."""
     device = require_backend("cpu")
     for stride in (1, 2, (2, 3)):
         assert_matches_reference("cpu", device, (2, 19, 7, 8), (11, 19, 1, 1), bits=3, sparsity=0.3,
@@ -194,7 +194,7 @@ def test_cpu_pointwise_gemm():
     for bits in range(1, 9):
         assert_matches_reference("cpu", device, (1, 40, 5, 6), (24, 40, 1, 1), bits=bits, sparsity=0.5 * (bits % 2),
                                  seed=bits, channels_last=True)
-    assert_matches_reference("cpu", device, (1, 1024, 4, 4), (1400, 1024, 1, 1), bits=4, channels_last=True,
+    assert_matches_reference("cpu", device, (1, 1024, 24, 24), (1400, 1024, 1, 1), bits=4, channels_last=True,
                              stride=2, mixed=True)
     assert_matches_reference("cpu", device, (1, 12, 7, 5), (9, 12, 1, 1), dtype=torch.bfloat16, channels_last=True)
     assert_matches_reference("cpu", device, (1, 8, 27, 19), (5, 8, 1, 1), channels_last=True)  # 513 pixels
@@ -212,26 +212,73 @@ def test_cpu_pointwise_gemm():
     torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_pointwise_row_blocks():
+    """1x1 layers over fewer than 128 output pixels with at least 2^14 weights, channels-last or
+    NCHW at batch 1, run in blocks of decoded rows, each decoded and multiplied on one thread into
+    its channels of y: every bitwidth dense and sparse, with and without bias, stride 2, more
+    blocks than output channels (3 x 6000: blocks with no rows), a batch of 2 (channels-last),
+    NCHW 1 x 1 maps at batch 20, bfloat16; under inference mode (the tasks write an inference tensor); the same bits whatever
+    the thread count (blocks by shape). 128 pixels take one sgemm over all of them."""
+    device = require_backend("cpu")
+    for bits in range(1, 9):
+        for channels_last in (False, True):
+            assert_matches_reference("cpu", device, (1, 200, 5, 7), (90 + bits, 200, 1, 1), bits=bits,
+                                     sparsity=0.5 * (bits % 2), seed=bits, channels_last=channels_last,
+                                     with_bias=bits % 3 != 0)
+    for channels_last in (False, True):
+        assert_matches_reference("cpu", device, (1, 6000, 2, 3), (3, 6000, 1, 1), bits=4, sparsity=0.3,
+                                 channels_last=channels_last)
+        assert_matches_reference("cpu", device, (1, 128, 6, 5), (130, 128, 1, 1), bits=5, stride=2,
+                                 channels_last=channels_last, with_bias=False)
+        assert_matches_reference("cpu", device, (1, 130, 3, 3), (131, 130, 1, 1), dtype=torch.bfloat16,
+                                 channels_last=channels_last)
+    assert_matches_reference("cpu", device, (2, 160, 7, 7), (1024, 160, 1, 1), bits=6, sparsity=0.4, channels_last=True)
+    assert_matches_reference("cpu", device, (20, 200, 1, 1), (90, 200, 1, 1), bits=3, sparsity=0.3)  # NCHW 1 x 1 maps
+    packed, bias = make_packed((700, 300, 1, 1), 3, 0.3), torch.randn(700)
+    for pixels, blocks in (((7, 7), True), ((8, 16), False)):
+        for channels_last in (False, True):
+            x = torch.randn(1, 300, *pixels)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.profiler.profile() as prof:
+                ops.lut_conv2d(x, packed, bias, backend="cpu")
+            gemms = sum(e.name in ("aten::mm", "aten::addmm") for e in prof.events())
+            assert (gemms > 1) == blocks, (pixels, channels_last, gemms)
+            threads = torch.get_num_threads()
+            try:
+                with torch.inference_mode():
+                    y = ops.lut_conv2d(x, packed, bias, backend="cpu")
+                torch.set_num_threads(1)
+                y_one = ops.lut_conv2d(x, packed, bias, backend="cpu")
+            finally:
+                torch.set_num_threads(threads)
+            assert torch.equal(y, y_one), (pixels, channels_last)
+            torch.testing.assert_close(y, reference.lut_conv2d(x, packed, bias), rtol=1e-4, atol=1e-4)
+
+
 def test_cpu_nchw_pointwise_gemm():
-    """NCHW 1x1 layers at stride 1 whose channel counts are not both multiples of 16 go through a
-    GEMM per image (oneDNN's NCHW convolution is several times slower on such counts), at batch 1
-    or on maps of 128 pixels or more: batches 1 and 3, with and without bias, every bitwidth dense
-    and sparse, two tiles (1400 x 1030), bfloat16, a strided x, and 1 x 1 maps at batches 5 and 16
-    (one GEMM over x's rows); the backward to x likewise, with W^T. Counts that are both multiples
-    of 16, stride 2, and batches of smaller maps keep the convolution; the output is NCHW.
-    Non-finite x reaches exactly the outputs of its pixel."""
+    """NCHW 1x1 layers at stride 1 go through a GEMM per image at batch 1, and where their channel
+    counts are not both multiples of 16 (oneDNN's NCHW convolution is several times slower on
+    such counts) on maps of 128 pixels or more: batches 1 and 3, with and without bias, every
+    bitwidth dense and sparse, two tiles (1400 x 1030 over 132 pixels, each written into y in
+    place), bfloat16, a strided x, and 1 x 1 maps at batches 5 and 16 (one GEMM over x's rows);
+    the backward to x likewise, with W^T. Counts that are both multiples of 16 at batch 2, stride 2, and batches of
+    smaller maps keep the convolution; the output is NCHW. Non-finite x reaches exactly the
+    outputs of its pixel."""
     device = require_backend("cpu")
     for bits in range(1, 9):
         x_shape = (3, 40, 12, 11) if bits % 2 else (1, 40, 5, 6)
         assert_matches_reference("cpu", device, x_shape, (23 + bits, 40, 1, 1), bits=bits, sparsity=0.5 * (bits % 2),
                                  seed=bits, with_bias=bits % 3 != 0)
-    assert_matches_reference("cpu", device, (1, 1030, 3, 4), (1400, 1030, 1, 1), bits=4, sparsity=0.3, mixed=True)
+    assert_matches_reference("cpu", device, (1, 1030, 12, 11), (1400, 1030, 1, 1), bits=4, sparsity=0.3, mixed=True)
+    assert_matches_reference("cpu", device, (1, 1024, 12, 12), (1400, 1024, 1, 1), bits=5, with_bias=False)
     assert_matches_reference("cpu", device, (1, 12, 7, 5), (9, 12, 1, 1), dtype=torch.bfloat16)
     assert_matches_reference("cpu", device, (2, 13, 12, 11), (9, 13, 1, 1), strided_x=True)
     for x_shape in ((5, 40, 1, 1), (16, 70, 1, 1)):
         assert_matches_reference("cpu", device, x_shape, (24, x_shape[1], 1, 1), bits=3, sparsity=0.3)
     for in_channels, out_channels, stride, gemm, maps in ((8, 5, 1, True, (1, 9, 7)), (16, 40, 1, True, (2, 16, 8)),
-                                                          (40, 16, 1, True, (1, 9, 7)), (16, 32, 1, False, (1, 9, 7)),
+                                                          (40, 16, 1, True, (1, 9, 7)), (16, 32, 1, True, (1, 9, 7)),
+                                                          (16, 32, 1, False, (2, 16, 8)),
                                                           (8, 5, 2, False, (1, 9, 7)), (8, 5, 1, False, (2, 9, 7))):
         x = torch.randn(maps[0], in_channels, *maps[1:], requires_grad=True)
         with torch.profiler.profile() as prof:  # the backward takes the same route

@@ -2,13 +2,14 @@
 // against the plain loops of kernel_cases.h: every op, each storage type, every instantiated K
 // and sign of the bit-sharing kernel, the SIMD code decode and its scalar twin (set_cpu_simd)
 // in lowbit_linear (every bits dense and sparse; rows decoded in registers, the decode tile, the
-// sgemm blocks and the tiled large batches) and lut_conv2d (grouped,
-// depthwise in both layouts, strided, dilated; Winograd). Built with -DMIXEDPREC_CPU_KERNEL_TESTS=ON
-// and run under ASan+UBSan by tests/test_sanitizers.py: the kernels and this program are
-// instrumented, libtorch is not (ASan still sees every tensor's heap block). ASan checks scalar
-// and vector loads and stores; the AVX-512 masked expand-loads of lut_conv2d's bitmap expansion and
-// the masked loads and stores of lut_conv2d's Winograd tiles are compiler builtins it does not
-// instrument (they touch only the lanes of their masks, inside the tensors).
+// sgemm blocks and the tiled large batches) and lut_conv2d (grouped, depthwise in both layouts,
+// strided, dilated; Winograd; 1x1 GEMMs over one tile or blocks of decoded rows). Built with
+// -DMIXEDPREC_CPU_KERNEL_TESTS=ON and run under ASan+UBSan by tests/test_sanitizers.py: the
+// kernels and this program are instrumented, libtorch is not (ASan still sees every tensor's heap
+// block). ASan checks scalar and vector loads and stores; the AVX-512 masked expand-loads of
+// lut_conv2d's bitmap expansion and the masked loads and stores of lut_conv2d's Winograd tiles
+// are compiler builtins it does not instrument (they touch only the lanes of their masks, inside
+// the tensors).
 //
 // `cpu_kernel_tests planted-out-of-bounds` runs a planted bug instead, which ASan must name.
 #include <ATen/ATen.h>
@@ -384,6 +385,10 @@ int main(int argc, char** argv) {
   // maps; strided)
   const Conv2dGeometry pointwise_few = conv_geometry(3, 71, 1, 1, 13, 1, 1, 1, 1, 0, 0, 1, 1, 1);
   const Conv2dGeometry pointwise_few_strided = conv_geometry(1, 67, 5, 4, 9, 1, 1, 2, 2, 0, 0, 1, 1, 1);
+  // 1x1 over fewer than 128 pixels, 2^14+ weights: blocks of decoded rows, one thread each, written
+  // into y in place (both layouts); more blocks than output channels (blocks with no rows)
+  const Conv2dGeometry pointwise_blocks = conv_geometry(1, 200, 5, 7, 90, 1, 1, 1, 1, 0, 0, 1, 1, 1);
+  const Conv2dGeometry pointwise_blocks_empty = conv_geometry(1, 6000, 2, 3, 3, 1, 1, 1, 1, 0, 0, 1, 1, 1);
   for (bool simd : {true, false}) {
     set_simd.call(simd);
     for (int bits : {1, 4, 8})
@@ -401,8 +406,11 @@ int main(int argc, char** argv) {
     run_lut_conv2d<BFloat16>(lut_conv2d_case<BFloat16>(4, false, false, depthwise, rng));
     run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, pointwise, rng), true);
     run_lut_conv2d<float>(lut_conv2d_case<float>(7, true, true, pointwise_few, rng));
-    for (bool channels_last : {false, true})
+    for (bool channels_last : {false, true}) {
       run_lut_conv2d<float>(lut_conv2d_case<float>(4, false, true, pointwise_few_strided, rng), channels_last);
+      run_lut_conv2d<float>(lut_conv2d_case<float>(6, true, true, pointwise_blocks, rng), channels_last);
+      run_lut_conv2d<float>(lut_conv2d_case<float>(3, false, false, pointwise_blocks_empty, rng), channels_last);
+    }
     run_lut_conv2d<float>(lut_conv2d_case<float>(3, false, true, depthwise, rng), true);
     for (bool channels_last : {false, true}) {
       run_lut_conv2d<float>(lut_conv2d_case<float>(4, true, true, depthwise_strided, rng), channels_last);

@@ -6,15 +6,17 @@
 // convolutions when ops.set_cpu_winograd(false), or where x holds a NaN or inf) goes direct: the
 // weight is decoded through the codebook one tile of output channels at a time, and each tile
 // runs through ATen's float32 convolution (oneDNN where torch has it), or, for channels-last 1x1
-// convolutions over few pixels and NCHW 1x1 convolutions over channel counts that are not
-// multiples of 16, through ATen's sgemm (pointwise_gemm, per_image_gemm). 1x1 convolutions over
+// convolutions over few pixels and NCHW 1x1 convolutions at stride 1 (at batch 1, or over channel
+// counts that are not multiples of 16), through ATen's sgemm, which writes each tile's channels of
+// y in place (pointwise_gemm_applies, nchw_gemm_applies). 1x1 convolutions over
 // fewer than 16 pixels and 64+ input channels are lowbit_linear's forward, with no tile
 // (linear_applies). The decode is AVX-512
 // codebook lookups (code_decode.h) turning bits/8 B per weight into the float tile.
 // Scratch: one tile of at most kTileFloats floats (4.7 MB), whatever the layer's size. A layer
 // whose float weight fits is decoded whole into it, transiently (the packed weight is what stays
 // resident): splitting a convolution into more calls than the scratch needs cost 10-40% at
-// batch 1 here.
+// batch 1 here. 1x1 layers over few pixels take blocks of rows instead, at most kBlockFloats
+// floats per thread (RowBlocks).
 //
 // Forward: y[:, tile] = conv(x[:, tile's groups], W[tile]) (+ bias[tile]).
 // Backward (always direct): grad_x = sum over tiles of conv_transpose(grad_y[:, tile], W[tile])
@@ -25,6 +27,7 @@
 // converts around itself). Arguments are checked by the glue (lut_conv2d_glue.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -61,21 +64,23 @@ bool pointwise_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
   return layout == at::MemoryFormat::ChannelsLast && pointwise(g) && g.batch * g.out_pixels() <= kPointwiseGemmPixels;
 }
 
-// An NCHW 1x1 convolution at stride 1 whose channel counts are not both multiples of 16 (pruned
-// and narrow networks: ShuffleNet's 116, RegNet's 104 and 440, EfficientNet's 40 and 240) is a
-// GEMM per image, the tile's rows times x's (C_in, H W) matrix: oneDNN's NCHW convolution is
-// several times slower on such counts (Zen 4, 2 threads, F.conv2d against addmm on the same float
-// weight, batch 1: 116 -> 116 at 14x14 156 against 68 us, 58 -> 58 at 28x28 197 against 74,
-// 72 -> 24 at 56x56 348 against 111, 232 -> 232 at 7x7 72 against 75; with both counts multiples
-// of 16, 0.9-1.6x either way, and those keep the convolution). Batches of small maps keep it too:
-// at batch 8 on 7x7 the per-image GEMMs ran at 0.76-1.04x (440 -> 440, 232 -> 232), on 14x14 at
-// 1.0-1.4x and on 28x28 at 1.7-4.9x. The backward (always NCHW) takes the same route, with W^T.
+// An NCHW 1x1 convolution at stride 1 is a GEMM per image, the tile's rows times x's (C_in, H W)
+// matrix, at batch 1 and, over channel counts that are not both multiples of 16 (pruned and narrow
+// networks: ShuffleNet's 116, RegNet's 104 and 440, EfficientNet's 40 and 240), at every batch:
+// oneDNN's NCHW convolution is slower (Xeon with AVX-512, 2 threads, F.conv2d against mm on the
+// same float weight, batch 1: 512 -> 2048 at 7x7 482 against 388 us, 1024 -> 512 at 14x14 772
+// against 569, 256 -> 64 at 56x56 486 against 285; on the odd counts several times, Zen 4:
+// 116 -> 116 at 14x14 156 against 68, 72 -> 24 at 56x56 348 against 111). Batches above 1 of
+// small maps keep the convolution (Zen 4, batch 8, odd counts: the per-image GEMMs ran at
+// 0.76-1.04x on 7x7, 440 -> 440 and 232 -> 232, 1.0-1.4x on 14x14 and 1.7-4.9x on 28x28), and so
+// do batches above 1 over counts that are multiples of 16. The backward (always NCHW) takes the
+// same route, with W^T.
 constexpr int64_t kNchwGemmPixels = 128;  // per image, at batches above 1
 bool nchw_gemm_applies(const Conv2dGeometry& g, at::MemoryFormat layout) {
   const int64_t pixels = g.height * g.width;  // stride 1: the output's
   return layout == at::MemoryFormat::Contiguous && pointwise(g) && g.stride_h == 1 && g.stride_w == 1 &&
-         (g.in_channels % 16 != 0 || g.out_channels % 16 != 0) &&
-         (g.batch == 1 || pixels == 1 || pixels >= kNchwGemmPixels);
+         (g.batch == 1 || ((g.in_channels % 16 != 0 || g.out_channels % 16 != 0) &&
+                           (pixels == 1 || pixels >= kNchwGemmPixels)));
 }
 
 // A 1x1 convolution over fewer output pixels than kLinearPixels (squeeze-and-excitation layers on
@@ -100,28 +105,21 @@ at::Tensor pixel_rows(const at::Tensor& x, const Conv2dGeometry& g) {
   return picked.permute({0, 2, 3, 1}).reshape({-1, g.in_channels});
 }
 
-// y[:, channels of w_tile] as a channels-last (N, rows, H_out, W_out) tensor: the pixel rows times
-// the tile's rows.
-at::Tensor pointwise_gemm(const at::Tensor& rows, const at::Tensor& w_tile, const std::optional<at::Tensor>& bias,
-                          const Conv2dGeometry& g) {
-  const at::Tensor w_t = w_tile.view({w_tile.size(0), g.in_channels}).t();
-  const at::Tensor y = bias ? at::addmm(*bias, rows, w_t) : at::mm(rows, w_t);
-  return y.view({g.batch, g.out_height, g.out_width, w_tile.size(0)}).permute({0, 3, 1, 2});
+// out = a b (+ bias, broadcast over out): ATen's sgemm writes out in place through its strides (a
+// tile's channels of y: no copy of the tile's result).
+void gemm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  if (bias) at::addmm_out(out, *bias, a, b);
+  else at::mm_out(out, a, b);
 }
 
-// a (M, K) times each image of `images` (N, K, P), plus bias (M,): (N, M, P), for the 1x1 layers of
-// nchw_gemm_applies (forward: W times x's images; backward: W^T times grad_y's). One GEMM at batch
-// 1, and over the images' rows when each is one pixel.
-at::Tensor per_image_gemm(const at::Tensor& a, const at::Tensor& images, const std::optional<at::Tensor>& bias) {
-  const int64_t n = images.size(0), m = a.size(0), p = images.size(2);
-  if (p == 1) {
-    const at::Tensor rows = images.reshape({n, a.size(1)});
-    return (bias ? at::addmm(*bias, rows, a.t()) : at::mm(rows, a.t())).view({n, m, 1});
-  }
-  if (n == 1) return (bias ? at::addmm(bias->view({m, 1}), a, images[0]) : at::mm(a, images[0])).unsqueeze(0);
-  at::Tensor y = at::matmul(a, images);
-  if (bias) y.add_(bias->view({1, m, 1}));
-  return y;
+// out (N, M, P) = a (M, K) times each image of `images` (N, K, P), plus bias (M,), for the 1x1
+// layers of nchw_gemm_applies (forward: W times x's images; backward: W^T times grad_y's). One
+// GEMM over the images' rows when each is one pixel.
+void per_image_gemm(const at::Tensor& a, const at::Tensor& images, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& out) {
+  if (images.size(2) == 1) return gemm_into(out.select(2, 0), images.select(2, 0), a.t(), bias);
+  const std::optional<at::Tensor> column = bias ? std::optional(bias->view({a.size(0), 1})) : std::nullopt;
+  for (int64_t n = 0; n < images.size(0); ++n) gemm_into(out[n], a, images[n], column);
 }
 
 // Output-channel tiles: whole groups each (kChannelUnit channels when groups == 1), as many as
@@ -137,6 +135,29 @@ struct Tiles {
   }
   int64_t first_channel(int64_t t) const { return std::min(t * per_tile * unit, channels); }
   int64_t rows() const { return std::min(per_tile * unit, channels); }  // the scratch's channels
+};
+
+// Row blocks for the 1x1 GEMM routes over few pixels (fewer than kBlockPixels, batch included)
+// of layers of at least kBlockWeights weights: blocks of at most kBlockFloats decoded weights
+// (half a core's L2 or less), each decoded and multiplied by one thread while it is in that
+// thread's L2, where one tile of the whole weight, decoded by every thread, goes out to L3 and
+// back (Xeon with AVX-512, 2 threads, batch 1 at 7x7, NCHW and channels-last, against one tile:
+// 1024 -> 2048 4-bit 42% sparse 1.02 and 0.91 against 1.49 and 1.32 ms, F.conv2d 1.05 and 1.12;
+// 2048 -> 512 0.55 and 0.52 against 0.70 and 0.79, F.conv2d 0.54 and 0.76; 1280 -> 320 4-bit
+// 0.21 and 0.19 against 0.26 and 0.23). From 196 pixels on (14 x 14) neither won throughout.
+// count is 0 where they do not apply; it is a multiple of 4, by shape (not by thread count: the
+// results do not depend on it), to share the blocks evenly.
+constexpr int64_t kBlockPixels = 128;
+constexpr int64_t kBlockWeights = int64_t(1) << 14;
+constexpr int64_t kBlockFloats = int64_t(1) << 17;
+struct RowBlocks {
+  int64_t count = 0, rows = 0;
+  explicit RowBlocks(const Conv2dGeometry& g) {
+    const int64_t weights = g.out_channels * g.in_channels;
+    if (g.batch * g.out_pixels() >= kBlockPixels || weights < kBlockWeights) return;
+    count = ceil_div(ceil_div(weights, kBlockFloats), 4) * 4;
+    rows = ceil_div(g.out_channels, count);
+  }
 };
 
 // t.narrow(dim, start, length), or t itself when that is all of it: a single-tile layer makes no
@@ -203,30 +224,67 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
                             : y.view({g.batch, g.out_height, g.out_width, g.out_channels}).permute({0, 3, 1, 2});
     return y.to(x.scalar_type()).contiguous(layout);
   }
-  const Tiles tiles(g);
   const at::Tensor pixels = pointwise_gemm_applies(g, layout) ? pixel_rows(x_f, g) : at::Tensor();
-  const bool nchw_gemm = nchw_gemm_applies(g, layout);
+  const bool gemm = pixels.defined() || nchw_gemm_applies(g, layout);
+  const Tiles tiles(g);
   static thread_local std::vector<float> kept;  // the decoded tile (cpu/kept_buffer.h)
-  const at::Tensor tile = kept_tensor(kept, {tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w});
-  const auto conv = [&](int64_t c0, int64_t c1) {
-    const int64_t k = g.groups > 1 ? (c1 - c0) / g.group_out() : 1;
-    decoder.decode(c0, c1, tile.data_ptr<float>());
-    const at::Tensor x_t = g.groups > 1 ? part(x_f, 1, c0 / g.group_out() * g.group_in(), k * g.group_in()) : x_f;
-    const at::Tensor w_t = part(tile, 0, 0, c1 - c0);
-    const std::optional<at::Tensor> bias_t = bias_f.defined() ? std::optional(part(bias_f, 0, c0, c1 - c0)) : std::nullopt;
-    if (pixels.defined()) return pointwise_gemm(pixels, w_t, bias_t, g);
-    if (nchw_gemm) {
-      return per_image_gemm(w_t.view({c1 - c0, g.in_channels}), x_f.view({g.batch, g.in_channels, g.height * g.width}),
-                            bias_t).view({g.batch, c1 - c0, g.out_height, g.out_width});
-    }
-    return at::convolution(x_t, w_t, bias_t, stride, padding, dilation, false, {0, 0}, k);
+  const auto tile = [&] { return kept_tensor(kept, {tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w}); };
+  const auto bias_part = [&](int64_t c0, int64_t n) {
+    return bias_f.defined() ? std::optional(part(bias_f, 0, c0, n)) : std::nullopt;
   };
-  if (tiles.count == 1) return conv(0, g.out_channels).to(x.scalar_type()).contiguous(layout);
+  if (!gemm) {
+    const auto conv = [&](int64_t c0, int64_t c1) {
+      const int64_t k = g.groups > 1 ? (c1 - c0) / g.group_out() : 1;
+      const at::Tensor w_t = tile();
+      decoder.decode(c0, c1, w_t.data_ptr<float>());
+      const at::Tensor x_t = g.groups > 1 ? part(x_f, 1, c0 / g.group_out() * g.group_in(), k * g.group_in()) : x_f;
+      return at::convolution(x_t, part(w_t, 0, 0, c1 - c0), bias_part(c0, c1 - c0), stride, padding, dilation, false,
+                             {0, 0}, k);
+    };
+    if (tiles.count == 1) return conv(0, g.out_channels).to(x.scalar_type()).contiguous(layout);
+    at::Tensor y = poisoned(
+        at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options().memory_format(layout)));
+    for (int64_t t = 0; t < tiles.count; ++t) {
+      const int64_t c0 = tiles.first_channel(t), c1 = tiles.first_channel(t + 1);
+      if (c0 < c1) y.narrow(1, c0, c1 - c0).copy_(conv(c0, c1));
+    }
+    return y.to(x.scalar_type());
+  }
+  // The GEMM routes write y's channels [c0, c1) in place: y's pixel rows (N H_out W_out, C_out)
+  // times the decoded rows (channels-last), or the decoded rows times each image of x (NCHW).
   at::Tensor y = poisoned(
       at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options().memory_format(layout)));
+  const at::Tensor y_rows = pixels.defined() ? y.permute({0, 2, 3, 1}).reshape({-1, g.out_channels})
+                                             : y.view({g.batch, g.out_channels, g.out_height * g.out_width});
+  const at::Tensor x_images = pixels.defined() ? at::Tensor() : x_f.view({g.batch, g.in_channels, g.height * g.width});
+  const auto multiply = [&](int64_t c0, int64_t n, const float* decoded) {
+    const at::Tensor w_t = at::from_blob(const_cast<float*>(decoded), {n, g.in_channels}, x_f.options());
+    if (pixels.defined()) gemm_into(y_rows.narrow(1, c0, n), pixels, w_t.t(), bias_part(c0, n));
+    else per_image_gemm(w_t, x_images, bias_part(c0, n), y_rows.narrow(1, c0, n));
+  };
+  if (const RowBlocks blocks(g); blocks.count > 0) {
+    // a parallel region over blocks: each task decodes its blocks and multiplies them on its thread,
+    // with the caller's dispatch state (y may be an inference tensor: out= needs inference mode)
+    const at::ThreadLocalState caller;
+    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+      const at::ThreadLocalStateGuard state(caller);
+      static thread_local std::vector<float> kept_block;  // L2-resident
+      float* block = kept_buffer(kept_block, blocks.rows * g.in_channels);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t c0 = std::min(b * blocks.rows, g.out_channels), n = std::min(blocks.rows, g.out_channels - c0);
+        if (n <= 0) continue;
+        decoder.decode(c0, c0 + n, block);  // nested regions run on this thread
+        multiply(c0, n, block);
+      }
+    });
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor w_t = tile();
   for (int64_t t = 0; t < tiles.count; ++t) {
     const int64_t c0 = tiles.first_channel(t), c1 = tiles.first_channel(t + 1);
-    if (c0 < c1) y.narrow(1, c0, c1 - c0).copy_(conv(c0, c1));
+    if (c0 == c1) continue;
+    decoder.decode(c0, c1, w_t.data_ptr<float>());
+    multiply(c0, c1 - c0, w_t.data_ptr<float>());
   }
   return y.to(x.scalar_type());
 }
@@ -248,8 +306,10 @@ at::Tensor lut_conv2d_backward(const at::Tensor& grad_y, const PackedView& w, co
     decoder.decode(c0, c1, tile.data_ptr<float>());
     if (nchw_gemm) {
       const at::Tensor grads = part(grad_y_f, 1, c0, c1 - c0).reshape({g.batch, c1 - c0, g.height * g.width});
-      return per_image_gemm(part(tile, 0, 0, c1 - c0).view({c1 - c0, g.in_channels}).t(), grads, std::nullopt)
-          .view({g.batch, g.in_channels, g.height, g.width});
+      at::Tensor grad_x = at::empty(input_shape, grad_y_f.options());
+      per_image_gemm(part(tile, 0, 0, c1 - c0).view({c1 - c0, g.in_channels}).t(), grads, std::nullopt,
+                     grad_x.view({g.batch, g.in_channels, g.height * g.width}));
+      return grad_x;
     }
     return at::convolution(part(grad_y_f, 1, c0, c1 - c0), part(tile, 0, 0, c1 - c0), std::nullopt, stride, padding,
                            dilation, true, output_padding, g.groups > 1 ? (c1 - c0) / g.group_out() : 1);
