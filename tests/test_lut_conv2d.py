@@ -212,13 +212,17 @@ def test_cpu_pointwise_gemm():
     torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_pointwise_row_blocks():
+def test_cpu_row_blocks():
     """1x1 layers over fewer than 128 output pixels with at least 2^14 weights, channels-last or
     NCHW at batch 1, run in blocks of decoded rows, each decoded and multiplied on one thread into
-    its channels of y: every bitwidth dense and sparse, with and without bias, stride 2, more
-    blocks than output channels (3 x 6000: blocks with no rows), a batch of 2 (channels-last),
-    NCHW 1 x 1 maps at batch 20, bfloat16; under inference mode (the tasks write an inference tensor); the same bits whatever
-    the thread count (blocks by shape). 128 pixels take one sgemm over all of them."""
+    its channels of y: every bitwidth dense and sparse, with and without bias, stride 2 (NCHW: over
+    x's columns), more blocks than output channels (3 x 6000: blocks with no rows), a batch of 2
+    (channels-last), NCHW 1 x 1 maps at batch 20, bfloat16. Single-group layers of 2^18+ weights
+    there take the blocks over x's columns (im2col): 3x3 at strides 2 and (2, 3), dilation 2, a
+    5x5 kernel, bfloat16, and a 3x3 stride-1 layer whose x holds a NaN (which Winograd leaves to
+    them: the NaN reaches exactly the outputs whose window holds it). Under inference mode (the
+    tasks write an inference tensor); the same bits whatever the thread count (blocks by shape).
+    128 pixels take one sgemm over all of them."""
     device = require_backend("cpu")
     for bits in range(1, 9):
         for channels_last in (False, True):
@@ -234,26 +238,44 @@ def test_cpu_pointwise_row_blocks():
                                  channels_last=channels_last)
     assert_matches_reference("cpu", device, (2, 160, 7, 7), (1024, 160, 1, 1), bits=6, sparsity=0.4, channels_last=True)
     assert_matches_reference("cpu", device, (20, 200, 1, 1), (90, 200, 1, 1), bits=3, sparsity=0.3)  # NCHW 1 x 1 maps
-    packed, bias = make_packed((700, 300, 1, 1), 3, 0.3), torch.randn(700)
-    for pixels, blocks in (((7, 7), True), ((8, 16), False)):
+    for channels_last in (False, True):
+        assert_matches_reference("cpu", device, (1, 64, 9, 9), (480, 64, 3, 3), bits=4, sparsity=0.3, stride=2,
+                                 padding=1, channels_last=channels_last, mixed=True)
+        assert_matches_reference("cpu", device, (1, 40, 11, 10), (800, 40, 3, 3), bits=6, stride=(2, 3), dilation=2,
+                                 padding=2, channels_last=channels_last, with_bias=False, mixed=True)
+        assert_matches_reference("cpu", device, (1, 24, 8, 9), (500, 24, 5, 5), bits=3, sparsity=0.5, padding=2,
+                                 channels_last=channels_last, mixed=True)
+        assert_matches_reference("cpu", device, (1, 32, 7, 7), (1000, 32, 3, 3), dtype=torch.bfloat16, stride=2,
+                                 channels_last=channels_last)
+    packed = make_packed((480, 64, 3, 3), 5, 0.2)
+    x = torch.randn(1, 64, 7, 7)
+    x[0, 5, 3, 4] = float("nan")
+    y, want = ops.lut_conv2d(x, packed, padding=1, backend="cpu"), reference.lut_conv2d(x, packed, padding=1)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(want)) and not torch.isfinite(want[0, :, 2:5, 3:6]).any()
+    torch.testing.assert_close(y[torch.isfinite(want)], want[torch.isfinite(want)], rtol=1e-4, atol=1e-4)
+    bias = torch.randn(700)
+    for weight, pixels, blocks, conv in (((700, 300, 1, 1), (7, 7), True, {}), ((700, 300, 1, 1), (8, 16), False, {}),
+                                         ((700, 48, 3, 3), (13, 13), True, dict(stride=2))):
+        packed = make_packed(weight, 3, 0.3)
         for channels_last in (False, True):
-            x = torch.randn(1, 300, *pixels)
+            x = torch.randn(1, weight[1], *pixels)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.profiler.profile() as prof:
-                ops.lut_conv2d(x, packed, bias, backend="cpu")
+                ops.lut_conv2d(x, packed, bias, backend="cpu", **conv)
             gemms = sum(e.name in ("aten::mm", "aten::addmm") for e in prof.events())
-            assert (gemms > 1) == blocks, (pixels, channels_last, gemms)
+            assert (gemms > 1) == blocks, (weight, pixels, channels_last, gemms)
             threads = torch.get_num_threads()
             try:
                 with torch.inference_mode():
-                    y = ops.lut_conv2d(x, packed, bias, backend="cpu")
+                    y = ops.lut_conv2d(x, packed, bias, backend="cpu", **conv)
                 torch.set_num_threads(1)
-                y_one = ops.lut_conv2d(x, packed, bias, backend="cpu")
+                y_one = ops.lut_conv2d(x, packed, bias, backend="cpu", **conv)
             finally:
                 torch.set_num_threads(threads)
-            assert torch.equal(y, y_one), (pixels, channels_last)
-            torch.testing.assert_close(y, reference.lut_conv2d(x, packed, bias), rtol=1e-4, atol=1e-4)
+            assert torch.equal(y, y_one), (weight, pixels, channels_last)
+            assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            torch.testing.assert_close(y, reference.lut_conv2d(x, packed, bias, **conv), rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_nchw_pointwise_gemm():

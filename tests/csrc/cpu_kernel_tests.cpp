@@ -3,7 +3,7 @@
 // and sign of the bit-sharing kernel, the SIMD code decode and its scalar twin (set_cpu_simd)
 // in lowbit_linear (every bits dense and sparse; rows decoded in registers, the decode tile, the
 // sgemm blocks and the tiled large batches) and lut_conv2d (grouped, depthwise in both layouts,
-// strided, dilated; Winograd; 1x1 GEMMs over one tile or blocks of decoded rows). Built with
+// strided, dilated; Winograd; GEMMs over one tile or blocks of decoded rows). Built with
 // -DMIXEDPREC_CPU_KERNEL_TESTS=ON and run under ASan+UBSan by tests/test_sanitizers.py: the
 // kernels and this program are instrumented, libtorch is not (ASan still sees every tensor's heap
 // block). ASan checks scalar and vector loads and stores; the AVX-512 masked expand-loads of
@@ -389,6 +389,8 @@ int main(int argc, char** argv) {
   // into y in place (both layouts); more blocks than output channels (blocks with no rows)
   const Conv2dGeometry pointwise_blocks = conv_geometry(1, 200, 5, 7, 90, 1, 1, 1, 1, 0, 0, 1, 1, 1);
   const Conv2dGeometry pointwise_blocks_empty = conv_geometry(1, 6000, 2, 3, 3, 1, 1, 1, 1, 0, 0, 1, 1, 1);
+  // 2^18+ weights over few pixels, 3x3 stride (2, 3), dilated: the blocks times x's columns (im2col)
+  const Conv2dGeometry unfolded = conv_geometry(1, 40, 9, 11, 800, 3, 3, 2, 3, 2, 2, 2, 2, 1);
   for (bool simd : {true, false}) {
     set_simd.call(simd);
     for (int bits : {1, 4, 8})
@@ -410,6 +412,7 @@ int main(int argc, char** argv) {
       run_lut_conv2d<float>(lut_conv2d_case<float>(4, false, true, pointwise_few_strided, rng), channels_last);
       run_lut_conv2d<float>(lut_conv2d_case<float>(6, true, true, pointwise_blocks, rng), channels_last);
       run_lut_conv2d<float>(lut_conv2d_case<float>(3, false, false, pointwise_blocks_empty, rng), channels_last);
+      run_lut_conv2d<float>(lut_conv2d_case<float>(5, true, true, unfolded, rng), channels_last);
     }
     run_lut_conv2d<float>(lut_conv2d_case<float>(3, false, true, depthwise, rng), true);
     for (bool channels_last : {false, true}) {

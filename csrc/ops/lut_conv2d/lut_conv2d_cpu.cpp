@@ -8,15 +8,16 @@
 // runs through ATen's float32 convolution (oneDNN where torch has it), or, for channels-last 1x1
 // convolutions over few pixels and NCHW 1x1 convolutions at stride 1 (at batch 1, or over channel
 // counts that are not multiples of 16), through ATen's sgemm, which writes each tile's channels of
-// y in place (pointwise_gemm_applies, nchw_gemm_applies). 1x1 convolutions over
-// fewer than 16 pixels and 64+ input channels are lowbit_linear's forward, with no tile
-// (linear_applies). The decode is AVX-512
-// codebook lookups (code_decode.h) turning bits/8 B per weight into the float tile.
+// y in place (pointwise_gemm_applies, nchw_gemm_applies). Over fewer than 128 output pixels the
+// GEMMs run in blocks of decoded rows, one thread each (RowBlocks), and large single-group layers
+// there (3x3 stride 2, strided 1x1 in NCHW) are GEMMs too, over x's columns (im2col:
+// unfolded_gemm_applies). 1x1 convolutions over fewer than 16 pixels and 64+ input channels are
+// lowbit_linear's forward, with no tile (linear_applies). The decode is AVX-512 codebook lookups
+// (code_decode.h) turning bits/8 B per weight into the float tile.
 // Scratch: one tile of at most kTileFloats floats (4.7 MB), whatever the layer's size. A layer
 // whose float weight fits is decoded whole into it, transiently (the packed weight is what stays
 // resident): splitting a convolution into more calls than the scratch needs cost 10-40% at
-// batch 1 here. 1x1 layers over few pixels take blocks of rows instead, at most kBlockFloats
-// floats per thread (RowBlocks).
+// batch 1 here. The row blocks take at most kBlockFloats floats per thread instead.
 //
 // Forward: y[:, tile] = conv(x[:, tile's groups], W[tile]) (+ bias[tile]).
 // Backward (always direct): grad_x = sum over tiles of conv_transpose(grad_y[:, tile], W[tile])
@@ -153,12 +154,26 @@ constexpr int64_t kBlockFloats = int64_t(1) << 17;
 struct RowBlocks {
   int64_t count = 0, rows = 0;
   explicit RowBlocks(const Conv2dGeometry& g) {
-    const int64_t weights = g.out_channels * g.in_channels;
+    const int64_t weights = g.out_channels * g.row_length();
     if (g.batch * g.out_pixels() >= kBlockPixels || weights < kBlockWeights) return;
     count = ceil_div(ceil_div(weights, kBlockFloats), 4) * 4;
     rows = ceil_div(g.out_channels, count);
   }
 };
+
+// Other single-group layers over few pixels (RowBlocks) whose decoded tile would not fit a core's
+// L2 (kUnfoldWeights), and strided 1x1 layers (NCHW: oneDNN's NCHW 1x1 convolutions are slow, see
+// nchw_gemm_applies), where Winograd does not take them: the blocks times x's columns (im2col, in
+// W's row order (C_in, kh, kw)), y NCHW (Xeon with AVX-512, 2 threads, batch 1, NCHW and
+// channels-last, against the tile and oneDNN: 256 -> 512 3x3 stride 2 at 14x14 0.78 and 0.83
+// against 0.90 and 1.11 ms, F.conv2d 0.63 and 0.83; 1x1 stride 2 NCHW 1024 -> 2048 1.07 against
+// 1.72, F.conv2d 1.02; but 64 -> 128 5x5 on 9x9, 205K weights, 0.25 and 0.27 against 0.19 and
+// 0.23, and NCHW 1x1 stride 1 at batch 2 on 7x7, 2048 -> 512, 1.29 against 1.12).
+constexpr int64_t kUnfoldWeights = int64_t(1) << 18;
+bool unfolded_gemm_applies(const Conv2dGeometry& g, const RowBlocks& blocks) {
+  if (blocks.count == 0 || g.groups > 1) return false;
+  return pointwise(g) ? g.stride_h > 1 || g.stride_w > 1 : g.out_channels * g.row_length() >= kUnfoldWeights;
+}
 
 // t.narrow(dim, start, length), or t itself when that is all of it: a single-tile layer makes no
 // narrow calls (with the scratch sized to the layer, a small layer's call went from 18 to 12 us,
@@ -198,6 +213,11 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
                           ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x_f = x.to(at::kFloat).contiguous(layout);
   const TileDecoder decoder(w, g);
+  const RowBlocks blocks(g);
+  const bool linear = linear_applies(g);
+  const at::Tensor pixels = !linear && pointwise_gemm_applies(g, layout) ? pixel_rows(x_f, g) : at::Tensor();
+  const bool nchw_gemm = !linear && nchw_gemm_applies(g, layout);
+  const bool unfolded = !linear && !pixels.defined() && !nchw_gemm && unfolded_gemm_applies(g, blocks);
 #if defined(MP_DECODE_AVX512)
   if (winograd_conv3x3_applies(g)) {
     at::Tensor y = poisoned(
@@ -217,15 +237,14 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
                    y.data_ptr<float>(), g, layout == at::MemoryFormat::ChannelsLast);
     return y.to(x.scalar_type());
   }
-  if (linear_applies(g)) {
+  if (linear) {
     at::Tensor y = cpu::lowbit_linear_forward(pixel_rows(x_f, g).contiguous(), w);
     if (bias_f.defined()) y.add_(bias_f);
     y = g.out_pixels() == 1 ? y.view({g.batch, g.out_channels, 1, 1})
                             : y.view({g.batch, g.out_height, g.out_width, g.out_channels}).permute({0, 3, 1, 2});
     return y.to(x.scalar_type()).contiguous(layout);
   }
-  const at::Tensor pixels = pointwise_gemm_applies(g, layout) ? pixel_rows(x_f, g) : at::Tensor();
-  const bool gemm = pixels.defined() || nchw_gemm_applies(g, layout);
+  const bool gemm = pixels.defined() || nchw_gemm || unfolded;
   const Tiles tiles(g);
   static thread_local std::vector<float> kept;  // the decoded tile (cpu/kept_buffer.h)
   const auto tile = [&] { return kept_tensor(kept, {tiles.rows(), g.group_in(), g.kernel_h, g.kernel_w}); };
@@ -251,25 +270,29 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
     return y.to(x.scalar_type());
   }
   // The GEMM routes write y's channels [c0, c1) in place: y's pixel rows (N H_out W_out, C_out)
-  // times the decoded rows (channels-last), or the decoded rows times each image of x (NCHW).
+  // times the decoded rows (channels-last), or the decoded rows times each image of x (NCHW) or of
+  // its columns (N, C_in kh kw, H_out W_out), in W's row order.
+  const auto y_layout = pixels.defined() ? layout : at::MemoryFormat::Contiguous;
   at::Tensor y = poisoned(
-      at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options().memory_format(layout)));
+      at::empty({g.batch, g.out_channels, g.out_height, g.out_width}, x_f.options().memory_format(y_layout)));
   const at::Tensor y_rows = pixels.defined() ? y.permute({0, 2, 3, 1}).reshape({-1, g.out_channels})
                                              : y.view({g.batch, g.out_channels, g.out_height * g.out_width});
-  const at::Tensor x_images = pixels.defined() ? at::Tensor() : x_f.view({g.batch, g.in_channels, g.height * g.width});
+  const at::Tensor x_images = pixels.defined() ? at::Tensor()
+                              : unfolded ? at::im2col(x_f, {g.kernel_h, g.kernel_w}, dilation, padding, stride)
+                                         : x_f.view({g.batch, g.in_channels, g.height * g.width});
   const auto multiply = [&](int64_t c0, int64_t n, const float* decoded) {
-    const at::Tensor w_t = at::from_blob(const_cast<float*>(decoded), {n, g.in_channels}, x_f.options());
+    const at::Tensor w_t = at::from_blob(const_cast<float*>(decoded), {n, g.row_length()}, x_f.options());
     if (pixels.defined()) gemm_into(y_rows.narrow(1, c0, n), pixels, w_t.t(), bias_part(c0, n));
     else per_image_gemm(w_t, x_images, bias_part(c0, n), y_rows.narrow(1, c0, n));
   };
-  if (const RowBlocks blocks(g); blocks.count > 0) {
+  if (blocks.count > 0) {
     // a parallel region over blocks: each task decodes its blocks and multiplies them on its thread,
     // with the caller's dispatch state (y may be an inference tensor: out= needs inference mode)
     const at::ThreadLocalState caller;
     at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
       const at::ThreadLocalStateGuard state(caller);
       static thread_local std::vector<float> kept_block;  // L2-resident
-      float* block = kept_buffer(kept_block, blocks.rows * g.in_channels);
+      float* block = kept_buffer(kept_block, blocks.rows * g.row_length());
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t c0 = std::min(b * blocks.rows, g.out_channels), n = std::min(blocks.rows, g.out_channels - c0);
         if (n <= 0) continue;
@@ -277,7 +300,7 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
         multiply(c0, n, block);
       }
     });
-    return y.to(x.scalar_type());
+    return y.to(x.scalar_type()).contiguous(layout);
   }
   const at::Tensor w_t = tile();
   for (int64_t t = 0; t < tiles.count; ++t) {
@@ -286,7 +309,7 @@ at::Tensor lut_conv2d_forward(const at::Tensor& x, const at::Tensor& bias_f, con
     decoder.decode(c0, c1, w_t.data_ptr<float>());
     multiply(c0, c1 - c0, w_t.data_ptr<float>());
   }
-  return y.to(x.scalar_type());
+  return y.to(x.scalar_type()).contiguous(layout);
 }
 
 at::Tensor lut_conv2d_backward(const at::Tensor& grad_y, const PackedView& w, const Conv2dGeometry& g) {
