@@ -56,17 +56,25 @@ def _state_equal(a: dict, b: dict) -> bool:
 def _assert_state_close(actual: dict, expected: dict) -> None:
     """Equal up to float summation order: a gradient averaged over ranks rounds differently from one
     batch mean, and where a fake-quantized weight or activation sits at a rounding boundary that
-    difference becomes a whole quantization step in one step's gradient (seen on AVX2 builds: 1.5e-6
-    on a weight that training moved by 4.7e-3). So a tensor may differ by 0.1% of how far training
-    moved it from the float model (a rank on the wrong shard, or one step lost of the 16, moves it by
-    percents), and by the float32 tolerance where nothing moved it."""
+    difference becomes a whole quantization step in one step's gradient, which the later steps
+    carry on (AVX2 builds: 1.5e-6 on a weight that training moved by 4.7e-3; a Xeon with AVX-512:
+    3 of a conv's 1152 weights by up to 1.7% of their own movement, the first conv's bias by 1.03%
+    of its movement as a norm). So a tensor that training moved may differ, as a norm, by 2% of its
+    movement from where it started (a rank on the wrong shard, or one step lost of the 16, moves
+    every element: one step is ~6% of the movement), and one it did not move only by float32
+    rounding."""
     assert actual.keys() == expected.keys()
-    initial = worker.float_model().state_dict()
+    initial = {**sbs.convert(worker.float_model(), worker.POLICY).state_dict(), **worker.float_model().state_dict()}
     for k, v in expected.items():
-        if isinstance(v, torch.Tensor):
-            v = v.cpu()
-            moved = (v - initial[k]).abs().max().item() if k in initial and v.is_floating_point() else 0.0
-            torch.testing.assert_close(actual[k].cpu(), v, rtol=1e-5, atol=max(1e-6, 1e-3 * moved), msg=k)
+        if not isinstance(v, torch.Tensor):
+            continue
+        got, v = actual[k].cpu(), v.cpu()
+        start = initial.get(k)
+        if v.is_floating_point() and start is not None and not torch.equal(v, start):
+            moved, off = (v - start).double().norm().item(), (got - v).double().norm().item()
+            assert off <= 2e-2 * moved, f"{k}: off by {off:.3g} (norm), training moved it by {moved:.3g}"
+        else:
+            torch.testing.assert_close(got, v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,8 @@ def test_search_decides_the_same_on_every_rank_and_as_one_process(runs):
     assert rank0["decisions"] == single["decisions"]
     _assert_state_close(rank0["search"], single["search"])
     for two, one in zip(rank0["history"], single["history"]):
-        assert two["bops"] == one["bops"] and two["ce"] == pytest.approx(one["ce"], rel=1e-6)
+        # the epoch's mean CE over weights that differ as above (7e-6 apart on the Xeon)
+        assert two["bops"] == one["bops"] and two["ce"] == pytest.approx(one["ce"], rel=1e-4)
     chosen = [d["bits"] for d in single["decisions"].values()]
     assert any(b != (8, 8) for b in chosen), f"the search moved no layer off 8 bits ({chosen}): nothing was tested"
     assert any(d["keep"] is not None for d in single["decisions"].values())
