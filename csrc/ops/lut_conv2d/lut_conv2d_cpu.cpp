@@ -166,9 +166,10 @@ struct RowBlocks {
 // nchw_gemm_applies), where Winograd does not take them: the blocks times x's columns (im2col, in
 // W's row order (C_in, kh, kw)), y NCHW (Xeon with AVX-512, 2 threads, batch 1, NCHW and
 // channels-last, against the tile and oneDNN: 256 -> 512 3x3 stride 2 at 14x14 0.78 and 0.83
-// against 0.90 and 1.11 ms, F.conv2d 0.63 and 0.83; 1x1 stride 2 NCHW 1024 -> 2048 1.07 against
-// 1.72, F.conv2d 1.02; but 64 -> 128 5x5 on 9x9, 205K weights, 0.25 and 0.27 against 0.19 and
-// 0.23, and NCHW 1x1 stride 1 at batch 2 on 7x7, 2048 -> 512, 1.29 against 1.12).
+// against 0.90 and 1.11 ms, F.conv2d 0.63 in either layout (so still slower); 1x1 stride 2 NCHW
+// 1024 -> 2048 1.07 against 1.72, F.conv2d 1.02; but 64 -> 128 5x5 on 9x9, 205K weights, 0.25 and
+// 0.27 against 0.19 and 0.23, and NCHW 1x1 stride 1 at batch 2 on 7x7, 2048 -> 512, 1.29 against
+// 1.12).
 constexpr int64_t kUnfoldWeights = int64_t(1) << 18;
 bool unfolded_gemm_applies(const Conv2dGeometry& g, const RowBlocks& blocks) {
   if (blocks.count == 0 || g.groups > 1) return false;
