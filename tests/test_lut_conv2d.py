@@ -44,6 +44,13 @@ def assert_matches_reference(backend, device, x_shape, weight_shape, bits=4, spa
     lut_conv2d_check(backend, device, x, packed, bias, grad_y, conv, mixed=mixed)
 
 
+def assert_nonfinite_where_reference_is(y, want):
+    """y is NaN or inf exactly where the reference is, and close to it (float32) elsewhere."""
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(y), finite)
+    torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
 BACKENDS = ["cpu", "simt", "triton", "cuda"]
 
 # (x shape, weight shape, conv arguments): small enough for the SIMT emulation and the Triton interpreter
@@ -207,9 +214,8 @@ def test_cpu_pointwise_gemm():
     x = torch.randn(2, 8, 5, 4).contiguous(memory_format=torch.channels_last)
     x[1, 3, 2, 1], x[0, 5, 4, 3] = float("inf"), float("nan")
     y, want = ops.lut_conv2d(x, packed, backend="cpu"), reference.lut_conv2d(x, packed)
-    assert torch.equal(torch.isfinite(y), torch.isfinite(want)) and not torch.isfinite(want[1, :, 2, 1]).any()
-    finite = torch.isfinite(want)
-    torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
+    assert not torch.isfinite(want[1, :, 2, 1]).any()
+    assert_nonfinite_where_reference_is(y, want)
 
 
 def test_cpu_row_blocks():
@@ -251,8 +257,8 @@ def test_cpu_row_blocks():
     x = torch.randn(1, 64, 7, 7)
     x[0, 5, 3, 4] = float("nan")
     y, want = ops.lut_conv2d(x, packed, padding=1, backend="cpu"), reference.lut_conv2d(x, packed, padding=1)
-    assert torch.equal(torch.isfinite(y), torch.isfinite(want)) and not torch.isfinite(want[0, :, 2:5, 3:6]).any()
-    torch.testing.assert_close(y[torch.isfinite(want)], want[torch.isfinite(want)], rtol=1e-4, atol=1e-4)
+    assert not torch.isfinite(want[0, :, 2:5, 3:6]).any()
+    assert_nonfinite_where_reference_is(y, want)
     bias = torch.randn(700)
     for weight, pixels, blocks, conv in (((700, 300, 1, 1), (7, 7), True, {}), ((700, 300, 1, 1), (8, 16), False, {}),
                                          ((700, 48, 3, 3), (13, 13), True, dict(stride=2))):
@@ -284,9 +290,9 @@ def test_cpu_nchw_pointwise_gemm():
     such counts) on maps of 128 pixels or more: batches 1 and 3, with and without bias, every
     bitwidth dense and sparse, two tiles (1400 x 1030 over 132 pixels, each written into y in
     place), bfloat16, a strided x, and 1 x 1 maps at batches 5 and 16 (one GEMM over x's rows);
-    the backward to x likewise, with W^T. Counts that are both multiples of 16 at batch 2, stride 2, and batches of
-    smaller maps keep the convolution; the output is NCHW. Non-finite x reaches exactly the
-    outputs of its pixel."""
+    the backward to x likewise, with W^T. Counts that are both multiples of 16 at batch 2, stride
+    2, and batches of smaller maps keep the convolution; the output is NCHW. Non-finite x reaches
+    exactly the outputs of its pixel."""
     device = require_backend("cpu")
     for bits in range(1, 9):
         x_shape = (3, 40, 12, 11) if bits % 2 else (1, 40, 5, 6)
@@ -313,9 +319,8 @@ def test_cpu_nchw_pointwise_gemm():
     x = torch.randn(1, 8, 5, 4)
     x[0, 3, 2, 1], x[0, 5, 4, 3] = float("inf"), float("nan")
     y, want = ops.lut_conv2d(x, packed, backend="cpu"), reference.lut_conv2d(x, packed)
-    assert torch.equal(torch.isfinite(y), torch.isfinite(want)) and not torch.isfinite(want[0, :, 2, 1]).any()
-    finite = torch.isfinite(want)
-    torch.testing.assert_close(y[finite], want[finite], rtol=1e-4, atol=1e-4)
+    assert not torch.isfinite(want[0, :, 2, 1]).any()
+    assert_nonfinite_where_reference_is(y, want)
 
 
 # The CPU kernel's depthwise path (one input and one output channel per group), direct in both
