@@ -20,8 +20,10 @@
 // 0.9 ms at 2 bits for lowbit_simd.h's generic decode with vpermb, 2.5 ms before it). Every path
 // of such weights (register-decoded small batches, decode tile, scalar twin) uses that order.
 //
-// From kGemmBatch batch rows on, blocks of decoded rows go through ATen's sgemm (below); from
-// kTileBatch on, tiles of the decoded weight meet all of x in one sgemm over every thread.
+// From kGemmBatch batch rows on, SIMD builds run batch rows in the vector lanes over blocks of
+// decoded rows (lane_forward) up to kLaneBatch; from there (and without SIMD) blocks of decoded
+// rows go through ATen's sgemm (below); from kTileBatch on, tiles of the decoded weight meet all
+// of x in one sgemm over every thread.
 //
 // Backward: grad_x = (grad_y * scale) W. Output channels split into a fixed number of chunks (by
 // shape, not thread count: results are deterministic), each adding its blocks of decoded rows
@@ -300,16 +302,20 @@ int64_t grain(const PackedView& w, int64_t rows) {
 }
 
 #if defined(MP_LOWBIT_SIMD)
-// Batch rows in the vector lanes (kGemmBatch <= batch < kTileBatch on SIMD builds, rows of up to
+// Batch rows in the vector lanes (kGemmBatch <= batch < kLaneBatch on SIMD builds, rows of up to
 // kLaneMaxColumns weights): each task decodes kLaneRows output rows into a kept buffer of their
 // levels, then, for every Vec::size() batch rows, runs acc[i] += level[i][k] * xt[k] over the
 // columns k in order (one broadcast and one FMA per weight and lane vector, kLaneRows independent
-// chains): the levels stay in L2 and serve every batch row, where sgemm on a decoded block
-// (before) ran at half this speed from batch 64 on (Xeon, 2 threads, 4096 x 4096: batch 128 18
-// against 31 ms). One FMA chain per output, in column order, so a row's result does not depend on
-// the batch around it; the scalar twin (set_cpu_simd(false)) sums in the same order, bit for bit
-// (std::fma; the build's -ffp-contract=off keeps the other products apart).
+// chains): the levels stay in L2 and serve every batch row. Against sgemm on decoded 64-row
+// blocks (Xeon, 2 threads, 4096 x 4096, bits 3/4/8 dense and 4-bit half pruned): batch 16
+// 2.8-3.2 against 6.6-7.4 ms, 32 4.4-5.0 against 8.5-9.5, 64 7.7-9.0 against 12.3-13.2; on 512 x
+// 4608 0.60-0.65 against 0.79-1.38 at batch 16, even at 32; from 64 rows on sgemm wins there
+// (batch 128 2.6-3.7 against 3.7-4.1, 256 4.6-7.0 against 7.4-8.3), so larger batches keep it.
+// One FMA chain per output, in column order, so a row's result does not depend on the batch
+// around it; the scalar twin (set_cpu_simd(false)) sums in the same order, bit for bit (std::fma;
+// the build's -ffp-contract=off keeps the other products apart).
 constexpr int kLaneRows = Vec::size() == 16 ? 24 : 12;  // accumulators: 24 of 32 zmm, 12 of 16 ymm
+constexpr int64_t kLaneBatch = 64;
 constexpr int64_t kLaneMaxColumns = 16384;
 
 // out[i][l] = sum_k levels[i kStride + k] xt[k][l], k in order (xt: in x Vec::size()). The row
@@ -422,7 +428,7 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
   }
 #endif
 #if defined(MP_LOWBIT_SIMD)
-  if (m_rows >= kGemmBatch && in <= kLaneMaxColumns) {
+  if (m_rows >= kGemmBatch && m_rows < kLaneBatch && in <= kLaneMaxColumns) {
     lane_forward(xp, m_rows, w, interleave, yp);
     return y;
   }
