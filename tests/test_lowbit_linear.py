@@ -298,20 +298,21 @@ def test_cpu_sgemm_batches_span_several_row_blocks(bits, sparsity):
     assert torch.equal(y, one_thread)
 
 
-LANE_BATCH, LANE_MAX_COLUMNS = 64, 16384  # lowbit_linear_cpu.cpp: kLaneBatch, kLaneMaxColumns
+LANE_BATCH, LANE_MAX_COLUMNS = 128, 16384  # lowbit_linear_cpu.cpp: kLaneBatch, kLaneMaxColumns
 
 
 @pytest.mark.parametrize("in_features", [37, 300, 1100, 5000, LANE_MAX_COLUMNS + 16])
 @pytest.mark.parametrize("bits,sparsity", [(4, 0.0), (3, 0.3), (8, 0.75)])
-@pytest.mark.parametrize("batch", [GEMM_BATCH, LANE_BATCH - 1])
+@pytest.mark.parametrize("batch", [GEMM_BATCH, 40, LANE_BATCH - 1])
 def test_cpu_batch_rows_in_lanes(in_features, bits, sparsity, batch):
     """From GEMM_BATCH to LANE_BATCH - 1 rows on SIMD builds, rows of up to LANE_MAX_COLUMNS
     weights run with batch rows in the vector lanes over levels buffers of four row strides (37,
     300, 1100, 5000 columns take each; dense 4-bit rows the interleaved order; 29 output rows: a
-    partial block; batch 63: a partial lane vector): against the reference, the SIMD path and its
-    scalar twin bit for bit, and each batch row the same bits as in another batch (one FMA chain
-    per output). Longer rows go through sgemm (reference only). The sums run in column order, as
-    sgemm's do within its panels: up to thousands of terms, so y is held to float32
+    partial block), one lane vector a pass (batch 16) or two (40: a pair, then a partial single
+    vector; 127: four pairs, the last vector partial): against the reference, the SIMD path and
+    its scalar twin bit for bit, and each batch row the same bits as in another batch (one FMA
+    chain per output). Longer rows go through sgemm (reference only). The sums run in column
+    order, as sgemm's do within its panels: up to thousands of terms, so y is held to float32
     accumulation's bound (``mixed``)."""
     require_backend("cpu")
     packed = make_packed(29, in_features, bits, sparsity, seed=in_features + bits)

@@ -340,10 +340,11 @@ int main(int argc, char** argv) {
   // rows of 28..77 columns (16-lane steps, tails, codes straddling bytes)
   std::vector<LowbitCase> lowbit_cases = {
       lowbit_case(130, 40, 3, 1, 0.7, rng),   // 3 output-channel chunks in the backward
-      lowbit_case(150, 37, 17, 2, 0.8, rng),  // 16 <= M < 64: batch rows in lanes (24-row blocks, the last partial; sgemm without SIMD)
-      lowbit_case(30, 1100, 40, 4, 1.0, rng),  // ... interleaved rows in the 4112-float stride, a partial lane vector
+      lowbit_case(150, 37, 17, 2, 0.8, rng),  // 16 <= M < 128: batch rows in lanes (24-row blocks, the last partial; sgemm without SIMD)
+      lowbit_case(30, 1100, 40, 4, 1.0, rng),  // ... interleaved rows in the 4112-float stride, a two-vector pass, a partial one
+      lowbit_case(26, 300, 127, 7, 0.6, rng),  // ... three two-vector passes, a partial single one
       lowbit_case(5, 16400, 16, 3, 0.5, rng),  // ... rows past kLaneMaxColumns: 64-row blocks through sgemm
-      lowbit_case(70, 45, 64, 6, 0.7, rng),    // M >= 64: 64-row blocks through sgemm, the last partial
+      lowbit_case(70, 45, 128, 6, 0.7, rng),   // M >= 128: 64-row blocks through sgemm, the last partial
       lowbit_case(21, 45, 512, 5, 0.6, rng),  // M >= 512: the whole weight decoded, one sgemm
       lowbit_case(3, 1, 2, 2, 1.0, rng),      // one input feature
       lowbit_case(11, 280, 3, 4, 1.0, rng),   // dense byte-aligned 4-bit rows, M <= 4: interleaved fused decode

@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -304,52 +305,69 @@ int64_t grain(const PackedView& w, int64_t rows) {
 #if defined(MP_LOWBIT_SIMD)
 // Batch rows in the vector lanes (kGemmBatch <= batch < kLaneBatch on SIMD builds, rows of up to
 // kLaneMaxColumns weights): each task decodes kLaneRows output rows into a kept buffer of their
-// levels, then, for every Vec::size() batch rows, runs acc[i] += level[i][k] * xt[k] over the
-// columns k in order (one broadcast and one FMA per weight and lane vector, kLaneRows independent
-// chains): the levels stay in L2 and serve every batch row. Against sgemm on decoded 64-row
-// blocks (Xeon, 2 threads, 4096 x 4096, bits 3/4/8 dense and 4-bit half pruned): batch 16
-// 2.8-3.2 against 6.6-7.4 ms, 32 4.4-5.0 against 8.5-9.5, 64 7.7-9.0 against 12.3-13.2; on 512 x
-// 4608 0.60-0.65 against 0.79-1.38 at batch 16, even at 32; from 64 rows on sgemm wins there
-// (batch 128 2.6-3.7 against 3.7-4.1, 256 4.6-7.0 against 7.4-8.3), so larger batches keep it.
+// levels, then, for every one or two lane vectors of batch rows, runs acc[i] += level[i][k] *
+// xt[k] over the columns k in order (one broadcast per weight and pass, one FMA per weight and
+// lane vector, 24 independent chains on AVX-512): the levels stay in L2 and serve every batch
+// row. Against sgemm on decoded 64-row blocks (Xeon, 2 threads, bits 3/4/8 dense and 4-bit half
+// pruned), 4096 x 4096: batch 16 2.8-3.3 against 6.6-7.4 ms, 32 4.2-4.7 against 8.5-9.5, 64
+// 7.2-8.3 against 12.1-13.2, 128 14.2-16.3 against 18.5-19.9; 512 x 4608: batch 16 0.60-0.67
+// against 0.79-1.38, 32 0.78-0.86 against 0.93-1.05, 64 within noise. From 128 rows on the
+// narrow layer lost (2.8-3.0 against 2.4-2.8 ms; at 256 5.5-6.0 against 4.4-4.9: x's lanes
+// outgrow L2 and stream once per row block), so larger batches keep sgemm.
 // One FMA chain per output, in column order, so a row's result does not depend on the batch
 // around it; the scalar twin (set_cpu_simd(false)) sums in the same order, bit for bit (std::fma;
 // the build's -ffp-contract=off keeps the other products apart).
 constexpr int kLaneRows = Vec::size() == 16 ? 24 : 12;  // accumulators: 24 of 32 zmm, 12 of 16 ymm
-constexpr int64_t kLaneBatch = 64;
+constexpr int64_t kLaneBatch = 128;
 constexpr int64_t kLaneMaxColumns = 16384;
 
-// out[i][l] = sum_k levels[i kStride + k] xt[k][l], k in order (xt: in x Vec::size()). The row
-// stride is a compile-time power of two plus a cache line (kLaneStrides): the kLaneRows broadcasts
-// of a step are fixed offsets from one pointer, in different cache sets (with a run-time stride
-// the 24 row pointers spilled to the stack and doubled the loads).
-template <int64_t kStride>
+// out[i][j L + l] = sum_k levels[i kStride + k] xt[j][k][l] for kLaneRows / kVecs rows i and
+// kVecs lane vectors j (xt[j]: in x L floats, in * L apart), k in order. Two lane vectors a pass
+// (batch 32 on) take half the broadcasts per FMA. The row stride is a compile-time power of two
+// plus a cache line (kLaneStrides): a step's broadcasts are fixed offsets from one pointer, in
+// different cache sets (with a run-time stride the 24 row pointers spilled to the stack and
+// doubled the loads).
+template <int64_t kStride, int kVecs>
 void lane_dots(const float* levels, int64_t in, const float* xt, float* out, bool simd) {
   constexpr int64_t L = Vec::size();
+  constexpr int kRows = kLaneRows / kVecs;
   if (!simd) {  // the scalar twin
-    for (int i = 0; i < kLaneRows; ++i)
-      for (int64_t l = 0; l < L; ++l) {
+    for (int i = 0; i < kRows; ++i)
+      for (int64_t l = 0; l < kVecs * L; ++l) {
         float acc = 0.0f;
-        for (int64_t k = 0; k < in; ++k) acc = std::fma(levels[i * kStride + k], xt[k * L + l], acc);
-        out[i * L + l] = acc;
+        for (int64_t k = 0; k < in; ++k)
+          acc = std::fma(levels[i * kStride + k], xt[l / L * in * L + k * L + l % L], acc);
+        out[i * kVecs * L + l] = acc;
       }
     return;
   }
-  Vec acc[kLaneRows];  // unrolled, so that the accumulators stay in registers
+  Vec acc[kRows][kVecs];  // unrolled, so that the accumulators stay in registers
 #pragma GCC unroll 32
-  for (int i = 0; i < kLaneRows; ++i) acc[i] = Vec(0.0f);
+  for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) acc[i][j] = Vec(0.0f);
   for (int64_t k = 0; k < in; ++k, ++levels, xt += L) {
-    const Vec xv = Vec::loadu(xt);
+    Vec xv[kVecs];
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) xv[j] = Vec::loadu(xt + j * in * L);
 #pragma GCC unroll 32
-    for (int i = 0; i < kLaneRows; ++i) acc[i] = at::vec::fmadd(Vec(levels[i * kStride]), xv, acc[i]);
+    for (int i = 0; i < kRows; ++i) {
+      const Vec level(levels[i * kStride]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kVecs; ++j) acc[i][j] = at::vec::fmadd(level, xv[j], acc[i][j]);
+    }
   }
 #pragma GCC unroll 32
-  for (int i = 0; i < kLaneRows; ++i) acc[i].store(out + i * L);
+  for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < kVecs; ++j) acc[i][j].store(out + (i * kVecs + j) * L);
 }
 
 using LaneDots = void (*)(const float*, int64_t, const float*, float*, bool);
 constexpr int64_t kLaneStrides[] = {256 + 16, 1024 + 16, 4096 + 16, kLaneMaxColumns + 16};
-constexpr LaneDots kLaneDots[] = {lane_dots<kLaneStrides[0]>, lane_dots<kLaneStrides[1]>, lane_dots<kLaneStrides[2]>,
-                                  lane_dots<kLaneStrides[3]>};
+template <int kVecs>
+constexpr std::array<LaneDots, 4> kLaneDots = {lane_dots<kLaneStrides[0], kVecs>, lane_dots<kLaneStrides[1], kVecs>,
+                                               lane_dots<kLaneStrides[2], kVecs>, lane_dots<kLaneStrides[3], kVecs>};
 
 // y (m_rows, out) = x W^T with batch rows in the lanes (x in W's column order).
 void lane_forward(const float* x, int64_t m_rows, const PackedView& w, bool interleave, float* y) {
@@ -373,17 +391,26 @@ void lane_forward(const float* x, int64_t m_rows, const PackedView& w, bool inte
   at::parallel_for(0, ceil_div(out, int64_t(kLaneRows)), grain(w, kLaneRows * m_rows), [&](int64_t b0, int64_t b1) {
     static thread_local std::vector<float> kept;  // the block's levels (cpu/kept_buffer.h)
     float* levels = kept_buffer(kept, kLaneRows * stride);
-    alignas(64) float dots[kLaneRows * L];
+    alignas(64) float dots[kLaneRows * 2 * L];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kLaneRows, rows = std::min<int64_t>(kLaneRows, out - c0);
       for (int64_t r = 0; r < kLaneRows; ++r) {
         if (r < rows) decode_row(w, c0 + r, interleave, levels + r * stride);
         else std::fill(levels + r * stride, levels + r * stride + in, 0.0f);
       }
-      for (int64_t v = 0; v < vecs; ++v) {
-        kLaneDots[pick](levels, in, xt.data() + v * in * L, dots, simd);
-        for (int64_t l = 0; l < std::min(L, m_rows - v * L); ++l)
-          for (int64_t r = 0; r < rows; ++r) y[(v * L + l) * out + c0 + r] = w.channel_scale[c0 + r] * dots[r * L + l];
+      for (int64_t v = 0; v < vecs;) {
+        const int64_t pair = vecs - v >= 2 ? 2 : 1;  // lane vectors this pass
+        const float* xv = xt.data() + v * in * L;
+        if (pair == 2) {  // half the rows a call, both lane vectors
+          kLaneDots<2>[pick](levels, in, xv, dots, simd);
+          kLaneDots<2>[pick](levels + kLaneRows / 2 * stride, in, xv, dots + kLaneRows / 2 * 2 * L, simd);
+        } else {
+          kLaneDots<1>[pick](levels, in, xv, dots, simd);
+        }
+        for (int64_t l = 0; l < std::min(pair * L, m_rows - v * L); ++l)
+          for (int64_t r = 0; r < rows; ++r)
+            y[(v * L + l) * out + c0 + r] = w.channel_scale[c0 + r] * dots[r * pair * L + l];
+        v += pair;
       }
     }
   });
