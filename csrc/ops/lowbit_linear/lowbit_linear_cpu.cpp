@@ -377,12 +377,13 @@ void lane_forward(const float* x, int64_t m_rows, const PackedView& w, bool inte
   const int64_t pick = std::find_if(std::begin(kLaneStrides), std::end(kLaneStrides),
                                     [&](int64_t s) { return s >= in + 16; }) - std::begin(kLaneStrides);
   const int64_t stride = kLaneStrides[pick];
-  // xt[v][k][l] = x[v L + l][k], zero past the batch
-  std::vector<float> xt(size_t(vecs * in * L));
+  // xt[v][k][l] = x[v L + l][k], zero past the batch (kept on the calling thread: up to 8 MB)
+  static thread_local std::vector<float> kept_xt;
+  float* xt = kept_buffer(kept_xt, vecs * in * L);
   at::parallel_for(0, vecs, 1, [&](int64_t v0, int64_t v1) {
     for (int64_t v = v0; v < v1; ++v)
       for (int64_t l = 0; l < L; ++l) {
-        float* dst = xt.data() + v * in * L + l;
+        float* dst = xt + v * in * L + l;
         const float* src = x + (v * L + l) * in;
         const bool live = v * L + l < m_rows;
         for (int64_t k = 0; k < in; ++k) dst[k * L] = live ? src[k] : 0.0f;
@@ -400,7 +401,7 @@ void lane_forward(const float* x, int64_t m_rows, const PackedView& w, bool inte
       }
       for (int64_t v = 0; v < vecs;) {
         const int64_t pair = vecs - v >= 2 ? 2 : 1;  // lane vectors this pass
-        const float* xv = xt.data() + v * in * L;
+        const float* xv = xt + v * in * L;
         if (pair == 2) {  // half the rows a call, both lane vectors
           kLaneDots<2>[pick](levels, in, xv, dots, simd);
           kLaneDots<2>[pick](levels + kLaneRows / 2 * stride, in, xv, dots + kLaneRows / 2 * 2 * L, simd);
