@@ -156,8 +156,8 @@ struct Plan {
   // Floats per input channel of U[c][t][o]: a channel's 16 terms side by side, so that its weight
   // transform stores one contiguous run, not 16 runs a plane apart (Xeon, 2 threads, 512 -> 512 at
   // 7x7, batch 1, 4- and 8-bit: 1.31-1.49 against 1.47-1.61 ms; at 14x14 0.66-0.69 against
-  // 0.68-0.73; at 28x28 and 56x56 within noise; ResNet-18 OPQ 8x at batch 1 1.12-1.23x float
-  // against 1.08-1.14x), plus one cache line, as the planes below.
+  // 0.68-0.73; at 28x28 and 56x56, and whole ResNet-18 OPQ 8x models, within noise), plus one
+  // cache line, as the planes below.
   int64_t u_row() const { return kTerms * block + kLanes; }
   // Floats per term of V[t][j / 16][c][j % 16] and M[t][o][j]: one cache line more than the plane,
   // so that a step's 16 accesses, one per term, fall in 16 cache sets, not one.
