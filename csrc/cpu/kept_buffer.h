@@ -11,8 +11,9 @@
 
 namespace mixedprec {
 
-inline float* kept_buffer(std::vector<float>& buffer, int64_t floats) {
-  if (int64_t(buffer.size()) < floats) buffer.resize(size_t(floats));
+template <class T>
+T* kept_buffer(std::vector<T>& buffer, int64_t count) {
+  if (int64_t(buffer.size()) < count) buffer.resize(size_t(count));
   return buffer.data();
 }
 

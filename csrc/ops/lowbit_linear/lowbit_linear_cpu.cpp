@@ -12,14 +12,14 @@
 // selects the scalar twin (decode_run + dot_block), which tests compare with them: every path sums
 // dot_block's order (see lowbit_simd.h), so they agree bit for bit.
 //
-// Dense 4-, 2- and 1-bit rows that start on a byte take the columns in an interleaved order on
-// AVX-512 builds (both x and W, so the dot products are the same sums): one 64-byte load holds 16
-// lanes of 32 bits, and lane l, bits [b s, b s + b) is column (32/b) l + s of the block; shifting
-// the whole register by b and looking the low 4 bits up with vpermps yields the 16 levels of step
-// s, one shuffle per 16 weights (measured on Zen 4, 1 thread, 4096 x 4096 at batch 1: 0.7 against
-// 0.9 ms at 2 bits for lowbit_simd.h's generic decode with vpermb, 2.5 ms before it). Every path
-// of such weights (register-decoded small batches, decode tile, scalar twin) uses that order.
-//
+// Dense 4-, 2- and 1-bit rows that start on a byte, and sparse rows of up to 4 bits, take the
+// columns in an interleaved order on AVX-512 builds (both x and W, so the dot products are the same
+// sums; interleave_steps): one 64-byte register holds 16 lanes of 32 bits, and lane l, bits
+// [b s, b s + b) is column (32/b) l + s of the block (a sparse block's codes are spread one per
+// byte, b = 8); shifting the register by b and looking the low bits of each lane up with one
+// permute yields the 16 levels of step s (DenseBlocks, SparseBlocks). Every path of such weights
+// (register-decoded small batches, decode tile, lanes, scalar twin) uses that order.
+
 // From kGemmBatch batch rows on, SIMD builds run batch rows in the vector lanes over blocks of
 // decoded rows (lane_forward) up to kLaneBatch; from there (and without SIMD) blocks of decoded
 // rows go through ATen's sgemm (below); from kTileBatch on, tiles of the decoded weight meet all
@@ -93,12 +93,12 @@ inline float finish_dot(Vec (&acc)[kAccumulators]) {
   return float(lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3])));
 }
 
-// Columns in the interleaved order: blocks of 16 * 32/bits columns (one 64-byte code load);
-// column (32/bits) l + s of a block goes to position 16 s + l. Columns past the last whole block
+// Columns in the interleaved order: blocks of 16 * steps columns (one 64-byte load of codes);
+// column steps l + s of a block goes to position 16 s + l. Columns past the last whole block
 // keep their place.
 struct Interleave {
-  int64_t steps, block, end;  // steps = codes per 32-bit lane; end = first column of the tail
-  Interleave(int bits, int64_t in) : steps(32 / bits), block(16 * steps), end(in - in % block) {}
+  int64_t steps, block, end;  // end = first column of the tail
+  Interleave(int64_t steps_, int64_t in) : steps(steps_), block(16 * steps), end(in - in % block) {}
   int64_t position(int64_t i) const {
     if (i >= end) return i;
     const int64_t r = i % block;
@@ -113,117 +113,213 @@ struct Interleave {
   }
 };
 
-// Dense 4-, 2- and 1-bit rows starting on a byte: the forward runs in the interleaved order
-// (AVX-512 builds; the AVX2 kernels and their scalar twin take every row in column order).
-bool interleaved(const PackedView& w) {
+// The rows whose forward runs in the interleaved order (0: column order), as its steps per block:
+// dense 4-, 2- and 1-bit rows starting on a byte, 32 / bits codes per 32-bit lane (AVX-512
+// builds), and sparse rows of up to 4 bits, 4 per lane, one code per byte (AVX-512 VBMI2 builds).
+// Every path of such weights (register-decoded small batches, decode tile, lanes, scalar twin)
+// sums in that order; the AVX2 kernels take every row in column order.
+int64_t interleave_steps(const PackedView& w) {
+#if defined(MP_BYTE_CODES)
+  if (w.keep_bitmap && w.bits <= 4) return 4;
+#endif
 #if defined(MP_DECODE_AVX512)
-  return !w.keep_bitmap && (w.bits == 4 || w.bits == 2 || w.bits == 1) && (w.row_length * w.bits) % 8 == 0;
-#else
+  if (!w.keep_bitmap && (w.bits == 4 || w.bits == 2 || w.bits == 1) && (w.row_length * w.bits) % 8 == 0)
+    return 32 / w.bits;
+#endif
   (void)w;
-  return false;
+  return 0;
+}
+
+#if defined(MP_DECODE_AVX512)
+// Dense interleaved rows, one block of 16 * kSteps columns per 64-byte load: shifting the whole
+// register by kBits and looking the low 4 bits of each lane up with vpermps yields the 16 levels
+// of step s, one shuffle per 16 weights (Zen 4, 1 thread, 4096 x 4096 at batch 1: 0.7 against
+// 0.9 ms at 2 bits for lowbit_simd.h's generic decode with vpermb, 2.5 ms before it). A 2- or
+// 1-bit codebook is repeated in the register, so the bits above a code need no masking.
+template <int kBits>
+struct DenseBlocks {
+  static constexpr int64_t kSteps = 32 / kBits;
+  // One row's blocks, read in order (a value, so that its state stays in registers).
+  struct Row {
+    const uint8_t* src;
+    __m512 lut;
+    // Every step of the row's next block: step(s, chain, levels).
+    template <class Step>
+    void next(Step&& step) {
+      __m512i lanes = _mm512_loadu_si512(src);
+      src += 64;
+      for_each_step(kSteps, [&](int64_t s, auto chain) {
+        step(s, chain, _mm512_permutexvar_ps(lanes, lut));
+        lanes = _mm512_srli_epi32(lanes, kBits);
+      });
+    }
+  };
+  const uint8_t* codes;
+  int64_t row_bytes;
+  __m512 lut;
+  DenseBlocks(const PackedView& w, int64_t, int64_t) : codes(w.codes), row_bytes(w.row_length * kBits / 8) {
+    float repeated[16];
+    for (int i = 0; i < 16; ++i) repeated[i] = w.codebook[i & ((1 << kBits) - 1)];
+    lut = _mm512_loadu_ps(repeated);
+  }
+  Row start(int64_t c) const { return {codes + c * row_bytes, lut}; }
+};
+#endif
+
+#if defined(MP_BYTE_CODES)
+// Sparse rows of kBits <= 4, blocks of 64 columns: the row's kept codes are first read as one run,
+// one per byte and plus 16 (the next row's while this one is multiplied: a load spanning two
+// pending stores waits for them); a block's 64 bitmap bits spread them over its columns with one
+// vpexpandb, pruned columns 0. Lane l of that register holds columns 4l .. 4l + 3, one per byte:
+// its bytes shifted down and each lane's low 5 bits looked up in 32 entries (16 zeros, then the
+// levels) yield the step's 16 levels, 0 where pruned, with no mask. Per 64 columns that is 1
+// expand, 4 vpermi2ps and 3 shifts, against 1 expand, 4 vpermb, 4 vpermt2ps and 3 mask shifts in
+// column order (lowbit_simd.h's ByteSparseSrc; measured in docs/kernels.md).
+template <int kBits>
+struct SparseBlocks {
+  static constexpr int64_t kSteps = 4;
+  // One row's blocks, read in order (a value, so that its state stays in registers).
+  struct Row {
+    const uint8_t* kept;    // the row's kept codes, plus 16
+    const uint8_t* bitmap;  // the byte of the block's first column (rows starting on a byte)
+    int64_t f, nbytes;      // else: the block's first column, as a bit of the whole bitmap
+    __m512 lo, hi;
+    template <class Step>
+    void next(Step&& step) {
+      uint64_t keep;
+      if (bitmap) std::memcpy(&keep, bitmap, 8), bitmap += 8;
+      else keep = simd::bits64_at(bitmap_base, nbytes, f), f += 64;
+      const __m512i lanes = _mm512_maskz_expand_epi8(keep, _mm512_loadu_si512(kept));
+      kept += __builtin_popcountll(keep);
+      for_each_step(kSteps, [&](int64_t s, auto chain) {
+        step(s, chain, _mm512_permutex2var_ps(lo, _mm512_srli_epi32(lanes, 8 * int(s)), hi));
+      });
+    }
+    const uint8_t* bitmap_base;
+  };
+  const PackedView& w;
+  int64_t c_end, nbytes, in, ld, ready = -1;
+  __m512 lo, hi;
+  uint8_t* buffers;  // two rows' kept codes, each followed by at least 64 readable bytes
+  SparseBlocks(const PackedView& w_, int64_t, int64_t c1)
+      : w(w_), c_end(c1), nbytes(simd::code_bytes(w_)), in(w_.row_length), ld(w_.row_length + 128) {
+    float table[32] = {};  // entries 0-15: pruned
+    for (int i = 0; i < (1 << kBits); ++i) table[16 + i] = w.codebook[i];
+    lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);
+    static thread_local std::vector<uint8_t> kept_rows;
+    buffers = kept_buffer(kept_rows, 2 * ld);
+  }
+  void prepare(int64_t c) {  // row c's kept codes plus 16, a byte each
+    uint8_t* dst = buffers + (c & 1) * ld;
+    const int64_t f0 = c * in, count = kept_between(w, f0, f0 + in), p0 = kept_before(w, f0) * kBits;
+    const simd::ByteCodes<kBits> read(int(p0 & 7));
+    const __m512i mask = _mm512_set1_epi8(char((1 << kBits) - 1)), kept_bit = _mm512_set1_epi8(16);
+    for (int64_t t = 0; t < count; t += 64)  // (code & mask) | 16
+      _mm512_storeu_si512(dst + t, _mm512_ternarylogic_epi32(read(w.codes, nbytes, p0 + t * kBits), mask, kept_bit, 0xea));
+  }
+  Row start(int64_t c) {
+    if (ready != c) prepare(c);
+    if (c + 1 < c_end) prepare(c + 1);
+    ready = c + 1;
+    const int64_t f0 = c * in;
+    const uint8_t* aligned = f0 % 8 == 0 ? w.keep_bitmap + f0 / 8 : nullptr;
+    return {buffers + (c & 1) * ld, aligned, f0, w.bitmap_bytes(), lo, hi, w.keep_bitmap};
+  }
+};
+#endif
+
+// f(std::type_identity<Blocks>) for an interleaved weight's block source.
+template <class F>
+void with_interleaved_blocks(const PackedView& w, F&& f) {
+#if defined(MP_BYTE_CODES)
+  if (w.keep_bitmap) {
+    if (w.bits == 4) return f(std::type_identity<SparseBlocks<4>>{});
+    if (w.bits == 3) return f(std::type_identity<SparseBlocks<3>>{});
+    if (w.bits == 2) return f(std::type_identity<SparseBlocks<2>>{});
+    return f(std::type_identity<SparseBlocks<1>>{});
+  }
+#endif
+#if defined(MP_DECODE_AVX512)
+  if (w.bits == 4) return f(std::type_identity<DenseBlocks<4>>{});
+  if (w.bits == 2) return f(std::type_identity<DenseBlocks<2>>{});
+  return f(std::type_identity<DenseBlocks<1>>{});
 #endif
 }
 
 #if defined(MP_DECODE_AVX512)
-// The codebook in a register, looked up by the low 4 bits of a lane: a 2- or 1-bit codebook is
-// repeated, so the bits above a code need no masking.
-inline __m512 lut_register(const float* codebook, int bits) {
-  float repeated[16];
-  for (int i = 0; i < 16; ++i) repeated[i] = codebook[i & ((1 << bits) - 1)];
-  return _mm512_loadu_ps(repeated);
-}
-
-// f(std::integral_constant<int, bits>) for the interleaved widths 4, 2 and 1.
-template <class F>
-void with_interleaved_bits(int bits, F&& f) {
-  if (bits == 4) return f(std::integral_constant<int, 4>{});
-  if (bits == 2) return f(std::integral_constant<int, 2>{});
-  return f(std::integral_constant<int, 1>{});
-}
-
-// Every step of one interleaved block of codes at `src` (64 bytes): step(s, chain, levels).
-template <int kBits, class Step>
-void interleaved_block(const uint8_t* src, __m512 lut, Step&& step) {
-  __m512i lanes = _mm512_loadu_si512(src);
-  for_each_step(32 / kBits, [&](int64_t s, auto chain) {
-    step(s, chain, _mm512_permutexvar_ps(lanes, lut));
-    lanes = _mm512_srli_epi32(lanes, kBits);
-  });
-}
-
-// Row c of an interleaved weight (see Interleave) into row[0, in).
-template <int kBits>
+// Row c of an interleaved weight (see Interleave) into row[0, in): the blocks' levels, then the
+// columns past them in their place.
+template <class Blocks>
 void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
-  const Interleave order(kBits, w.row_length);
-  const __m512 lut = lut_register(w.codebook, kBits);
-  const uint8_t* src = w.codes + c * w.row_length * kBits / 8;
+  const int64_t in = w.row_length;
+  const Interleave order(Blocks::kSteps, in);
+  Blocks blocks(w, c, c + 1);
+  auto reader = blocks.start(c);
   int64_t k = 0;
-  for (; k < order.end; k += order.block, src += 64)
-    interleaved_block<kBits>(src, lut, [&](int64_t s, auto, __m512 levels) { _mm512_storeu_ps(row + k + 16 * s, levels); });
-  const simd::Lut<kBits> generic(w.codebook);  // the columns past the last whole block
-  simd::store_levels(simd::DenseSrc<kBits>{w.codes, simd::code_bytes(w), (c * w.row_length + k) * kBits, generic},
-                     w.row_length - k, row + k);
+  for (; k < order.end; k += order.block)
+    reader.next([&](int64_t s, auto, __m512 levels) { _mm512_storeu_ps(row + k + 16 * s, levels); });
+  decode_span(w, c * in + k, in - k, row + k, true);
 }
 
 constexpr int64_t kFusedBatch = 4;
 
 // Small batches (kM rows of interleaved x) times interleaved weights: the codes are decoded in
-// registers and multiplied into x at once (no tile), reading bits/8 B per weight. The sums are
-// the tile path's exactly (the same FMA chains over the same columns, scalar tail), so results
-// are bit-identical to decode_row + dot_block.
-template <int kBits, int kM>
+// registers and multiplied into x at once (no tile), reading bits/8 B per weight (and a sparse
+// row's bitmap). The sums are the tile path's exactly (the same FMA chains over the same columns,
+// then the tail's vector steps and scalar columns), so results are bit-identical to decode_row +
+// dot_block.
+template <class Blocks, int kM>
 void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
-  const __m512 lut = lut_register(w.codebook, kBits);
-  const simd::Lut<kBits> generic(w.codebook);
-  const Interleave order(kBits, w.row_length);
-  const int64_t in = w.row_length, nbytes = simd::code_bytes(w);
+  const int64_t in = w.row_length;
+  const Interleave order(Blocks::kSteps, in);
+  Blocks blocks(w, c0, c1);
+  alignas(64) float tail[16 * 32];  // the columns past the blocks (fewer than a block)
   for (int64_t c = c0; c < c1; ++c) {
-    const uint8_t* src = w.codes + c * in * kBits / 8;
     Vec acc[kM][kAccumulators];
     for (auto& chains : acc)
       for (Vec& a : chains) a = Vec(0.0f);
     const auto fma = [&](int64_t k, auto chain, __m512 levels) {
       for (int m = 0; m < kM; ++m) acc[m][chain] = at::vec::fmadd(Vec::loadu(x + m * in + k), Vec(levels), acc[m][chain]);
     };
+    auto reader = blocks.start(c);
     int64_t k = 0;
-    for (; k < order.end; k += order.block, src += 64)
-      interleaved_block<kBits>(src, lut, [&](int64_t s, auto chain, __m512 levels) { fma(k + 16 * s, chain, levels); });
+    for (; k < order.end; k += order.block)
+      reader.next([&](int64_t s, auto chain, __m512 levels) { fma(k + 16 * s, chain, levels); });
+    decode_span(w, c * in + k, in - k, tail, true);
     const int64_t tail_steps = (in - k) / 16;
-    simd::DenseSrc<kBits> tail{w.codes, nbytes, (c * in + k) * kBits, generic};
-    for_each_step(tail_steps, [&](int64_t t, auto chain) { fma(k + 16 * t, chain, tail.get(16 * t)); });
-    k += 16 * tail_steps;
+    for_each_step(tail_steps, [&](int64_t t, auto chain) { fma(k + 16 * t, chain, _mm512_load_ps(tail + 16 * t)); });
     for (int m = 0; m < kM; ++m) {
       float s = finish_dot(acc[m]);
-      for (int64_t i = k; i < in; ++i) s += w.codebook[read_code(w.codes, c * in + i, kBits)] * x[m * in + i];
+      for (int64_t i = k + 16 * tail_steps; i < in; ++i) s += tail[i - k] * x[m * in + i];
       y[m * w.out + c] = w.channel_scale[c] * s;
     }
   }
 }
 
-template <int kBits>
+template <class Blocks>
 void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
   switch (m_rows) {
-    case 1: return fused_rows<kBits, 1>(w, x, c0, c1, y);
-    case 2: return fused_rows<kBits, 2>(w, x, c0, c1, y);
-    case 3: return fused_rows<kBits, 3>(w, x, c0, c1, y);
-    default: return fused_rows<kBits, 4>(w, x, c0, c1, y);
+    case 1: return fused_rows<Blocks, 1>(w, x, c0, c1, y);
+    case 2: return fused_rows<Blocks, 2>(w, x, c0, c1, y);
+    case 3: return fused_rows<Blocks, 3>(w, x, c0, c1, y);
+    default: return fused_rows<Blocks, 4>(w, x, c0, c1, y);
   }
 }
 #endif
 
 // Row c of W / channel_scale[c] (the levels, 0 at pruned positions) into row[0, in), in column
-// order, or in the interleaved order when `interleave` (dense 4-, 2- or 1-bit rows starting on a
-// byte).
+// order, or in the interleaved order when `interleave` (interleave_steps(w) > 0).
 void decode_row(const PackedView& w, int64_t c, bool interleave, float* row) {
   const bool simd = cpu_simd.load(std::memory_order_relaxed);
   if (interleave) {
 #if defined(MP_DECODE_AVX512)
-    if (simd) return with_interleaved_bits(w.bits, [&](auto B) { decode_row_interleaved_simd<B()>(w, c, row); });
+    if (simd)
+      return with_interleaved_blocks(w, [&](auto blocks) { decode_row_interleaved_simd<typename decltype(blocks)::type>(w, c, row); });
 #endif
-    const Interleave order(w.bits, w.row_length);
-    for (int64_t i = 0; i < w.row_length; ++i)
-      row[order.position(i)] = w.codebook[read_code(w.codes, c * w.row_length + i, w.bits)];
-    return;
+    static thread_local std::vector<float> ordered;  // the scalar twin: column order, then permuted
+    float* levels = kept_buffer(ordered, w.row_length);
+    decode_span(w, c * w.row_length, w.row_length, levels, false);
+    return Interleave(interleave_steps(w), w.row_length).apply(levels, row, w.row_length);
   }
   decode_span(w, c * w.row_length, w.row_length, row, simd);
 }
@@ -427,11 +523,12 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
   at::Tensor y = poisoned(at::empty({m_rows, out}, x.options()));
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (out + kRowBlock - 1) / kRowBlock;
-  const bool interleave = interleaved(w);
+  const int64_t steps = interleave_steps(w);
+  const bool interleave = steps > 0;
   at::Tensor x_ordered = interleave ? at::empty_like(x) : x;  // x in the columns' order
   const float* xp = x_ordered.data_ptr<float>();
   if (interleave) {
-    const Interleave order(w.bits, in);
+    const Interleave order(steps, in);
     const float* src = x.data_ptr<float>();
     float* dst = x_ordered.data_ptr<float>();
     at::parallel_for(0, m_rows, 16, [&](int64_t m0, int64_t m1) {
@@ -442,7 +539,7 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
   if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
     at::parallel_for(0, blocks, grain(w, kRowBlock), [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
-      with_interleaved_bits(w.bits, [&](auto B) { fused_forward<B()>(w, xp, m_rows, c0, c1, yp); });
+      with_interleaved_blocks(w, [&](auto blocks) { fused_forward<typename decltype(blocks)::type>(w, xp, m_rows, c0, c1, yp); });
     });
     return y;
   }
