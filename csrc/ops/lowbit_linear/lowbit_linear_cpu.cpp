@@ -273,6 +273,7 @@ void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, flo
   const int64_t in = w.row_length;
   const Interleave order(Blocks::kSteps, in);
   Blocks blocks(w, c0, c1);
+  const int64_t ahead = prefetch_ahead(w);
   alignas(64) float tail[16 * 32];  // the columns past the blocks (fewer than a block)
   for (int64_t c = c0; c < c1; ++c) {
     Vec acc[kM][kAccumulators];
@@ -281,6 +282,7 @@ void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, flo
     const auto fma = [&](int64_t k, auto chain, __m512 levels) {
       for (int m = 0; m < kM; ++m) acc[m][chain] = at::vec::fmadd(Vec::loadu(x + m * in + k), Vec(levels), acc[m][chain]);
     };
+    if (c + ahead < c1) prefetch_row(w, c + ahead);
     auto reader = blocks.start(c);
     int64_t k = 0;
     for (; k < order.end; k += order.block)
@@ -311,6 +313,7 @@ void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t 
 // order, or in the interleaved order when `interleave` (interleave_steps(w) > 0).
 void decode_row(const PackedView& w, int64_t c, bool interleave, float* row) {
   const bool simd = cpu_simd.load(std::memory_order_relaxed);
+  if (const int64_t next = c + prefetch_ahead(w); next < w.out) prefetch_row(w, next);  // callers go row by row
   if (interleave) {
 #if defined(MP_DECODE_AVX512)
     if (simd)
