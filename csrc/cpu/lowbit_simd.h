@@ -293,6 +293,10 @@ struct ByteCodes {
     __m512i v;
     if (__builtin_expect(at + 64 <= nbytes, 1)) v = _mm512_loadu_si512(s + at);
     else v = last_bytes(s, nbytes, at);
+    return spread(v);
+  }
+  // The 64 codes of the 8 B bytes in v (from bit off of its first byte), one per byte.
+  __m512i spread(__m512i v) const {
     if constexpr (B == 8) return v;
     else return _mm512_multishift_epi64_epi8(shifts, permute_bytes(gather, v));
   }

@@ -354,6 +354,8 @@ int main(int argc, char** argv) {
       lowbit_case(8, 256, 4, 1, 0.7, rng),    // ... rows on a byte, the last block at the bitmap's end, M = 4
       lowbit_case(7, 200, 6, 3, 0.5, rng),    // ... M > 4: interleaved decode tile
       lowbit_case(30, 130, 20, 2, 0.9, rng),  // ... 16 <= M < 128: interleaved rows in lanes
+      lowbit_case(9, 203, 1, 5, 1.0, rng),    // dense rows of 3 and 5 bits (and mid-byte 1-4): 64 codes a byte each, GEMV,
+      lowbit_case(6, 150, 3, 3, 1.0, rng),    // ... the last blocks past the stream's end (masked loads)
   };
   for (int bits = 1; bits <= 8; ++bits)
     for (double keep : {1.0, 0.6}) {

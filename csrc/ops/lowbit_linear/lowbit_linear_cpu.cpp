@@ -12,13 +12,15 @@
 // selects the scalar twin (decode_run + dot_block), which tests compare with them: every path sums
 // dot_block's order (see lowbit_simd.h), so they agree bit for bit.
 //
-// Dense 4-, 2- and 1-bit rows that start on a byte, and sparse rows of up to 4 bits, take the
-// columns in an interleaved order on AVX-512 builds (both x and W, so the dot products are the same
-// sums; interleave_steps): one 64-byte register holds 16 lanes of 32 bits, and lane l, bits
-// [b s, b s + b) is column (32/b) l + s of the block (a sparse block's codes are spread one per
-// byte, b = 8); shifting the register by b and looking the low bits of each lane up with one
-// permute yields the 16 levels of step s (DenseBlocks, SparseBlocks). Every path of such weights
-// (register-decoded small batches, decode tile, lanes, scalar twin) uses that order.
+// Dense rows of up to 5 bits and sparse rows of up to 4 take the columns in an interleaved order on
+// AVX-512 builds (both x and W, so the dot products are the same sums; interleave_steps): one
+// 64-byte register holds 16 lanes of 32 bits, and lane l, bits [b s, b s + b) is column
+// (32/b) l + s of the block (dense 4-, 2- and 1-bit rows starting on a byte as stored; the others'
+// codes spread one per byte first, b = 8, with VBMI2); shifting the register by b and looking the
+// low bits of each lane up with one permute yields the 16 levels of step s (DenseBlocks,
+// ByteBlocks, SparseBlocks; up to kFusedBatch batch rows, fused_rows multiplies them at once).
+// Every path of such weights (register-decoded small batches, decode tile, lanes, scalar twin)
+// uses that order.
 
 // From kGemmBatch batch rows on, SIMD builds run batch rows in the vector lanes over blocks of
 // decoded rows (lane_forward) up to kLaneBatch; from there (and without SIMD) blocks of decoded
@@ -113,18 +115,22 @@ struct Interleave {
   }
 };
 
+// Dense 4-, 2- and 1-bit rows starting on a byte: 32 / bits codes per 32-bit lane (DenseBlocks).
+bool dense_lanes(const PackedView& w) {
+  return !w.keep_bitmap && (w.bits == 4 || w.bits == 2 || w.bits == 1) && (w.row_length * w.bits) % 8 == 0;
+}
+
 // The rows whose forward runs in the interleaved order (0: column order), as its steps per block:
-// dense 4-, 2- and 1-bit rows starting on a byte, 32 / bits codes per 32-bit lane (AVX-512
-// builds), and sparse rows of up to 4 bits, 4 per lane, one code per byte (AVX-512 VBMI2 builds).
-// Every path of such weights (register-decoded small batches, decode tile, lanes, scalar twin)
-// sums in that order; the AVX2 kernels take every row in column order.
+// dense_lanes rows (AVX-512 builds), and the other dense rows of up to 5 bits and sparse rows of
+// up to 4, 4 codes per lane, one per byte (AVX-512 VBMI2 builds: ByteBlocks, SparseBlocks). Every
+// path of such weights (register-decoded small batches, decode tile, lanes, scalar twin) sums in
+// that order; the AVX2 kernels take every row in column order.
 int64_t interleave_steps(const PackedView& w) {
-#if defined(MP_BYTE_CODES)
-  if (w.keep_bitmap && w.bits <= 4) return 4;
-#endif
 #if defined(MP_DECODE_AVX512)
-  if (!w.keep_bitmap && (w.bits == 4 || w.bits == 2 || w.bits == 1) && (w.row_length * w.bits) % 8 == 0)
-    return 32 / w.bits;
+  if (dense_lanes(w)) return 32 / w.bits;
+#endif
+#if defined(MP_BYTE_CODES)
+  if (w.bits <= (w.keep_bitmap ? 4 : 5)) return 4;
 #endif
   (void)w;
   return 0;
@@ -167,6 +173,54 @@ struct DenseBlocks {
 #endif
 
 #if defined(MP_BYTE_CODES)
+// Dense rows of kBits <= 5 that DenseBlocks does not take (3 and 5 bits; 1, 2 and 4 starting
+// mid-byte), blocks of 64 columns: one load, vpermb and vpmultishiftqb put code t in byte t
+// (lowbit_simd.h's ByteCodes, per starting bit of the row), lane l holding columns 4l .. 4l + 3;
+// its bytes shifted down and each lane's low 5 bits looked up in 32 entries (the codebook,
+// repeated below 5 bits: the bits above a code need no masking) yield the step's 16 levels. Per
+// 64 columns: 3 shuffles, 3 shifts and 4 vpermt2ps, against 4 loads, vpermb, vpsrlvd and vpermt2ps
+// in column order (lowbit_simd.h's CodeReader; measured in docs/kernels.md).
+template <int kBits>
+struct ByteBlocks {
+  static constexpr int64_t kSteps = 4;
+  struct Row {  // one row's blocks, read in order (a value, so that its state stays in registers)
+    const uint8_t* codes;
+    int64_t nbytes, p;  // p: the block's first bit
+    const simd::ByteCodes<kBits>* read;
+    __m512 lo, hi;
+    template <class Step>
+    void next(Step&& step) {
+      // past the stream's end a masked load reads 0 (ByteCodes' own fallback is a call, around
+      // which GCC kept the accumulators in memory: 1.1 against 1.2 ms at 5 bits, one thread)
+      const int64_t at = p >> 3;
+      const __m512i v = __builtin_expect(at + 64 <= nbytes, 1)
+                            ? _mm512_loadu_si512(codes + at)
+                            : _mm512_maskz_loadu_epi8(at < nbytes ? _bzhi_u64(~0ull, unsigned(nbytes - at)) : 0, codes + at);
+      const __m512i lanes = read->spread(v);
+      p += 64 * kBits;
+      for_each_step(kSteps, [&](int64_t s, auto chain) {
+        step(s, chain, _mm512_permutex2var_ps(lo, _mm512_srli_epi32(lanes, 8 * int(s)), hi));
+      });
+    }
+  };
+  const PackedView& w;
+  int64_t nbytes;
+  __m512 lo, hi;
+  std::array<simd::ByteCodes<kBits>, 8> readers{simd::ByteCodes<kBits>(0), simd::ByteCodes<kBits>(1),
+                                                simd::ByteCodes<kBits>(2), simd::ByteCodes<kBits>(3),
+                                                simd::ByteCodes<kBits>(4), simd::ByteCodes<kBits>(5),
+                                                simd::ByteCodes<kBits>(6), simd::ByteCodes<kBits>(7)};
+  ByteBlocks(const PackedView& w_, int64_t, int64_t) : w(w_), nbytes(simd::code_bytes(w_)) {
+    float table[32];
+    for (int i = 0; i < 32; ++i) table[i] = w.codebook[i & ((1 << kBits) - 1)];
+    lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);
+  }
+  Row start(int64_t c) const {
+    const int64_t p = c * w.row_length * kBits;
+    return {w.codes, nbytes, p, &readers[p & 7], lo, hi};
+  }
+};
+
 // Sparse rows of kBits <= 4, blocks of 64 columns: the row's kept codes are first read as one run,
 // one per byte and plus 16 (the next row's while this one is multiplied: a load spanning two
 // pending stores waits for them); a block's 64 bitmap bits spread them over its columns with one
@@ -231,18 +285,21 @@ struct SparseBlocks {
 // f(std::type_identity<Blocks>) for an interleaved weight's block source.
 template <class F>
 void with_interleaved_blocks(const PackedView& w, F&& f) {
-#if defined(MP_BYTE_CODES)
-  if (w.keep_bitmap) {
-    if (w.bits == 4) return f(std::type_identity<SparseBlocks<4>>{});
-    if (w.bits == 3) return f(std::type_identity<SparseBlocks<3>>{});
-    if (w.bits == 2) return f(std::type_identity<SparseBlocks<2>>{});
-    return f(std::type_identity<SparseBlocks<1>>{});
+#if defined(MP_DECODE_AVX512)
+  if (dense_lanes(w)) {
+    if (w.bits == 4) return f(std::type_identity<DenseBlocks<4>>{});
+    if (w.bits == 2) return f(std::type_identity<DenseBlocks<2>>{});
+    return f(std::type_identity<DenseBlocks<1>>{});
   }
 #endif
-#if defined(MP_DECODE_AVX512)
-  if (w.bits == 4) return f(std::type_identity<DenseBlocks<4>>{});
-  if (w.bits == 2) return f(std::type_identity<DenseBlocks<2>>{});
-  return f(std::type_identity<DenseBlocks<1>>{});
+#if defined(MP_BYTE_CODES)
+  with_int<1, 5>(w.bits, [&](auto B) {
+    if (w.keep_bitmap) {
+      if constexpr (B() <= 4) f(std::type_identity<SparseBlocks<B()>>{});
+    } else {
+      f(std::type_identity<ByteBlocks<B()>>{});
+    }
+  });
 #endif
 }
 
@@ -276,11 +333,11 @@ void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, flo
   const int64_t ahead = prefetch_ahead(w);
   alignas(64) float tail[16 * 32];  // the columns past the blocks (fewer than a block)
   for (int64_t c = c0; c < c1; ++c) {
-    Vec acc[kM][kAccumulators];
+    __m512 acc[kM][kAccumulators];  // raw registers: as Vec, GCC kept some in memory between blocks
     for (auto& chains : acc)
-      for (Vec& a : chains) a = Vec(0.0f);
+      for (__m512& a : chains) a = _mm512_setzero_ps();
     const auto fma = [&](int64_t k, auto chain, __m512 levels) {
-      for (int m = 0; m < kM; ++m) acc[m][chain] = at::vec::fmadd(Vec::loadu(x + m * in + k), Vec(levels), acc[m][chain]);
+      for (int m = 0; m < kM; ++m) acc[m][chain] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * in + k), levels, acc[m][chain]);
     };
     if (c + ahead < c1) prefetch_row(w, c + ahead);
     auto reader = blocks.start(c);
@@ -291,7 +348,8 @@ void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, flo
     const int64_t tail_steps = (in - k) / 16;
     for_each_step(tail_steps, [&](int64_t t, auto chain) { fma(k + 16 * t, chain, _mm512_load_ps(tail + 16 * t)); });
     for (int m = 0; m < kM; ++m) {
-      float s = finish_dot(acc[m]);
+      Vec chains[kAccumulators] = {Vec(acc[m][0]), Vec(acc[m][1]), Vec(acc[m][2]), Vec(acc[m][3])};
+      float s = finish_dot(chains);
       for (int64_t i = k + 16 * tail_steps; i < in; ++i) s += tail[i - k] * x[m * in + i];
       y[m * w.out + c] = w.channel_scale[c] * s;
     }
