@@ -69,7 +69,7 @@ def test_half_types_and_strided_x(kernel_backend, dtype):
 def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity, in_features, batch, codebook_dtype):
     """333: rows start mid-byte. 336 and 600, dense 1-, 2- and 4-bit: byte-aligned rows run in
     the interleaved column order of 32-bit lanes (whole 64-byte blocks, then a tail); the other
-    rows of up to 5 bits dense and 4 sparse in that of 64 codes a byte each (AVX-512 VBMI2),
+    rows of up to 5 bits in that of 64 codes a byte each (AVX-512 VBMI2),
     register-decoded at batch 3, through the decode tile at batch 6; 7- and 8-bit codes
     are looked up 64 at a time in byte planes, float16 and float32 levels alike. Every path must
     equal the scalar twin bit for bit, and the reference within float32 tolerance."""
@@ -211,7 +211,7 @@ def test_cpu_kernel_grid(bits, sparsity, batch, shape):
     """The CPU kernel at every bits and sparsity on odd shapes (rows neither 8- nor 64-weight
     aligned, a column tail; 276 columns: 2- and 4-bit rows start on a byte, so AVX-512 builds take
     the interleaved order, 1 or 2 blocks then a 16-lane step and a tail; the other rows of up to 5
-    bits dense and 4 sparse that of 64 codes a byte each, 3 or 4 blocks; 7- and 8-bit rows decode
+    bits that of 64 codes a byte each, 3 or 4 blocks; 7- and 8-bit rows decode
     64 codes at a time, past the row's and the stream's end), batch 1 (GEMV), 3 and 4 (rows
     decoded in registers: 4 is the AVX-512 register-blocked limit, 3 the AVX2 one), 5 (decode
     tile), 70 (decoded blocks through sgemm) and 512 (the whole weight decoded, one sgemm):

@@ -350,7 +350,8 @@ int main(int argc, char** argv) {
       lowbit_case(11, 280, 3, 4, 1.0, rng),   // dense byte-aligned 4-bit rows, M <= 4: interleaved fused decode
       lowbit_case(7, 272, 1, 2, 1.0, rng),    // dense byte-aligned 2-bit rows, GEMV: interleaved fused decode
       lowbit_case(7, 268, 6, 2, 1.0, rng),    // ... M > 4: interleaved decode tile
-      lowbit_case(9, 203, 1, 4, 0.6, rng),    // sparse rows of <= 4 bits: interleaved 64-column blocks, rows mid-byte, GEMV
+      lowbit_case(9, 203, 1, 4, 0.6, rng),    // sparse rows of <= 5 bits: interleaved 64-column blocks, rows mid-byte, GEMV
+      lowbit_case(9, 203, 2, 5, 0.7, rng),    // ... 5 bits: the kept bit tested into the lookup's mask
       lowbit_case(8, 256, 4, 1, 0.7, rng),    // ... rows on a byte, the last block at the bitmap's end, M = 4
       lowbit_case(7, 200, 6, 3, 0.5, rng),    // ... M > 4: interleaved decode tile
       lowbit_case(30, 130, 20, 2, 0.9, rng),  // ... 16 <= M < 128: interleaved rows in lanes

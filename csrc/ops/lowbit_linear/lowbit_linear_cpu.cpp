@@ -4,15 +4,16 @@
 //
 // Work unit: a block of kRowBlock output channels. Up to kRegisterBatch batch rows (the
 // register-blocked limit of cpu/lowbit_simd.h, AVX2 or AVX-512 builds), each output row is
-// decoded in registers and multiplied into x at once (simd::forward_rows: bits/8 B of codes +
-// 1/8 B of bitmap read per weight, no float tile; a sparse row's kept codes are decoded first
-// as one run into a row buffer), at every bits 1..8, dense or sparse. Larger batches decode the
+// decoded in registers and multiplied into x at once (simd::forward_rows, or fused_rows for the
+// interleaved rows below: bits/8 B of codes + 1/8 B of bitmap read per weight, no float tile; a
+// sparse row's kept codes are read first as one run into a row buffer), at every bits 1..8, dense
+// or sparse; the codes of the row about 8 kB ahead are prefetched. Larger batches decode the
 // block's rows into a thread-local float tile (decode_span; kRowBlock * in floats, L1/L2
 // resident), then multiply every batch row with the tile while it is hot. set_cpu_simd(false)
 // selects the scalar twin (decode_run + dot_block), which tests compare with them: every path sums
 // dot_block's order (see lowbit_simd.h), so they agree bit for bit.
 //
-// Dense rows of up to 5 bits and sparse rows of up to 4 take the columns in an interleaved order on
+// Dense and sparse rows of up to 5 bits take the columns in an interleaved order on
 // AVX-512 builds (both x and W, so the dot products are the same sums; interleave_steps): one
 // 64-byte register holds 16 lanes of 32 bits, and lane l, bits [b s, b s + b) is column
 // (32/b) l + s of the block (dense 4-, 2- and 1-bit rows starting on a byte as stored; the others'
@@ -121,8 +122,8 @@ bool dense_lanes(const PackedView& w) {
 }
 
 // The rows whose forward runs in the interleaved order (0: column order), as its steps per block:
-// dense_lanes rows (AVX-512 builds), and the other dense rows of up to 5 bits and sparse rows of
-// up to 4, 4 codes per lane, one per byte (AVX-512 VBMI2 builds: ByteBlocks, SparseBlocks). Every
+// dense_lanes rows (AVX-512 builds), and the other rows of up to 5 bits, dense or sparse, 4 codes
+// per lane, one per byte (AVX-512 VBMI2 builds: ByteBlocks, SparseBlocks). Every
 // path of such weights (register-decoded small batches, decode tile, lanes, scalar twin) sums in
 // that order; the AVX2 kernels take every row in column order.
 int64_t interleave_steps(const PackedView& w) {
@@ -130,7 +131,7 @@ int64_t interleave_steps(const PackedView& w) {
   if (dense_lanes(w)) return 32 / w.bits;
 #endif
 #if defined(MP_BYTE_CODES)
-  if (w.bits <= (w.keep_bitmap ? 4 : 5)) return 4;
+  if (w.bits <= 5) return 4;
 #endif
   (void)w;
   return 0;
@@ -221,20 +222,23 @@ struct ByteBlocks {
   }
 };
 
-// Sparse rows of kBits <= 4, blocks of 64 columns: the row's kept codes are first read as one run,
-// one per byte and plus 16 (the next row's while this one is multiplied: a load spanning two
-// pending stores waits for them); a block's 64 bitmap bits spread them over its columns with one
-// vpexpandb, pruned columns 0. Lane l of that register holds columns 4l .. 4l + 3, one per byte:
-// its bytes shifted down and each lane's low 5 bits looked up in 32 entries (16 zeros, then the
-// levels) yield the step's 16 levels, 0 where pruned, with no mask. Per 64 columns that is 1
-// expand, 4 vpermi2ps and 3 shifts, against 1 expand, 4 vpermb, 4 vpermt2ps and 3 mask shifts in
-// column order (lowbit_simd.h's ByteSparseSrc; measured in docs/kernels.md).
+// Sparse rows of kBits <= 5, blocks of 64 columns: the row's kept codes are first read as one run,
+// one per byte with a kept bit set (the next row's while this one is multiplied: a load spanning
+// two pending stores waits for them); a block's 64 bitmap bits spread them over its columns with
+// one vpexpandb, pruned columns 0. Lane l of that register holds columns 4l .. 4l + 3, one per
+// byte: its bytes shifted down and each lane's low 5 bits looked up in 32 entries yield the step's
+// 16 levels, 0 where pruned: up to 4 bits the kept bit is bit 4 and the entries 16 zeros, then
+// the levels (no mask); at 5 bits it is bit 7, tested into the permute's zero mask. Per 64
+// columns that is 1 expand, 4 vpermt2ps and 3 shifts (and 4 tests), against 1 expand, 4 vpermb,
+// 4 vpermt2ps and 3 mask shifts in column order (lowbit_simd.h's ByteSparseSrc; measured in
+// docs/kernels.md).
 template <int kBits>
 struct SparseBlocks {
   static constexpr int64_t kSteps = 4;
+  static constexpr int kKept = kBits <= 4 ? 16 : 128;  // a kept column's bit in its byte
   // One row's blocks, read in order (a value, so that its state stays in registers).
   struct Row {
-    const uint8_t* kept;    // the row's kept codes, plus 16
+    const uint8_t* kept;    // the row's kept codes, with kKept set
     const uint8_t* bitmap;  // the byte of the block's first column (rows starting on a byte)
     int64_t f, nbytes;      // else: the block's first column, as a bit of the whole bitmap
     __m512 lo, hi;
@@ -246,7 +250,13 @@ struct SparseBlocks {
       const __m512i lanes = _mm512_maskz_expand_epi8(keep, _mm512_loadu_si512(kept));
       kept += __builtin_popcountll(keep);
       for_each_step(kSteps, [&](int64_t s, auto chain) {
-        step(s, chain, _mm512_permutex2var_ps(lo, _mm512_srli_epi32(lanes, 8 * int(s)), hi));
+        const __m512i index = _mm512_srli_epi32(lanes, 8 * int(s));
+        if constexpr (kBits <= 4) {
+          step(s, chain, _mm512_permutex2var_ps(lo, index, hi));
+        } else {  // 32 levels: the pruned lanes masked by the kept bit
+          const __mmask16 kept_lanes = _mm512_test_epi32_mask(lanes, _mm512_set1_epi32(kKept << (8 * int(s))));
+          step(s, chain, _mm512_maskz_permutex2var_ps(kept_lanes, lo, index, hi));
+        }
       });
     }
     const uint8_t* bitmap_base;
@@ -257,18 +267,18 @@ struct SparseBlocks {
   uint8_t* buffers;  // two rows' kept codes, each followed by at least 64 readable bytes
   SparseBlocks(const PackedView& w_, int64_t, int64_t c1)
       : w(w_), c_end(c1), nbytes(simd::code_bytes(w_)), in(w_.row_length), ld(w_.row_length + 128) {
-    float table[32] = {};  // entries 0-15: pruned
-    for (int i = 0; i < (1 << kBits); ++i) table[16 + i] = w.codebook[i];
+    float table[32] = {};  // up to 4 bits, entries 0-15: pruned
+    for (int i = 0; i < (1 << kBits); ++i) table[kBits <= 4 ? 16 + i : i] = w.codebook[i];
     lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);
     static thread_local std::vector<uint8_t> kept_rows;
     buffers = kept_buffer(kept_rows, 2 * ld);
   }
-  void prepare(int64_t c) {  // row c's kept codes plus 16, a byte each
+  void prepare(int64_t c) {  // row c's kept codes, with kKept set, a byte each
     uint8_t* dst = buffers + (c & 1) * ld;
     const int64_t f0 = c * in, count = kept_between(w, f0, f0 + in), p0 = kept_before(w, f0) * kBits;
     const simd::ByteCodes<kBits> read(int(p0 & 7));
-    const __m512i mask = _mm512_set1_epi8(char((1 << kBits) - 1)), kept_bit = _mm512_set1_epi8(16);
-    for (int64_t t = 0; t < count; t += 64)  // (code & mask) | 16
+    const __m512i mask = _mm512_set1_epi8(char((1 << kBits) - 1)), kept_bit = _mm512_set1_epi8(char(kKept));
+    for (int64_t t = 0; t < count; t += 64)  // (code & mask) | kKept
       _mm512_storeu_si512(dst + t, _mm512_ternarylogic_epi32(read(w.codes, nbytes, p0 + t * kBits), mask, kept_bit, 0xea));
   }
   Row start(int64_t c) {
@@ -295,7 +305,7 @@ void with_interleaved_blocks(const PackedView& w, F&& f) {
 #if defined(MP_BYTE_CODES)
   with_int<1, 5>(w.bits, [&](auto B) {
     if (w.keep_bitmap) {
-      if constexpr (B() <= 4) f(std::type_identity<SparseBlocks<B()>>{});
+      f(std::type_identity<SparseBlocks<B()>>{});
     } else {
       f(std::type_identity<ByteBlocks<B()>>{});
     }
