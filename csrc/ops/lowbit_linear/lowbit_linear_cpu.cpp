@@ -7,7 +7,7 @@
 // decoded in registers and multiplied into x at once (simd::forward_rows, or fused_rows for the
 // interleaved rows below: bits/8 B of codes + 1/8 B of bitmap read per weight, no float tile; a
 // sparse row's kept codes are read first as one run into a row buffer), at every bits 1..8, dense
-// or sparse; the codes of the row about 8 kB ahead are prefetched. Larger batches decode the
+// or sparse; the codes and bitmap about 8 kB ahead are prefetched. Larger batches decode the
 // block's rows into a thread-local float tile (decode_span; kRowBlock * in floats, L1/L2
 // resident), then multiply every batch row with the tile while it is hot. set_cpu_simd(false)
 // selects the scalar twin (decode_run + dot_block), which tests compare with them: every path sums
@@ -145,7 +145,7 @@ int64_t interleave_steps(const PackedView& w) {
 // 1-bit codebook is repeated in the register, so the bits above a code need no masking.
 template <int kBits>
 struct DenseBlocks {
-  static constexpr int64_t kSteps = 32 / kBits;
+  static constexpr int kSteps = 32 / kBits;
   // One row's blocks, read in order (a value, so that its state stays in registers).
   struct Row {
     const uint8_t* src;
@@ -153,9 +153,10 @@ struct DenseBlocks {
     // Every step of the row's next block: step(s, chain, levels).
     template <class Step>
     void next(Step&& step) {
+      __builtin_prefetch(src + kPrefetchBytes);
       __m512i lanes = _mm512_loadu_si512(src);
       src += 64;
-      for_each_step(kSteps, [&](int64_t s, auto chain) {
+      for_each_step<kSteps>([&](int64_t s, auto chain) {
         step(s, chain, _mm512_permutexvar_ps(lanes, lut));
         lanes = _mm512_srli_epi32(lanes, kBits);
       });
@@ -183,7 +184,7 @@ struct DenseBlocks {
 // in column order (lowbit_simd.h's CodeReader; measured in docs/kernels.md).
 template <int kBits>
 struct ByteBlocks {
-  static constexpr int64_t kSteps = 4;
+  static constexpr int kSteps = 4;
   struct Row {  // one row's blocks, read in order (a value, so that its state stays in registers)
     const uint8_t* codes;
     int64_t nbytes, p;  // p: the block's first bit
@@ -194,12 +195,13 @@ struct ByteBlocks {
       // past the stream's end a masked load reads 0 (ByteCodes' own fallback is a call, around
       // which GCC kept the accumulators in memory: 1.1 against 1.2 ms at 5 bits, one thread)
       const int64_t at = p >> 3;
+      __builtin_prefetch(codes + at + kPrefetchBytes);
       const __m512i v = __builtin_expect(at + 64 <= nbytes, 1)
                             ? _mm512_loadu_si512(codes + at)
                             : _mm512_maskz_loadu_epi8(at < nbytes ? _bzhi_u64(~0ull, unsigned(nbytes - at)) : 0, codes + at);
       const __m512i lanes = read->spread(v);
       p += 64 * kBits;
-      for_each_step(kSteps, [&](int64_t s, auto chain) {
+      for_each_step<kSteps>([&](int64_t s, auto chain) {
         step(s, chain, _mm512_permutex2var_ps(lo, _mm512_srli_epi32(lanes, 8 * int(s)), hi));
       });
     }
@@ -234,7 +236,7 @@ struct ByteBlocks {
 // docs/kernels.md).
 template <int kBits>
 struct SparseBlocks {
-  static constexpr int64_t kSteps = 4;
+  static constexpr int kSteps = 4;
   static constexpr int kKept = kBits <= 4 ? 16 : 128;  // a kept column's bit in its byte
   // One row's blocks, read in order (a value, so that its state stays in registers).
   struct Row {
@@ -245,11 +247,11 @@ struct SparseBlocks {
     template <class Step>
     void next(Step&& step) {
       uint64_t keep;
-      if (bitmap) std::memcpy(&keep, bitmap, 8), bitmap += 8;
+      if (bitmap) __builtin_prefetch(bitmap + kPrefetchBytes / 4), std::memcpy(&keep, bitmap, 8), bitmap += 8;
       else keep = simd::bits64_at(bitmap_base, nbytes, f), f += 64;
       const __m512i lanes = _mm512_maskz_expand_epi8(keep, _mm512_loadu_si512(kept));
       kept += __builtin_popcountll(keep);
-      for_each_step(kSteps, [&](int64_t s, auto chain) {
+      for_each_step<kSteps>([&](int64_t s, auto chain) {
         const __m512i index = _mm512_srli_epi32(lanes, 8 * int(s));
         if constexpr (kBits <= 4) {
           step(s, chain, _mm512_permutex2var_ps(lo, index, hi));
@@ -278,8 +280,10 @@ struct SparseBlocks {
     const int64_t f0 = c * in, count = kept_between(w, f0, f0 + in), p0 = kept_before(w, f0) * kBits;
     const simd::ByteCodes<kBits> read(int(p0 & 7));
     const __m512i mask = _mm512_set1_epi8(char((1 << kBits) - 1)), kept_bit = _mm512_set1_epi8(char(kKept));
-    for (int64_t t = 0; t < count; t += 64)  // (code & mask) | kKept
+    for (int64_t t = 0; t < count; t += 64) {  // (code & mask) | kKept
+      __builtin_prefetch(w.codes + (p0 + t * kBits) / 8 + kPrefetchBytes);
       _mm512_storeu_si512(dst + t, _mm512_ternarylogic_epi32(read(w.codes, nbytes, p0 + t * kBits), mask, kept_bit, 0xea));
+    }
   }
   Row start(int64_t c) {
     if (ready != c) prepare(c);
@@ -340,7 +344,6 @@ void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, flo
   const int64_t in = w.row_length;
   const Interleave order(Blocks::kSteps, in);
   Blocks blocks(w, c0, c1);
-  const int64_t ahead = prefetch_ahead(w);
   alignas(64) float tail[16 * 32];  // the columns past the blocks (fewer than a block)
   for (int64_t c = c0; c < c1; ++c) {
     __m512 acc[kM][kAccumulators];  // raw registers: as Vec, GCC kept some in memory between blocks
@@ -349,7 +352,6 @@ void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, flo
     const auto fma = [&](int64_t k, auto chain, __m512 levels) {
       for (int m = 0; m < kM; ++m) acc[m][chain] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * in + k), levels, acc[m][chain]);
     };
-    if (c + ahead < c1) prefetch_row(w, c + ahead);
     auto reader = blocks.start(c);
     int64_t k = 0;
     for (; k < order.end; k += order.block)
@@ -381,7 +383,6 @@ void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t 
 // order, or in the interleaved order when `interleave` (interleave_steps(w) > 0).
 void decode_row(const PackedView& w, int64_t c, bool interleave, float* row) {
   const bool simd = cpu_simd.load(std::memory_order_relaxed);
-  if (const int64_t next = c + prefetch_ahead(w); next < w.out) prefetch_row(w, next);  // callers go row by row
   if (interleave) {
 #if defined(MP_DECODE_AVX512)
     if (simd)
@@ -392,6 +393,7 @@ void decode_row(const PackedView& w, int64_t c, bool interleave, float* row) {
     decode_span(w, c * w.row_length, w.row_length, levels, false);
     return Interleave(interleave_steps(w), w.row_length).apply(levels, row, w.row_length);
   }
+  if (const int64_t next = c + prefetch_ahead(w); next < w.out) prefetch_row(w, next);  // callers go row by row
   decode_span(w, c * w.row_length, w.row_length, row, simd);
 }
 
