@@ -22,7 +22,7 @@
 // ByteBlocks, SparseBlocks; up to kFusedBatch batch rows, fused_rows multiplies them at once).
 // Every path of such weights (register-decoded small batches, decode tile, lanes, scalar twin)
 // uses that order.
-
+//
 // From kGemmBatch batch rows on, SIMD builds run batch rows in the vector lanes over blocks of
 // decoded rows (lane_forward) up to kLaneBatch; from there (and without SIMD) blocks of decoded
 // rows go through ATen's sgemm (below); from kTileBatch on, tiles of the decoded weight meet all
@@ -38,6 +38,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -209,18 +210,17 @@ struct ByteBlocks {
   const PackedView& w;
   int64_t nbytes;
   __m512 lo, hi;
-  std::array<simd::ByteCodes<kBits>, 8> readers{simd::ByteCodes<kBits>(0), simd::ByteCodes<kBits>(1),
-                                                simd::ByteCodes<kBits>(2), simd::ByteCodes<kBits>(3),
-                                                simd::ByteCodes<kBits>(4), simd::ByteCodes<kBits>(5),
-                                                simd::ByteCodes<kBits>(6), simd::ByteCodes<kBits>(7)};
+  std::array<std::optional<simd::ByteCodes<kBits>>, 8> readers;  // per starting bit, built when met
   ByteBlocks(const PackedView& w_, int64_t, int64_t) : w(w_), nbytes(simd::code_bytes(w_)) {
     float table[32];
     for (int i = 0; i < 32; ++i) table[i] = w.codebook[i & ((1 << kBits) - 1)];
     lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);
   }
-  Row start(int64_t c) const {
+  Row start(int64_t c) {
     const int64_t p = c * w.row_length * kBits;
-    return {w.codes, nbytes, p, &readers[p & 7], lo, hi};
+    auto& read = readers[p & 7];
+    if (!read) read.emplace(int(p & 7));
+    return {w.codes, nbytes, p, &*read, lo, hi};
   }
 };
 
