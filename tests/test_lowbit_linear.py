@@ -70,7 +70,8 @@ def test_cpu_simd_decode_matches_scalar_twin(bits, sparsity, in_features, batch,
     """333: rows start mid-byte. 336 and 600, dense 1-, 2- and 4-bit: byte-aligned rows run in
     the interleaved column order of 32-bit lanes (whole 64-byte blocks, then a tail); the other
     rows of up to 5 bits in that of 64 codes a byte each (AVX-512 VBMI2),
-    register-decoded at batch 3, through the decode tile at batch 6; 7- and 8-bit codes
+    register-decoded at batch 3 (and at batch 6 for dense 1-, 2- and 4-bit rows on a byte, in
+    groups of 4 and 2), through the decode tile at batch 6 otherwise; 7- and 8-bit codes
     are looked up 64 at a time in byte planes, float16 and float32 levels alike. Every path must
     equal the scalar twin bit for bit, and the reference within float32 tolerance."""
     require_backend("cpu")

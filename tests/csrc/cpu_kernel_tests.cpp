@@ -349,7 +349,7 @@ int main(int argc, char** argv) {
       lowbit_case(3, 1, 2, 2, 1.0, rng),      // one input feature
       lowbit_case(11, 280, 3, 4, 1.0, rng),   // dense byte-aligned 4-bit rows, M <= 4: interleaved fused decode
       lowbit_case(7, 272, 1, 2, 1.0, rng),    // dense byte-aligned 2-bit rows, GEMV: interleaved fused decode
-      lowbit_case(7, 268, 6, 2, 1.0, rng),    // ... M > 4: interleaved decode tile
+      lowbit_case(7, 268, 6, 2, 1.0, rng),    // ... M > 4: fused groups of 4 rows and 2
       lowbit_case(9, 203, 1, 4, 0.6, rng),    // sparse rows of <= 5 bits: interleaved 64-column blocks, rows mid-byte, GEMV
       lowbit_case(9, 203, 2, 5, 0.7, rng),    // ... 5 bits: the kept bit tested into the lookup's mask
       lowbit_case(8, 256, 4, 1, 0.7, rng),    // ... rows on a byte, the last block at the bitmap's end, M = 4

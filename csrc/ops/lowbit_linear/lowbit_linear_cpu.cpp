@@ -19,7 +19,7 @@
 // (32/b) l + s of the block (dense 4-, 2- and 1-bit rows starting on a byte as stored; the others'
 // codes spread one per byte first, b = 8, with VBMI2); shifting the register by b and looking the
 // low bits of each lane up with one permute yields the 16 levels of step s (DenseBlocks,
-// ByteBlocks, SparseBlocks; up to kFusedBatch batch rows, fused_rows multiplies them at once).
+// ByteBlocks, SparseBlocks; fused_rows multiplies up to kFusedBatch batch rows at once).
 // Every path of such weights (register-decoded small batches, decode tile, lanes, scalar twin)
 // uses that order.
 //
@@ -333,6 +333,13 @@ void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
 }
 
 constexpr int64_t kFusedBatch = 4;
+// Batch rows up to which the fused kernel serves, in groups of kFusedBatch (each decoding the rows
+// again), rather than the decode tile: dense 32-bit-lane rows up to kGemmBatch (4096 x 4096, 2
+// threads, 4-bit: batch 5 1.37-1.44 against 2.24-2.63 ms, 8 2.17-2.27 against 2.82-2.99, 15
+// 3.63-3.83 against 4.58-5.30; 1-bit alike), the others only one group (sparse 4- and 5-bit and
+// dense 3-bit rows, whose decode costs more, ran within noise at 5-8 rows and up to 1.4x slower
+// at 12-15).
+int64_t fused_rows_limit(const PackedView& w) { return dense_lanes(w) ? kGemmBatch - 1 : kFusedBatch; }
 
 // Small batches (kM rows of interleaved x) times interleaved weights: the codes are decoded in
 // registers and multiplied into x at once (no tile), reading bits/8 B per weight (and a sparse
@@ -370,11 +377,15 @@ void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, flo
 
 template <class Blocks>
 void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t c0, int64_t c1, float* y) {
-  switch (m_rows) {
-    case 1: return fused_rows<Blocks, 1>(w, x, c0, c1, y);
-    case 2: return fused_rows<Blocks, 2>(w, x, c0, c1, y);
-    case 3: return fused_rows<Blocks, 3>(w, x, c0, c1, y);
-    default: return fused_rows<Blocks, 4>(w, x, c0, c1, y);
+  for (int64_t m0 = 0; m0 < m_rows; m0 += kFusedBatch) {  // each group of batch rows decodes the rows again
+    const float* xm = x + m0 * w.row_length;
+    float* ym = y + m0 * w.out;
+    switch (std::min(kFusedBatch, m_rows - m0)) {
+      case 1: fused_rows<Blocks, 1>(w, xm, c0, c1, ym); break;
+      case 2: fused_rows<Blocks, 2>(w, xm, c0, c1, ym); break;
+      case 3: fused_rows<Blocks, 3>(w, xm, c0, c1, ym); break;
+      default: fused_rows<Blocks, 4>(w, xm, c0, c1, ym);
+    }
   }
 }
 #endif
@@ -609,7 +620,7 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     });
   }
 #if defined(MP_DECODE_AVX512)
-  if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= kFusedBatch) {
+  if (cpu_simd.load(std::memory_order_relaxed) && interleave && m_rows <= fused_rows_limit(w)) {
     at::parallel_for(0, blocks, grain(w, kRowBlock), [&](int64_t b0, int64_t b1) {
       const int64_t c0 = b0 * kRowBlock, c1 = std::min(out, b1 * kRowBlock);
       with_interleaved_blocks(w, [&](auto blocks) { fused_forward<typename decltype(blocks)::type>(w, xp, m_rows, c0, c1, yp); });
