@@ -213,7 +213,6 @@ constexpr int kMaxRows = Isa::kMaxRows;  // batch rows per pass of dot_rows (kMa
 // Bytes of the code stream: ceil(kept * bits / 8).
 inline int64_t code_bytes(const PackedView& w) { return (kept_between(w, 0, w.numel()) * w.bits + 7) / 8; }
 
-
 // kLanes codes of B bits per call, from bit p on; p & 7 == off in every call of a run (a run
 // advances kLanes * B bits, whole bytes). Each lane's bits above B hold the next code's bits:
 // the lookups below read only bits 0 .. B-1.
