@@ -318,18 +318,23 @@ void with_interleaved_blocks(const PackedView& w, F&& f) {
 }
 
 #if defined(MP_DECODE_AVX512)
-// Row c of an interleaved weight (see Interleave) into row[0, in): the blocks' levels, then the
-// columns past them in their place.
+// Rows [c0, c1) of an interleaved weight (see Interleave), row c at out + (c - c0) * stride: the
+// blocks' levels, then the columns past them in their place. One block source for the rows (its
+// tables and code readers built once, a sparse row's kept codes read while the row before it is
+// decoded).
 template <class Blocks>
-void decode_row_interleaved_simd(const PackedView& w, int64_t c, float* row) {
+void decode_rows_interleaved_simd(const PackedView& w, int64_t c0, int64_t c1, float* out, int64_t stride) {
   const int64_t in = w.row_length;
   const Interleave order(Blocks::kSteps, in);
-  Blocks blocks(w, c, c + 1);
-  auto reader = blocks.start(c);
-  int64_t k = 0;
-  for (; k < order.end; k += order.block)
-    reader.next([&](int64_t s, auto, __m512 levels) { _mm512_storeu_ps(row + k + 16 * s, levels); });
-  decode_span(w, c * in + k, in - k, row + k, true);
+  Blocks blocks(w, c0, c1);
+  for (int64_t c = c0; c < c1; ++c) {
+    float* row = out + (c - c0) * stride;
+    auto reader = blocks.start(c);
+    int64_t k = 0;
+    for (; k < order.end; k += order.block)
+      reader.next([&](int64_t s, auto, __m512 levels) { _mm512_storeu_ps(row + k + 16 * s, levels); });
+    decode_span(w, c * in + k, in - k, row + k, true);
+  }
 }
 
 constexpr int64_t kFusedBatch = 4;
@@ -344,7 +349,7 @@ int64_t fused_rows_limit(const PackedView& w) { return dense_lanes(w) ? kGemmBat
 // Small batches (kM rows of interleaved x) times interleaved weights: the codes are decoded in
 // registers and multiplied into x at once (no tile), reading bits/8 B per weight (and a sparse
 // row's bitmap). The sums are the tile path's exactly (the same FMA chains over the same columns,
-// then the tail's vector steps and scalar columns), so results are bit-identical to decode_row +
+// then the tail's vector steps and scalar columns), so results are bit-identical to decode_rows +
 // dot_block.
 template <class Blocks, int kM>
 void fused_rows(const PackedView& w, const float* x, int64_t c0, int64_t c1, float* y) {
@@ -390,22 +395,30 @@ void fused_forward(const PackedView& w, const float* x, int64_t m_rows, int64_t 
 }
 #endif
 
-// Row c of W / channel_scale[c] (the levels, 0 at pruned positions) into row[0, in), in column
-// order, or in the interleaved order when `interleave` (interleave_steps(w) > 0).
-void decode_row(const PackedView& w, int64_t c, bool interleave, float* row) {
+// Rows [c0, c1) of W / channel_scale (the levels, 0 at pruned positions), row c at
+// out + (c - c0) * stride, in column order, or in the interleaved order when `interleave`
+// (interleave_steps(w) > 0).
+void decode_rows(const PackedView& w, int64_t c0, int64_t c1, bool interleave, float* out, int64_t stride) {
   const bool simd = cpu_simd.load(std::memory_order_relaxed);
-  if (interleave) {
 #if defined(MP_DECODE_AVX512)
-    if (simd)
-      return with_interleaved_blocks(w, [&](auto blocks) { decode_row_interleaved_simd<typename decltype(blocks)::type>(w, c, row); });
+  if (interleave && simd)
+    return with_interleaved_blocks(w, [&](auto blocks) {
+      decode_rows_interleaved_simd<typename decltype(blocks)::type>(w, c0, c1, out, stride);
+    });
 #endif
-    static thread_local std::vector<float> ordered;  // the scalar twin: column order, then permuted
-    float* levels = kept_buffer(ordered, w.row_length);
-    decode_span(w, c * w.row_length, w.row_length, levels, false);
-    return Interleave(interleave_steps(w), w.row_length).apply(levels, row, w.row_length);
+  const int64_t in = w.row_length, ahead = prefetch_ahead(w);
+  static thread_local std::vector<float> ordered;  // the scalar twin: column order, then permuted
+  for (int64_t c = c0; c < c1; ++c) {
+    float* row = out + (c - c0) * stride;
+    if (interleave) {
+      float* levels = kept_buffer(ordered, in);
+      decode_span(w, c * in, in, levels, false);
+      Interleave(interleave_steps(w), in).apply(levels, row, in);
+    } else {
+      if (c + ahead < w.out) prefetch_row(w, c + ahead);
+      decode_span(w, c * in, in, row, simd);
+    }
   }
-  if (const int64_t next = c + prefetch_ahead(w); next < w.out) prefetch_row(w, next);  // callers go row by row
-  decode_span(w, c * w.row_length, w.row_length, row, simd);
 }
 
 // dots[i][j] = sum_k a[i n + k] b[j n + k] for i < ma, j < mb (at most 2 x 2): every a and b vector
@@ -448,7 +461,7 @@ void for_each_decoded_block(const PackedView& w, bool interleave, int64_t c_begi
   const int64_t in = w.row_length;
   for (int64_t c0 = c_begin; c0 < c_end; c0 += kGemmRows) {
     const int64_t rows = std::min(kGemmRows, c_end - c0);
-    for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, interleave, tile.data() + r * in);
+    decode_rows(w, c0, c0 + rows, interleave, tile.data(), in);
     f(c0, at::from_blob(tile.data(), {rows, in}, at::TensorOptions().dtype(at::kFloat)));
   }
 }
@@ -575,10 +588,8 @@ void lane_forward(const float* x, int64_t m_rows, const PackedView& w, bool inte
     alignas(64) float dots[kLaneRows * 2 * L];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kLaneRows, rows = std::min<int64_t>(kLaneRows, out - c0);
-      for (int64_t r = 0; r < kLaneRows; ++r) {
-        if (r < rows) decode_row(w, c0 + r, interleave, levels + r * stride);
-        else std::fill(levels + r * stride, levels + r * stride + in, 0.0f);
-      }
+      decode_rows(w, c0, c0 + rows, interleave, levels, stride);
+      for (int64_t r = rows; r < kLaneRows; ++r) std::fill(levels + r * stride, levels + r * stride + in, 0.0f);
       for (int64_t v = 0; v < vecs;) {
         const int64_t pair = vecs - v >= 2 ? 2 : 1;  // lane vectors this pass
         const float* xv = xt + v * in * L;
@@ -607,7 +618,10 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
   at::Tensor y = poisoned(at::empty({m_rows, out}, x.options()));
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (out + kRowBlock - 1) / kRowBlock;
-  const int64_t steps = interleave_steps(w);
+  // From kGemmBatch rows on the sums follow their own order (lanes, sgemm) whatever the columns'
+  // order, and the byte order's decode of rows other than dense_lanes ones ran slower there (an
+  // MLP's 3000 x 1000 5-bit layer at 32 rows: 0.92-0.94 against 0.87-0.89 ms in column order).
+  const int64_t steps = m_rows < kGemmBatch || dense_lanes(w) ? interleave_steps(w) : 0;
   const bool interleave = steps > 0;
   at::Tensor x_ordered = interleave ? at::empty_like(x) : x;  // x in the columns' order
   const float* xp = x_ordered.data_ptr<float>();
@@ -662,7 +676,7 @@ at::Tensor lowbit_linear_forward(const at::Tensor& x, const PackedView& w) {
     std::vector<float> tile(kRowBlock * in);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c0 = b * kRowBlock, rows = std::min(kRowBlock, out - c0);
-      for (int64_t r = 0; r < rows; ++r) decode_row(w, c0 + r, interleave, tile.data() + r * in);
+      decode_rows(w, c0, c0 + rows, interleave, tile.data(), in);
       for (int64_t m = 0; m < m_rows; m += 2)
         for (int64_t r = 0; r < rows; r += 2) {
           const int mb = int(std::min<int64_t>(2, m_rows - m)), rb = int(std::min<int64_t>(2, rows - r));
