@@ -20,8 +20,9 @@
 // codes spread one per byte first, b = 8, with VBMI2); shifting the register by b and looking the
 // low bits of each lane up with one permute yields the 16 levels of step s (DenseBlocks,
 // ByteBlocks, SparseBlocks; fused_rows multiplies up to kFusedBatch batch rows at once).
-// Every path of such weights (register-decoded small batches, decode tile, lanes, scalar twin)
-// uses that order.
+// Every path of such weights below kGemmBatch rows (register-decoded small batches, decode tile,
+// scalar twin) uses that order; from there only the dense 32-bit-lane rows keep it (see
+// lowbit_linear_forward).
 //
 // From kGemmBatch batch rows on, SIMD builds run batch rows in the vector lanes over blocks of
 // decoded rows (lane_forward) up to kLaneBatch; from there (and without SIMD) blocks of decoded
@@ -125,8 +126,8 @@ bool dense_lanes(const PackedView& w) {
 // The rows whose forward runs in the interleaved order (0: column order), as its steps per block:
 // dense_lanes rows (AVX-512 builds), and the other rows of up to 5 bits, dense or sparse, 4 codes
 // per lane, one per byte (AVX-512 VBMI2 builds: ByteBlocks, SparseBlocks). Every
-// path of such weights (register-decoded small batches, decode tile, lanes, scalar twin) sums in
-// that order; the AVX2 kernels take every row in column order.
+// path of such weights below kGemmBatch rows sums in that order; the AVX2 kernels take every row
+// in column order.
 int64_t interleave_steps(const PackedView& w) {
 #if defined(MP_DECODE_AVX512)
   if (dense_lanes(w)) return 32 / w.bits;
